@@ -1,0 +1,3 @@
+from mfconsole.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,469 @@
+"""config.toml → frozen, typed configuration.
+
+Every problem is reported with the key path it concerns (``listeners[0].port``) and
+why, all at once, so an administrator fixes a file in one pass. Unknown keys are errors:
+a typo such as ``calling_aet`` must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG = "config.toml"
+KINDS = ("dimse", "stow", "mllp")
+_HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; ``problems`` holds (key path, why) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {key}: {why}" for key, why in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    data_dir: Path
+    log_level: str = "INFO"
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    key_file: Path
+    max_object_mb: int = 1024
+    retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    allowed_tcp: tuple[str, ...] = ()
+    allowed_http: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_aets: tuple[str, ...] = ("*",)
+    max_associations: int = 16
+    allow_cleartext: bool = False
+    accept_deflate: bool = False
+    max_pdu_kb: int = 256
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+
+    @property
+    def any_calling_aet(self) -> bool:
+        return "*" in self.calling_aets
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    kind: str
+    host: str | None = None
+    port: int | None = None
+    ae_title: str | None = None
+    calling_ae_title: str = "MFCONSOLE"
+    url: str | None = None
+    max_associations: int = 2
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    from_listener: str
+    to: tuple[str, ...]
+    handler: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    engine: EngineConfig
+    store: StoreConfig
+    egress: EgressConfig
+    listeners: tuple[ListenerConfig, ...]
+    destinations: tuple[DestinationConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    handlers_dir: Path = field(default=Path("handlers"))
+
+    def destination(self, name: str) -> DestinationConfig:
+        return next(d for d in self.destinations if d.name == name)
+
+    def listener(self, name: str) -> ListenerConfig:
+        return next(item for item in self.listeners if item.name == name)
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers: each returns None when fine, else the reason.
+
+
+def ae_title_problem(value: Any) -> str | None:
+    """DICOM AE title (VR AE): 1-16 characters of the default repertoire, no
+    backslash, no control characters, not only spaces."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > 16:
+        return f"is {len(value)} characters; an AE title has at most 16"
+    if "\\" in value:
+        return "must not contain a backslash"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        return "must not contain control characters"
+    if any(ord(ch) > 0x7E for ch in value):
+        return "must be plain ASCII"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def http_prefix_allows(prefix: str, url: str) -> bool:
+    """True when ``url`` lies under ``prefix``: same scheme, host and port, and the
+    path continues the prefix on a segment boundary (``/dicom-web.evil`` is not
+    under ``/dicom-web``)."""
+    p, u = urlsplit(prefix), urlsplit(url)
+    if (p.scheme.lower(), p.hostname, p.port) != (u.scheme.lower(), u.hostname, u.port):
+        return False
+    if u.username or u.password or u.query or u.fragment:
+        return False
+    base = p.path.rstrip("/")
+    return u.path == base or u.path.startswith(base + "/") or (not base)
+
+
+def tcp_allows(allowed: tuple[str, ...], host: str, port: int) -> bool:
+    return f"{host}:{port}" in allowed
+
+
+# ---------------------------------------------------------------------------
+
+
+class _Reader:
+    """Walks a TOML table, recording problems with their key paths."""
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def fail(self, key: str, why: str) -> None:
+        self.problems.append((key, why))
+
+    def table(self, raw: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            self.fail(path, "must be a table")
+            return {}
+        for key in raw:
+            if key not in allowed:
+                hint = _closest(key, allowed)
+                self.fail(f"{path}.{key}" if path else key,
+                          "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+        return raw
+
+    def get(self, raw: dict[str, Any], path: str, key: str, kind: type | tuple[type, ...],
+            default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+        where = f"{path}.{key}" if path else key
+        if key not in raw:
+            if default is ...:
+                self.fail(where, "is required")
+                return None
+            return default
+        value = raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML booleans are ints in Python; never accept true as a port number.
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(where, f"must be {_kind_name(kinds)}, not a boolean")
+            return None
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            self.fail(where, f"must be {_kind_name(kinds)}")
+            return None
+        if check is not None:
+            why = check(value)
+            if why:
+                self.fail(where, why)
+                return None
+        return value
+
+    def string_list(self, raw: dict[str, Any], path: str, key: str,
+                    default: Any = ..., check: Callable[[str], str | None] | None = None
+                    ) -> tuple[str, ...] | None:
+        where = f"{path}.{key}" if path else key
+        value = self.get(raw, path, key, list, default)
+        if value is None:
+            return None
+        out: list[str] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.fail(f"{where}[{i}]", "must be a string")
+                continue
+            why = check(item) if check else None
+            if why:
+                self.fail(f"{where}[{i}]", why)
+                continue
+            out.append(item)
+        return tuple(out)
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _range(lo: int, hi: int) -> Callable[[int], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _host_port(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "must be host:port (e.g. 127.0.0.1:11113)"
+    return None
+
+
+def _http_prefix(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL prefix"
+    if parts.query or parts.fragment or parts.username:
+        return "must not carry a query, fragment or credentials"
+    return None
+
+
+def _name(value: str) -> str | None:
+    return None if _NAME.match(value) else (
+        "must be 1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit")
+
+
+def _log_level(value: str) -> str | None:
+    return None if value.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else (
+        "must be DEBUG, INFO, WARNING or ERROR")
+
+
+def load(path: str | Path = DEFAULT_CONFIG) -> Config:
+    """Read and validate ``path``; raise ConfigError naming every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), [("(file)", "not found; pass --config PATH")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [("(file)", f"cannot be read: {exc.__class__.__name__}")]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [("(syntax)", str(exc))]) from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path) -> Config:
+    base = path.resolve().parent
+    r = _Reader()
+    r.table(raw, "", {"engine", "store", "egress", "listeners", "destinations", "routes"})
+
+    def resolve(value: str | None, fallback: str) -> Path:
+        p = Path(value if value else fallback).expanduser()
+        return p if p.is_absolute() else base / p
+
+    eng = r.table(raw.get("engine", {}), "engine", {"data_dir", "log_level", "shutdown_timeout_s"})
+    engine = EngineConfig(
+        data_dir=resolve(r.get(eng, "engine", "data_dir", str, "var"), "var"),
+        log_level=(r.get(eng, "engine", "log_level", str, "INFO", _log_level) or "INFO").upper(),
+        shutdown_timeout_s=r.get(eng, "engine", "shutdown_timeout_s", float, 30.0, _positive) or 30.0,
+    )
+
+    st = r.table(raw.get("store", {}), "store", {"key_file", "max_object_mb", "retention_days"})
+    store = StoreConfig(
+        key_file=resolve(r.get(st, "store", "key_file", str, ""), str(engine.data_dir / "keys" / "store.key")),
+        max_object_mb=r.get(st, "store", "max_object_mb", int, 1024, _range(1, 65536)) or 1024,
+        retention_days=r.get(st, "store", "retention_days", int, 30, _range(1, 36500)) or 30,
+    )
+
+    eg = r.table(raw.get("egress", {}), "egress", {"allowed_tcp", "allowed_http"})
+    egress = EgressConfig(
+        allowed_tcp=r.string_list(eg, "egress", "allowed_tcp", [], _host_port) or (),
+        allowed_http=r.string_list(eg, "egress", "allowed_http", [], _http_prefix) or (),
+    )
+
+    listeners = _listeners(r, raw.get("listeners", []))
+    destinations = _destinations(r, raw.get("destinations", []), egress)
+    handlers_dir = base / "handlers"
+    routes = _routes(r, raw.get("routes", []), listeners, destinations, handlers_dir)
+
+    if r.problems:
+        raise ConfigError(str(path), r.problems)
+    return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
+                  listeners=tuple(listeners), destinations=tuple(destinations),
+                  routes=tuple(routes), handlers_dir=handlers_dir)
+
+
+def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
+    if not isinstance(raw, list):
+        r.fail(key, "must be an array of tables ([[%s]])" % key)
+        return []
+    return raw
+
+
+def _listeners(r: _Reader, raw: Any) -> list[ListenerConfig]:
+    allowed = {"name", "ae_title", "host", "port", "calling_aets", "max_associations",
+               "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
+               "dimse_timeout_s", "network_timeout_s"}
+    out: list[ListenerConfig] = []
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, int] = {}
+    for i, item in enumerate(_array(r, raw, "listeners")):
+        p = f"listeners[{i}]"
+        t = r.table(item, p, allowed)
+        if not t and not isinstance(item, dict):
+            continue
+        name = r.get(t, p, "name", str, check=_name)
+        ae = r.get(t, p, "ae_title", str, check=ae_title_problem)
+        host = r.get(t, p, "host", str, "127.0.0.1")
+        port = r.get(t, p, "port", int, check=_port)
+        calling = r.string_list(t, p, "calling_aets", ["*"],
+                                lambda v: None if v == "*" else ae_title_problem(v))
+        cleartext = r.get(t, p, "allow_cleartext", bool, False)
+        if name is not None:
+            if name in seen_names:
+                r.fail(f"{p}.name", f"'{name}' is already used by listeners[{seen_names[name]}]")
+            seen_names[name] = i
+        if port is not None:
+            if port in seen_ports:
+                r.fail(f"{p}.port", f"port {port} is already used by listeners[{seen_ports[port]}]")
+            seen_ports[port] = i
+        if host is not None and not is_loopback(host) and not cleartext:
+            # TLS on listeners arrives with its own settings; until a listener has them,
+            # any non-loopback address is cleartext and must be opted into explicitly.
+            r.fail(f"{p}.host", f"'{host}' is not a loopback address and this listener has no "
+                   "TLS; PHI would cross the network in cleartext. Bind to 127.0.0.1, or set "
+                   f"{p}.allow_cleartext = true to accept that risk")
+        if None in (name, ae, host, port, calling):
+            continue
+        out.append(ListenerConfig(
+            name=name, ae_title=ae, host=host, port=port, calling_aets=calling,
+            max_associations=r.get(t, p, "max_associations", int, 16, _range(1, 1000)) or 16,
+            allow_cleartext=cleartext,
+            accept_deflate=r.get(t, p, "accept_deflate", bool, False),
+            max_pdu_kb=r.get(t, p, "max_pdu_kb", int, 256, _range(4, 16384)) or 256,
+            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive) or 30.0,
+            dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive) or 60.0,
+            network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive) or 60.0,
+        ))
+    return out
+
+
+def _destinations(r: _Reader, raw: Any, egress: EgressConfig) -> list[DestinationConfig]:
+    common = {"name", "kind", "max_associations"}
+    by_kind = {
+        "dimse": common | {"host", "port", "ae_title", "calling_ae_title"},
+        "stow": common | {"url"},
+        "mllp": common | {"host", "port"},
+    }
+    out: list[DestinationConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(_array(r, raw, "destinations")):
+        p = f"destinations[{i}]"
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if kind not in KINDS:
+            r.fail(f"{p}.kind", "is required" if kind is None else
+                   f"'{kind}' is not a destination kind (dimse, stow or mllp)")
+            continue
+        t = r.table(item, p, by_kind[kind])
+        name = r.get(t, p, "name", str, check=_name)
+        if name is not None:
+            if name in seen:
+                r.fail(f"{p}.name", f"'{name}' is already used by destinations[{seen[name]}]")
+            seen[name] = i
+        max_assoc = r.get(t, p, "max_associations", int, 2, _range(1, 64)) or 2
+        if kind in ("dimse", "mllp"):
+            host = r.get(t, p, "host", str)
+            port = r.get(t, p, "port", int, check=_port)
+            ae = r.get(t, p, "ae_title", str, check=ae_title_problem) if kind == "dimse" else None
+            calling = (r.get(t, p, "calling_ae_title", str, "MFCONSOLE", ae_title_problem)
+                       if kind == "dimse" else "MFCONSOLE")
+            if host is not None and port is not None and not tcp_allows(egress.allowed_tcp, host, port):
+                r.fail(f"{p}.host", f"{host}:{port} is not in egress.allowed_tcp; add it there "
+                       "to allow this destination")
+            if None in (name, host, port, calling) or (kind == "dimse" and ae is None):
+                continue
+            out.append(DestinationConfig(name=name, kind=kind, host=host, port=port, ae_title=ae,
+                                         calling_ae_title=calling, max_associations=max_assoc))
+        else:
+            url = r.get(t, p, "url", str, check=_http_prefix)
+            if url is not None and not any(http_prefix_allows(a, url) for a in egress.allowed_http):
+                r.fail(f"{p}.url", "is not under any egress.allowed_http prefix")
+                continue
+            if None in (name, url):
+                continue
+            out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc))
+    return out
+
+
+def _routes(r: _Reader, raw: Any, listeners: list[ListenerConfig],
+            destinations: list[DestinationConfig], handlers_dir: Path) -> list[RouteConfig]:
+    listener_names = {item.name for item in listeners}
+    dest_names = {d.name for d in destinations}
+    out: list[RouteConfig] = []
+    for i, item in enumerate(_array(r, raw, "routes")):
+        p = f"routes[{i}]"
+        t = r.table(item, p, {"from", "to", "handler"})
+        source = r.get(t, p, "from", str)
+        to = r.string_list(t, p, "to")
+        handler = r.get(t, p, "handler", str, None)
+        ok = True
+        if source is not None and source not in listener_names:
+            r.fail(f"{p}.from", f"names no listener ('{source}')")
+            ok = False
+        for j, dest in enumerate(to or ()):
+            if dest not in dest_names:
+                r.fail(f"{p}.to[{j}]", f"names no destination ('{dest}')")
+                ok = False
+        if to is not None and not to:
+            r.fail(f"{p}.to", "must name at least one destination")
+            ok = False
+        if handler is not None:
+            if not _HANDLER_NAME.match(handler):
+                r.fail(f"{p}.handler", "must be a Python module name (letters, digits, '_')")
+                ok = False
+            elif not (handlers_dir / f"{handler}.py").is_file():
+                r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} does not exist")
+                ok = False
+        if ok and source is not None and to:
+            out.append(RouteConfig(from_listener=source, to=to, handler=handler))
+    return out

@@ -1,0 +1,520 @@
+"""Cheap structural scan of an encoded DICOM dataset received over DIMSE.
+
+A C-STORE hands us the dataset bytes (no file meta, already in the negotiated
+transfer syntax).  Decoding that with pydicom on every object is too slow for
+the receive path, and pydicom is deliberately forgiving: it silently truncates
+over-long values and stops at junk, so "pydicom read it" does not mean "the
+bytes are whole".  Instead we walk the raw element structure once:
+
+* every declared length is checked against the bytes of its enclosing
+  container (dataset, item, sequence, or the whole buffer), so truncated or
+  length-corrupted objects are refused before we store them;
+* values are never decoded or copied -- we jump over them by their length, so
+  a 200 MiB pixel data element costs the same as a 2-byte one;
+* only the handful of top-level header values routing needs are extracted.
+
+Reject reasons are logged and may be shown to remote peers, so they contain
+only tag numbers, lengths and offsets -- never element values, VR bytes or
+anything else read from the payload, because any byte may be patient data.
+
+Only the standard library is used: this module sits on the hot receive path
+and must stay importable without the rest of the engine.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["DatasetRejected", "HeaderSummary", "scan_dataset", "is_valid_uid"]
+
+# DIMSE statuses we answer with.  0xC000 is "Error: cannot understand" (the
+# bytes are not a well-formed dataset); 0xA900 is "Error: data set does not
+# match SOP class" (well formed, but missing or bad identifying attributes).
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_DATASET_MISMATCH = 0xA900
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM_GROUP = 0xFFFE
+_ITEM = 0xE000
+_ITEM_DELIM = 0xE00D
+_SEQ_DELIM = 0xE0DD
+_PIXEL_DATA = 0x7FE00010
+
+# Top-level attributes routing needs.
+_TAG_SOP_CLASS = 0x00080016
+_TAG_SOP_INSTANCE = 0x00080018
+_TAG_MODALITY = 0x00080060
+_TAG_STUDY = 0x0020000D
+_TAG_SERIES = 0x0020000E
+_WANTED = frozenset(
+    (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_MODALITY, _TAG_STUDY, _TAG_SERIES)
+)
+_TAG_NAMES = {
+    _TAG_SOP_CLASS: "SOP Class UID",
+    _TAG_SOP_INSTANCE: "SOP Instance UID",
+    _TAG_STUDY: "Study Instance UID",
+    _TAG_SERIES: "Series Instance UID",
+    _TAG_MODALITY: "Modality",
+}
+# Marker recorded instead of a value position when a wanted tag turned up as
+# a sequence: it has no usable text value, so the UID check calls it invalid.
+_NOT_A_VALUE = (-1, -1)
+# A UID is at most 64 characters; allow generous padding before we refuse to
+# even look at the bytes (so a 100 MiB "UID" is never copied).
+_MAX_UID_RAW = 256
+_MAX_CS_RAW = 64
+
+_LONG_VRS = (
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV",
+    b"UC", b"UN", b"UR", b"UT", b"UV",
+)
+_SHORT_VRS = (
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
+    b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
+    b"US",
+)
+
+# The 8-byte header of every element/item starts with group, element and a
+# 32-bit word.  For implicit VR and item tags that word is the length; for
+# explicit VR it is VR (2 chars) + 16-bit length.  Reading it as one unsigned
+# int and splitting with shifts costs a single unpack per element and avoids
+# allocating a 2-byte ``bytes`` for the VR.
+_HDR_LE = struct.Struct("<HHI").unpack_from
+_HDR_BE = struct.Struct(">HHI").unpack_from
+_U32_LE = struct.Struct("<I").unpack_from
+_U32_BE = struct.Struct(">I").unpack_from
+
+
+def _vr_codes(vrs: tuple[bytes, ...], big_endian: bool) -> frozenset[int]:
+    # The VR occupies the low 16 bits of the little-endian word and the high
+    # 16 bits of the big-endian one; normalise both to "as read" integers.
+    fmt = ">H" if big_endian else "<H"
+    return frozenset(struct.unpack(fmt, vr)[0] for vr in vrs)
+
+
+_LONG_LE = _vr_codes(_LONG_VRS, False)
+_SHORT_LE = _vr_codes(_SHORT_VRS, False)
+_LONG_BE = _vr_codes(_LONG_VRS, True)
+_SHORT_BE = _vr_codes(_SHORT_VRS, True)
+_SQ_LE, _UN_LE, _OB_LE, _OW_LE = (struct.unpack("<H", v)[0] for v in (b"SQ", b"UN", b"OB", b"OW"))
+_SQ_BE, _UN_BE, _OB_BE, _OW_BE = (struct.unpack(">H", v)[0] for v in (b"SQ", b"UN", b"OB", b"OW"))
+
+# Encoding "modes" carried on the container stack.  A UN element of undefined
+# length switches its contents to implicit VR little endian (PS3.5 6.2.2)
+# whatever the outer transfer syntax, so the mode is per container, not global.
+# Fields: (implicit, big_endian, header unpack, u32 unpack, long VRs,
+#          short VRs, SQ code, UN code, OB code, OW code)
+_Mode = tuple
+_MODE_IMPLICIT: _Mode = (True, False, _HDR_LE, _U32_LE, _LONG_LE, _SHORT_LE, _SQ_LE, _UN_LE, _OB_LE, _OW_LE)
+_MODE_EXPLICIT_LE: _Mode = (False, False, _HDR_LE, _U32_LE, _LONG_LE, _SHORT_LE, _SQ_LE, _UN_LE, _OB_LE, _OW_LE)
+_MODE_EXPLICIT_BE: _Mode = (False, True, _HDR_BE, _U32_BE, _LONG_BE, _SHORT_BE, _SQ_BE, _UN_BE, _OB_BE, _OW_BE)
+
+# Container kinds on the walk stack.
+_DATASET = 0
+_SEQUENCE = 1
+
+
+class DatasetRejected(Exception):
+    """The received dataset must be refused with ``status``.
+
+    ``reason`` is safe to log and route: it names tags, lengths and offsets
+    only, never element values.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"0x{status:04X}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class HeaderSummary:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    modality: str | None
+    element_count: int  # data elements walked at all levels (not items/delimiters/fragments)
+    max_depth: int  # deepest sequence nesting seen (0 = no sequences)
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _bad(reason: str) -> DatasetRejected:
+    return DatasetRejected(STATUS_CANNOT_UNDERSTAND, reason)
+
+
+def is_valid_uid(value: str) -> bool:
+    """True if ``value`` is a syntactically valid DICOM UID (PS3.5 9.1).
+
+    Digits and dots only, no empty component (so no leading, trailing or
+    doubled dot), at most 64 characters.  Leading zeros inside a component
+    are technically illegal but common in real vendor data, so tolerated --
+    what matters to us is that a UID can never carry path or shell syntax.
+    """
+    if not isinstance(value, str) or not value or len(value) > 64:
+        return False
+    # isascii() first: str.isdigit() also accepts non-ASCII digits like '²'.
+    if not value.isascii():
+        return False
+    for component in value.split("."):
+        if not component.isdigit():  # also False for the empty component
+            return False
+    return True
+
+
+def _inflate(data: memoryview, limit: int) -> bytes:
+    # Deflated Explicit VR LE is raw deflate (no zlib header), hence wbits=-15.
+    # max_length caps the output buffer so a bomb can never make us allocate
+    # more than ``limit`` bytes; anything that would exceed it is refused.
+    inflater = zlib.decompressobj(-15)
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error:
+        raise _bad("deflated dataset is not a valid deflate stream") from None
+    if not inflater.eof:
+        if len(out) >= limit:
+            raise _bad(f"deflated dataset inflates beyond {limit} bytes")
+        raise _bad(f"deflated dataset stream truncated after {len(out)} inflated bytes")
+    # Writers may pad the stream to an even length with a NUL.  Some (e.g.
+    # dctool, as in pydicom's image_dfl.dcm) append a gzip-style trailer:
+    # CRC-32 and size of the inflated data; accept it only if it matches.
+    # Any other trailing data is something we would silently ignore.
+    rest = inflater.unused_data
+    if len(rest) >= 8 and rest[:8] == struct.pack("<II", zlib.crc32(out), len(out) & 0xFFFFFFFF):
+        rest = rest[8:]
+    if rest.strip(b"\x00"):
+        raise _bad(f"{len(inflater.unused_data)} bytes of trailing data after deflate stream")
+    return out
+
+
+def scan_dataset(
+    data: bytes | bytearray | memoryview,
+    transfer_syntax_uid: str,
+    *,
+    max_depth: int = 16,
+    allow_deflate: bool = False,
+    max_inflated_bytes: int = 256 * 1024 * 1024,
+) -> HeaderSummary:
+    """Validate the element structure of ``data`` and extract routing headers.
+
+    Raises :class:`DatasetRejected` (0xC000 for malformed structure, 0xA900
+    for missing/invalid identifying UIDs).  No other exception escapes for
+    any input bytes.
+    """
+    ts = transfer_syntax_uid.rstrip("\x00 ")
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        # struct and len() must work in bytes, not items: normalise formats.
+        try:
+            cast = view.cast("B")
+        except (TypeError, ValueError):  # e.g. a non-contiguous buffer
+            view.release()
+            raise _bad("dataset buffer is not contiguous bytes") from None
+        view.release()
+        view = cast
+    try:
+        if ts == IMPLICIT_VR_LE:
+            return _scan(view, _MODE_IMPLICIT, max_depth)
+        if ts == EXPLICIT_VR_BE:
+            return _scan(view, _MODE_EXPLICIT_BE, max_depth)
+        if ts == DEFLATED_EXPLICIT_VR_LE:
+            if not allow_deflate:
+                raise _bad("deflated transfer syntax not accepted")
+            inflated = memoryview(_inflate(view, max_inflated_bytes))
+            try:
+                return _scan(inflated, _MODE_EXPLICIT_LE, max_depth)
+            finally:
+                inflated.release()
+        # Explicit VR LE and every compressed syntax (JPEG family, JPEG-LS,
+        # JPEG 2000, RLE, HTJ2K, MPEG...) share the explicit LE encoding; only
+        # pixel data differs, and encapsulated pixel data is handled below.
+        return _scan(view, _MODE_EXPLICIT_LE, max_depth)
+    finally:
+        # Release our view so a caller's bytearray/mmap can be resized or
+        # closed afterwards (the caller's own view, if any, is unaffected).
+        view.release()
+
+
+def _scan(buf: memoryview, mode: _Mode, max_depth: int) -> HeaderSummary:
+    size = len(buf)
+    found: dict[int, tuple[int, int]] = {}
+    duplicates: set[int] = set()
+    element_count = 0
+    deepest = 0
+
+    # The walk is iterative with an explicit stack so hostile nesting can
+    # never hit Python's recursion limit, whatever max_depth the caller sets.
+    # Current container state lives in locals for speed; a push saves it as a
+    # tuple.  ``end`` is the hard limit of the container: its own end for
+    # defined lengths, the parent's limit for undefined lengths, which must
+    # then be closed by a delimiter before that limit.
+    stack: list[tuple] = []
+    kind = _DATASET
+    end = size
+    undefined = False  # container closed by a delimiter rather than its length
+    depth = 0  # nesting level of the dataset (or of the items' parent dataset)
+    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+     vr_sq, vr_un, vr_ob, vr_ow) = mode
+    pos = 0
+
+    while True:
+        if kind == _DATASET:
+            if pos == end:
+                if undefined:
+                    raise _bad(f"item without item delimiter: data ends at offset {pos}")
+                if not stack:
+                    break  # end of top-level dataset
+                (kind, end, undefined, depth, mode) = stack.pop()
+                (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                 vr_sq, vr_un, vr_ob, vr_ow) = mode
+                continue
+            if end - pos < 8:
+                raise _bad(
+                    f"element header at offset {pos} truncated: {end - pos} bytes "
+                    f"left of 8 needed"
+                )
+            group, elem, word = hdr(buf, pos)
+            if group == _ITEM_GROUP:
+                if elem == _ITEM_DELIM and undefined:
+                    # Item delimiter closes an undefined-length item.  Its
+                    # length should be 0; like pydicom and dcmtk we tolerate
+                    # junk there rather than try to skip by it.
+                    pos += 8
+                    (kind, end, undefined, depth, mode) = stack.pop()
+                    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                     vr_sq, vr_un, vr_ob, vr_ow) = mode
+                    continue
+                raise _bad(f"unexpected {_tag(group << 16 | elem)} at offset {pos} inside dataset")
+
+            if implicit:
+                vr = 0
+                length = word
+                value_pos = pos + 8
+            else:
+                if big_endian:
+                    vr = word >> 16
+                    length = word & 0xFFFF
+                else:
+                    vr = word & 0xFFFF
+                    length = word >> 16
+                if vr in short_vrs:
+                    value_pos = pos + 8
+                elif vr in long_vrs:
+                    if end - pos < 12:
+                        raise _bad(
+                            f"element header {_tag(group << 16 | elem)} at offset {pos} "
+                            f"truncated: {end - pos} bytes left of 12 needed"
+                        )
+                    length = u32(buf, pos + 8)[0]
+                    value_pos = pos + 12
+                else:
+                    # Deliberately no VR bytes in the reason: if we lost sync
+                    # they are payload bytes.
+                    raise _bad(f"unknown VR for {_tag(group << 16 | elem)} at offset {pos}")
+            element_count += 1
+
+            if length == _UNDEFINED:
+                tag = group << 16 | elem
+                if depth == 0 and tag in _WANTED:
+                    if tag in found:
+                        duplicates.add(tag)
+                    found[tag] = _NOT_A_VALUE
+                if tag == _PIXEL_DATA and (implicit or vr == vr_ob or vr == vr_ow):
+                    # Encapsulated pixel data: a flat list of fragments.  It is
+                    # walked inline -- there is no nesting -- skipping each
+                    # fragment by length.  (In implicit VR this cannot be a
+                    # sequence, so treat it as pydicom does: encapsulated.)
+                    pos = _skip_fragments(buf, value_pos, end, hdr)
+                    continue
+                if implicit or vr == vr_sq:
+                    new_mode = mode
+                elif vr == vr_un:
+                    # PS3.5 6.2.2: UN of undefined length is a sequence whose
+                    # contents are implicit VR little endian.
+                    new_mode = _MODE_IMPLICIT
+                else:
+                    raise _bad(
+                        f"undefined length not allowed for {_tag(tag)} at offset {pos}"
+                    )
+                stack.append((kind, end, undefined, depth, mode))
+                kind = _SEQUENCE
+                undefined = True
+                pos = value_pos
+                # end stays the parent's limit: the delimiter must come first.
+                if new_mode is not mode:
+                    mode = new_mode
+                    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                     vr_sq, vr_un, vr_ob, vr_ow) = mode
+                continue
+
+            if length > end - value_pos:
+                raise _bad(
+                    f"{_tag(group << 16 | elem)} declared length {length} at offset {pos} "
+                    f"exceeds the {end - value_pos} bytes remaining in its container"
+                )
+            if depth == 0 and (group == 0x0008 or group == 0x0020):
+                tag = group << 16 | elem
+                if tag in _WANTED:
+                    if tag in found:
+                        duplicates.add(tag)
+                    found[tag] = _NOT_A_VALUE if vr == vr_sq and not implicit else (value_pos, length)
+            if vr == vr_sq and not implicit:
+                # Defined-length sequence: walk its items, bounded by length.
+                # (Implicit VR defined-length sequences are indistinguishable
+                # from opaque values without a dictionary and are skipped.)
+                stack.append((kind, end, undefined, depth, mode))
+                kind = _SEQUENCE
+                undefined = False
+                end = value_pos + length
+                pos = value_pos
+                continue
+            pos = value_pos + length  # skip the value: O(1) whatever its size
+            continue
+
+        # kind == _SEQUENCE: expect items until the length or a delimiter ends it.
+        if pos == end:
+            if undefined:
+                raise _bad(f"sequence without sequence delimiter: data ends at offset {pos}")
+            (kind, end, undefined, depth, mode) = stack.pop()
+            (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+             vr_sq, vr_un, vr_ob, vr_ow) = mode
+            continue
+        if end - pos < 8:
+            raise _bad(
+                f"item header at offset {pos} truncated: {end - pos} bytes left of 8 needed"
+            )
+        group, elem, length = hdr(buf, pos)
+        if group == _ITEM_GROUP and elem == _ITEM:
+            if depth + 1 > max_depth:
+                raise _bad(f"sequence nesting at offset {pos} deeper than {max_depth}")
+            stack.append((kind, end, undefined, depth, mode))
+            kind = _DATASET
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+            pos += 8
+            if length == _UNDEFINED:
+                undefined = True  # end stays the sequence's limit
+            else:
+                if length > end - pos:
+                    raise _bad(
+                        f"item declared length {length} at offset {pos - 8} exceeds "
+                        f"the {end - pos} bytes remaining in its sequence"
+                    )
+                undefined = False
+                end = pos + length
+            continue
+        if group == _ITEM_GROUP and elem == _SEQ_DELIM and undefined:
+            pos += 8
+            (kind, end, undefined, depth, mode) = stack.pop()
+            (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+             vr_sq, vr_un, vr_ob, vr_ow) = mode
+            continue
+        raise _bad(f"expected item tag, found {_tag(group << 16 | elem)} at offset {pos}")
+
+    if duplicates:
+        # Readers disagree on which copy wins (pydicom keeps the last), so
+        # routing could act on a different identity than downstream systems.
+        tag = min(duplicates)
+        raise DatasetRejected(
+            STATUS_DATASET_MISMATCH, f"{_tag(tag)} {_TAG_NAMES[tag]} present more than once"
+        )
+    return _summarise(buf, found, element_count, deepest)
+
+
+def _skip_fragments(buf: memoryview, pos: int, end: int, hdr) -> int:
+    """Skip encapsulated pixel data fragments; return the offset after them."""
+    while True:
+        if end - pos < 8:
+            raise _bad(
+                f"pixel data fragment header at offset {pos} truncated: "
+                f"{end - pos} bytes left of 8 needed"
+            )
+        group, elem, length = hdr(buf, pos)
+        if group == _ITEM_GROUP and elem == _ITEM:
+            pos += 8
+            if length > end - pos:  # also catches undefined (0xFFFFFFFF)
+                raise _bad(
+                    f"pixel data fragment declared length {length} at offset {pos - 8} "
+                    f"exceeds the {end - pos} bytes remaining"
+                )
+            pos += length
+        elif group == _ITEM_GROUP and elem == _SEQ_DELIM:
+            return pos + 8
+        else:
+            raise _bad(
+                f"expected pixel data fragment, found {_tag(group << 16 | elem)} at offset {pos}"
+            )
+
+
+def _text(buf: memoryview, where: tuple[int, int], cap: int) -> str | None:
+    """ASCII text of a value with trailing NUL/space padding removed.
+
+    None when it cannot be a sensible value (not ASCII, absurdly long, or a
+    sequence) -- the caller decides whether that is fatal.
+    """
+    start, length = where
+    if start < 0 or length > cap:
+        return None
+    try:
+        return bytes(buf[start:start + length]).decode("ascii").rstrip("\x00 ")
+    except UnicodeDecodeError:
+        return None
+
+
+def _uid(buf: memoryview, found: dict[int, tuple[int, int]], tag: int, required: bool) -> str | None:
+    name = f"{_tag(tag)} {_TAG_NAMES[tag]}"
+    where = found.get(tag)
+    if where is None:
+        if required:
+            raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} missing")
+        return None
+    if where[1] > _MAX_UID_RAW:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {where[1]})")
+    value = _text(buf, where, _MAX_UID_RAW)
+    if value is None:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} invalid")
+    if not value:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} empty")
+    if len(value) > 64:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {len(value)})")
+    if not is_valid_uid(value):
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} invalid")
+    return value
+
+
+def _summarise(
+    buf: memoryview, found: dict[int, tuple[int, int]], element_count: int, deepest: int
+) -> HeaderSummary:
+    sop_class = _uid(buf, found, _TAG_SOP_CLASS, True)
+    sop_instance = _uid(buf, found, _TAG_SOP_INSTANCE, True)
+    study = _uid(buf, found, _TAG_STUDY, True)
+    series = _uid(buf, found, _TAG_SERIES, False)
+    modality: str | None = None
+    where = found.get(_TAG_MODALITY)
+    if where is not None:
+        # Modality only steers routing; an unreadable one is treated as absent
+        # rather than refusing an otherwise good object.
+        modality = _text(buf, where, _MAX_CS_RAW)
+        if modality is not None:
+            modality = modality.strip() or None
+    assert sop_class is not None and sop_instance is not None and study is not None
+    return HeaderSummary(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        modality=modality,
+        element_count=element_count,
+        max_depth=deepest,
+    )

@@ -1,0 +1,134 @@
+"""The engine: owns the store, the listeners and (later) the delivery workers.
+
+Start order matters: lock the data directory, open the store (which recovers from a
+crash) and only then open listener sockets, so nothing is accepted before the store
+can commit it. Stop order is the reverse: stop accepting, let associations finish,
+then drain the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mfconsole import __version__
+from mfconsole.config import Config
+from mfconsole.dimse.dataset_scan import HeaderSummary
+from mfconsole.dimse.listener import AssociationBoard, Listener
+from mfconsole.engine import logs
+from mfconsole.engine.engine_lock import DataDirLock, EngineError
+from mfconsole.engine.router import routes_by_listener
+from mfconsole.engine.store import IngestRequest, Store
+from mfconsole.engine.vault import Vault, load_or_create_key
+
+log = logging.getLogger("mfconsole.engine")
+
+PURGE_INTERVAL_S = 3600.0
+
+
+class Engine:
+    def __init__(self, config: Config, *, log_to_stderr: bool = True):
+        self.config = config
+        self.data_dir = config.engine.data_dir
+        self.log_to_stderr = log_to_stderr
+        self.board = AssociationBoard()
+        self.listeners: list[Listener] = []
+        self.store: Store | None = None
+        self.started_at: float | None = None
+        self._lock = DataDirLock(self.data_dir)
+        self._routes = routes_by_listener(config)
+        self._stop = threading.Event()
+        self._housekeeper: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock.acquire()
+        try:
+            logs.setup(self.data_dir / "logs", cfg.engine.log_level, stderr=self.log_to_stderr)
+            try:
+                key = load_or_create_key(cfg.store.key_file)
+            except OSError as exc:
+                raise EngineError(f"store.key_file {cfg.store.key_file}: {exc.strerror}") from None
+            self.store = Store(self.data_dir, Vault([key]))
+            recovered = self.store.open()
+            if any(recovered.values()):
+                log.warning("recovered after an unclean stop: %d in-flight deliveries requeued, "
+                            "%d orphaned blobs removed", recovered["requeued"], recovered["orphan_blobs"])
+            max_bytes = cfg.store.max_object_mb * 1024 * 1024
+            for lc in cfg.listeners:
+                listener = Listener(lc, self, self.board, max_bytes)
+                try:
+                    listener.start()
+                except OSError as exc:
+                    raise EngineError(f"listener {lc.name}: cannot listen on {lc.host}:{lc.port}: "
+                                      f"{exc.strerror or exc}") from None
+                self.listeners.append(listener)
+            self.started_at = time.time()
+            self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
+                                                 daemon=True)
+            self._housekeeper.start()
+            self.store.audit("engine_started", detail=f"version={__version__} pid={os.getpid()}")
+            log.info("engine started (data_dir %s, %d listener(s))", self.data_dir, len(self.listeners))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self._stop.set()
+        timeout = self.config.engine.shutdown_timeout_s
+        for listener in self.listeners:
+            listener.stop(timeout)
+        self.listeners.clear()
+        if self._housekeeper is not None:
+            self._housekeeper.join(timeout=5)
+            self._housekeeper = None
+        if self.store is not None:
+            self.store.audit("engine_stopped")
+            self.store.close()
+            self.store = None
+            log.info("engine stopped")
+        self._lock.release()
+
+    def _housekeeping(self) -> None:
+        self._purge()
+        while not self._stop.wait(PURGE_INTERVAL_S):
+            self._purge()
+
+    def _purge(self) -> None:
+        try:
+            if self.store is not None:
+                n = self.store.purge_expired(self.config.store.retention_days)
+                if n:
+                    log.info("retention: purged %d object(s)", n)
+        except Exception as exc:
+            log.error("retention purge failed: %s", exc.__class__.__name__)
+
+    # -- IngestSink (called from association threads) ------------------------------
+
+    def ingest(self, data: memoryview, summary: HeaderSummary, meta: dict[str, Any]) -> str:
+        assert self.store is not None
+        request = IngestRequest(
+            sop_instance_uid=summary.sop_instance_uid, sop_class_uid=summary.sop_class_uid,
+            study_uid=summary.study_instance_uid, series_uid=summary.series_instance_uid,
+            modality=summary.modality, transfer_syntax=meta["transfer_syntax"],
+            listener=meta["listener"], calling_ae=meta["calling_ae"], peer=meta["peer"],
+            routes=self._routes.get(meta["listener"], ()))
+        return self.store.ingest(data, request).outcome
+
+    def audit(self, event: str, **fields: Any) -> None:
+        if self.store is not None:
+            self.store.audit(event, **fields)
+
+    # -- observation -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        from mfconsole.engine.status import collect
+
+        return collect(self.config, self)

@@ -1,0 +1,86 @@
+"""Logging with PHI redaction.
+
+Our own INFO+ messages carry only routing-safe identifiers by construction. Third-party
+libraries (pynetdicom, pydicom, warnings) are not trusted: their records pass a filter
+that removes quoted values and byte strings, which is where a patient name would appear
+("Invalid value for VR PN: 'DOE^JOHN'"), and exception tracebacks from them are reduced
+to the exception type.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+import sys
+from pathlib import Path
+
+from pynetdicom import _config as pynetdicom_config
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*"|\(\d+ bytes?\)""")
+# Bare values after "value"/"name"/"=": a conservative catch for unquoted reprs.
+_AFTER_VALUE = re.compile(r"(?i)\b(value|name|id)\s*[:=]\s*\S+")
+
+
+def redact(text: str) -> str:
+    text = _QUOTED.sub("<redacted>", text)
+    return _AFTER_VALUE.sub(lambda m: f"{m.group(1)}=<redacted>", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Applied on handlers so every record, whoever logged it, is checked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("mfconsole"):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info:
+            exc = record.exc_info[1]
+            record.msg += f" [{type(exc).__name__}]" if exc else ""
+            record.exc_info = None
+            record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+def quiet_third_parties() -> None:
+    """Turn off identifier logging and noisy third-party loggers."""
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+
+
+def setup(log_dir: Path, level: str = "INFO", *, stderr: bool = True) -> logging.Handler:
+    """Log to ``log_dir/mfconsole.log`` (rotated) and optionally stderr."""
+    quiet_third_parties()
+    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        if getattr(h, "_mfconsole", False):
+            root.removeHandler(h)
+            h.close()
+    formatter = logging.Formatter(FORMAT)
+    file_handler = logging.handlers.RotatingFileHandler(
+        log_dir / "mfconsole.log", maxBytes=10 * 1024 * 1024, backupCount=10, encoding="utf-8")
+    handlers: list[logging.Handler] = [file_handler]
+    if stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for h in handlers:
+        h.setLevel(getattr(logging, level.upper(), logging.INFO))
+        h.setFormatter(formatter)
+        h.addFilter(RedactingFilter())
+        h._mfconsole = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    (log_dir / "mfconsole.log").chmod(0o600)
+    return file_handler

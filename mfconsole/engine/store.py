@@ -1,0 +1,415 @@
+"""The durable store: SQLite (WAL, synchronous=FULL) rows + encrypted blobs.
+
+One writer thread owns the write connection and group-commits: association threads
+seal their blob (in parallel, fsynced), then hand a small request to the writer and
+wait; the writer takes everything queued, fsyncs the blob directories once, writes all
+rows in one transaction and commits (one WAL fsync for the whole group). Success is
+only answered after that commit returns.
+
+Blobs are named by a random id, never by a UID. A blob that is written but never
+committed (crash between the two) is an orphan and is removed at the next start.
+The store knows nothing of the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from mfconsole.engine.vault import Vault, fsync_dir
+
+log = logging.getLogger("mfconsole.store")
+
+SCHEMA_VERSION = 1
+MAX_GROUP = 256
+
+# Delivery states (DESIGN.md): pending → in_flight → delivered | filtered | dead
+PENDING, IN_FLIGHT, DELIVERED, FILTERED, DEAD = "pending", "in_flight", "delivered", "filtered", "dead"
+ACTIVE_STATES = (PENDING, IN_FLIGHT)
+
+
+class StoreError(Exception):
+    """The store could not commit; the sender must be told to retry (0xA700)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str
+    handler: str | None = None
+
+
+@dataclass
+class IngestRequest:
+    """What an association hands the writer. Routing-safe fields only."""
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str | None
+    modality: str | None
+    transfer_syntax: str
+    listener: str
+    calling_ae: str
+    peer: str
+    routes: tuple[Route, ...]
+    blob: str = ""          # path relative to the blob root
+    size: int = 0
+    digest: str = ""
+    key_id: str = ""
+    association_id: str = ""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: str            # stored | duplicate | new_version
+    object_id: int
+    version: int
+    deliveries: int
+
+
+@dataclass
+class _Job:
+    kind: str               # ingest | audit | call
+    payload: Any
+    future: Future | None = field(default=None)
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the settings every connection must have."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
+                               check_same_thread=False, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    # FULL on every connection: a commit is on disk (WAL fsynced) when it returns.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn)
+    db["objects"].create({
+        "id": int, "sop_instance_uid": str, "version": int, "sop_class_uid": str,
+        "study_uid": str, "series_uid": str, "modality": str, "transfer_syntax": str,
+        "size": int, "digest": str, "blob": str, "key_id": str, "listener": str,
+        "calling_ae": str, "peer": str, "received_at": float, "superseded": int,
+        "purged_at": float,
+    }, pk="id", not_null={"sop_instance_uid", "version", "digest", "blob"},
+        defaults={"superseded": 0}, if_not_exists=True)
+    db["objects"].create_index(["sop_instance_uid", "version"], unique=True, if_not_exists=True)
+    db["objects"].create_index(["received_at"], if_not_exists=True)
+    db["deliveries"].create({
+        "id": int, "object_id": int, "destination": str, "listener": str, "handler": str,
+        "state": str, "attempts": int, "retry_at": float, "lease_until": float,
+        "last_status": str, "last_class": str, "last_reason": str,
+        "handler_version": str, "created_at": float, "updated_at": float,
+    }, pk="id", not_null={"object_id", "destination", "state"},
+        defaults={"attempts": 0}, foreign_keys=[("object_id", "objects", "id")],
+        if_not_exists=True)
+    db["deliveries"].create_index(["destination", "state", "retry_at"], if_not_exists=True)
+    db["deliveries"].create_index(["object_id"], if_not_exists=True)
+    db["deliveries"].create_index(["state"], if_not_exists=True)
+    db["audit"].create({
+        "id": int, "ts": float, "event": str, "listener": str, "destination": str,
+        "object_id": int, "delivery_id": int, "sop_instance_uid": str, "calling_ae": str,
+        "peer": str, "status": str, "detail": str,
+    }, pk="id", if_not_exists=True)
+    db["audit"].create_index(["ts"], if_not_exists=True)
+    db["audit"].create_index(["event"], if_not_exists=True)
+    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                 (str(SCHEMA_VERSION),))
+
+
+class Store:
+    def __init__(self, data_dir: Path, vault: Vault):
+        self.data_dir = data_dir
+        self.vault = vault
+        self.db_path = data_dir / "mfconsole.db"
+        self.blob_root = data_dir / "blobs"
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self.commits = 0          # group commits (for benchmarks and the console)
+        self.committed_jobs = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> dict[str, int]:
+        """Create or open the database, recover from a crash, start the writer."""
+        self.blob_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)
+        self._conn = connect(self.db_path)
+        os.chmod(self.db_path, 0o600)
+        create_schema(self._conn)
+        recovered = self._recover()
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._writer.start()
+        return recovered
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        self._conn.close()
+
+    def _recover(self) -> dict[str, int]:
+        """After a crash: in-flight leases expire (we hold the data_dir lock, so no
+        other process owns them), and blobs no committed row references are removed."""
+        now = time.time()
+        with _transaction(self._conn):
+            cur = self._conn.execute(
+                "UPDATE deliveries SET state = ?, lease_until = NULL, updated_at = ? "
+                "WHERE state = ?", (PENDING, now, IN_FLIGHT))
+            requeued = cur.rowcount
+        referenced = {row[0] for row in self._conn.execute(
+            "SELECT blob FROM objects WHERE purged_at IS NULL")}
+        orphans = 0
+        for path in self.blob_root.rglob("*"):
+            if path.is_file():
+                rel = path.relative_to(self.blob_root).as_posix()
+                if rel not in referenced:
+                    path.unlink(missing_ok=True)
+                    orphans += 1
+        if requeued or orphans:
+            self.audit("recovered", detail=f"requeued={requeued} orphan_blobs={orphans}")
+        return {"requeued": requeued, "orphan_blobs": orphans}
+
+    # -- ingest (called from association threads) -----------------------------
+
+    def seal(self, data: memoryview | bytes) -> tuple[str, Any]:
+        """Encrypt ``data`` into a new blob; return its relative path and seal result."""
+        name = uuid.uuid4().hex
+        rel = f"{name[:2]}/{name}.blob"
+        path = self.blob_root / rel
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        return rel, self.vault.seal_to_file(data, path)
+
+    def ingest(self, data: memoryview | bytes, request: IngestRequest) -> IngestResult:
+        """Seal, then commit through the writer; returns only once committed."""
+        rel, sealed = self.seal(data)
+        request.blob, request.size, request.digest, request.key_id = rel, sealed.size, sealed.digest, sealed.key_id
+        try:
+            return self._submit("ingest", request)
+        except BaseException:
+            # The blob was never referenced; leave nothing behind.
+            (self.blob_root / rel).unlink(missing_ok=True)
+            raise
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """Queue an audit row; it is committed with the next group (fire and forget)."""
+        fields["event"] = event
+        fields["ts"] = time.time()
+        self._queue.put(_Job("audit", fields))
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` on the writer thread inside a transaction."""
+        return self._submit("call", (fn, args))
+
+    def _submit(self, kind: str, payload: Any) -> Any:
+        if self._writer is None:
+            raise StoreError("store is closed")
+        future: Future = Future()
+        self._queue.put(_Job(kind, payload, future))
+        return future.result()
+
+    # -- the writer --------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit_group(batch)
+            if stop:
+                return
+
+    def _commit_group(self, batch: list[_Job]) -> None:
+        conn = self._conn
+        results: list[tuple[_Job, Any]] = []
+        redundant: list[str] = []
+        try:
+            # New blob files are only durable once their directory entries are.
+            dirs = {(self.blob_root / j.payload.blob).parent for j in batch if j.kind == "ingest"}
+            for d in dirs:
+                fsync_dir(d)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for job in batch:
+                    if job.kind == "ingest":
+                        result = self._insert(conn, job.payload)
+                        if result.outcome == "duplicate":
+                            redundant.append(job.payload.blob)
+                        results.append((job, result))
+                    elif job.kind == "audit":
+                        _insert_audit(conn, job.payload)
+                    else:
+                        fn, args = job.payload
+                        conn.execute("SAVEPOINT call")
+                        try:
+                            results.append((job, fn(conn, *args)))
+                            conn.execute("RELEASE call")
+                        except Exception as exc:  # one bad call must not fail the group
+                            conn.execute("ROLLBACK TO call")
+                            conn.execute("RELEASE call")
+                            results.append((job, exc))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            log.error("store commit failed (%s); %d request(s) answered with a failure",
+                      exc.__class__.__name__, len(batch))
+            for job in batch:
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(StoreError(f"commit failed: {exc.__class__.__name__}"))
+            return
+        self.commits += 1
+        self.committed_jobs += len(batch)
+        for rel in redundant:
+            (self.blob_root / rel).unlink(missing_ok=True)
+        for job, result in results:
+            if job.future is None:
+                continue
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    def _insert(self, conn: sqlite3.Connection, req: IngestRequest) -> IngestResult:
+        now = time.time()
+        latest = conn.execute(
+            "SELECT id, version, digest FROM objects WHERE sop_instance_uid = ? "
+            "ORDER BY version DESC LIMIT 1", (req.sop_instance_uid,)).fetchone()
+        if latest is not None and latest["digest"] == req.digest:
+            _insert_audit(conn, {"ts": now, "event": "duplicate", "listener": req.listener,
+                                 "object_id": latest["id"], "sop_instance_uid": req.sop_instance_uid,
+                                 "calling_ae": req.calling_ae, "peer": req.peer,
+                                 "detail": "same SOP Instance UID and bytes; nothing new routed"})
+            return IngestResult("duplicate", latest["id"], latest["version"], 0)
+        version = 1 if latest is None else latest["version"] + 1
+        cur = conn.execute(
+            "INSERT INTO objects (sop_instance_uid, version, sop_class_uid, study_uid, series_uid, "
+            "modality, transfer_syntax, size, digest, blob, key_id, listener, calling_ae, peer, "
+            "received_at, superseded) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+            (req.sop_instance_uid, version, req.sop_class_uid, req.study_uid, req.series_uid,
+             req.modality, req.transfer_syntax, req.size, req.digest, req.blob, req.key_id,
+             req.listener, req.calling_ae, req.peer, now))
+        object_id = cur.lastrowid
+        outcome = "stored"
+        if latest is not None:
+            outcome = "new_version"
+            conn.execute("UPDATE objects SET superseded = 1 WHERE sop_instance_uid = ? AND id != ?",
+                         (req.sop_instance_uid, object_id))
+            _insert_audit(conn, {"ts": now, "event": "conflict", "listener": req.listener,
+                                 "object_id": object_id, "sop_instance_uid": req.sop_instance_uid,
+                                 "calling_ae": req.calling_ae, "peer": req.peer,
+                                 "detail": f"same SOP Instance UID, different bytes: stored as "
+                                           f"version {version} (previous object {latest['id']})"})
+        conn.executemany(
+            "INSERT INTO deliveries (object_id, destination, listener, handler, state, attempts, "
+            "retry_at, created_at, updated_at) VALUES (?,?,?,?,?,0,?,?,?)",
+            [(object_id, r.destination, req.listener, r.handler, PENDING, now, now, now)
+             for r in req.routes])
+        _insert_audit(conn, {"ts": now, "event": "stored", "listener": req.listener,
+                             "object_id": object_id, "sop_instance_uid": req.sop_instance_uid,
+                             "calling_ae": req.calling_ae, "peer": req.peer,
+                             "detail": f"version={version} size={req.size} routes={len(req.routes)}"})
+        return IngestResult(outcome, object_id, version, len(req.routes))
+
+    # -- reads (any thread; one read connection per thread) ----------------------
+
+    def reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def read_object(self, object_id: int) -> bytes:
+        row = self.reader().execute("SELECT blob, purged_at FROM objects WHERE id = ?",
+                                    (object_id,)).fetchone()
+        if row is None or row["purged_at"] is not None:
+            raise KeyError(object_id)
+        return self.vault.open_bytes(self.blob_root / row["blob"])
+
+    # -- retention ---------------------------------------------------------------
+
+    def purge_expired(self, retention_days: int, now: float | None = None) -> int:
+        """Remove blobs of objects older than the retention whose deliveries are all
+        finished (delivered or filtered). Dead letters and queued objects are kept:
+        nothing is lost because it waited too long. The row stays for the audit trail."""
+        cutoff = (now or time.time()) - retention_days * 86400
+
+        def purge(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id, blob FROM objects o WHERE purged_at IS NULL AND received_at < ? "
+                "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.object_id = o.id "
+                "AND d.state NOT IN (?, ?))", (cutoff, DELIVERED, FILTERED)).fetchall()
+            stamp = time.time()
+            conn.executemany("UPDATE objects SET purged_at = ? WHERE id = ?",
+                             [(stamp, r["id"]) for r in rows])
+            if rows:
+                _insert_audit(conn, {"ts": stamp, "event": "purged",
+                                     "detail": f"{len(rows)} object(s) older than {retention_days} days"})
+            return [r["blob"] for r in rows]
+
+        blobs = self.call(purge)
+        for rel in blobs:
+            (self.blob_root / rel).unlink(missing_ok=True)
+        return len(blobs)
+
+
+def _insert_audit(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
+    cols = ("ts", "event", "listener", "destination", "object_id", "delivery_id",
+            "sop_instance_uid", "calling_ae", "peer", "status", "detail")
+    conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                 tuple(row.get(c) for c in cols))
+
+
+class _transaction:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(sql, tuple(params))]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

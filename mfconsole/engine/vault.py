@@ -1,0 +1,165 @@
+"""Encryption at rest: AES-256-GCM blobs, streamed in chunks.
+
+Blob layout (all integers big endian)::
+
+    magic "MFV1" | key id (8 bytes) | chunk size (u32) | nonce prefix (8 bytes)
+    chunk 0 ciphertext+tag | chunk 1 ... | last chunk (may be empty)
+
+Each chunk is sealed with nonce = prefix || counter (u32) and associated data =
+header || counter || last-flag, so chunks cannot be reordered, dropped or the blob
+truncated without the tag failing. Chunking keeps memory to one chunk beyond the
+object the association already holds, and lets 200 MiB objects stream to disk.
+The key id (first 8 bytes of SHA-256 of the key) lets keys rotate: a blob names the
+key that sealed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"MFV1"
+HEADER = struct.Struct(">4s8sI8s")
+CHUNK = 1024 * 1024
+TAG = 16
+KEY_BYTES = 32
+
+
+class VaultError(Exception):
+    """Key or blob problem; messages never contain object data."""
+
+
+@dataclass(frozen=True)
+class SealResult:
+    size: int          # plaintext bytes
+    digest: str        # SHA-256 of the plaintext, hex
+    key_id: str
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """Read the store key; create 32 random bytes (mode 0600) on first start."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.write(fd, os.urandom(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path.parent)
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise VaultError(f"key file {path} is readable by group or others "
+                         f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise VaultError(f"key file {path} holds {len(key)} bytes; an AES-256 key is "
+                         f"{KEY_BYTES}. Restore it from backup (a new key cannot read old blobs)")
+    return key
+
+
+def key_id_of(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()[:8]
+
+
+class Vault:
+    """Seals and opens blobs. Thread-safe: AESGCM objects are stateless."""
+
+    def __init__(self, keys: list[bytes]):
+        if not keys:
+            raise VaultError("no key")
+        # The first key seals; every key can open what it sealed.
+        self._active = key_id_of(keys[0])
+        self._ciphers = {key_id_of(k): AESGCM(k) for k in keys}
+
+    @property
+    def key_id(self) -> str:
+        return self._active.hex()
+
+    def seal_to_file(self, data: memoryview | bytes, path: Path) -> SealResult:
+        """Encrypt ``data`` to ``path`` and fsync the file (not its directory: the
+        caller fsyncs directories once per group commit)."""
+        view = memoryview(data)
+        prefix = os.urandom(8)
+        header = HEADER.pack(MAGIC, self._active, CHUNK, prefix)
+        cipher = self._ciphers[self._active]
+        digest = hashlib.sha256()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as out:
+                out.write(header)
+                total = len(view)
+                offset = 0
+                counter = 0
+                while True:
+                    chunk = view[offset:offset + CHUNK]
+                    last = offset + CHUNK >= total
+                    digest.update(chunk)
+                    out.write(cipher.encrypt(prefix + struct.pack(">I", counter), chunk,
+                                             header + struct.pack(">I?", counter, last)))
+                    offset += CHUNK
+                    counter += 1
+                    if last:
+                        break
+                out.flush()
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return SealResult(size=len(view), digest=digest.hexdigest(), key_id=self._active.hex())
+
+    def open_chunks(self, path: Path) -> Iterator[bytes]:
+        """Yield the plaintext of ``path`` chunk by chunk, authenticating each."""
+        with open(path, "rb") as src:
+            yield from self._open_stream(src, str(path))
+
+    def open_bytes(self, path: Path) -> bytes:
+        return b"".join(self.open_chunks(path))
+
+    def _open_stream(self, src: BinaryIO, label: str) -> Iterator[bytes]:
+        header = src.read(HEADER.size)
+        if len(header) != HEADER.size:
+            raise VaultError(f"blob {label} is truncated")
+        magic, key_id, chunk_size, prefix = HEADER.unpack(header)
+        if magic != MAGIC:
+            raise VaultError(f"blob {label} is not a mfconsole blob")
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            raise VaultError(f"blob {label} was sealed with key {key_id.hex()}, which is not loaded")
+        counter = 0
+        pending = src.read(chunk_size + TAG)
+        while True:
+            following = src.read(chunk_size + TAG) if len(pending) == chunk_size + TAG else b""
+            last = not following
+            try:
+                yield cipher.decrypt(prefix + struct.pack(">I", counter), pending,
+                                     header + struct.pack(">I?", counter, last))
+            except Exception:
+                raise VaultError(f"blob {label} failed authentication at chunk {counter}") from None
+            if last:
+                return
+            pending = following
+            counter += 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+fsync_dir = _fsync_dir
