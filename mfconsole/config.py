@@ -20,6 +20,34 @@ KINDS = ("dimse", "stow", "mllp")
 _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+# Every key each table accepts; anything else is reported as an unknown key. The
+# shipped config.toml documents each of them (tests/unit/test_config.py checks).
+TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes"})
+ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
+STORE_KEYS = frozenset({"key_file", "max_object_mb", "retention_days"})
+EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
+LISTENER_KEYS = frozenset({
+    "name", "ae_title", "host", "port", "calling_aets", "max_associations",
+    "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
+    "dimse_timeout_s", "network_timeout_s"})
+_DESTINATION_COMMON = frozenset({"name", "kind", "max_associations"})
+DESTINATION_KEYS = {
+    "dimse": _DESTINATION_COMMON | {"host", "port", "ae_title", "calling_ae_title"},
+    "stow": _DESTINATION_COMMON | {"url"},
+    "mllp": _DESTINATION_COMMON | {"host", "port"},
+}
+ROUTE_KEYS = frozenset({"from", "to", "handler"})
+ACCEPTED_KEYS: dict[str, frozenset[str]] = {
+    "": TOP_KEYS,
+    "engine": ENGINE_KEYS,
+    "store": STORE_KEYS,
+    "egress": EGRESS_KEYS,
+    "listeners": LISTENER_KEYS,
+    "destinations": frozenset().union(*DESTINATION_KEYS.values()),
+    "routes": ROUTE_KEYS,
+}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
 
 class ConfigError(Exception):
     """Raised with every problem found; ``problems`` holds (key path, why) pairs."""
@@ -131,7 +159,7 @@ def ae_title_problem(value: Any) -> str | None:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -139,21 +167,67 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _url_origin(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path) of an http(s) URL, or None when it is not one a
+    destination may use (credentials, query, fragment, bad port, dot segments)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        return None
+    if _path_problem(parts.path):
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme], parts.path
+
+
+def _path_problem(path: str) -> str | None:
+    """Dot segments, encoded slashes or dots and backslashes could step outside an
+    allowed prefix once a client or server normalizes the path."""
+    lowered = path.lower()
+    if "\\" in path or "%2f" in lowered or "%5c" in lowered or "%2e" in lowered:
+        return "must not contain backslashes or encoded '/', '\\' or '.'"
+    if any(seg in (".", "..") for seg in path.split("/")):
+        return "must not contain '.' or '..' path segments"
+    return None
+
+
 def http_prefix_allows(prefix: str, url: str) -> bool:
     """True when ``url`` lies under ``prefix``: same scheme, host and port, and the
     path continues the prefix on a segment boundary (``/dicom-web.evil`` is not
     under ``/dicom-web``)."""
-    p, u = urlsplit(prefix), urlsplit(url)
-    if (p.scheme.lower(), p.hostname, p.port) != (u.scheme.lower(), u.hostname, u.port):
+    p, u = _url_origin(prefix), _url_origin(url)
+    if p is None or u is None or p[:3] != u[:3]:
         return False
-    if u.username or u.password or u.query or u.fragment:
-        return False
-    base = p.path.rstrip("/")
-    return u.path == base or u.path.startswith(base + "/") or (not base)
+    base = p[3].rstrip("/")
+    return not base or u[3] == base or u[3].startswith(base + "/")
+
+
+def _split_host_port(value: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` → (lower-case host without brackets, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit():
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            return None
+    elif ":" in host:
+        return None  # an IPv6 address needs brackets: [::1]:11113
+    if not 1 <= int(port) <= 65535 or any(ch.isspace() for ch in host):
+        return None
+    return host.lower(), int(port)
 
 
 def tcp_allows(allowed: tuple[str, ...], host: str, port: int) -> bool:
-    return f"{host}:{port}" in allowed
+    """True when ``host:port`` is in the ``allowed`` list (host names compare without
+    case; IPv6 entries are written ``[::1]:port``)."""
+    target = (host.strip("[]").lower(), port)
+    return any(_split_host_port(entry) == target for entry in allowed)
 
 
 # ---------------------------------------------------------------------------
@@ -251,18 +325,31 @@ def _range(lo: int, hi: int) -> Callable[[int], str | None]:
 
 
 def _host_port(value: str) -> str | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        return "must be host:port (e.g. 127.0.0.1:11113)"
+    if _split_host_port(value) is None:
+        return "must be host:port (e.g. 127.0.0.1:11113, or [::1]:11113 for IPv6)"
     return None
 
 
 def _http_prefix(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "must be an http:// or https:// URL with a valid port"
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname:
         return "must be an http:// or https:// URL prefix"
-    if parts.query or parts.fragment or parts.username:
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
         return "must not carry a query, fragment or credentials"
+    return _path_problem(parts.path)
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _host(value: str) -> str | None:
+    if not value.strip() or any(ch.isspace() for ch in value):
+        return "must be a host name or IP address"
     return None
 
 
@@ -282,7 +369,8 @@ def load(path: str | Path = DEFAULT_CONFIG) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(str(path), [("(file)", "not found; pass --config PATH")]) from None
+        raise ConfigError(str(path), [("(file)", "no such file; pass --config PATH "
+                                                f"(the default is ./{DEFAULT_CONFIG})")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [("(file)", f"cannot be read: {exc.__class__.__name__}")]) from None
     try:
@@ -295,36 +383,39 @@ def load(path: str | Path = DEFAULT_CONFIG) -> Config:
 def parse(raw: dict[str, Any], path: Path) -> Config:
     base = path.resolve().parent
     r = _Reader()
-    r.table(raw, "", {"engine", "store", "egress", "listeners", "destinations", "routes"})
+    r.table(raw, "", TOP_KEYS)
 
     def resolve(value: str | None, fallback: str) -> Path:
         p = Path(value if value else fallback).expanduser()
         return p if p.is_absolute() else base / p
 
-    eng = r.table(raw.get("engine", {}), "engine", {"data_dir", "log_level", "shutdown_timeout_s"})
+    eng = r.table(raw.get("engine", {}), "engine", ENGINE_KEYS)
     engine = EngineConfig(
-        data_dir=resolve(r.get(eng, "engine", "data_dir", str, "var"), "var"),
+        data_dir=resolve(r.get(eng, "engine", "data_dir", str, "var", _not_empty), "var"),
         log_level=(r.get(eng, "engine", "log_level", str, "INFO", _log_level) or "INFO").upper(),
         shutdown_timeout_s=r.get(eng, "engine", "shutdown_timeout_s", float, 30.0, _positive) or 30.0,
     )
 
-    st = r.table(raw.get("store", {}), "store", {"key_file", "max_object_mb", "retention_days"})
+    st = r.table(raw.get("store", {}), "store", STORE_KEYS)
     store = StoreConfig(
-        key_file=resolve(r.get(st, "store", "key_file", str, ""), str(engine.data_dir / "keys" / "store.key")),
+        key_file=resolve(r.get(st, "store", "key_file", str, None, _not_empty),
+                         str(engine.data_dir / "keys" / "store.key")),
         max_object_mb=r.get(st, "store", "max_object_mb", int, 1024, _range(1, 65536)) or 1024,
         retention_days=r.get(st, "store", "retention_days", int, 30, _range(1, 36500)) or 30,
     )
 
-    eg = r.table(raw.get("egress", {}), "egress", {"allowed_tcp", "allowed_http"})
+    eg = r.table(raw.get("egress", {}), "egress", EGRESS_KEYS)
     egress = EgressConfig(
         allowed_tcp=r.string_list(eg, "egress", "allowed_tcp", [], _host_port) or (),
         allowed_http=r.string_list(eg, "egress", "allowed_http", [], _http_prefix) or (),
     )
 
-    listeners = _listeners(r, raw.get("listeners", []))
-    destinations = _destinations(r, raw.get("destinations", []), egress)
+    listeners, listener_names = _listeners(r, raw.get("listeners", []))
+    destinations, dest_names = _destinations(r, raw.get("destinations", []), egress)
     handlers_dir = base / "handlers"
-    routes = _routes(r, raw.get("routes", []), listeners, destinations, handlers_dir)
+    # Routes are checked against every declared name, so a listener with a bad port
+    # does not also produce a misleading "names no listener" for its routes.
+    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir)
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
@@ -340,121 +431,137 @@ def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
     return raw
 
 
-def _listeners(r: _Reader, raw: Any) -> list[ListenerConfig]:
-    allowed = {"name", "ae_title", "host", "port", "calling_aets", "max_associations",
-               "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
-               "dimse_timeout_s", "network_timeout_s"}
+def _listeners(r: _Reader, raw: Any) -> tuple[list[ListenerConfig], set[str]]:
+    """Valid listeners, and every name declared (valid or not) for route checks."""
     out: list[ListenerConfig] = []
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, int] = {}
     for i, item in enumerate(_array(r, raw, "listeners")):
         p = f"listeners[{i}]"
-        t = r.table(item, p, allowed)
-        if not t and not isinstance(item, dict):
+        t = r.table(item, p, LISTENER_KEYS)
+        if not isinstance(item, dict):
             continue
+        # Read every key before deciding, so all problems are reported in one pass.
         name = r.get(t, p, "name", str, check=_name)
         ae = r.get(t, p, "ae_title", str, check=ae_title_problem)
-        host = r.get(t, p, "host", str, "127.0.0.1")
+        host = r.get(t, p, "host", str, "127.0.0.1", _host)
         port = r.get(t, p, "port", int, check=_port)
         calling = r.string_list(t, p, "calling_aets", ["*"],
                                 lambda v: None if v == "*" else ae_title_problem(v))
+        if calling == () and isinstance(t.get("calling_aets"), list) and not t["calling_aets"]:
+            r.fail(f"{p}.calling_aets", 'must name at least one AE title, or ["*"] for any')
+            calling = None
         cleartext = r.get(t, p, "allow_cleartext", bool, False)
+        optional = dict(
+            max_associations=r.get(t, p, "max_associations", int, 16, _range(1, 1000)),
+            accept_deflate=r.get(t, p, "accept_deflate", bool, False),
+            max_pdu_kb=r.get(t, p, "max_pdu_kb", int, 256, _range(4, 16384)),
+            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
+            dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive),
+            network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
+        )
         if name is not None:
             if name in seen_names:
                 r.fail(f"{p}.name", f"'{name}' is already used by listeners[{seen_names[name]}]")
-            seen_names[name] = i
+            else:
+                seen_names[name] = i
         if port is not None:
             if port in seen_ports:
                 r.fail(f"{p}.port", f"port {port} is already used by listeners[{seen_ports[port]}]")
-            seen_ports[port] = i
-        if host is not None and not is_loopback(host) and not cleartext:
+            else:
+                seen_ports[port] = i
+        if host is not None and cleartext is not None and not is_loopback(host) and not cleartext:
             # TLS on listeners arrives with its own settings; until a listener has them,
             # any non-loopback address is cleartext and must be opted into explicitly.
             r.fail(f"{p}.host", f"'{host}' is not a loopback address and this listener has no "
                    "TLS; PHI would cross the network in cleartext. Bind to 127.0.0.1, or set "
                    f"{p}.allow_cleartext = true to accept that risk")
-        if None in (name, ae, host, port, calling):
+        if None in (name, ae, host, port, calling, cleartext) or None in optional.values():
             continue
-        out.append(ListenerConfig(
-            name=name, ae_title=ae, host=host, port=port, calling_aets=calling,
-            max_associations=r.get(t, p, "max_associations", int, 16, _range(1, 1000)) or 16,
-            allow_cleartext=cleartext,
-            accept_deflate=r.get(t, p, "accept_deflate", bool, False),
-            max_pdu_kb=r.get(t, p, "max_pdu_kb", int, 256, _range(4, 16384)) or 256,
-            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive) or 30.0,
-            dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive) or 60.0,
-            network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive) or 60.0,
-        ))
-    return out
+        out.append(ListenerConfig(name=name, ae_title=ae, host=host, port=port,
+                                  calling_aets=calling, allow_cleartext=cleartext, **optional))
+    return out, set(seen_names)
 
 
-def _destinations(r: _Reader, raw: Any, egress: EgressConfig) -> list[DestinationConfig]:
-    common = {"name", "kind", "max_associations"}
-    by_kind = {
-        "dimse": common | {"host", "port", "ae_title", "calling_ae_title"},
-        "stow": common | {"url"},
-        "mllp": common | {"host", "port"},
-    }
+def _destinations(r: _Reader, raw: Any, egress: EgressConfig
+                  ) -> tuple[list[DestinationConfig], set[str]]:
+    """Valid destinations, and every name declared (valid or not) for route checks."""
     out: list[DestinationConfig] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(_array(r, raw, "destinations")):
         p = f"destinations[{i}]"
-        kind = item.get("kind") if isinstance(item, dict) else None
-        if kind not in KINDS:
-            r.fail(f"{p}.kind", "is required" if kind is None else
-                   f"'{kind}' is not a destination kind (dimse, stow or mllp)")
+        if not isinstance(item, dict):
+            r.fail(p, "must be a table")
             continue
-        t = r.table(item, p, by_kind[kind])
+        kind = item.get("kind")
+        if kind not in KINDS:
+            r.fail(f"{p}.kind", "is required (dimse, stow or mllp)" if kind is None else
+                   f"{kind!r} is not a destination kind (dimse, stow or mllp)")
+            # Still record the name, so routes to it are not reported twice.
+            if isinstance(item.get("name"), str) and item["name"] not in seen:
+                seen[item["name"]] = i
+            continue
+        t = r.table(item, p, DESTINATION_KEYS[kind])
         name = r.get(t, p, "name", str, check=_name)
         if name is not None:
             if name in seen:
                 r.fail(f"{p}.name", f"'{name}' is already used by destinations[{seen[name]}]")
-            seen[name] = i
-        max_assoc = r.get(t, p, "max_associations", int, 2, _range(1, 64)) or 2
+            else:
+                seen[name] = i
+        max_assoc = r.get(t, p, "max_associations", int, 2, _range(1, 64))
         if kind in ("dimse", "mllp"):
-            host = r.get(t, p, "host", str)
+            host = r.get(t, p, "host", str, check=_host)
             port = r.get(t, p, "port", int, check=_port)
             ae = r.get(t, p, "ae_title", str, check=ae_title_problem) if kind == "dimse" else None
             calling = (r.get(t, p, "calling_ae_title", str, "MFCONSOLE", ae_title_problem)
                        if kind == "dimse" else "MFCONSOLE")
             if host is not None and port is not None and not tcp_allows(egress.allowed_tcp, host, port):
-                r.fail(f"{p}.host", f"{host}:{port} is not in egress.allowed_tcp; add it there "
-                       "to allow this destination")
-            if None in (name, host, port, calling) or (kind == "dimse" and ae is None):
+                entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                r.fail(f"{p}.host", f"{entry} is not in egress.allowed_tcp; add \"{entry}\" "
+                       "there to allow this destination")
+                continue
+            if None in (name, host, port, calling, max_assoc) or (kind == "dimse" and ae is None):
                 continue
             out.append(DestinationConfig(name=name, kind=kind, host=host, port=port, ae_title=ae,
                                          calling_ae_title=calling, max_associations=max_assoc))
         else:
             url = r.get(t, p, "url", str, check=_http_prefix)
             if url is not None and not any(http_prefix_allows(a, url) for a in egress.allowed_http):
-                r.fail(f"{p}.url", "is not under any egress.allowed_http prefix")
+                r.fail(f"{p}.url", "is not under any egress.allowed_http prefix (matched on "
+                       "scheme, host, port and whole path segments); add its base URL there "
+                       "to allow this destination")
                 continue
-            if None in (name, url):
+            if None in (name, url, max_assoc):
                 continue
             out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc))
-    return out
+    return out, set(seen)
 
 
-def _routes(r: _Reader, raw: Any, listeners: list[ListenerConfig],
-            destinations: list[DestinationConfig], handlers_dir: Path) -> list[RouteConfig]:
-    listener_names = {item.name for item in listeners}
-    dest_names = {d.name for d in destinations}
+def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str],
+            handlers_dir: Path) -> list[RouteConfig]:
     out: list[RouteConfig] = []
     for i, item in enumerate(_array(r, raw, "routes")):
         p = f"routes[{i}]"
-        t = r.table(item, p, {"from", "to", "handler"})
+        t = r.table(item, p, ROUTE_KEYS)
+        if not isinstance(item, dict):
+            continue
         source = r.get(t, p, "from", str)
         to = r.string_list(t, p, "to")
         handler = r.get(t, p, "handler", str, None)
-        ok = True
+        ok = source is not None and to is not None
         if source is not None and source not in listener_names:
             r.fail(f"{p}.from", f"names no listener ('{source}')")
             ok = False
+        seen: set[str] = set()
         for j, dest in enumerate(to or ()):
-            if dest not in dest_names:
+            if dest in seen:
+                r.fail(f"{p}.to[{j}]", f"names destination '{dest}' twice")
+                ok = False
+            elif dest not in dest_names:
                 r.fail(f"{p}.to[{j}]", f"names no destination ('{dest}')")
                 ok = False
-        if to is not None and not to:
+            seen.add(dest)
+        if isinstance(t.get("to"), list) and not t["to"]:
             r.fail(f"{p}.to", "must name at least one destination")
             ok = False
         if handler is not None:
@@ -462,8 +569,9 @@ def _routes(r: _Reader, raw: Any, listeners: list[ListenerConfig],
                 r.fail(f"{p}.handler", "must be a Python module name (letters, digits, '_')")
                 ok = False
             elif not (handlers_dir / f"{handler}.py").is_file():
-                r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} does not exist")
+                r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} "
+                       "does not exist")
                 ok = False
-        if ok and source is not None and to:
+        if ok:
             out.append(RouteConfig(from_listener=source, to=to, handler=handler))
     return out

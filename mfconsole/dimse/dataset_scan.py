@@ -142,7 +142,7 @@ class HeaderSummary:
     series_instance_uid: str | None
     modality: str | None
     element_count: int  # data elements walked at all levels (not items/delimiters/fragments)
-    max_depth: int  # deepest sequence nesting seen (0 = no sequences)
+    max_depth: int  # deepest sequence item nesting seen (0 = no sequence items)
 
 
 def _tag(tag: int) -> str:
@@ -172,28 +172,60 @@ def is_valid_uid(value: str) -> bool:
     return True
 
 
-def _inflate(data: memoryview, limit: int) -> bytes:
-    # Deflated Explicit VR LE is raw deflate (no zlib header), hence wbits=-15.
-    # max_length caps the output buffer so a bomb can never make us allocate
-    # more than ``limit`` bytes; anything that would exceed it is refused.
+# Inflate in slices: input slices keep zlib's ``unconsumed_tail`` copies
+# small (feeding the whole buffer would copy the remaining input on every
+# call), output slices keep the transient memory near the bound instead of
+# CPython's block buffer doubling it when it joins a large single result.
+_INFLATE_IN_CHUNK = 64 * 1024
+_INFLATE_OUT_CHUNK = 256 * 1024
+# After the deflate stream we accept at most 9 bytes: an optional matching
+# 8-byte gzip-style trailer and NUL padding.  Anything longer is refused
+# without being copied.
+_MAX_DEFLATE_TRAILER = 9
+
+
+def _inflate(data: memoryview, limit: int) -> bytearray:
+    """Inflate a Deflated Explicit VR LE dataset, refusing more than ``limit`` bytes.
+
+    The dataset is raw deflate (no zlib header), hence wbits=-15.  Every
+    decompress call is capped with max_length so a bomb is refused as soon
+    as it produces limit + 1 bytes: the output never grows past the bound
+    (plus bytearray over-allocation and one output slice).
+    """
     inflater = zlib.decompressobj(-15)
+    out = bytearray()
+    size = len(data)
+    pos = 0
+    pending: bytes | memoryview = b""
     try:
-        out = inflater.decompress(data, limit)
+        while not inflater.eof:
+            if not pending:
+                if pos >= size:
+                    raise _bad(f"deflated dataset stream truncated after {len(out)} inflated bytes")
+                pending = data[pos:pos + _INFLATE_IN_CHUNK]  # zero-copy slice
+                pos += len(pending)
+            # Ask for one byte more than the bound allows, so overflow shows.
+            want = min(_INFLATE_OUT_CHUNK, limit + 1 - len(out))
+            out += inflater.decompress(pending, want)
+            pending = inflater.unconsumed_tail
+            if len(out) > limit:
+                raise _bad(f"deflated dataset inflates beyond {limit} bytes")
     except zlib.error:
         raise _bad("deflated dataset is not a valid deflate stream") from None
-    if not inflater.eof:
-        if len(out) >= limit:
-            raise _bad(f"deflated dataset inflates beyond {limit} bytes")
-        raise _bad(f"deflated dataset stream truncated after {len(out)} inflated bytes")
+
     # Writers may pad the stream to an even length with a NUL.  Some (e.g.
     # dctool, as in pydicom's image_dfl.dcm) append a gzip-style trailer:
     # CRC-32 and size of the inflated data; accept it only if it matches.
     # Any other trailing data is something we would silently ignore.
-    rest = inflater.unused_data
-    if len(rest) >= 8 and rest[:8] == struct.pack("<II", zlib.crc32(out), len(out) & 0xFFFFFFFF):
-        rest = rest[8:]
-    if rest.strip(b"\x00"):
-        raise _bad(f"{len(inflater.unused_data)} bytes of trailing data after deflate stream")
+    rest_len = len(inflater.unused_data) + size - pos
+    if rest_len:
+        if rest_len > _MAX_DEFLATE_TRAILER:
+            raise _bad(f"{rest_len} bytes of trailing data after deflate stream")
+        rest = inflater.unused_data + bytes(data[pos:])
+        if len(rest) >= 8 and rest[:8] == struct.pack("<II", zlib.crc32(out), len(out) & 0xFFFFFFFF):
+            rest = rest[8:]
+        if rest.strip(b"\x00"):
+            raise _bad(f"{rest_len} bytes of trailing data after deflate stream")
     return out
 
 
@@ -213,13 +245,15 @@ def scan_dataset(
     """
     ts = transfer_syntax_uid.rstrip("\x00 ")
     view = memoryview(data)
+    if not view.c_contiguous:
+        # A strided view cannot be walked by offset; copying is the only
+        # correct option and never happens for buffers from the network.
+        contiguous = memoryview(view.tobytes())
+        view.release()
+        view = contiguous
     if view.format != "B" or view.ndim != 1:
         # struct and len() must work in bytes, not items: normalise formats.
-        try:
-            cast = view.cast("B")
-        except (TypeError, ValueError):  # e.g. a non-contiguous buffer
-            view.release()
-            raise _bad("dataset buffer is not contiguous bytes") from None
+        cast = view.cast("B")
         view.release()
         view = cast
     try:
@@ -472,13 +506,15 @@ def _text(buf: memoryview, where: tuple[int, int], cap: int) -> str | None:
         return None
 
 
-def _uid(buf: memoryview, found: dict[int, tuple[int, int]], tag: int, required: bool) -> str | None:
+def _required_uid(buf: memoryview, found: dict[int, tuple[int, int]], tag: int) -> str:
+    if tag not in found:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{_tag(tag)} {_TAG_NAMES[tag]} missing")
+    return _uid(buf, found[tag], tag)
+
+
+def _uid(buf: memoryview, where: tuple[int, int], tag: int) -> str:
+    """The validated UID at ``where``; DatasetRejected(0xA900) if it is bad."""
     name = f"{_tag(tag)} {_TAG_NAMES[tag]}"
-    where = found.get(tag)
-    if where is None:
-        if required:
-            raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} missing")
-        return None
     if where[1] > _MAX_UID_RAW:
         raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {where[1]})")
     value = _text(buf, where, _MAX_UID_RAW)
@@ -496,10 +532,11 @@ def _uid(buf: memoryview, found: dict[int, tuple[int, int]], tag: int, required:
 def _summarise(
     buf: memoryview, found: dict[int, tuple[int, int]], element_count: int, deepest: int
 ) -> HeaderSummary:
-    sop_class = _uid(buf, found, _TAG_SOP_CLASS, True)
-    sop_instance = _uid(buf, found, _TAG_SOP_INSTANCE, True)
-    study = _uid(buf, found, _TAG_STUDY, True)
-    series = _uid(buf, found, _TAG_SERIES, False)
+    sop_class = _required_uid(buf, found, _TAG_SOP_CLASS)
+    sop_instance = _required_uid(buf, found, _TAG_SOP_INSTANCE)
+    study = _required_uid(buf, found, _TAG_STUDY)
+    # Series Instance UID may be absent, but if present it must be valid.
+    series = _uid(buf, found[_TAG_SERIES], _TAG_SERIES) if _TAG_SERIES in found else None
     modality: str | None = None
     where = found.get(_TAG_MODALITY)
     if where is not None:
@@ -508,7 +545,6 @@ def _summarise(
         modality = _text(buf, where, _MAX_CS_RAW)
         if modality is not None:
             modality = modality.strip() or None
-    assert sop_class is not None and sop_instance is not None and study is not None
     return HeaderSummary(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,

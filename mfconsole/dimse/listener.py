@@ -126,6 +126,10 @@ class _Server(ThreadedAssociationServer):
 
     daemon_threads = True
     network_timeout: float = 60.0
+    # socketserver's default listen backlog is 5: a burst of connections (modalities
+    # reconnecting after an outage, parallel senders, a few silent peers) overflows it
+    # and the kernel makes the rest retry their handshake a second or more later.
+    request_queue_size = socket.SOMAXCONN
 
     def get_request(self) -> tuple[socket.socket, Any]:
         raw, address = self.socket.accept()  # type: ignore[union-attr]
@@ -134,6 +138,83 @@ class _Server(ThreadedAssociationServer):
         # A peer that stops mid-PDU must not hold its thread forever.
         sock.settimeout(self.network_timeout)
         return sock, address
+
+
+class _AE(AE):
+    """An AE whose ``max_associations`` counts only peers that asked for an association.
+
+    pynetdicom counts every accepted TCP connection, so a handful of silent or stalled
+    connections (each dropped only at its ARTIM/network deadline) would lock real
+    modalities out with "local limit exceeded". Connections that have not sent an
+    A-ASSOCIATE-RQ are bounded by those deadlines instead.
+    """
+
+    @property
+    def active_associations(self) -> list[Any]:
+        return [a for a in super().active_associations
+                if not a.is_acceptor or a.requestor.primitive is not None]
+
+
+# Largest non-P-DATA PDU we read (an A-ASSOCIATE-RQ with 128 contexts and user
+# identity is far below this). P-DATA-TF is bounded by the max PDU we advertise.
+_MAX_CONTROL_PDU = 1024 * 1024
+# Tolerance over the advertised max PDU for peers that count the PDU header in it.
+_PDU_SLACK = 1024
+_PDU_TYPES = frozenset(range(1, 8))
+
+
+def _bound_pdu_reads(asock: Any, max_pdata: int, deadline_s: float, on_refuse: Any) -> None:
+    """Replace ``asock.recv`` (pynetdicom's AssociationSocket) with a bounded reader.
+
+    pynetdicom reads a PDU as recv(6) for the header, then recv(length) for the body:
+    it would read (and hold) whatever length a peer declares, and each socket read
+    gets the full network timeout, so a peer dripping a byte at a time holds the
+    thread forever. Here a declared length over the limit closes the connection
+    before anything is read, and a whole PDU must arrive within ``deadline_s`` of
+    its first byte. An OSError is how pynetdicom's DUL learns the transport is gone.
+    """
+    state: dict[str, Any] = {"pdu_type": None, "deadline": 0.0}
+
+    def read(nr_bytes: int) -> bytearray:
+        raw = asock.socket
+        buf = bytearray()
+        shrunk = False
+        try:
+            while len(buf) < nr_bytes:
+                left = state["deadline"] - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("PDU not received within the network timeout")
+                if left < deadline_s:
+                    raw.settimeout(left)
+                    shrunk = True
+                chunk = raw.recv(min(nr_bytes - len(buf), 65536))
+                if not chunk:
+                    break   # peer closed: pynetdicom sees the short read
+                buf += chunk
+        finally:
+            if shrunk:
+                try:
+                    raw.settimeout(deadline_s)   # what get_request set: sends use it too
+                except OSError:
+                    pass
+        return buf
+
+    def recv(nr_bytes: int) -> bytearray:
+        pdu_type = state["pdu_type"]
+        if pdu_type is None:   # a PDU header
+            state["deadline"] = time.monotonic() + deadline_s
+            data = read(nr_bytes)
+            if len(data) == 6 and data[0] in _PDU_TYPES:
+                state["pdu_type"] = data[0]
+            return data
+        state["pdu_type"] = None   # the body of the PDU whose header we just read
+        limit = max_pdata + _PDU_SLACK if pdu_type == 0x04 else _MAX_CONTROL_PDU
+        if nr_bytes > limit:
+            on_refuse(pdu_type, nr_bytes, limit)
+            raise OSError(f"PDU length {nr_bytes} exceeds {limit}")
+        return read(nr_bytes)
+
+    asock.recv = recv
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +303,7 @@ class Listener:
 
     def start(self) -> None:
         cfg = self.cfg
-        ae = AE(ae_title=cfg.ae_title)
+        ae = _AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         ae.maximum_pdu_size = cfg.max_pdu_kb * 1024
         ae.acse_timeout = cfg.acse_timeout_s
@@ -278,7 +359,18 @@ class Listener:
     def _on_open(self, event: Any) -> None:
         # ARTIM bounds the wait for A-ASSOCIATE-RQ: a silent client is dropped.
         event.assoc.dul.artim_timer.timeout = self.cfg.acse_timeout_s
-        self.board.open(id(event.assoc), self.cfg.name, self._peer(event))
+        # Before the association's reactor starts: bound what and how slowly it reads.
+        peer = self._peer(event)
+        _bound_pdu_reads(event.assoc.dul.socket, self.cfg.max_pdu_kb * 1024,
+                         self.cfg.network_timeout_s,
+                         lambda pdu_type, length, limit: self._oversize_pdu(peer, pdu_type, length, limit))
+        self.board.open(id(event.assoc), self.cfg.name, peer)
+
+    def _oversize_pdu(self, peer: str, pdu_type: int, length: int, limit: int) -> None:
+        log.warning("listener %s: closing connection from %s: PDU type 0x%02X declares %d "
+                    "bytes (limit %d)", self.cfg.name, peer, pdu_type, length, limit)
+        self.sink.audit("refused", listener=self.cfg.name, peer=peer, status="abort",
+                        detail=f"PDU type 0x{pdu_type:02X} length {length} exceeds {limit}")
 
     def _on_established(self, event: Any) -> None:
         info = self.board.get(id(event.assoc))
@@ -316,6 +408,12 @@ class Listener:
         self.board.close(id(event.assoc), "aborted")
 
     def _on_closed(self, event: Any) -> None:
+        assoc = event.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
+            # pynetdicom's acceptor thread keeps waiting acse_timeout for an
+            # A-ASSOCIATE-RQ after the connection is gone (holding two threads, and
+            # making a stop wait); None is what it gets when that wait times out.
+            assoc.dul.to_user_queue.put(None)
         key = id(event.assoc)
         with self._received_lock:
             self._received.pop(key, None)

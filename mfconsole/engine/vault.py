@@ -30,6 +30,9 @@ HEADER = struct.Struct(">4s8sI8s")
 CHUNK = 1024 * 1024
 TAG = 16
 KEY_BYTES = 32
+# A header is authenticated only when its first chunk is; bound the chunk size it
+# claims before reading that many bytes from a tampered or foreign file.
+MAX_CHUNK = 64 * 1024 * 1024
 
 
 class VaultError(Exception):
@@ -44,28 +47,57 @@ class SealResult:
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """Read the store key; create 32 random bytes (mode 0600) on first start."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Read the store key; create 32 random bytes (mode 0600, folder 0700) on first
+    start. The key is written to a temporary file and linked into place, so a crash
+    never leaves an empty or short key file behind."""
+    parent = path.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+        _fsync_dir(parent.parent)
+    if not path.exists() and not path.is_symlink():
+        _create_key(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        try:
-            os.write(fd, os.urandom(KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(path.parent)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise VaultError(f"key file {path} is readable by group or others "
-                         f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
-    key = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise VaultError(f"key file {path} is missing") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise VaultError(f"key file {path} is not a regular file")
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise VaultError(f"key file {path} is accessible by group or others "
+                             f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}")
+        key = os.read(fd, KEY_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(key) != KEY_BYTES:
-        raise VaultError(f"key file {path} holds {len(key)} bytes; an AES-256 key is "
-                         f"{KEY_BYTES}. Restore it from backup (a new key cannot read old blobs)")
+        raise VaultError(f"key file {path} holds {'more than ' if len(key) > KEY_BYTES else ''}"
+                         f"{min(len(key), KEY_BYTES)} bytes; an AES-256 key is {KEY_BYTES}. "
+                         "Restore it from backup (a new key cannot read old blobs)")
     return key
+
+
+def _create_key(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        key = os.urandom(KEY_BYTES)
+        written = 0
+        while written < KEY_BYTES:
+            written += os.write(fd, key[written:])
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        try:
+            os.link(tmp, path)  # atomic and never replaces a key another process made
+        except FileExistsError:
+            pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def key_id_of(key: bytes) -> bytes:
@@ -78,6 +110,9 @@ class Vault:
     def __init__(self, keys: list[bytes]):
         if not keys:
             raise VaultError("no key")
+        for key in keys:
+            if len(key) != KEY_BYTES:
+                raise VaultError(f"a store key is {len(key)} bytes; AES-256 needs {KEY_BYTES}")
         # The first key seals; every key can open what it sealed.
         self._active = key_id_of(keys[0])
         self._ciphers = {key_id_of(k): AESGCM(k) for k in keys}
@@ -90,6 +125,8 @@ class Vault:
         """Encrypt ``data`` to ``path`` and fsync the file (not its directory: the
         caller fsyncs directories once per group commit)."""
         view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         prefix = os.urandom(8)
         header = HEADER.pack(MAGIC, self._active, CHUNK, prefix)
         cipher = self._ciphers[self._active]
@@ -135,6 +172,8 @@ class Vault:
         magic, key_id, chunk_size, prefix = HEADER.unpack(header)
         if magic != MAGIC:
             raise VaultError(f"blob {label} is not a mfconsole blob")
+        if not 0 < chunk_size <= MAX_CHUNK:
+            raise VaultError(f"blob {label} has a corrupt header (chunk size {chunk_size})")
         cipher = self._ciphers.get(key_id)
         if cipher is None:
             raise VaultError(f"blob {label} was sealed with key {key_id.hex()}, which is not loaded")

@@ -1,0 +1,135 @@
+"""Run mfconsole for tests: a temp config, the engine in-process or as `mfconsole serve`.
+
+Everything binds to 127.0.0.1 on free ports; processes are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from peers import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parent.parent
+CANARY_NAME = "ZZCANARY^PHI"
+CANARY_ID = "CANARY-0001"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_SCP",
+                 calling_aets: list[str] | None = None, listener: dict[str, Any] | None = None,
+                 store: dict[str, Any] | None = None, destinations: list[dict[str, Any]] | None = None,
+                 routes: list[dict[str, Any]] | None = None, egress: dict[str, Any] | None = None,
+                 engine: dict[str, Any] | None = None) -> Path:
+    """A config file in ``folder`` with one listener; data_dir is ``folder/var``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    lst = {"name": "modalities", "ae_title": ae_title, "host": "127.0.0.1", "port": port,
+           "calling_aets": calling_aets or ["*"], "max_associations": 16,
+           "acse_timeout_s": 5, "network_timeout_s": 10}
+    lst.update(listener or {})
+    dests = destinations if destinations is not None else [
+        {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 1, "ae_title": "PACS"}]
+    egress = egress or {"allowed_tcp": [f"{d['host']}:{d['port']}" for d in dests if "host" in d],
+                        "allowed_http": [d["url"] for d in dests if "url" in d]}
+    routes = routes if routes is not None else (
+        [{"from": "modalities", "to": [d["name"] for d in dests]}] if dests else [])
+    lines = ["[engine]", 'data_dir = "var"', 'log_level = "INFO"', "shutdown_timeout_s = 10"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (engine or {}).items()]
+    lines += ["", "[store]", 'key_file = "var/keys/store.key"']
+    lines += [f"{k} = {toml_value(v)}" for k, v in (store or {}).items()]
+    lines += ["", "[egress]"] + [f"{k} = {toml_value(v)}" for k, v in egress.items()]
+    lines += ["", "[[listeners]]"] + [f"{k} = {toml_value(v)}" for k, v in lst.items()]
+    for d in dests:
+        lines += ["", "[[destinations]]"] + [f"{k} = {toml_value(v)}" for k, v in d.items()]
+    for r in routes:
+        lines += ["", "[[routes]]"] + [f"{k} = {toml_value(v)}" for k, v in r.items()]
+    path = folder / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class ServeProcess:
+    """`mfconsole serve` in a subprocess."""
+    config: Path
+    port: int
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.config.parent / "serve.stderr"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.parent / "var"
+
+    def start(self, wait: bool = True) -> "ServeProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mfconsole", "--config", str(self.config), "serve"],
+            stdout=self._log, stderr=self._log, env=env, cwd=self.config.parent)
+        if wait:
+            wait_for_port("127.0.0.1", self.port, timeout=20)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        self._log.close()
+        return rc
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.data_dir / "mfconsole.db", timeout=30)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+
+def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+         message: str = "condition") -> Any:
+    """Poll with a deadline; return the first truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def mfconsole(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "mfconsole", *args], timeout=timeout)
