@@ -1,14 +1,19 @@
 """The durable store: SQLite (WAL, synchronous=FULL) rows + encrypted blobs.
 
 One writer thread owns the write connection and group-commits: association threads
-seal their blob (in parallel, fsynced), then hand a small request to the writer and
-wait; the writer takes everything queued, fsyncs the blob directories once, writes all
-rows in one transaction and commits (one WAL fsync for the whole group). Success is
-only answered after that commit returns.
+seal their object (encrypt, in parallel) and hand a request to the writer, then wait;
+the writer takes everything queued, writes all rows in one transaction and commits
+(one WAL fsync for the whole group). Success is only answered after that commit
+returns.
 
-Blobs are named by a random id, never by a UID. A blob that is written but never
-committed (crash between the two) is an orphan and is removed at the next start.
-The store knows nothing of the network.
+Small objects (up to INLINE_MAX, the bulk of SRs and headers-only traffic) are sealed
+in memory and stored in the `blob_data` table inside that same transaction, so the
+WAL fsync is their only durability barrier. Larger ones are sealed to a file (fsynced
+by the association thread) whose directory the writer fsyncs once per group before
+committing; files are grouped by the hour they arrived, so a group usually shares one
+directory. Blob files are named by a random id, never by a UID. A file that is
+written but never committed (crash between the two) is an orphan and is removed at
+the next start. The store knows nothing of the network.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ log = logging.getLogger("mfconsole.store")
 
 SCHEMA_VERSION = 1
 MAX_GROUP = 256
+# Objects up to this size live in the database (see the module docstring); measured
+# with bench/ingest.py: SQLite stores blobs of this size faster than the file system
+# when every write must be durable.
+INLINE_MAX = 256 * 1024
+INLINE = "inline"           # objects.blob for an object held in blob_data
 
 # Delivery states (DESIGN.md): pending → in_flight → delivered | filtered | dead
 PENDING, IN_FLIGHT, DELIVERED, FILTERED, DEAD = "pending", "in_flight", "delivered", "filtered", "dead"
@@ -63,7 +73,8 @@ class IngestRequest:
     calling_ae: str
     peer: str
     routes: tuple[Route, ...]
-    blob: str = ""          # path relative to the blob root
+    blob: str = ""          # path relative to the blob root, or INLINE
+    sealed: bytes | None = field(default=None, repr=False)   # the INLINE blob
     size: int = 0
     digest: str = ""
     key_id: str = ""
@@ -132,6 +143,9 @@ def create_schema(conn: sqlite3.Connection) -> None:
     }, pk="id", if_not_exists=True)
     db["audit"].create_index(["ts"], if_not_exists=True)
     db["audit"].create_index(["event"], if_not_exists=True)
+    db["blob_data"].create({"object_id": int, "sealed": bytes}, pk="object_id",
+                           not_null={"sealed"}, foreign_keys=[("object_id", "objects", "id")],
+                           if_not_exists=True)
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                  (str(SCHEMA_VERSION),))
@@ -194,24 +208,35 @@ class Store:
 
     # -- ingest (called from association threads) -----------------------------
 
-    def seal(self, data: memoryview | bytes) -> tuple[str, Any]:
-        """Encrypt ``data`` into a new blob; return its relative path and seal result."""
-        name = uuid.uuid4().hex
-        rel = f"{name[:2]}/{name}.blob"
-        path = self.blob_root / rel
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        return rel, self.vault.seal_to_file(data, path)
+    def seal(self, data: memoryview | bytes, request: IngestRequest) -> None:
+        """Encrypt ``data`` into the request: in memory when small, else a new file."""
+        if len(data) <= INLINE_MAX:
+            request.sealed, result = self.vault.seal_bytes(data)
+            request.blob = INLINE
+        else:
+            name = uuid.uuid4().hex
+            rel = f"{time.strftime('%Y%m%d%H', time.gmtime())}/{name}.blob"
+            path = self.blob_root / rel
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            result = self.vault.seal_to_file(data, path)
+            request.blob = rel
+        request.size, request.digest, request.key_id = result.size, result.digest, result.key_id
 
     def ingest(self, data: memoryview | bytes, request: IngestRequest) -> IngestResult:
         """Seal, then commit through the writer; returns only once committed."""
-        rel, sealed = self.seal(data)
-        request.blob, request.size, request.digest, request.key_id = rel, sealed.size, sealed.digest, sealed.key_id
+        self.seal(data, request)
         try:
             return self._submit("ingest", request)
         except BaseException:
             # The blob was never referenced; leave nothing behind.
-            (self.blob_root / rel).unlink(missing_ok=True)
+            self._remove_file(request.blob)
             raise
+        finally:
+            request.sealed = None
+
+    def _remove_file(self, rel: str) -> None:
+        if rel and rel != INLINE:
+            (self.blob_root / rel).unlink(missing_ok=True)
 
     def audit(self, event: str, **fields: Any) -> None:
         """Queue an audit row; it is committed with the next group (fire and forget)."""
@@ -258,7 +283,8 @@ class Store:
         redundant: list[str] = []
         try:
             # New blob files are only durable once their directory entries are.
-            dirs = {(self.blob_root / j.payload.blob).parent for j in batch if j.kind == "ingest"}
+            dirs = {(self.blob_root / j.payload.blob).parent for j in batch
+                    if j.kind == "ingest" and j.payload.blob != INLINE}
             for d in dirs:
                 fsync_dir(d)
             conn.execute("BEGIN IMMEDIATE")
@@ -295,7 +321,7 @@ class Store:
         self.commits += 1
         self.committed_jobs += len(batch)
         for rel in redundant:
-            (self.blob_root / rel).unlink(missing_ok=True)
+            self._remove_file(rel)
         for job, result in results:
             if job.future is None:
                 continue
@@ -324,6 +350,9 @@ class Store:
              req.modality, req.transfer_syntax, req.size, req.digest, req.blob, req.key_id,
              req.listener, req.calling_ae, req.peer, now))
         object_id = cur.lastrowid
+        if req.blob == INLINE:
+            conn.execute("INSERT INTO blob_data (object_id, sealed) VALUES (?, ?)",
+                         (object_id, req.sealed))
         outcome = "stored"
         if latest is not None:
             outcome = "new_version"
@@ -359,6 +388,10 @@ class Store:
                                     (object_id,)).fetchone()
         if row is None or row["purged_at"] is not None:
             raise KeyError(object_id)
+        if row["blob"] == INLINE:
+            sealed = self.reader().execute("SELECT sealed FROM blob_data WHERE object_id = ?",
+                                           (object_id,)).fetchone()
+            return self.vault.open_sealed(sealed[0], f"of object {object_id}")
         return self.vault.open_bytes(self.blob_root / row["blob"])
 
     # -- retention ---------------------------------------------------------------
@@ -377,6 +410,7 @@ class Store:
             stamp = time.time()
             conn.executemany("UPDATE objects SET purged_at = ? WHERE id = ?",
                              [(stamp, r["id"]) for r in rows])
+            conn.executemany("DELETE FROM blob_data WHERE object_id = ?", [(r["id"],) for r in rows])
             if rows:
                 _insert_audit(conn, {"ts": stamp, "event": "purged",
                                      "detail": f"{len(rows)} object(s) older than {retention_days} days"})
@@ -384,7 +418,7 @@ class Store:
 
         blobs = self.call(purge)
         for rel in blobs:
-            (self.blob_root / rel).unlink(missing_ok=True)
+            self._remove_file(rel)
         return len(blobs)
 
 

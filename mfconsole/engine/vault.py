@@ -1,32 +1,43 @@
-"""Encryption at rest: AES-256-GCM blobs, streamed in chunks.
+"""Encryption at rest: AES-256-GCM blobs, sealed in chunks.
 
 Blob layout (all integers big endian)::
 
-    magic "MFV1" | key id (8 bytes) | chunk size (u32) | nonce prefix (8 bytes)
+    magic "MFV1" | key id (8 bytes) | chunk size (u32) | salt (16 bytes)
     chunk 0 ciphertext+tag | chunk 1 ... | last chunk (may be empty)
 
-Each chunk is sealed with nonce = prefix || counter (u32) and associated data =
-header || counter || last-flag, so chunks cannot be reordered, dropped or the blob
-truncated without the tag failing. Chunking keeps memory to one chunk beyond the
-object the association already holds, and lets 200 MiB objects stream to disk.
-The key id (first 8 bytes of SHA-256 of the key) lets keys rotate: a blob names the
-key that sealed it.
+Every blob is sealed under its own key, HKDF-SHA256(store key, salt): with a fresh
+random 128-bit salt per blob, a GCM nonce is never reused under one key however many
+blobs a store key seals (random 96-bit nonces under one key would cap it at a few
+billion invocations; 64-bit ones at about 90 000 blobs). Chunk n uses nonce = n and
+associated data = header || n || last-flag, so chunks cannot be reordered, dropped or
+the blob truncated without the tag failing. Chunking keeps memory to one chunk beyond
+the object the association already holds and lets 200 MiB objects stream to disk.
+The key id (first 8 bytes of SHA-256 of the store key) lets keys rotate: a blob names
+the key that sealed it.
+
+A sealed blob is the same bytes whether it is a file (large objects) or a value in
+the database (small ones); see store.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAGIC = b"MFV1"
-HEADER = struct.Struct(">4s8sI8s")
+HEADER = struct.Struct(">4s8sI16s")
+NONCE = struct.Struct(">8xI")       # 96-bit nonce: the chunk counter
+HKDF_INFO = b"mfconsole blob key v1"
 CHUNK = 1024 * 1024
 TAG = 16
 KEY_BYTES = 32
@@ -115,7 +126,7 @@ class Vault:
                 raise VaultError(f"a store key is {len(key)} bytes; AES-256 needs {KEY_BYTES}")
         # The first key seals; every key can open what it sealed.
         self._active = key_id_of(keys[0])
-        self._ciphers = {key_id_of(k): AESGCM(k) for k in keys}
+        self._keys = {key_id_of(k): k for k in keys}
 
     @property
     def key_id(self) -> str:
@@ -124,30 +135,10 @@ class Vault:
     def seal_to_file(self, data: memoryview | bytes, path: Path) -> SealResult:
         """Encrypt ``data`` to ``path`` and fsync the file (not its directory: the
         caller fsyncs directories once per group commit)."""
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        prefix = os.urandom(8)
-        header = HEADER.pack(MAGIC, self._active, CHUNK, prefix)
-        cipher = self._ciphers[self._active]
-        digest = hashlib.sha256()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb", closefd=False) as out:
-                out.write(header)
-                total = len(view)
-                offset = 0
-                counter = 0
-                while True:
-                    chunk = view[offset:offset + CHUNK]
-                    last = offset + CHUNK >= total
-                    digest.update(chunk)
-                    out.write(cipher.encrypt(prefix + struct.pack(">I", counter), chunk,
-                                             header + struct.pack(">I?", counter, last)))
-                    offset += CHUNK
-                    counter += 1
-                    if last:
-                        break
+                result = self._seal(data, out.write)
                 out.flush()
             os.fsync(fd)
         except BaseException:
@@ -155,7 +146,40 @@ class Vault:
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return SealResult(size=len(view), digest=digest.hexdigest(), key_id=self._active.hex())
+        return result
+
+    def seal_bytes(self, data: memoryview | bytes) -> tuple[bytes, SealResult]:
+        """Encrypt ``data`` into a blob held in memory (small objects, stored in the
+        database by the caller)."""
+        parts: list[bytes] = []
+        result = self._seal(data, parts.append)
+        return b"".join(parts), result
+
+    def _seal(self, data: memoryview | bytes, write: Callable[[bytes], object]) -> SealResult:
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        salt = os.urandom(16)
+        header = HEADER.pack(MAGIC, self._active, CHUNK, salt)
+        cipher = AESGCM(self._blob_key(self._keys[self._active], salt))
+        digest = hashlib.sha256()
+        write(header)
+        total = len(view)
+        offset = counter = 0
+        while True:
+            chunk = view[offset:offset + CHUNK]
+            last = offset + CHUNK >= total
+            digest.update(chunk)
+            write(cipher.encrypt(NONCE.pack(counter), chunk, header + struct.pack(">I?", counter, last)))
+            offset += CHUNK
+            counter += 1
+            if last:
+                return SealResult(size=total, digest=digest.hexdigest(), key_id=self._active.hex())
+
+    @staticmethod
+    def _blob_key(store_key: bytes, salt: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt,
+                    info=HKDF_INFO).derive(store_key)
 
     def open_chunks(self, path: Path) -> Iterator[bytes]:
         """Yield the plaintext of ``path`` chunk by chunk, authenticating each."""
@@ -165,25 +189,30 @@ class Vault:
     def open_bytes(self, path: Path) -> bytes:
         return b"".join(self.open_chunks(path))
 
+    def open_sealed(self, sealed: bytes, label: str = "inline blob") -> bytes:
+        """Plaintext of a blob held in memory (see seal_bytes)."""
+        return b"".join(self._open_stream(io.BytesIO(sealed), label))
+
     def _open_stream(self, src: BinaryIO, label: str) -> Iterator[bytes]:
         header = src.read(HEADER.size)
         if len(header) != HEADER.size:
             raise VaultError(f"blob {label} is truncated")
-        magic, key_id, chunk_size, prefix = HEADER.unpack(header)
+        magic, key_id, chunk_size, salt = HEADER.unpack(header)
         if magic != MAGIC:
             raise VaultError(f"blob {label} is not a mfconsole blob")
         if not 0 < chunk_size <= MAX_CHUNK:
             raise VaultError(f"blob {label} has a corrupt header (chunk size {chunk_size})")
-        cipher = self._ciphers.get(key_id)
-        if cipher is None:
+        store_key = self._keys.get(key_id)
+        if store_key is None:
             raise VaultError(f"blob {label} was sealed with key {key_id.hex()}, which is not loaded")
+        cipher = AESGCM(self._blob_key(store_key, salt))
         counter = 0
         pending = src.read(chunk_size + TAG)
         while True:
             following = src.read(chunk_size + TAG) if len(pending) == chunk_size + TAG else b""
             last = not following
             try:
-                yield cipher.decrypt(prefix + struct.pack(">I", counter), pending,
+                yield cipher.decrypt(NONCE.pack(counter), pending,
                                      header + struct.pack(">I?", counter, last))
             except Exception:
                 raise VaultError(f"blob {label} failed authentication at chunk {counter}") from None

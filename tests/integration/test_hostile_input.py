@@ -170,8 +170,11 @@ def objects(engine) -> list[dict]:
     return [dict(r) for r in engine.store.reader().execute("SELECT * FROM objects ORDER BY id")]
 
 
-def blob_files(engine) -> list[Path]:
-    return [p for p in engine.store.blob_root.rglob("*") if p.is_file()]
+def blob_files(engine) -> list:
+    """Every stored blob: files (large objects) and blob_data rows (small ones)."""
+    files = [p for p in engine.store.blob_root.rglob("*") if p.is_file()]
+    inline = [r[0] for r in engine.store.reader().execute("SELECT object_id FROM blob_data")]
+    return files + inline
 
 
 def refused_rows(engine, expected: int, timeout: float = 5.0) -> list[dict]:
@@ -577,7 +580,8 @@ def test_command_uid_over_64_chars_aborts_in_a_separate_scp(serve_factory, tmp_p
     with server.db() as db:
         assert db.execute("SELECT count(*) FROM objects").fetchone()[0] == 1
         assert db.execute("SELECT count(*) FROM objects WHERE length(sop_instance_uid) > 64").fetchone()[0] == 0
-    assert len([p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()]) == 1
+        assert db.execute("SELECT count(*) FROM blob_data").fetchone()[0] == 1
+    assert [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()] == []
     server.stop()
     for path in (p for p in server.data_dir.rglob("*") if p.is_file()):
         data = path.read_bytes()

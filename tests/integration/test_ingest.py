@@ -115,7 +115,21 @@ def stored_rows(conn) -> dict[str, list[dict]]:
 
 
 def decrypt(engine_store, row) -> bytes:
-    return engine_store.vault.open_bytes(engine_store.blob_root / row["blob"])
+    return engine_store.read_object(row["id"])
+
+
+def assert_blobs_match_rows(store) -> None:
+    """No blob without a row, no row without its blob: files for large objects,
+    blob_data rows for small ones."""
+    from mfconsole.engine.store import INLINE
+
+    conn = store.reader()
+    rows = [dict(r) for r in conn.execute("SELECT id, blob FROM objects WHERE purged_at IS NULL")]
+    files = {p.relative_to(store.blob_root).as_posix() for p in store.blob_root.rglob("*")
+             if p.is_file()}
+    assert files == {r["blob"] for r in rows if r["blob"] != INLINE}
+    inline = {r[0] for r in conn.execute("SELECT object_id FROM blob_data")}
+    assert inline == {r["id"] for r in rows if r["blob"] == INLINE}
 
 
 @pytest.fixture(scope="module")
@@ -255,9 +269,8 @@ def test_duplicate_and_conflicting_versions(engine, tmp_path):
         "SELECT event FROM audit WHERE sop_instance_uid = ? ORDER BY id", (str(ds.SOPInstanceUID),))]
     assert events == ["stored", "duplicate", "conflict", "stored"]
     # Only two blobs exist for the three receptions.
-    blobs = [p for p in engine.store.blob_root.rglob("*.blob")]
-    assert {r["blob"] for r in conn.execute("SELECT blob FROM objects")} == \
-        {p.relative_to(engine.store.blob_root).as_posix() for p in blobs}
+    assert_blobs_match_rows(engine.store)
+    assert conn.execute("SELECT COUNT(*) FROM blob_data").fetchone()[0] == 2
 
 
 def test_echo_and_association_rejections(engine_factory):
@@ -376,7 +389,10 @@ def test_kill9_never_loses_a_confirmed_object(serve_factory, tmp_path):
     exe = require_tool("storescu")
     confirmed: list[Path] = []
     for round_ in range(5):
+        # Small SRs (stored in the database) and objects over INLINE_MAX (files), mixed.
         files = dicomgen.write_corpus(tmp_path / f"round{round_}", 150)
+        files[::10] = dicomgen.write_corpus(tmp_path / f"round{round_}ct", len(files[::10]),
+                                            kind="ct", pixel_bytes=300 * 1024)
         proc = subprocess.Popen([exe, "-v", "-aet", "MODALITY", "-aec", "MF_SCP", "127.0.0.1",
                                  str(srv.port), *map(str, files)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -397,10 +413,9 @@ def test_kill9_never_loses_a_confirmed_object(serve_factory, tmp_path):
             assert uid in rows, f"{path.name} was confirmed but is not stored"
             original, _ = dicomgen.dataset_bytes(path)
             assert decrypt(store, rows[uid]) == original
-        # No blob without a row, no row without a blob.
-        blobs = {p.relative_to(store.blob_root).as_posix() for p in store.blob_root.rglob("*.blob")}
-        assert blobs == {r["blob"] for r in rows.values()}
-        assert not list(store.blob_root.rglob("*.part"))
+        assert_blobs_match_rows(store)
+        assert {r["blob"] == "inline" for r in rows.values()} == {True, False}, \
+            "the crash rounds must cover both small (in the database) and large (file) objects"
     finally:
         store.close()
 
