@@ -112,13 +112,20 @@ _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _QuickAckSocket(socket.socket):
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
+    def _quickack(self) -> None:
         if _QUICKACK is not None:
             try:
                 self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
                 pass
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
+        self._quickack()
         return super().recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:  # type: ignore[override]
+        self._quickack()
+        return super().recv_into(buffer, nbytes, flags)
 
 
 class _Server(ThreadedAssociationServer):
@@ -138,6 +145,19 @@ class _Server(ThreadedAssociationServer):
         # A peer that stops mid-PDU must not hold its thread forever.
         sock.settimeout(self.network_timeout)
         return sock, address
+
+
+class _SharedContexts(list):
+    """The listener's supported presentation contexts, shared by every association.
+
+    pynetdicom deep-copies the server's contexts for each new association: with every
+    Storage SOP class times our transfer syntaxes that costs tens of milliseconds of
+    GIL per association, and modalities often open one association per object.
+    Negotiation only reads the acceptor's contexts (it builds new ones for the
+    result), so one read-only list serves all associations."""
+
+    def __deepcopy__(self, memo: dict) -> "_SharedContexts":
+        return self
 
 
 class _AE(AE):
@@ -176,27 +196,33 @@ def _bound_pdu_reads(asock: Any, max_pdata: int, deadline_s: float, on_refuse: A
     state: dict[str, Any] = {"pdu_type": None, "deadline": 0.0}
 
     def read(nr_bytes: int) -> bytearray:
+        # Into one buffer of the (already bounded) declared size: a P-DATA PDU of a
+        # large object arrives in a few big reads instead of many small copies.
         raw = asock.socket
-        buf = bytearray()
+        buf = bytearray(nr_bytes)
+        got = 0
         shrunk = False
-        try:
-            while len(buf) < nr_bytes:
-                left = state["deadline"] - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("PDU not received within the network timeout")
-                if left < deadline_s:
-                    raw.settimeout(left)
-                    shrunk = True
-                chunk = raw.recv(min(nr_bytes - len(buf), 65536))
-                if not chunk:
-                    break   # peer closed: pynetdicom sees the short read
-                buf += chunk
-        finally:
-            if shrunk:
-                try:
-                    raw.settimeout(deadline_s)   # what get_request set: sends use it too
-                except OSError:
-                    pass
+        with memoryview(buf) as view:
+            try:
+                while got < nr_bytes:
+                    left = state["deadline"] - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("PDU not received within the network timeout")
+                    if left < deadline_s:
+                        raw.settimeout(left)
+                        shrunk = True
+                    n = raw.recv_into(view[got:])
+                    if not n:
+                        break   # peer closed: pynetdicom sees the short read
+                    got += n
+            finally:
+                if shrunk:
+                    try:
+                        raw.settimeout(deadline_s)   # what get_request set: sends use it too
+                    except OSError:
+                        pass
+        if got < nr_bytes:
+            del buf[got:]
         return buf
 
     def recv(nr_bytes: int) -> bytearray:
@@ -326,8 +352,9 @@ class Listener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        _Server.network_timeout = cfg.network_timeout_s
         server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, server_class=_Server)
+        server.network_timeout = cfg.network_timeout_s
+        server.contexts = _SharedContexts(server.contexts)
         ae._servers.append(server)   # shutdown() expects to find itself there
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},

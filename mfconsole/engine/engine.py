@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
+
 from mfconsole import __version__
 from mfconsole.config import Config
 from mfconsole.dimse.dataset_scan import HeaderSummary
@@ -23,7 +25,7 @@ from mfconsole.engine import logs
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.router import routes_by_listener
 from mfconsole.engine.store import IngestRequest, Store
-from mfconsole.engine.vault import Vault, load_or_create_key
+from mfconsole.engine.vault import Vault, VaultError, load_or_create_key
 
 log = logging.getLogger("mfconsole.engine")
 
@@ -56,6 +58,12 @@ class Engine:
                 key = load_or_create_key(cfg.store.key_file)
             except OSError as exc:
                 raise EngineError(f"store.key_file {cfg.store.key_file}: {exc.strerror}") from None
+            except VaultError as exc:
+                raise EngineError(f"store.key_file: {exc}") from None
+            # Objects are opaque bytes; what routing needs, dataset_scan validates itself.
+            # pydicom's value validation (a regex per UID) would only cost GIL time in
+            # pynetdicom's DIMSE encoding.
+            pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
             self.store = Store(self.data_dir, Vault([key]))
             recovered = self.store.open()
             if any(recovered.values()):

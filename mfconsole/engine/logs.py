@@ -65,7 +65,10 @@ def setup(log_dir: Path, level: str = "INFO", *, stderr: bool = True) -> logging
     quiet_third_parties()
     log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
+    threshold = getattr(logging, level.upper(), logging.INFO)
+    # The root level, not only the handlers': below it, records are never even built
+    # (a per-object DEBUG line would otherwise cost GIL time on every C-STORE).
+    root.setLevel(threshold)
     for h in list(root.handlers):
         if getattr(h, "_mfconsole", False):
             root.removeHandler(h)
@@ -77,7 +80,7 @@ def setup(log_dir: Path, level: str = "INFO", *, stderr: bool = True) -> logging
     if stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
     for h in handlers:
-        h.setLevel(getattr(logging, level.upper(), logging.INFO))
+        h.setLevel(threshold)
         h.setFormatter(formatter)
         h.addFilter(RedactingFilter())
         h._mfconsole = True  # type: ignore[attr-defined]
