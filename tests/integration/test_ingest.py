@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 import dicomgen
-from harness import CANARY_ID, CANARY_NAME, mfconsole, poll, run
+from harness import CANARY_ID, CANARY_NAME, mfconsole, poll, run, write_config
 from peers import require_tool
 
 # pydicom's bundled files that are valid Storage objects with distinct SOP Instance
@@ -430,3 +430,19 @@ def test_no_numpy_in_the_installed_environment():
     out = run([sys.executable, "-c", "import mfconsole.cli, mfconsole.engine.engine, "
                "mfconsole.dimse.listener, sys; print('numpy' in sys.modules)"])
     assert out.stdout.strip() == "False"
+
+
+def test_serve_refuses_a_key_file_others_can_read(tmp_path):
+    """A key readable by group/others is a clear one-line error (exit 1), not a
+    traceback, and nothing is stored or listened on."""
+    from mfconsole.engine.vault import load_or_create_key
+
+    config = write_config(tmp_path / "k")
+    key = tmp_path / "k" / "var" / "keys" / "store.key"
+    load_or_create_key(key)
+    key.chmod(0o644)
+    res = mfconsole("--config", str(config), "serve", timeout=30)
+    assert res.returncode == 1
+    assert f"chmod 600 {key}" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "k" / "var" / "mfconsole.db").exists()
