@@ -58,7 +58,8 @@ MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SENDER_TIMEOUT_S = 600
 NAGLE_CAP = 400            # objects in the Nagle-on case (stock DCMTK peers: ~11/s)
-RECEIVERS = ("mfconsole", "orthanc", "bare-pynetdicom", "storescp")
+RECEIVERS = ("mfconsole", "orthanc", "orthanc-stock", "bare-pynetdicom", "storescp")
+PEERS = RECEIVERS[1:]
 
 
 # ---------------------------------------------------------------------------
@@ -332,9 +333,21 @@ class OrthancReceiver(Receiver):
         self.peer.stop()
 
 
+class OrthancStockReceiver(OrthancReceiver):
+    """Orthanc exactly as Debian runs it: no TCP_NODELAY in its environment (DCMTK's
+    default, Nagle on), whatever the senders do. The "orthanc" receiver is Orthanc at
+    its best (TCP_NODELAY=1, like the senders in the nagle-off cases)."""
+    name = "orthanc-stock"
+    notes = "as orthanc, but without TCP_NODELAY=1 in its environment (as installed)"
+
+    def start(self, nodelay: bool = True) -> None:
+        super().start(nodelay=False)
+
+
 FACTORIES = {
     "mfconsole": MfconsoleReceiver,
     "orthanc": OrthancReceiver,
+    "orthanc-stock": OrthancStockReceiver,
     "bare-pynetdicom": BareReceiver,
     "storescp": StorescpReceiver,
 }
@@ -583,7 +596,7 @@ def ratios(results: list[Result]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {"corpus": corpus, "senders": senders, "nagle": nagle,
                                "mfconsole_objects_per_s": mf.objects_per_s}
-        for peer in ("orthanc", "bare-pynetdicom", "storescp"):
+        for peer in PEERS:
             other = by.get((peer, corpus, senders, nagle))
             if other is not None:
                 row[f"vs_{peer}"] = mf.objects_per_s / other.objects_per_s
@@ -596,14 +609,13 @@ def print_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     print("\nmfconsole objects/s divided by the peer's, same corpus and senders:")
     for row in rows:
         label = f"{row['corpus']} x{row['senders']} nagle {'on ' if row['nagle'] else 'off'}"
-        parts = [f"vs {p}: {row[f'vs_{p}']:.2f}x" for p in ("orthanc", "bare-pynetdicom", "storescp")
-                 if f"vs_{p}" in row]
+        parts = [f"vs {p}: {row[f'vs_{p}']:.2f}x" for p in PEERS if f"vs_{p}" in row]
         print(f"  {label}  " + "   ".join(parts))
     print("\ntargets (4 senders, TCP_NODELAY=1 for DCMTK; informational):")
     for row in rows:
         if row["senders"] != 4 or row["nagle"]:
             continue
-        for peer, target in (("orthanc", 1.2), ("bare-pynetdicom", 0.7)):
+        for peer, target in (("orthanc", 1.2), ("orthanc-stock", 1.2), ("bare-pynetdicom", 0.7)):
             key = f"vs_{peer}"
             if key not in row:
                 continue

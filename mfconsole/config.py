@@ -30,9 +30,13 @@ LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
     "dimse_timeout_s", "network_timeout_s"})
-_DESTINATION_COMMON = frozenset({"name", "kind", "max_associations"})
+_DESTINATION_COMMON = frozenset({
+    "name", "kind", "max_associations", "retry_initial_s", "retry_max_s", "down_after",
+    "bounded_attempts", "connect_timeout_s", "network_timeout_s"})
 DESTINATION_KEYS = {
-    "dimse": _DESTINATION_COMMON | {"host", "port", "ae_title", "calling_ae_title"},
+    "dimse": _DESTINATION_COMMON | {
+        "host", "port", "ae_title", "calling_ae_title", "acse_timeout_s", "dimse_timeout_s",
+        "idle_timeout_s", "priority", "username", "passcode_file"},
     "stow": _DESTINATION_COMMON | {"url"},
     "mllp": _DESTINATION_COMMON | {"host", "port"},
 }
@@ -109,6 +113,22 @@ class DestinationConfig:
     calling_ae_title: str = "MFCONSOLE"
     url: str | None = None
     max_associations: int = 2
+    # Delivery policy (every kind): exponential backoff with jitter between these,
+    # "down" (probed at the backoff interval) after down_after transient failures in a
+    # row, and bounded outcomes dead-lettered after bounded_attempts tries.
+    retry_initial_s: float = 5.0
+    retry_max_s: float = 600.0
+    down_after: int = 5
+    bounded_attempts: int = 3
+    connect_timeout_s: float = 10.0
+    network_timeout_s: float = 60.0
+    # DIMSE only.
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    priority: str = "medium"
+    username: str | None = None
+    passcode_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +340,13 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _priority(value: str) -> str | None:
+    return None if value in PRIORITIES else "must be low, medium or high"
+
+
+PRIORITIES = {"low": 2, "medium": 0, "high": 1}   # DIMSE priority codes (PS3.7 9.1.1.1)
+
+
 def _range(lo: int, hi: int) -> Callable[[int], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
 
@@ -411,7 +438,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     )
 
     listeners, listener_names = _listeners(r, raw.get("listeners", []))
-    destinations, dest_names = _destinations(r, raw.get("destinations", []), egress)
+    destinations, dest_names = _destinations(r, raw.get("destinations", []), egress,
+                                             lambda v: resolve(v, v))
     handlers_dir = base / "handlers"
     # Routes are checked against every declared name, so a listener with a bad port
     # does not also produce a misleading "names no listener" for its routes.
@@ -483,7 +511,7 @@ def _listeners(r: _Reader, raw: Any) -> tuple[list[ListenerConfig], set[str]]:
     return out, set(seen_names)
 
 
-def _destinations(r: _Reader, raw: Any, egress: EgressConfig
+def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[[str], Path]
                   ) -> tuple[list[DestinationConfig], set[str]]:
     """Valid destinations, and every name declared (valid or not) for route checks."""
     out: list[DestinationConfig] = []
@@ -509,6 +537,36 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig
             else:
                 seen[name] = i
         max_assoc = r.get(t, p, "max_associations", int, 2, _range(1, 64))
+        policy = {
+            "retry_initial_s": r.get(t, p, "retry_initial_s", float, 5.0, _positive),
+            "retry_max_s": r.get(t, p, "retry_max_s", float, 600.0, _positive),
+            "down_after": r.get(t, p, "down_after", int, 5, _range(1, 1000)),
+            "bounded_attempts": r.get(t, p, "bounded_attempts", int, 3, _range(1, 100)),
+            "connect_timeout_s": r.get(t, p, "connect_timeout_s", float, 10.0, _positive),
+            "network_timeout_s": r.get(t, p, "network_timeout_s", float, 60.0, _positive),
+        }
+        if (policy["retry_initial_s"] and policy["retry_max_s"]
+                and policy["retry_max_s"] < policy["retry_initial_s"]):
+            r.fail(f"{p}.retry_max_s", "must not be less than retry_initial_s")
+            policy["retry_max_s"] = None
+        if kind == "dimse":
+            policy |= {
+                "acse_timeout_s": r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
+                "dimse_timeout_s": r.get(t, p, "dimse_timeout_s", float, 30.0, _positive),
+                "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
+                "priority": r.get(t, p, "priority", str, "medium", _priority),
+                "username": r.get(t, p, "username", str, None, _not_empty),
+            }
+            passcode = r.get(t, p, "passcode_file", str, None, _not_empty)
+            if passcode is not None:
+                if policy["username"] is None:
+                    r.fail(f"{p}.passcode_file", "needs username (user identity is username + passcode)")
+                path_ = resolve(passcode)
+                if not path_.is_file():
+                    r.fail(f"{p}.passcode_file", f"{path_} is not a readable file")
+                policy["passcode_file"] = path_
+        if any(v is None for k, v in policy.items() if k not in ("username", "passcode_file")):
+            continue   # the problem is recorded; the destination is not built
         if kind in ("dimse", "mllp"):
             host = r.get(t, p, "host", str, check=_host)
             port = r.get(t, p, "port", int, check=_port)
@@ -523,7 +581,8 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig
             if None in (name, host, port, calling, max_assoc) or (kind == "dimse" and ae is None):
                 continue
             out.append(DestinationConfig(name=name, kind=kind, host=host, port=port, ae_title=ae,
-                                         calling_ae_title=calling, max_associations=max_assoc))
+                                         calling_ae_title=calling, max_associations=max_assoc,
+                                         **policy))
         else:
             url = r.get(t, p, "url", str, check=_http_prefix)
             if url is not None and not any(http_prefix_allows(a, url) for a in egress.allowed_http):
@@ -533,7 +592,8 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig
                 continue
             if None in (name, url, max_assoc):
                 continue
-            out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc))
+            out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc,
+                                         **policy))
     return out, set(seen)
 
 

@@ -1,0 +1,353 @@
+"""C-STORE SCU to one destination: an association reused for many objects.
+
+Objects are sent as the bytes we received (never re-encoded) whenever the peer
+accepts their transfer syntax. An uncompressed object the peer refuses in its own
+syntax goes in another uncompressed syntax the peer accepts (a header re-encode, no
+pixel decoding); a compressed one the peer refuses is a message-scope failure, since
+mfconsole does not transcode.
+
+Knows nothing of SQLite: it gets bytes and UIDs, and answers with an Outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
+from pynetdicom import AE, transport
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from mfconsole.engine import outcomes
+from mfconsole.engine.outcomes import Outcome
+
+log = logging.getLogger("mfconsole.sender")
+
+IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
+UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
+MAX_CONTEXTS = 128      # PS3.8: presentation context ids are odd numbers 1..255
+PRIORITY_CODES = {"low": 2, "medium": 0, "high": 1}
+
+# Every DICOM socket we open gets TCP_NODELAY: with Nagle on, each small PDU waits for
+# the peer's delayed ACK and a forwarder drops to ~20 objects/s.
+_create_socket = transport.AssociationSocket._create_socket
+
+
+def _create_nodelay_socket(self: Any, address: Any) -> socket.socket:
+    sock = _create_socket(self, address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+transport.AssociationSocket._create_socket = _create_nodelay_socket  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where and how to associate. Built from a destination's config (or an
+    ``AET@host:port`` target on the command line)."""
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str = "MFCONSOLE"
+    connect_timeout_s: float = 10.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 60.0
+    priority: str = "medium"
+    username: str | None = None
+    passcode_file: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_destination(cls, d: Any) -> "Peer":
+        return cls(host=d.host, port=d.port, called_ae=d.ae_title, calling_ae=d.calling_ae_title,
+                   connect_timeout_s=d.connect_timeout_s, acse_timeout_s=d.acse_timeout_s,
+                   dimse_timeout_s=d.dimse_timeout_s, network_timeout_s=d.network_timeout_s,
+                   priority=d.priority, username=d.username, passcode_file=d.passcode_file)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One object to send: routing-safe UIDs and the plaintext data set bytes."""
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    data: bytes
+
+
+def ts_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else f"transfer syntax {uid}"
+
+
+def sop_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else f"SOP class {uid}"
+
+
+def _user_identity(peer: Peer) -> list[Any]:
+    if not peer.username:
+        return []
+    item = UserIdentityNegotiation()
+    item.primary_field = peer.username.encode()
+    if peer.passcode_file is not None:
+        item.user_identity_type = 2
+        # Read at each association, so a rotated passcode needs no restart.
+        item.secondary_field = peer.passcode_file.read_bytes().strip()
+    else:
+        item.user_identity_type = 1
+    item.positive_response_requested = False
+    return [item]
+
+
+def _association_failure(assoc: Any, peer: Peer) -> Outcome:
+    """Why ``ae.associate`` did not give an established association."""
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        return outcomes.association_rejected(int(rj.result), int(rj.result_source), int(rj.diagnostic))
+    if assoc.is_aborted:
+        return outcomes.transport_failure(f"{peer.address} aborted the association request")
+    return outcomes.transport_failure(
+        f"no association with {peer.address}: connection refused, unreachable, or no answer "
+        f"within connect_timeout_s={peer.connect_timeout_s:g}/acse_timeout_s={peer.acse_timeout_s:g}")
+
+
+class DimseSender:
+    """An association to one peer, opened on demand, reused, released when idle.
+    Not thread-safe: one sender per delivery worker thread."""
+
+    def __init__(self, peer: Peer, egress_allows: Callable[[str, int], bool]):
+        self.peer = peer
+        self.egress_allows = egress_allows
+        self.assoc: Any = None
+        self.pairs: dict[tuple[str, str], None] = {}   # (SOP class, TS) proposed, in order
+        self.last_used = 0.0
+        self._msg_id = 0
+
+    # -- association -------------------------------------------------------------
+
+    def _ae(self) -> AE:
+        p = self.peer
+        ae = AE(ae_title=p.calling_ae)
+        ae.connection_timeout = p.connect_timeout_s
+        ae.acse_timeout = p.acse_timeout_s
+        ae.dimse_timeout = p.dimse_timeout_s
+        ae.network_timeout = p.network_timeout_s
+        return ae
+
+    def _contexts(self) -> list[Any]:
+        """One context per (SOP class, TS) we hold, plus, per SOP class with an
+        uncompressed object, one offering every uncompressed syntax (the fallback)."""
+        contexts: list[Any] = []
+        fallback: list[str] = []
+        for sop_class, ts in self.pairs:
+            contexts.append(build_context(sop_class, [ts]))
+            if ts in UNCOMPRESSED and sop_class not in fallback:
+                fallback.append(sop_class)
+        contexts += [build_context(c, list(UNCOMPRESSED)) for c in fallback]
+        return contexts[:MAX_CONTEXTS]
+
+    def _needs(self, pairs: Iterable[tuple[str, str]]) -> bool:
+        return any(p not in self.pairs for p in pairs)
+
+    def open(self, pairs: Iterable[tuple[str, str]]) -> Outcome | None:
+        """Make sure an association proposing ``pairs`` is up; an Outcome on failure."""
+        pairs = list(dict.fromkeys(pairs))
+        if self.assoc is not None and self.assoc.is_established and not self._needs(pairs):
+            return None
+        self.close()
+        for pair in pairs:
+            self.pairs[pair] = None
+        # Keep the most recent pairs when there are more than fit in one association.
+        while len(self._contexts()) >= MAX_CONTEXTS and len(self.pairs) > len(pairs):
+            del self.pairs[next(iter(self.pairs))]
+        p = self.peer
+        if not self.egress_allows(p.host, p.port):
+            return outcomes.egress_refused(p.address)
+        ae = self._ae()
+        try:
+            assoc = ae.associate(p.host, p.port, contexts=self._contexts(), ae_title=p.called_ae,
+                                 ext_neg=_user_identity(p) or None)
+        except OSError as exc:   # e.g. the passcode file vanished
+            return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
+                                    f"cannot read passcode_file: {exc.strerror}")
+        if not assoc.is_established:
+            return _association_failure(assoc, p)
+        self.assoc = assoc
+        self.last_used = time.monotonic()
+        return None
+
+    def close(self) -> None:
+        assoc, self.assoc = self.assoc, None
+        if assoc is not None and assoc.is_established:
+            try:
+                assoc.release()
+            except Exception:   # the peer may already be gone
+                assoc.abort()
+
+    def close_if_idle(self, idle_s: float) -> None:
+        if self.assoc is not None and time.monotonic() - self.last_used > idle_s:
+            self.close()
+
+    # -- C-STORE -----------------------------------------------------------------
+
+    def send(self, obj: Outbound) -> Outcome:
+        failed = self.open([(obj.sop_class_uid, obj.transfer_syntax)])
+        if failed is not None:
+            return failed
+        data, context = self._choose(obj)
+        if context is None:
+            return self._refused(obj)
+        self.last_used = time.monotonic()
+        return self._store(obj, data, context)
+
+    def _accepted(self, sop_class: str) -> dict[str, Any]:
+        return {str(cx.transfer_syntax[0]): cx for cx in self.assoc.accepted_contexts
+                if cx.abstract_syntax == sop_class}
+
+    def _choose(self, obj: Outbound) -> tuple[bytes, Any]:
+        accepted = self._accepted(obj.sop_class_uid)
+        if obj.transfer_syntax in accepted:
+            return obj.data, accepted[obj.transfer_syntax]
+        if obj.transfer_syntax in UNCOMPRESSED:
+            for ts in UNCOMPRESSED:
+                if ts in accepted:
+                    return reencode(obj.data, obj.transfer_syntax, ts), accepted[ts]
+        return obj.data, None
+
+    def _refused(self, obj: Outbound) -> Outcome:
+        klass = sop_name(obj.sop_class_uid)
+        if not self._accepted(obj.sop_class_uid):
+            return outcomes.context_refused(f"peer does not accept {klass} in any transfer syntax we offered")
+        if obj.transfer_syntax in UNCOMPRESSED:
+            return outcomes.context_refused(f"peer accepts no uncompressed transfer syntax for {klass}")
+        return outcomes.context_refused(
+            f"peer does not accept {ts_name(obj.transfer_syntax)} for {klass}; "
+            "mfconsole does not transcode")
+
+    def _store(self, obj: Outbound, data: bytes, context: Any) -> Outcome:
+        """pynetdicom's send_c_store, minus its re-encoding: the data set goes out as
+        the bytes we hold (send_c_store only takes a Dataset or a file path)."""
+        assoc = self.assoc
+        self._msg_id = self._msg_id % 65535 + 1
+        req = C_STORE()
+        req.MessageID = self._msg_id
+        req.Priority = PRIORITY_CODES.get(self.peer.priority, 0)
+        req.AffectedSOPClassUID = obj.sop_class_uid
+        req.AffectedSOPInstanceUID = obj.sop_instance_uid
+        req.DataSet = BytesIO(data)
+        # Pause the association's reactor so the response reaches us, not it (as
+        # send_c_store does); never wait on a reactor that is gone.
+        assoc._reactor_checkpoint.clear()
+        try:
+            deadline = time.monotonic() + 5
+            while not assoc._is_paused:
+                if not assoc.is_established or time.monotonic() > deadline:
+                    self.close()
+                    return outcomes.transport_failure("association lost before sending")
+                time.sleep(0.0001)
+            assoc.dimse.send_msg(req, context.context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        except OSError as exc:
+            self.assoc = None
+            assoc.abort()
+            return outcomes.transport_failure(f"connection to {self.peer.address} lost: {exc.__class__.__name__}")
+        finally:
+            assoc._reactor_checkpoint.set()
+        if rsp is None:
+            # DIMSE timeout, or the peer aborted: the outcome is unknown. pynetdicom
+            # 3.0.4 also occasionally misses a response on a long association; a fresh
+            # association for the retry is the cure (re-store is idempotent).
+            aborted = assoc.is_aborted
+            self.assoc = None
+            assoc.abort()
+            return outcomes.no_response(
+                "peer aborted the association during the C-STORE" if aborted else
+                f"no C-STORE response within dimse_timeout_s={self.peer.dimse_timeout_s:g}")
+        status = rsp.Status
+        if status is None:
+            return outcomes.Outcome(outcomes.BOUNDED, outcomes.MESSAGE, "invalid response",
+                                    "C-STORE response without a status")
+        return outcomes.cstore_status(int(status))
+
+
+def reencode(data: bytes, source_ts: str, target_ts: str) -> bytes:
+    """Re-encode an uncompressed data set in another uncompressed transfer syntax."""
+    src = UID(source_ts)
+    ds = read_dataset(DicomBytesIO(data), src.is_implicit_VR, src.is_little_endian)
+    dst = UID(target_ts)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = dst.is_little_endian, dst.is_implicit_VR
+    write_dataset(out, Dataset(ds))
+    return out.getvalue()
+
+
+# -- operator tools ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    rtt_ms: float
+    detail: str
+
+
+def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) -> EchoResult:
+    """C-ECHO with the round-trip time of the whole exchange (connect to release)."""
+    if egress_allows is not None and not egress_allows(peer.host, peer.port):
+        return EchoResult(False, 0.0, outcomes.egress_refused(peer.address).reason)
+    sender = DimseSender(peer, lambda h, p: True)
+    ae = sender._ae()
+    ae.add_requested_context(Verification)
+    t0 = time.perf_counter()
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
+                         ext_neg=_user_identity(peer) or None)
+    if not assoc.is_established:
+        return EchoResult(False, (time.perf_counter() - t0) * 1000, _association_failure(assoc, peer).reason)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    rtt = (time.perf_counter() - t0) * 1000
+    if not status or "Status" not in status:
+        return EchoResult(False, rtt, "no C-ECHO response (association aborted or timed out)")
+    if status.Status != 0:
+        return EchoResult(False, rtt, f"C-ECHO status 0x{int(status.Status):04X}")
+    return EchoResult(True, rtt, "C-ECHO success")
+
+
+def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
+                   egress_allows: Callable[[str, int], bool] | None = None
+                   ) -> tuple[Outcome | None, list[tuple[str, str, bool]]]:
+    """Propose each (SOP class, transfer syntax) as its own context; report which the
+    peer accepts. Sends no object."""
+    if egress_allows is not None and not egress_allows(peer.host, peer.port):
+        return outcomes.egress_refused(peer.address), []
+    pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
+    ae = DimseSender(peer, lambda h, p: True)._ae()
+    contexts = [build_context(c, [t]) for c, t in pairs]
+    assoc = ae.associate(peer.host, peer.port, contexts=contexts or [build_context(Verification)],
+                         ae_title=peer.called_ae, ext_neg=_user_identity(peer) or None)
+    if not assoc.is_established:
+        return _association_failure(assoc, peer), []
+    try:
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    return None, [(c, t, (c, t) in accepted) for c, t in pairs]
