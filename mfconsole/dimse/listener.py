@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mfconsole.config import ListenerConfig
+from mfconsole.dimse import sockets
 from mfconsole.dimse.dataset_scan import DatasetRejected, HeaderSummary, scan_dataset
 
 log = logging.getLogger("mfconsole.listener")
@@ -104,28 +105,7 @@ acse.negotiate_unrestricted = _negotiate_unrestricted  # type: ignore[assignment
 
 
 # ---------------------------------------------------------------------------
-# Sockets. Set TCP_NODELAY on every socket, and re-arm TCP_QUICKACK before each read:
-# many senders leave Nagle on, and without an immediate ACK each small PDU waits for
-# the delayed-ACK timer (~40 ms) — ~11 objects/s instead of hundreds.
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-class _QuickAckSocket(socket.socket):
-    def _quickack(self) -> None:
-        if _QUICKACK is not None:
-            try:
-                self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
-        self._quickack()
-        return super().recv(bufsize, flags)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:  # type: ignore[override]
-        self._quickack()
-        return super().recv_into(buffer, nbytes, flags)
+# Sockets: see sockets.py.
 
 
 class _Server(ThreadedAssociationServer):
@@ -140,8 +120,7 @@ class _Server(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         raw, address = self.socket.accept()  # type: ignore[union-attr]
-        sock = _QuickAckSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = sockets.adopt(raw)
         # A peer that stops mid-PDU must not hold its thread forever.
         sock.settimeout(self.network_timeout)
         return sock, address

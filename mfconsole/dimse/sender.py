@@ -12,7 +12,6 @@ Knows nothing of SQLite: it gets bytes and UIDs, and answers with an Outcome.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -24,12 +23,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
-from pynetdicom import AE, transport
+from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from mfconsole.dimse import sockets  # noqa: F401  (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.engine import outcomes
 from mfconsole.engine.outcomes import Outcome
 
@@ -39,20 +39,6 @@ IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
 MAX_CONTEXTS = 128      # PS3.8: presentation context ids are odd numbers 1..255
 PRIORITY_CODES = {"low": 2, "medium": 0, "high": 1}
-
-# Every DICOM socket we open gets TCP_NODELAY: with Nagle on, each small PDU waits for
-# the peer's delayed ACK and a forwarder drops to ~20 objects/s.
-_create_socket = transport.AssociationSocket._create_socket
-
-
-def _create_nodelay_socket(self: Any, address: Any) -> socket.socket:
-    sock = _create_socket(self, address)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-transport.AssociationSocket._create_socket = _create_nodelay_socket  # type: ignore[method-assign]
-
 
 @dataclass(frozen=True)
 class Peer:

@@ -18,10 +18,12 @@ from typing import Any
 from pydicom import config as pydicom_config
 
 from mfconsole import __version__
-from mfconsole.config import Config
+from mfconsole.config import Config, tcp_allows
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
+from mfconsole.dimse.sender import DimseSender, Outbound, Peer
 from mfconsole.engine import logs
+from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.router import routes_by_listener
 from mfconsole.engine.store import IngestRequest, Store
@@ -45,6 +47,7 @@ class Engine:
         self._routes = routes_by_listener(config)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
+        self.deliveries: dict[str, DestinationWorkers] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -69,6 +72,7 @@ class Engine:
             if any(recovered.values()):
                 log.warning("recovered after an unclean stop: %d in-flight deliveries requeued, "
                             "%d orphaned blobs removed", recovered["requeued"], recovered["orphan_blobs"])
+            self._start_deliveries()
             max_bytes = cfg.store.max_object_mb * 1024 * 1024
             for lc in cfg.listeners:
                 listener = Listener(lc, self, self.board, max_bytes)
@@ -94,6 +98,9 @@ class Engine:
         for listener in self.listeners:
             listener.stop(timeout)
         self.listeners.clear()
+        for workers in self.deliveries.values():
+            workers.stop(timeout)
+        self.deliveries.clear()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=5)
             self._housekeeper = None
@@ -103,6 +110,25 @@ class Engine:
             self.store = None
             log.info("engine stopped")
         self._lock.release()
+
+    def _start_deliveries(self) -> None:
+        assert self.store is not None
+        for dest in self.config.destinations:
+            if dest.kind != "dimse":
+                log.warning("destination %s: kind %s has no sender yet; its deliveries stay queued",
+                            dest.name, dest.kind)
+                continue
+            peer = Peer.from_destination(dest)
+            workers = DestinationWorkers(
+                dest, self.store, lambda peer=peer: DimseSender(peer, self.egress_tcp_allows),
+                lambda item, data: Outbound(item.sop_class_uid, item.sop_instance_uid,
+                                            item.transfer_syntax, data))
+            workers.start()
+            self.deliveries[dest.name] = workers
+
+    def egress_tcp_allows(self, host: str, port: int) -> bool:
+        """Checked again before every connect (the config may have been reloaded)."""
+        return tcp_allows(self.config.egress.allowed_tcp, host, port)
 
     def _housekeeping(self) -> None:
         self._purge()
@@ -128,7 +154,13 @@ class Engine:
             modality=summary.modality, transfer_syntax=meta["transfer_syntax"],
             listener=meta["listener"], calling_ae=meta["calling_ae"], peer=meta["peer"],
             routes=self._routes.get(meta["listener"], ()))
-        return self.store.ingest(data, request).outcome
+        result = self.store.ingest(data, request)
+        if result.deliveries:
+            for route in request.routes:
+                workers = self.deliveries.get(route.destination)
+                if workers is not None:
+                    workers.wake.set()
+        return result.outcome
 
     def audit(self, event: str, **fields: Any) -> None:
         if self.store is not None:

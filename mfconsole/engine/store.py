@@ -45,9 +45,13 @@ MAX_GROUP = 256
 INLINE_MAX = 256 * 1024
 INLINE = "inline"           # objects.blob for an object held in blob_data
 
-# Delivery states (DESIGN.md): pending → in_flight → delivered | filtered | dead
+# Delivery states (DESIGN.md): pending → in_flight → delivered | filtered | dead; a dead
+# letter is then replayed (back to pending, or "replayed" when re-targeted to a new
+# delivery row) or discarded by an operator.
 PENDING, IN_FLIGHT, DELIVERED, FILTERED, DEAD = "pending", "in_flight", "delivered", "filtered", "dead"
+REPLAYED, DISCARDED = "replayed", "discarded"
 ACTIVE_STATES = (PENDING, IN_FLIGHT)
+FINISHED_STATES = (DELIVERED, FILTERED, REPLAYED, DISCARDED)
 
 
 class StoreError(Exception):
@@ -146,6 +150,11 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["blob_data"].create({"object_id": int, "sealed": bytes}, pk="object_id",
                            not_null={"sealed"}, foreign_keys=[("object_id", "objects", "id")],
                            if_not_exists=True)
+    conn.execute("""CREATE TABLE IF NOT EXISTS destination_state (
+        name TEXT PRIMARY KEY, paused INTEGER NOT NULL DEFAULT 0, pause_reason TEXT,
+        down INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0, last_status TEXT, last_reason TEXT,
+        updated_at REAL)""")
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                  (str(SCHEMA_VERSION),))
@@ -406,7 +415,8 @@ class Store:
             rows = conn.execute(
                 "SELECT id, blob FROM objects o WHERE purged_at IS NULL AND received_at < ? "
                 "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.object_id = o.id "
-                "AND d.state NOT IN (?, ?))", (cutoff, DELIVERED, FILTERED)).fetchall()
+                f"AND d.state NOT IN ({','.join('?' * len(FINISHED_STATES))}))",
+                (cutoff, *FINISHED_STATES)).fetchall()
             stamp = time.time()
             conn.executemany("UPDATE objects SET purged_at = ? WHERE id = ?",
                              [(stamp, r["id"]) for r in rows])
