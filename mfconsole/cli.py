@@ -34,6 +34,31 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate the configuration (exit 0 or 2)")
     st = sub.add_parser("status", parents=[common], help="listeners, queues, dead letters")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    ec = sub.add_parser("echo", parents=[common], help="C-ECHO a destination or AET@host:port")
+    ec.add_argument("target", help="destination name, or AET@host:port")
+    te = sub.add_parser("test", parents=[common],
+                        help="which SOP class/transfer syntax pairs a DIMSE destination accepts")
+    te.add_argument("target", help="destination name, or AET@host:port")
+    for name, text in (("pause", "stop delivering to a destination (items stay queued)"),
+                       ("resume", "resume a paused or down destination now")):
+        sub.add_parser(name, parents=[common], help=text).add_argument("destination")
+    dl = sub.add_parser("dead-letters", parents=[common], help="list, show, replay, discard")
+    dls = dl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = dls.add_parser("list", parents=[common], help="dead letters (routing-safe fields)")
+    ls.add_argument("--destination")
+    ls.add_argument("--reason", help="only those whose reason contains TEXT")
+    ls.add_argument("--json", action="store_true")
+    sh = dls.add_parser("show", parents=[common], help="one dead letter and its history")
+    sh.add_argument("id", type=int)
+    sh.add_argument("--json", action="store_true")
+    rp = dls.add_parser("replay", parents=[common], help="queue dead letters again")
+    rp.add_argument("ids", type=int, nargs="*", metavar="ID")
+    rp.add_argument("--all", action="store_true", help="every dead letter matching the filters")
+    rp.add_argument("--destination", help="with --all: only this destination's")
+    rp.add_argument("--reason", help="with --all: only those whose reason contains TEXT")
+    rp.add_argument("--to", metavar="OTHER", help="deliver to this destination instead")
+    dc = dls.add_parser("discard", parents=[common], help="drop dead letters (explicit ids only)")
+    dc.add_argument("ids", type=int, nargs="+", metavar="ID")
     return p
 
 
@@ -54,7 +79,104 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_status(config, as_json=args.json)
     if command == "serve":
         return cmd_serve(config)
-    return EXIT_CONFIG
+    from mfconsole import ops
+
+    try:
+        return OPERATIONS[command](config, args)
+    except ops.OpsError as exc:
+        print(f"mfconsole {command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def cmd_echo(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    peer = ops.resolve_peer(config, args.target)
+    result = ops.echo(config, args.target)
+    where = f"{peer.called_ae}@{peer.address} (calling {peer.calling_ae})"
+    if result.ok:
+        print(f"{where}: C-ECHO OK in {result.rtt_ms:.1f} ms")
+        return EXIT_OK
+    print(f"{where}: FAILED after {result.rtt_ms:.1f} ms: {result.detail}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_test(config: Config, args: Any) -> int:
+    from mfconsole import ops
+    from mfconsole.dimse.sender import sop_name, ts_name
+
+    report = ops.test(config, args.target)
+    where = f"{report.peer.called_ae}@{report.peer.address}"
+    if report.failure:
+        print(f"{where}: FAILED: {report.failure}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"{where}: proposed {len(report.rows)} pair(s), {report.source}")
+    for sop_class, ts, ok in report.rows:
+        print(f"  {'accepted' if ok else 'REFUSED ':<8}  {sop_name(sop_class)}  —  {ts_name(ts)}")
+    refused = sum(1 for *_, ok in report.rows if not ok)
+    if refused:
+        print(f"{refused} pair(s) refused: objects of those would fail (uncompressed ones are "
+              "sent in another uncompressed syntax the peer accepts, when it accepts one)")
+    return EXIT_OK
+
+
+def cmd_pause(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    ops.pause(config, args.destination)
+    print(f"destination {args.destination}: paused (items stay queued; resume with "
+          f"`mfconsole resume {args.destination}`)")
+    return EXIT_OK
+
+
+def cmd_resume(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    ops.resume(config, args.destination)
+    print(f"destination {args.destination}: resumed; queued items are due now")
+    return EXIT_OK
+
+
+def cmd_dead_letters(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    if args.action == "list":
+        rows = ops.list_dead(config, args.destination, args.reason)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return EXIT_OK
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated_at"]))
+            print(f"{r['id']:>8}  {when}  {r['destination']:<12} {r['last_status'] or '':<12} "
+                  f"{r['sop_instance_uid']}  {r['last_reason'] or ''}")
+        print(f"{len(rows)} dead letter(s)")
+        return EXIT_OK
+    if args.action == "show":
+        row = ops.show_dead(config, args.id)
+        if args.json:
+            print(json.dumps(row, indent=2, default=str))
+            return EXIT_OK
+        for key in ("id", "destination", "sop_instance_uid", "sop_class_uid", "study_uid",
+                    "transfer_syntax", "size", "calling_ae", "listener", "attempts",
+                    "last_status", "last_class", "last_reason", "handler", "handler_version"):
+            print(f"{key:>18}: {row.get(key) if row.get(key) is not None else ''}")
+        for h in row["history"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["ts"]))
+            print(f"  {when} {h['event']:<16} {h['status'] or '':<12} {h['detail'] or ''}")
+        return EXIT_OK
+    if args.action == "replay":
+        queued = ops.replay(config, args.ids, all_=args.all, destination=args.destination,
+                            reason=args.reason, to=args.to)
+        print(f"{len(queued)} dead letter(s) queued again"
+              + (f" for {args.to}" if args.to else ""))
+        return EXIT_OK if queued or not args.ids else EXIT_FAIL
+    n = ops.discard(config, args.ids)
+    print(f"{n} dead letter(s) discarded")
+    return EXIT_OK if n == len(set(args.ids)) else EXIT_FAIL
+
+
+OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,
+              "dead-letters": cmd_dead_letters}
 
 
 def cmd_serve(config: Config) -> int:

@@ -23,7 +23,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
@@ -102,16 +102,31 @@ def _user_identity(peer: Peer) -> list[Any]:
     return [item]
 
 
-def _association_failure(assoc: Any, peer: Peer) -> Outcome:
+def _associate(ae: AE, peer: Peer, **kwargs: Any) -> tuple[Any, bool]:
+    """``ae.associate``, and whether the TCP connection was made (pynetdicom reports a
+    refused connection and a peer's A-ABORT alike, as aborted)."""
+    connected: list[bool] = []
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
+                         ext_neg=_user_identity(peer) or None,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+                         **kwargs)
+    return assoc, bool(connected)
+
+
+def _association_failure(assoc: Any, peer: Peer, connected: bool) -> Outcome:
     """Why ``ae.associate`` did not give an established association."""
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         return outcomes.association_rejected(int(rj.result), int(rj.result_source), int(rj.diagnostic))
+    if not connected:
+        return outcomes.transport_failure(
+            f"cannot connect to {peer.address}: refused, unreachable or no answer within "
+            f"connect_timeout_s={peer.connect_timeout_s:g}")
     if assoc.is_aborted:
         return outcomes.transport_failure(f"{peer.address} aborted the association request")
     return outcomes.transport_failure(
-        f"no association with {peer.address}: connection refused, unreachable, or no answer "
-        f"within connect_timeout_s={peer.connect_timeout_s:g}/acse_timeout_s={peer.acse_timeout_s:g}")
+        f"{peer.address} did not answer the association request within "
+        f"acse_timeout_s={peer.acse_timeout_s:g}")
 
 
 class DimseSender:
@@ -168,13 +183,12 @@ class DimseSender:
             return outcomes.egress_refused(p.address)
         ae = self._ae()
         try:
-            assoc = ae.associate(p.host, p.port, contexts=self._contexts(), ae_title=p.called_ae,
-                                 ext_neg=_user_identity(p) or None)
+            assoc, connected = _associate(ae, p, contexts=self._contexts())
         except OSError as exc:   # e.g. the passcode file vanished
             return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
                                     f"cannot read passcode_file: {exc.strerror}")
         if not assoc.is_established:
-            return _association_failure(assoc, p)
+            return _association_failure(assoc, p, connected)
         self.assoc = assoc
         self.last_used = time.monotonic()
         return None
@@ -301,10 +315,10 @@ def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) ->
     ae = sender._ae()
     ae.add_requested_context(Verification)
     t0 = time.perf_counter()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
-                         ext_neg=_user_identity(peer) or None)
+    assoc, connected = _associate(ae, peer)
     if not assoc.is_established:
-        return EchoResult(False, (time.perf_counter() - t0) * 1000, _association_failure(assoc, peer).reason)
+        return EchoResult(False, (time.perf_counter() - t0) * 1000,
+                          _association_failure(assoc, peer, connected).reason)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -327,10 +341,9 @@ def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
     pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
     ae = DimseSender(peer, lambda h, p: True)._ae()
     contexts = [build_context(c, [t]) for c, t in pairs]
-    assoc = ae.associate(peer.host, peer.port, contexts=contexts or [build_context(Verification)],
-                         ae_title=peer.called_ae, ext_neg=_user_identity(peer) or None)
+    assoc, connected = _associate(ae, peer, contexts=contexts or [build_context(Verification)])
     if not assoc.is_established:
-        return _association_failure(assoc, peer), []
+        return _association_failure(assoc, peer, connected), []
     try:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}

@@ -1,0 +1,178 @@
+"""Operator commands over a configuration and its data directory: echo, test,
+dead letters, pause/resume. The CLI prints; the console will call the same functions.
+
+Queue changes go straight to the database (SQLite serialises them with a running
+engine, whose workers pick them up on their next round) and are audited.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mfconsole.config import Config, ae_title_problem, tcp_allows
+from mfconsole.dimse import sender
+from mfconsole.engine import outbox
+from mfconsole.engine.store import ACTIVE_STATES, DEAD, connect
+
+
+class OpsError(Exception):
+    """The operation cannot be done as asked; the message says why (routing-safe)."""
+
+
+_TARGET = re.compile(r"^(?P<aet>[^@]+)@(?P<host>\[[^\]]+\]|[^:\[\]]+):(?P<port>\d{1,5})$")
+
+
+def resolve_peer(config: Config, target: str) -> sender.Peer:
+    """A destination name, or ``AET@host:port``."""
+    for d in config.destinations:
+        if d.name == target:
+            if d.kind != "dimse":
+                raise OpsError(f"destination {target} is a {d.kind} destination, not DIMSE")
+            return sender.Peer.from_destination(d)
+    m = _TARGET.match(target)
+    if not m:
+        names = ", ".join(d.name for d in config.destinations if d.kind == "dimse") or "none"
+        raise OpsError(f"{target!r} is neither a DIMSE destination ({names}) nor AET@host:port")
+    aet, host, port = m["aet"], m["host"].strip("[]"), int(m["port"])
+    problem = ae_title_problem(aet)
+    if problem:
+        raise OpsError(f"AE title {aet!r} {problem}")
+    if not 1 <= port <= 65535:
+        raise OpsError(f"port {port} is not a TCP port")
+    return sender.Peer(host, port, aet)
+
+
+def egress(config: Config) -> Callable[[str, int], bool]:
+    return lambda host, port: tcp_allows(config.egress.allowed_tcp, host, port)
+
+
+def echo(config: Config, target: str) -> sender.EchoResult:
+    return sender.echo(resolve_peer(config, target), egress(config))
+
+
+@dataclass(frozen=True)
+class TestReport:
+    peer: sender.Peer
+    failure: str | None
+    rows: list[tuple[str, str, bool]]     # SOP class, transfer syntax, accepted
+    source: str                           # where the pairs came from
+
+
+# Proposed when nothing was ever queued for the destination.
+DEFAULT_PAIRS = [(c, t) for c in ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
+                                  "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.7")
+                 for t in (sender.EXPLICIT_LE, sender.IMPLICIT_LE)]
+
+
+def queued_pairs(config: Config, destination: str, days: float = 7.0) -> list[tuple[str, str]]:
+    db = config.engine.data_dir / "mfconsole.db"
+    if not db.exists():
+        return []
+    conn = connect(db, readonly=True)
+    try:
+        rows = conn.execute(
+            "SELECT o.sop_class_uid, o.transfer_syntax, COUNT(*) AS n FROM deliveries d "
+            "JOIN objects o ON o.id = d.object_id WHERE d.destination = ? AND "
+            f"(d.state IN (?, ?, ?) OR d.updated_at > ?) GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
+            (destination, *ACTIVE_STATES, DEAD, time.time() - days * 86400, sender.MAX_CONTEXTS)).fetchall()
+    finally:
+        conn.close()
+    return [(r[0], r[1]) for r in rows]
+
+
+def test(config: Config, target: str) -> TestReport:
+    peer = resolve_peer(config, target)
+    pairs = queued_pairs(config, target)
+    source = f"queued for or sent to {target} in the last 7 days"
+    if not pairs:
+        pairs, source = DEFAULT_PAIRS, "common SOP classes (nothing queued or sent recently)"
+    failure, rows = sender.probe_contexts(peer, pairs, egress(config))
+    return TestReport(peer, failure.reason if failure else None, rows, source)
+
+
+# -- queue operations ------------------------------------------------------------
+
+def open_db(config: Config) -> Any:
+    db = config.engine.data_dir / "mfconsole.db"
+    if not db.exists():
+        raise OpsError(f"no database at {db}: the engine has never run with this data_dir")
+    return connect(db)
+
+
+def _write(config: Config, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    conn = open_db(config)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args, **kwargs)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return result
+    finally:
+        conn.close()
+
+
+def _destination(config: Config, name: str) -> None:
+    if name not in {d.name for d in config.destinations}:
+        raise OpsError(f"no destination named {name!r}")
+
+
+def list_dead(config: Config, destination: str | None = None, reason: str | None = None
+              ) -> list[dict[str, Any]]:
+    conn = open_db(config)
+    try:
+        return outbox.dead_letters(conn, destination, reason)
+    finally:
+        conn.close()
+
+
+def show_dead(config: Config, delivery_id: int) -> dict[str, Any]:
+    conn = open_db(config)
+    try:
+        rows = outbox.dead_letters(conn, ids=[delivery_id])
+        if not rows:
+            raise OpsError(f"no dead letter with id {delivery_id}")
+        row = rows[0]
+        row["history"] = [dict(r) for r in conn.execute(
+            "SELECT ts, event, destination, status, detail FROM audit WHERE delivery_id = ? "
+            "ORDER BY id", (delivery_id,))]
+        return row
+    finally:
+        conn.close()
+
+
+def replay(config: Config, ids: list[int] | None, *, all_: bool = False, destination: str | None = None,
+           reason: str | None = None, to: str | None = None) -> list[int]:
+    if to is not None:
+        _destination(config, to)
+    if destination is not None:
+        _destination(config, destination)
+    if not ids and not all_:
+        raise OpsError("name dead letter ids, or --all (optionally with --destination/--reason)")
+
+    def run(conn: Any) -> list[int]:
+        chosen = ids or [r["id"] for r in outbox.dead_letters(conn, destination, reason)]
+        return outbox.replay(conn, chosen, to=to)
+
+    return _write(config, run)
+
+
+def discard(config: Config, ids: list[int]) -> int:
+    if not ids:
+        raise OpsError("discard needs explicit dead letter ids")
+    return _write(config, outbox.discard, ids)
+
+
+def pause(config: Config, destination: str) -> None:
+    _destination(config, destination)
+    _write(config, outbox.pause, destination, "paused by operator", actor="operator")
+
+
+def resume(config: Config, destination: str) -> None:
+    _destination(config, destination)
+    _write(config, outbox.resume, destination)
