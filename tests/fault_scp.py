@@ -45,8 +45,9 @@ the response/abort goes out, so an SCU that got its answer can read it.
 
 ``associations.jsonl``: ``{"event", "calling_ae", "called_ae", "username"}``
 plus event-specific fields.  Events: ``"user_id"`` (``user_id_type``,
-``verified``), ``"accepted"``, ``"rejected"`` (``result``, ``source``,
-``reason``), ``"aborted"``, ``"released"``.
+``verified``), ``"accepted"`` (``tcp_nodelay``: the option as read back from
+the accepted socket), ``"rejected"`` (``result``, ``source``, ``reason``),
+``"aborted"``, ``"released"``.
 """
 
 from __future__ import annotations
@@ -597,7 +598,12 @@ def run(argv: Sequence[str] | None = None) -> int:
             event.assoc.kill()
 
     def on_accepted(event) -> None:
-        recorder.association({"event": "accepted", **_assoc_info(event.assoc)})
+        try:  # the accepted socket's real option state (pynetdicom internals)
+            sock = event.assoc.dul.socket.socket
+            tcp_nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        except Exception:
+            tcp_nodelay = None
+        recorder.association({"event": "accepted", **_assoc_info(event.assoc), "tcp_nodelay": tcp_nodelay})
 
     def on_rejected(event) -> None:
         prim = event.assoc.acceptor.primitive
