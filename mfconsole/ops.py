@@ -76,7 +76,7 @@ def queued_pairs(config: Config, destination: str, days: float = 7.0) -> list[tu
         rows = conn.execute(
             "SELECT o.sop_class_uid, o.transfer_syntax, COUNT(*) AS n FROM deliveries d "
             "JOIN objects o ON o.id = d.object_id WHERE d.destination = ? AND "
-            f"(d.state IN (?, ?, ?) OR d.updated_at > ?) GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
+            "(d.state IN (?, ?, ?) OR d.updated_at > ?) GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
             (destination, *ACTIVE_STATES, DEAD, time.time() - days * 86400, sender.MAX_CONTEXTS)).fetchall()
     finally:
         conn.close()

@@ -29,6 +29,7 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from mfconsole.config import PRIORITIES
 from mfconsole.dimse import sockets  # noqa: F401  (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.engine import outcomes
 from mfconsole.engine.outcomes import Outcome
@@ -38,7 +39,6 @@ log = logging.getLogger("mfconsole.sender")
 IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
 MAX_CONTEXTS = 128      # PS3.8: presentation context ids are odd numbers 1..255
-PRIORITY_CODES = {"low": 2, "medium": 0, "high": 1}
 
 @dataclass(frozen=True)
 class Peer:
@@ -248,7 +248,7 @@ class DimseSender:
         self._msg_id = self._msg_id % 65535 + 1
         req = C_STORE()
         req.MessageID = self._msg_id
-        req.Priority = PRIORITY_CODES.get(self.peer.priority, 0)
+        req.Priority = PRIORITIES.get(self.peer.priority, 0)
         req.AffectedSOPClassUID = obj.sop_class_uid
         req.AffectedSOPInstanceUID = obj.sop_instance_uid
         req.DataSet = BytesIO(data)

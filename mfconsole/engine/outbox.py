@@ -104,7 +104,6 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
     attempts = item.attempts + 1
     _ensure_state(conn, destination)
     dest = state(conn, destination)
-    common = dict(last_status=outcome.status, last_class=outcome.label, last_reason=outcome.reason)
     if outcome.is_success:
         new_state, retry_at = DELIVERED, None
         event = "delivered_with_warning" if outcome.persistence == WARNING else "delivered"
@@ -141,8 +140,8 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
     conn.execute(
         "UPDATE deliveries SET state = ?, attempts = ?, retry_at = ?, lease_until = NULL, "
         "last_status = ?, last_class = ?, last_reason = ?, updated_at = ? WHERE id = ?",
-        (new_state, attempts, retry_at if retry_at is not None else now, common["last_status"],
-         common["last_class"], common["last_reason"], now, item.delivery_id))
+        (new_state, attempts, retry_at if retry_at is not None else now, outcome.status,
+         outcome.label, outcome.reason, now, item.delivery_id))
     if event is not None:
         _insert_audit(conn, {"ts": now, "event": event, "destination": destination,
                              "listener": listener, "object_id": item.object_id,
