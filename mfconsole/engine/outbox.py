@@ -113,7 +113,9 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
         if dest.down:
             _insert_audit(conn, {"ts": now, "event": "destination_up", "destination": destination,
                                  "detail": "delivery succeeded; destination is up again"})
-    elif outcome.persistence == PERMANENT and outcome.scope == DESTINATION:
+    elif outcome.scope == DESTINATION and (
+            outcome.persistence == PERMANENT
+            or (outcome.persistence == BOUNDED and dest.failures + 1 >= policy.bounded_attempts)):
         # Not the object's fault: keep it queued (attempt not counted) and pause.
         new_state, retry_at, attempts = PENDING, now, item.attempts
         pause(conn, destination, outcome.reason, status=outcome.status)
