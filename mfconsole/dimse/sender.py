@@ -32,6 +32,7 @@ from pynetdicom.sop_class import Verification
 from mfconsole.config import PRIORITIES
 from mfconsole.dimse import sockets  # noqa: F401  (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.engine import outcomes
+from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import Outcome
 
 log = logging.getLogger("mfconsole.sender")
@@ -66,15 +67,6 @@ class Peer:
                    connect_timeout_s=d.connect_timeout_s, acse_timeout_s=d.acse_timeout_s,
                    dimse_timeout_s=d.dimse_timeout_s, network_timeout_s=d.network_timeout_s,
                    priority=d.priority, username=d.username, passcode_file=d.passcode_file)
-
-
-@dataclass(frozen=True)
-class Outbound:
-    """One object to send: routing-safe UIDs and the plaintext data set bytes."""
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    data: bytes
 
 
 def ts_name(uid: str) -> str:
@@ -132,6 +124,8 @@ def _association_failure(assoc: Any, peer: Peer, connected: bool) -> Outcome:
 class DimseSender:
     """An association to one peer, opened on demand, reused, released when idle.
     Not thread-safe: one sender per delivery worker thread."""
+
+    max_batch = (1, 0)    # C-STORE carries one object per request
 
     def __init__(self, peer: Peer, egress_allows: Callable[[str, int], bool]):
         self.peer = peer
@@ -206,6 +200,14 @@ class DimseSender:
             self.close()
 
     # -- C-STORE -----------------------------------------------------------------
+
+    def send_many(self, objs: list[Outbound]) -> list[Outcome]:
+        done: list[Outcome] = []
+        for obj in objs:
+            done.append(self.send(obj))
+            if not done[-1].is_success and done[-1].scope == outcomes.DESTINATION:
+                break
+        return done
 
     def send(self, obj: Outbound) -> Outcome:
         failed = self.open([(obj.sop_class_uid, obj.transfer_syntax)])

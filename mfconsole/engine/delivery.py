@@ -2,8 +2,10 @@
 deliveries, send them, and record each outcome (outbox.record applies the
 classification: delivered, retry with backoff, dead letter, or pause).
 
-A worker claims a small batch, sends it over one reused association, then records
-all outcomes in one store call. A destination-scope failure (peer down, rejected
+A worker claims a small batch, sends it over one reused connection, then records
+all outcomes in one store call. Senders that take several objects per request (STOW-RS)
+say so with ``max_batch``; the batch is cut into groups of one study each, bounded by
+count and bytes, and each group is read from the store only when its turn comes. A destination-scope failure (peer down, rejected
 association) stops the batch: the rest goes back untouched, so one outage costs one
 attempt, not one per queued object. A message-scope failure dead-letters (or
 retries) that delivery only and the batch goes on: a poison object never blocks
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from mfconsole.engine import outbox
@@ -34,22 +37,54 @@ BATCH = 32
 IDLE_POLL_S = 0.25
 
 
+@dataclass(frozen=True)
+class Outbound:
+    """One object to send: routing-safe UIDs and the plaintext data set bytes."""
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    data: bytes
+    study_uid: str = ""
+
+
 class Sender(Protocol):
-    def send(self, obj: Any) -> Outcome: ...
+    # (objects, bytes) per request; (1, 0) sends one object at a time.
+    max_batch: tuple[int, int]
+
+    def send_many(self, objs: list[Outbound]) -> list[Outcome]:
+        """One outcome per object, in order; shorter than ``objs`` when a
+        destination-scope failure stopped the batch (that failure is the last one)."""
+        ...
+
     def close(self) -> None: ...
     def close_if_idle(self, idle_s: float) -> None: ...
+
+
+def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int) -> list[list[outbox.Claimed]]:
+    """Consecutive items of one study, at most ``max_count`` objects and ``max_bytes``
+    (an object larger than that travels alone)."""
+    out: list[list[outbox.Claimed]] = []
+    size = 0
+    for item in items:
+        current = out[-1] if out else None
+        if (current is None or len(current) >= max_count or item.study_uid != current[0].study_uid
+                or (max_bytes and size + item.size > max_bytes)):
+            out.append([item])
+            size = item.size
+        else:
+            current.append(item)
+            size += item.size
+    return out
 
 
 class DestinationWorkers:
     """The worker threads of one destination, and the event that wakes them."""
 
-    def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
-                 make_outbound: Callable[[outbox.Claimed, bytes], Any]):
+    def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender]):
         self.cfg = destination
         self.name = destination.name
         self.store = store
         self.make_sender = make_sender
-        self.make_outbound = make_outbound
         self.policy = outbox.Policy(destination.retry_initial_s, destination.retry_max_s,
                                     destination.down_after, destination.bounded_attempts)
         self.wake = threading.Event()
@@ -115,20 +150,24 @@ class DestinationWorkers:
             return False
         results: list[tuple[outbox.Claimed, Outcome]] = []
         untouched: list[int] = []
-        for i, item in enumerate(items):
+        batches = groups(items, *sender.max_batch)
+        for n, group in enumerate(batches):
             if self._stop.is_set():
-                untouched = [x.delivery_id for x in items[i:]]
+                untouched = [x.delivery_id for g in batches[n:] for x in g]
                 break
-            outcome = self._attempt(sender, item)
-            if index > 0 and not results and outcome.scope == DESTINATION \
-                    and outcome.persistence == TRANSIENT:
+            group_outcomes = self._attempt(sender, group)
+            first = group_outcomes[0]
+            if index > 0 and not results and first.scope == DESTINATION \
+                    and first.persistence == TRANSIENT:
                 # An extra association the peer would not give: leave it to worker 0.
                 self.store.call(lambda conn: outbox.release(conn, [x.delivery_id for x in items]))
                 self._stop.wait(self.policy.retry_initial_s)
                 return True
-            results.append((item, outcome))
-            if not outcome.is_success and outcome.scope == DESTINATION:
-                untouched = [x.delivery_id for x in items[i + 1:]]
+            results += zip(group, group_outcomes)
+            if len(group_outcomes) < len(group) or any(
+                    not o.is_success and o.scope == DESTINATION for o in group_outcomes):
+                done = {item.delivery_id for item, _ in results}
+                untouched = [x.delivery_id for x in items if x.delivery_id not in done]
                 break
         self.store.call(self._record, results, untouched)
         for item, outcome in results:
@@ -139,13 +178,32 @@ class DestinationWorkers:
                             item.sop_instance_uid, item.delivery_id, outcome.reason)
         return True
 
-    def _attempt(self, sender: Sender, item: outbox.Claimed) -> Outcome:
-        try:
-            data = self.store.read_object(item.object_id)
-        except (KeyError, VaultError, OSError) as exc:
-            return Outcome(PERMANENT, MESSAGE, "unreadable",
-                           f"stored object {item.object_id} cannot be read ({exc.__class__.__name__})")
-        return sender.send(self.make_outbound(item, data))
+    def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[Outcome]:
+        """Send one group; an object that cannot be read from the store is dead-lettered
+        on its own and the rest of the group still goes."""
+        objs: list[Outbound] = []
+        unreadable: dict[int, Outcome] = {}
+        for i, item in enumerate(group):
+            try:
+                data = self.store.read_object(item.object_id)
+            except (KeyError, VaultError, OSError) as exc:
+                unreadable[i] = Outcome(PERMANENT, MESSAGE, "unreadable",
+                                        f"stored object {item.object_id} cannot be read "
+                                        f"({exc.__class__.__name__})")
+                continue
+            objs.append(Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
+                                 data, item.study_uid))
+        sent = iter(sender.send_many(objs) if objs else [])
+        outcomes: list[Outcome] = []
+        for i in range(len(group)):
+            if i in unreadable:
+                outcomes.append(unreadable[i])
+                continue
+            outcome = next(sent, None)
+            if outcome is None:    # the batch stopped early
+                break
+            outcomes.append(outcome)
+        return outcomes
 
     def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome]],
                 untouched: list[int]) -> None:

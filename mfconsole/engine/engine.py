@@ -21,7 +21,7 @@ from mfconsole import __version__
 from mfconsole.config import Config, tcp_allows
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
-from mfconsole.dimse.sender import DimseSender, Outbound, Peer
+from mfconsole.dimse.sender import DimseSender, Peer
 from mfconsole.engine import logs
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -120,9 +120,7 @@ class Engine:
                 continue
             peer = Peer.from_destination(dest)
             workers = DestinationWorkers(
-                dest, self.store, lambda peer=peer: DimseSender(peer, self.egress_tcp_allows),
-                lambda item, data: Outbound(item.sop_class_uid, item.sop_instance_uid,
-                                            item.transfer_syntax, data))
+                dest, self.store, lambda peer=peer: DimseSender(peer, self.egress_tcp_allows))
             workers.start()
             self.deliveries[dest.name] = workers
 

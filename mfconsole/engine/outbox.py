@@ -28,6 +28,8 @@ class Claimed:
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax: str
+    study_uid: str = ""
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,16 @@ def claim(conn: sqlite3.Connection, destination: str, limit: int, now: float | N
     """Lease up to ``limit`` due pending deliveries (oldest first)."""
     now = now or time.time()
     rows = conn.execute(
-        "SELECT d.id, d.object_id, d.attempts, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax "
+        "SELECT d.id, d.object_id, d.attempts, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, "
+        "o.study_uid, o.size "
         "FROM deliveries d JOIN objects o ON o.id = d.object_id "
         "WHERE d.destination = ? AND d.state = ? AND d.retry_at <= ? "
         "ORDER BY d.retry_at, d.id LIMIT ?", (destination, PENDING, now, limit)).fetchall()
     conn.executemany("UPDATE deliveries SET state = ?, lease_until = ?, updated_at = ? WHERE id = ?",
                      [(IN_FLIGHT, now + LEASE_S, now, r["id"]) for r in rows])
     return [Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
-                    r["sop_class_uid"], r["transfer_syntax"]) for r in rows]
+                    r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "", r["size"] or 0)
+            for r in rows]
 
 
 def due_count(conn: sqlite3.Connection, destination: str, limit: int) -> int:
