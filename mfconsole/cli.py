@@ -57,8 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--destination", help="with --all: only this destination's")
     rp.add_argument("--reason", help="with --all: only those whose reason contains TEXT")
     rp.add_argument("--to", metavar="OTHER", help="deliver to this destination instead")
-    dc = dls.add_parser("discard", parents=[common], help="drop dead letters (explicit ids only)")
-    dc.add_argument("ids", type=int, nargs="+", metavar="ID")
+    dc = dls.add_parser("discard", parents=[common],
+                        help="drop dead letters: explicit ids, or a --destination/--reason filter")
+    dc.add_argument("ids", type=int, nargs="*", metavar="ID")
+    dc.add_argument("--destination", help="every dead letter of this destination")
+    dc.add_argument("--reason", help="every dead letter whose reason contains TEXT")
     return p
 
 
@@ -170,9 +173,9 @@ def cmd_dead_letters(config: Config, args: Any) -> int:
         print(f"{len(queued)} dead letter(s) queued again"
               + (f" for {args.to}" if args.to else ""))
         return EXIT_OK if queued or not args.ids else EXIT_FAIL
-    n = ops.discard(config, args.ids)
+    n = ops.discard(config, args.ids, destination=args.destination, reason=args.reason)
     print(f"{n} dead letter(s) discarded")
-    return EXIT_OK if n == len(set(args.ids)) else EXIT_FAIL
+    return EXIT_OK if n == len(set(args.ids)) or not args.ids else EXIT_FAIL
 
 
 OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,

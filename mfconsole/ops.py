@@ -162,10 +162,21 @@ def replay(config: Config, ids: list[int] | None, *, all_: bool = False, destina
     return _write(config, run)
 
 
-def discard(config: Config, ids: list[int]) -> int:
-    if not ids:
-        raise OpsError("discard needs explicit dead letter ids")
-    return _write(config, outbox.discard, ids)
+def discard(config: Config, ids: list[int], *, destination: str | None = None,
+            reason: str | None = None) -> int:
+    """Dead letters are dropped only when named: by id, or by a filter (never "all")."""
+    if destination is not None:
+        _destination(config, destination)
+    if not ids and destination is None and not reason:
+        raise OpsError("discard needs dead letter ids, or --destination and/or --reason")
+    if ids and (destination is not None or reason):
+        raise OpsError("give dead letter ids or a filter, not both")
+
+    def run(conn: Any) -> int:
+        chosen = ids or [r["id"] for r in outbox.dead_letters(conn, destination, reason)]
+        return outbox.discard(conn, chosen)
+
+    return _write(config, run)
 
 
 def pause(config: Config, destination: str) -> None:

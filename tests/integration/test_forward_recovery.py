@@ -1,0 +1,145 @@
+"""Forwarding that nothing stops: a poison object among good ones, kill -9 while
+forwarding, and the dead-letter operator commands (replay, replay --to, discard)
+against real peers. Asserts on what the peers received and on the delivery rows."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+
+import dicomgen
+from fault_scp import FaultSCP
+from harness import mfconsole, poll
+from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
+
+from mfconsole.engine import outbox
+
+
+def _uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _delivered_uids(peer: FaultSCP) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of what the peer accepted (status 0x0000)."""
+    return {r["sop_instance_uid"]: r["sha256"] for r in peer.received() if r["status"] == 0}
+
+
+def _forward_time(engine_factory, tmp_path: Path, name: str, files: list[Path], *scp_args: str
+                  ) -> tuple[float, object, FaultSCP]:
+    """Queue ``files`` with the destination paused, resume it, and time until the
+    queue is settled (nothing pending or in flight)."""
+    scp = FaultSCP(None, *scp_args, record_dir=tmp_path / f"{name}-scp", ae_title="PACS").start()
+    engine = engine_factory(name, destinations=[dimse_dest(scp.port)])
+    engine.store.call(outbox.pause, "pacs", "test: queue first")
+    assert storescu(engine.listeners[0].address[1], files).returncode == 0
+    t0 = time.monotonic()
+    engine.store.call(outbox.resume, "pacs")
+    engine.deliveries["pacs"].wake.set()
+    poll(lambda: set(deliveries(engine)) <= {"delivered", "dead"}
+         and sum(deliveries(engine).values()) == len(files), timeout=120, interval=0.02,
+         message=f"{name}: every delivery settled")
+    return time.monotonic() - t0, engine, scp
+
+
+def test_poison_object_does_not_hold_up_the_rest(engine_factory, tmp_path):
+    files = dicomgen.write_corpus(tmp_path / "sr", 100)
+    clean_s, _, clean_scp = _forward_time(engine_factory, tmp_path, "clean", files)
+    assert len(_delivered_uids(clean_scp)) == 100
+
+    # The same corpus again (fresh engine and peer); the peer refuses one object for good.
+    poison = _uid(files[37])
+    poisoned_s, engine, scp = _forward_time(engine_factory, tmp_path, "poisoned", files,
+                                            "--status-for", f"{poison}=0xA900")
+    assert deliveries(engine) == {"delivered": 99, "dead": 1}
+    delivered = _delivered_uids(scp)
+    assert len(delivered) == 99 and poison not in delivered
+    row = engine.store.reader().execute(
+        "SELECT d.attempts, d.last_status, d.last_class FROM deliveries d JOIN objects o "
+        "ON o.id = d.object_id WHERE d.state = 'dead'").fetchone()
+    assert tuple(row) == (1, "0xA900", "permanent/message")
+    # Objects behind the poison went on at once: no retry pause, no destination failure.
+    state = engine.store.reader().execute(
+        "SELECT failures, down, paused FROM destination_state WHERE name = 'pacs'").fetchone()
+    assert tuple(state) == (0, 0, 0)
+    assert poisoned_s < clean_s * 2 + 1.0, (clean_s, poisoned_s)
+
+
+def test_kill9_while_forwarding_loses_nothing(serve_factory, tmp_path):
+    """The engine is killed while objects are in flight to a slow peer; after a
+    restart every object reaches the peer at least once, intact."""
+    scp = FaultSCP(None, "--delay-s", "0.02", record_dir=tmp_path / "scp", ae_title="PACS").start()
+    serve = serve_factory(destinations=[dimse_dest(scp.port)])
+    files = dicomgen.write_corpus(tmp_path / "sr", 150)
+    files += dicomgen.write_corpus(tmp_path / "ct", 10, kind="ct", pixel_bytes=300 * 1024)
+    assert storescu(serve.port, files).returncode == 0
+    poll(lambda: len(scp.received()) >= 20, timeout=30, message="forwarding under way")
+    serve.kill9()
+    got_before_kill = len(_delivered_uids(scp))
+    assert got_before_kill < len(files), "the kill must land while forwarding"
+
+    serve.start()
+    with serve.db() as db:
+        poll(lambda: db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
+                                ).fetchone()[0] == len(files), timeout=120, message="all delivered")
+        digests = dict(db.execute("SELECT sop_instance_uid, digest FROM objects").fetchall())
+        assert db.execute("SELECT COUNT(*) FROM deliveries WHERE state != 'delivered'").fetchone()[0] == 0
+    assert {_uid(f) for f in files} == set(digests)
+    assert _delivered_uids(scp) == digests   # every object, byte for byte as received
+
+
+def _run_cli(config: Path, *args: str):
+    return mfconsole("--config", str(config), *args)
+
+
+def test_dead_letters_replay_after_fix_replay_to_and_discard(engine_factory, tmp_path):
+    files = dicomgen.write_corpus(tmp_path / "sr", 6)
+    bad = [_uid(f) for f in files[:4]]
+    args = [a for uid in bad for a in ("--status-for", f"{uid}=0xC000")]
+    scp = FaultSCP(None, *args, record_dir=tmp_path / "scp", ae_title="PACS").start()
+    other = FaultSCP(None, record_dir=tmp_path / "other", ae_title="OTHER").start()
+    destinations = [dimse_dest(scp.port),
+                    {**dimse_dest(other.port), "name": "archive", "ae_title": "OTHER"}]
+    engine = engine_factory(destinations=destinations, routes=[{"from": "modalities", "to": ["pacs"]}])
+    config = tmp_path / "engine" / "config.toml"
+    assert storescu(engine.listeners[0].address[1], files).returncode == 0
+    poll(lambda: deliveries(engine) == {"delivered": 2, "dead": 4}, timeout=30)
+
+    listed = json.loads(_run_cli(config, "dead-letters", "list", "--json").stdout)
+    assert sorted(r["sop_instance_uid"] for r in listed) == sorted(bad)
+    ids = {r["sop_instance_uid"]: r["id"] for r in listed}
+    shown = _run_cli(config, "dead-letters", "show", str(ids[bad[0]]))
+    assert shown.returncode == 0 and "0xC000" in shown.stdout and "dead_lettered" in shown.stdout
+
+    # Discard refuses to guess: no ids and no filter is an error, nothing changes.
+    res = _run_cli(config, "dead-letters", "discard")
+    assert res.returncode == 2 and "ids" in res.stderr
+    assert deliveries(engine)["dead"] == 4
+
+    # The cause is fixed (the peer now accepts everything): replay two of them.
+    scp.stop()
+    fixed = FaultSCP(scp.port, record_dir=tmp_path / "scp-fixed", ae_title="PACS").start()
+    res = _run_cli(config, "dead-letters", "replay", str(ids[bad[0]]), str(ids[bad[1]]))
+    assert res.returncode == 0, res.stderr
+    poll(lambda: set(_delivered_uids(fixed)) == {bad[0], bad[1]}, timeout=30)
+    poll(lambda: deliveries(engine) == {"delivered": 4, "dead": 2}, timeout=10)
+
+    # One re-targeted to another destination: "archive" receives it, pacs does not.
+    res = _run_cli(config, "dead-letters", "replay", str(ids[bad[2]]), "--to", "archive")
+    assert res.returncode == 0, res.stderr
+    poll(lambda: set(_delivered_uids(other)) == {bad[2]}, timeout=30)
+    assert bad[2] not in _delivered_uids(fixed)
+
+    # The last one is discarded by a filter; nothing is dead any more, nothing was sent.
+    res = _run_cli(config, "dead-letters", "discard", "--destination", "pacs", "--reason", "understand")
+    assert res.returncode == 0 and "1 dead letter(s) discarded" in res.stdout
+    assert bad[3] not in _delivered_uids(fixed)
+    states = dict(engine.store.reader().execute(
+        "SELECT o.sop_instance_uid, d.state FROM deliveries d JOIN objects o ON o.id = d.object_id "
+        "WHERE d.destination = 'pacs'").fetchall())
+    assert states[bad[3]] == "discarded" and states[bad[2]] == "replayed"
+    events = [r[0] for r in engine.store.reader().execute("SELECT event FROM audit ORDER BY id")]
+    assert events.count("replayed") == 3 and events.count("discarded") == 1
+    assert stored_digests(engine)[bad[0]] == _delivered_uids(fixed)[bad[0]]
