@@ -201,6 +201,9 @@ class DimseSender:
 
     # -- C-STORE -----------------------------------------------------------------
 
+    def prepare(self, items: Iterable[Any]) -> Outcome | None:
+        return self.open((i.sop_class_uid, i.transfer_syntax) for i in items)
+
     def send_many(self, objs: list[Outbound]) -> list[Outcome]:
         done: list[Outcome] = []
         for obj in objs:

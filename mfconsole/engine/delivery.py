@@ -12,10 +12,10 @@ retries) that delivery only and the batch goes on: a poison object never blocks
 the objects behind it.
 
 Worker 0 always works the queue. The others only join when the backlog is deeper than
-what the workers before them hold, and an association they cannot open is not held
-against the destination: many PACS take one association at a time (DCMTK storescp
-without --fork simply does not answer a second one), and the extra workers must not
-turn that into retries and a "down" destination.
+what the workers before them hold; they connect before claiming, and a connection
+they cannot get is not held against the destination: many PACS take one association
+at a time, and the extra workers must not turn that into retries and a "down"
+destination.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from mfconsole.engine import outbox
-from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, TRANSIENT, Outcome
+from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, Outcome
 from mfconsole.engine.store import Store
 from mfconsole.engine.vault import VaultError
 
@@ -50,6 +50,11 @@ class Outbound:
 class Sender(Protocol):
     # (objects, bytes) per request; (1, 0) sends one object at a time.
     max_batch: tuple[int, int]
+
+    def prepare(self, items: list[outbox.Claimed]) -> Outcome | None:
+        """Get a connection ready for these items (not yet claimed); an Outcome when
+        the peer will not have us. Extra workers call it before they claim anything."""
+        ...
 
     def send_many(self, objs: list[Outbound]) -> list[Outcome]:
         """One outcome per object, in order; shorter than ``objs`` when a
@@ -141,28 +146,36 @@ class DestinationWorkers:
             sender.close()
             self._wait(wait)
             return True
-        if index > 0 and (st.down or outbox.due_count(self.store.reader(), self.name,
-                                                          limit=index * BATCH + 1) <= index * BATCH):
-            return False
         # A destination marked down is probed with one object at a time.
-        items = self.store.call(outbox.claim, self.name, 1 if st.down else BATCH)
+        size = 1 if st.down else BATCH
+        mine = outbox.due(self.store.reader(), self.name, index * BATCH + size)[index * BATCH:]
+        if not mine or (index > 0 and st.down):
+            if index > 0:
+                sender.close()   # extras are for bursts: give the association back
+            return False
+        # Connect before claiming: many PACS take one association at a time (DCMTK
+        # storescp without --fork leaves a second request unanswered), and objects
+        # claimed by a worker waiting for its association would wait with it.
+        refused = sender.prepare(mine)
+        if refused is not None and index > 0:
+            # An extra association the peer would not give is not held against it.
+            self._stop.wait(self.policy.retry_initial_s)
+            return True
+        items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size)
         if not items:
             return False
         results: list[tuple[outbox.Claimed, Outcome]] = []
         untouched: list[int] = []
-        batches = groups(items, *sender.max_batch)
+        if refused is not None:    # counted as one attempt, of the oldest object
+            results.append((items[0], refused))
+            batches = []
+        else:
+            batches = groups(items, *sender.max_batch)
         for n, group in enumerate(batches):
             if self._stop.is_set():
                 untouched = [x.delivery_id for g in batches[n:] for x in g]
                 break
             group_outcomes = self._attempt(sender, group)
-            first = group_outcomes[0]
-            if index > 0 and not results and first.scope == DESTINATION \
-                    and first.persistence == TRANSIENT:
-                # An extra association the peer would not give: leave it to worker 0.
-                self.store.call(lambda conn: outbox.release(conn, [x.delivery_id for x in items]))
-                self._stop.wait(self.policy.retry_initial_s)
-                return True
             results += zip(group, group_outcomes)
             if len(group_outcomes) < len(group) or any(
                     not o.is_success and o.scope == DESTINATION for o in group_outcomes):

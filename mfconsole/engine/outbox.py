@@ -55,28 +55,28 @@ def _ensure_state(conn: sqlite3.Connection, name: str) -> None:
                  (name, time.time()))
 
 
-def claim(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None
-          ) -> list[Claimed]:
-    """Lease up to ``limit`` due pending deliveries (oldest first)."""
-    now = now or time.time()
+def due(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None
+        ) -> list[Claimed]:
+    """Up to ``limit`` due pending deliveries (oldest first), not leased."""
     rows = conn.execute(
         "SELECT d.id, d.object_id, d.attempts, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, "
         "o.study_uid, o.size "
         "FROM deliveries d JOIN objects o ON o.id = d.object_id "
         "WHERE d.destination = ? AND d.state = ? AND d.retry_at <= ? "
-        "ORDER BY d.retry_at, d.id LIMIT ?", (destination, PENDING, now, limit)).fetchall()
-    conn.executemany("UPDATE deliveries SET state = ?, lease_until = ?, updated_at = ? WHERE id = ?",
-                     [(IN_FLIGHT, now + LEASE_S, now, r["id"]) for r in rows])
+        "ORDER BY d.retry_at, d.id LIMIT ?", (destination, PENDING, now or time.time(), limit)).fetchall()
     return [Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
                     r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "", r["size"] or 0)
             for r in rows]
 
 
-def due_count(conn: sqlite3.Connection, destination: str, limit: int) -> int:
-    """Due pending deliveries, counted up to ``limit`` (cheap on a deep queue)."""
-    return conn.execute(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM deliveries WHERE destination = ? AND state = ? "
-        "AND retry_at <= ? LIMIT ?)", (destination, PENDING, time.time(), limit)).fetchone()[0]
+def claim(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None
+          ) -> list[Claimed]:
+    """Lease up to ``limit`` due pending deliveries (oldest first)."""
+    now = now or time.time()
+    items = due(conn, destination, limit, now)
+    conn.executemany("UPDATE deliveries SET state = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+                     [(IN_FLIGHT, now + LEASE_S, now, item.delivery_id) for item in items])
+    return items
 
 
 def release(conn: sqlite3.Connection, delivery_ids: Iterable[int]) -> None:

@@ -180,3 +180,22 @@ def test_echo_and_test_commands(storescp_factory, tmp_path):
     scp.start()
     res = mfconsole("--config", str(config), "test", "pacs")
     assert res.returncode == 0 and "accepted" in res.stdout
+
+
+def test_single_association_peer_is_not_slowed_by_extra_workers(engine_factory, storescp_factory,
+                                                                   tmp_path):
+    """storescp without --fork takes one association at a time and leaves a second
+    request unanswered. The extra worker must not sit on a batch of claimed objects
+    while it waits (they would be late by acse_timeout_s)."""
+    from mfconsole.engine import outbox
+
+    scp = storescp_factory("-B")
+    engine = engine_factory(destinations=[dimse_dest(scp.port, acse_timeout_s=20, max_associations=2)])
+    engine.store.call(outbox.pause, "pacs", "test: queue first")
+    files = dicomgen.write_corpus(tmp_path / "sr", 120)
+    assert storescu(engine.listeners[0].address[1], files).returncode == 0
+    t0 = time.monotonic()
+    engine.store.call(outbox.resume, "pacs")
+    poll(lambda: deliveries(engine).get("delivered") == 120, timeout=60)
+    assert time.monotonic() - t0 < 10
+    assert len(received_by_storescp(scp)) == 120
