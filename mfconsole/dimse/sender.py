@@ -126,6 +126,7 @@ class DimseSender:
     Not thread-safe: one sender per delivery worker thread."""
 
     max_batch = (1, 0)    # C-STORE carries one object per request
+    in_order = False
 
     def __init__(self, peer: Peer, egress_allows: Callable[[str, int], bool]):
         self.peer = peer

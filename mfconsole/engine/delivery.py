@@ -50,6 +50,8 @@ class Outbound:
 class Sender(Protocol):
     # (objects, bytes) per request; (1, 0) sends one object at a time.
     max_batch: tuple[int, int]
+    # In arrival order (HL7): nothing overtakes a message that failed or waits to retry.
+    in_order: bool
 
     def prepare(self, items: list[outbox.Claimed]) -> Outcome | None:
         """Get a connection ready for these items (not yet claimed); an Outcome when
@@ -148,7 +150,8 @@ class DestinationWorkers:
             return True
         # A destination marked down is probed with one object at a time.
         size = 1 if st.down else BATCH
-        mine = outbox.due(self.store.reader(), self.name, index * BATCH + size)[index * BATCH:]
+        mine = outbox.due(self.store.reader(), self.name, index * BATCH + size,
+                          ordered=sender.in_order)[index * BATCH:]
         if not mine or (index > 0 and st.down):
             if index > 0:
                 sender.close()   # extras are for bursts: give the association back
@@ -161,7 +164,8 @@ class DestinationWorkers:
             # An extra association the peer would not give is not held against it.
             self._stop.wait(self.policy.retry_initial_s)
             return True
-        items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size)
+        items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
+                                None, sender.in_order)
         if not items:
             return False
         results: list[tuple[outbox.Claimed, Outcome]] = []
@@ -178,7 +182,8 @@ class DestinationWorkers:
             group_outcomes = self._attempt(sender, group)
             results += zip(group, group_outcomes)
             if len(group_outcomes) < len(group) or any(
-                    not o.is_success and o.scope == DESTINATION for o in group_outcomes):
+                    not o.is_success and (o.scope == DESTINATION or sender.in_order)
+                    for o in group_outcomes):
                 done = {item.delivery_id for item, _ in results}
                 untouched = [x.delivery_id for x in items if x.delivery_id not in done]
                 break

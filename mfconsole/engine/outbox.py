@@ -55,25 +55,34 @@ def _ensure_state(conn: sqlite3.Connection, name: str) -> None:
                  (name, time.time()))
 
 
-def due(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None
-        ) -> list[Claimed]:
-    """Up to ``limit`` due pending deliveries (oldest first), not leased."""
-    rows = conn.execute(
-        "SELECT d.id, d.object_id, d.attempts, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, "
-        "o.study_uid, o.size "
-        "FROM deliveries d JOIN objects o ON o.id = d.object_id "
-        "WHERE d.destination = ? AND d.state = ? AND d.retry_at <= ? "
-        "ORDER BY d.retry_at, d.id LIMIT ?", (destination, PENDING, now or time.time(), limit)).fetchall()
-    return [Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
-                    r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "", r["size"] or 0)
-            for r in rows]
-
-
-def claim(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None
-          ) -> list[Claimed]:
-    """Lease up to ``limit`` due pending deliveries (oldest first)."""
+def due(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None,
+        ordered: bool = False) -> list[Claimed]:
+    """Up to ``limit`` due pending deliveries, not leased: the oldest due first, or with
+    ``ordered`` strictly in arrival order, stopping at the first one not yet due (an
+    in-order destination never lets a message overtake one waiting for its retry)."""
     now = now or time.time()
-    items = due(conn, destination, limit, now)
+    rows = conn.execute(
+        "SELECT d.id, d.object_id, d.attempts, d.retry_at, o.sop_instance_uid, o.sop_class_uid, "
+        "o.transfer_syntax, o.study_uid, o.size "
+        "FROM deliveries d JOIN objects o ON o.id = d.object_id "
+        "WHERE d.destination = ? AND d.state = ? AND (? OR d.retry_at <= ?) "
+        f"ORDER BY {'d.id' if ordered else 'd.retry_at, d.id'} LIMIT ?",
+        (destination, PENDING, ordered, now, limit)).fetchall()
+    items = []
+    for r in rows:
+        if r["retry_at"] > now:
+            break
+        items.append(Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
+                             r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "",
+                             r["size"] or 0))
+    return items
+
+
+def claim(conn: sqlite3.Connection, destination: str, limit: int, now: float | None = None,
+          ordered: bool = False) -> list[Claimed]:
+    """Lease up to ``limit`` due pending deliveries (see ``due``)."""
+    now = now or time.time()
+    items = due(conn, destination, limit, now, ordered)
     conn.executemany("UPDATE deliveries SET state = ?, lease_until = ?, updated_at = ? WHERE id = ?",
                      [(IN_FLIGHT, now + LEASE_S, now, item.delivery_id) for item in items])
     return items
@@ -131,6 +140,8 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
         failures = dest.failures + 1 if outcome.scope == DESTINATION else dest.failures
         delay = backoff(failures if outcome.scope == DESTINATION else attempts,
                         policy.retry_initial_s, policy.retry_max_s)
+        # A peer that said when to come back (HTTP Retry-After) is not asked sooner.
+        delay = max(delay, outcome.retry_after_s or 0.0)
         new_state, retry_at, event = PENDING, now + delay, "retry_scheduled"
         if outcome.scope == DESTINATION:
             down = failures >= policy.down_after
