@@ -37,7 +37,10 @@ DESTINATION_KEYS = {
     "dimse": _DESTINATION_COMMON | {
         "host", "port", "ae_title", "calling_ae_title", "acse_timeout_s", "dimse_timeout_s",
         "idle_timeout_s", "priority", "username", "passcode_file"},
-    "stow": _DESTINATION_COMMON | {"url"},
+    "stow": _DESTINATION_COMMON | {
+        "url", "allow_cleartext", "ca_file", "client_cert_file", "client_key_file",
+        "bearer_token_file", "username", "password_file", "batch_max_objects", "batch_max_mb",
+        "response_timeout_s", "idle_timeout_s"},
     "mllp": _DESTINATION_COMMON | {"host", "port"},
 }
 ROUTE_KEYS = frozenset({"from", "to", "handler"})
@@ -127,8 +130,18 @@ class DestinationConfig:
     dimse_timeout_s: float = 30.0
     idle_timeout_s: float = 30.0
     priority: str = "medium"
-    username: str | None = None
+    username: str | None = None      # DIMSE user identity; STOW basic authentication
     passcode_file: Path | None = None
+    # STOW only.
+    allow_cleartext: bool = False
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    bearer_token_file: Path | None = None
+    password_file: Path | None = None
+    batch_max_objects: int = 10
+    batch_max_mb: int = 16
+    response_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -590,11 +603,67 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
                        "scheme, host, port and whole path segments); add its base URL there "
                        "to allow this destination")
                 continue
-            if None in (name, url, max_assoc):
+            stow = _stow_options(r, t, p, url, resolve)
+            if None in (name, url, max_assoc, stow):
                 continue
             out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc,
-                                         **policy))
+                                         **policy, **stow))
     return out, set(seen)
+
+
+_STOW_FILES = ("ca_file", "client_cert_file", "client_key_file", "bearer_token_file", "password_file")
+_SECRETS = ("bearer_token_file", "password_file")
+
+
+def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,
+                  resolve: Callable[[str], Path]) -> dict[str, Any] | None:
+    """The STOW-only keys of destination ``p`` (None when one of them is wrong).
+
+    TLS settings only make sense with https. Over http, a non-loopback archive needs
+    allow_cleartext (as a listener does), and credentials never go there at all.
+    """
+    before = len(r.problems)
+    opts: dict[str, Any] = {
+        "allow_cleartext": r.get(t, p, "allow_cleartext", bool, False),
+        "username": r.get(t, p, "username", str, None, _not_empty),
+        "batch_max_objects": r.get(t, p, "batch_max_objects", int, 10, _range(1, 1000)),
+        "batch_max_mb": r.get(t, p, "batch_max_mb", int, 16, _range(1, 4096)),
+        "response_timeout_s": r.get(t, p, "response_timeout_s", float, 60.0, _positive),
+        "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
+    }
+    for key in _STOW_FILES:
+        value = r.get(t, p, key, str, None, _not_empty)
+        path = resolve(value) if value is not None else None
+        if path is not None and not path.is_file():
+            r.fail(f"{p}.{key}", f"{path} is not a readable file")
+        elif path is not None and key in _SECRETS and path.stat().st_mode & 0o004:
+            r.fail(f"{p}.{key}", f"{path} is readable by every user; chmod 600 it")
+        opts[key] = path
+    if opts["bearer_token_file"] is not None and (opts["username"] or opts["password_file"]):
+        r.fail(f"{p}.bearer_token_file", "use either bearer_token_file or username + password_file "
+               "(basic authentication), not both")
+    elif opts["password_file"] is not None and opts["username"] is None:
+        r.fail(f"{p}.password_file", "needs username (basic authentication is username + password)")
+    elif opts["username"] is not None and opts["password_file"] is None:
+        r.fail(f"{p}.username", "needs password_file (basic authentication is username + password)")
+    if opts["client_key_file"] is not None and opts["client_cert_file"] is None:
+        r.fail(f"{p}.client_key_file", "needs client_cert_file")
+    parts = urlsplit(url) if url is not None else None
+    if parts is not None and parts.scheme.lower() == "http":
+        for key in ("ca_file", "client_cert_file", "client_key_file"):
+            if opts[key] is not None:
+                r.fail(f"{p}.{key}", "is only used with an https:// url")
+        host = parts.hostname or ""
+        if not is_loopback(host):
+            if opts["allow_cleartext"] is False:
+                r.fail(f"{p}.url", f"'{host}' is not a loopback address and the url is http://; "
+                       "PHI would cross the network in cleartext. Use https://, or set "
+                       f"{p}.allow_cleartext = true to accept that risk")
+            for key in ("bearer_token_file", "password_file"):
+                if opts[key] is not None:
+                    r.fail(f"{p}.{key}", "credentials are never sent in cleartext to a non-loopback "
+                           "host; use an https:// url")
+    return opts if len(r.problems) == before else None
 
 
 def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str],

@@ -18,7 +18,7 @@ from typing import Any
 from pydicom import config as pydicom_config
 
 from mfconsole import __version__
-from mfconsole.config import Config, tcp_allows
+from mfconsole.config import Config, http_prefix_allows, tcp_allows
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
 from mfconsole.dimse.sender import DimseSender, Peer
@@ -28,6 +28,7 @@ from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.router import routes_by_listener
 from mfconsole.engine.store import IngestRequest, Store
 from mfconsole.engine.vault import Vault, VaultError, load_or_create_key
+from mfconsole.stow.client import StowSender, Target
 
 log = logging.getLogger("mfconsole.engine")
 
@@ -114,19 +115,27 @@ class Engine:
     def _start_deliveries(self) -> None:
         assert self.store is not None
         for dest in self.config.destinations:
-            if dest.kind != "dimse":
+            if dest.kind == "dimse":
+                peer = Peer.from_destination(dest)
+                make_sender: Any = lambda peer=peer: DimseSender(peer, self.egress_tcp_allows)
+            elif dest.kind == "stow":
+                target = Target.from_destination(dest)
+                make_sender = lambda target=target: StowSender(target, self.egress_http_allows)
+            else:
                 log.warning("destination %s: kind %s has no sender yet; its deliveries stay queued",
                             dest.name, dest.kind)
                 continue
-            peer = Peer.from_destination(dest)
-            workers = DestinationWorkers(
-                dest, self.store, lambda peer=peer: DimseSender(peer, self.egress_tcp_allows))
+            workers = DestinationWorkers(dest, self.store, make_sender)
             workers.start()
             self.deliveries[dest.name] = workers
 
     def egress_tcp_allows(self, host: str, port: int) -> bool:
         """Checked again before every connect (the config may have been reloaded)."""
         return tcp_allows(self.config.egress.allowed_tcp, host, port)
+
+    def egress_http_allows(self, url: str) -> bool:
+        """Checked again before every HTTP request (the config may have been reloaded)."""
+        return any(http_prefix_allows(prefix, url) for prefix in self.config.egress.allowed_http)
 
     def _housekeeping(self) -> None:
         self._purge()

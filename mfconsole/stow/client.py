@@ -1,0 +1,348 @@
+"""STOW-RS sender: one httpx client per delivery worker, reused across requests.
+
+Each request carries one study's instances (the delivery framework cuts the groups),
+goes only where ``[egress].allowed_http`` allows (checked before every request), never
+follows a redirect, never takes a proxy or certificates from the environment, and
+reads the credentials from their files at each request so a rotation needs no
+restart. Credentials and response bodies are never logged or put in a reason.
+
+A 413, or a refusal the body does not explain per instance, splits the batch in
+halves until the instance at fault stands alone: one poison object must not
+dead-letter the innocent objects sent with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from mfconsole import __version__
+from mfconsole.engine import outcomes
+from mfconsole.engine.delivery import Outbound
+from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, Outcome
+from mfconsole.stow import multipart, response
+
+# httpx logs every request at INFO and httpcore traces at DEBUG; neither may ever
+# carry a header of ours (Authorization) or a body into the log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+MIB = 1024 * 1024
+ACCEPT = "application/dicom+json"
+# BCP 195: TLS 1.2 or later, AEAD suites only (TLS 1.3 suites all are).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to POST. Built from a destination's config."""
+    url: str
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    bearer_token_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    connect_timeout_s: float = 10.0
+    response_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    idle_timeout_s: float = 30.0
+    batch_max_objects: int = 10
+    batch_max_mb: int = 16
+
+    @classmethod
+    def from_destination(cls, d: Any) -> "Target":
+        return cls(url=d.url, ca_file=d.ca_file, client_cert_file=d.client_cert_file,
+                   client_key_file=d.client_key_file, bearer_token_file=d.bearer_token_file,
+                   username=d.username, password_file=d.password_file,
+                   connect_timeout_s=d.connect_timeout_s, response_timeout_s=d.response_timeout_s,
+                   network_timeout_s=d.network_timeout_s, idle_timeout_s=d.idle_timeout_s,
+                   batch_max_objects=d.batch_max_objects, batch_max_mb=d.batch_max_mb)
+
+    @property
+    def studies_url(self) -> str:
+        return self.url.rstrip("/") + "/studies"
+
+    @property
+    def origin(self) -> str:
+        return origin(self.url)
+
+
+def origin(url: str) -> str:
+    """scheme://host:port of a URL: what a reason may name (never a path or query)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
+        host = parts.hostname or "?"
+    except ValueError:
+        return "(unparsable URL)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme.lower()}://{host}:{port}"
+
+
+# -- credentials and TLS -------------------------------------------------------------
+
+class ConfigurationProblem(Exception):
+    """A credential or certificate file cannot be used; the message names the key."""
+
+
+def _secret(path: Path, key: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationProblem(f"cannot read {key}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
+    if not value:
+        raise ConfigurationProblem(f"{key} is empty")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ConfigurationProblem(f"{key} holds control characters (one line expected)")
+    return value
+
+
+def authorization(target: Target) -> str | None:
+    """The Authorization header value, read from the files now (rotation-safe)."""
+    if target.bearer_token_file is not None:
+        return "Bearer " + _secret(target.bearer_token_file, "bearer_token_file")
+    if target.username is not None and target.password_file is not None:
+        password = _secret(target.password_file, "password_file")
+        pair = f"{target.username}:{password}".encode("utf-8")
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+    return None
+
+
+def tls_context(target: Target) -> ssl.SSLContext:
+    """Verification on; ``ca_file`` replaces the system trust store when set."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(target.ca_file) if target.ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(TLS12_CIPHERS)
+        if target.client_cert_file is not None:
+            ctx.load_cert_chain(str(target.client_cert_file),
+                                str(target.client_key_file) if target.client_key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationProblem(f"cannot load ca_file/client_cert_file/client_key_file: "
+                                   f"{getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
+    return ctx
+
+
+def _configuration(problem: ConfigurationProblem) -> Outcome:
+    return Outcome(PERMANENT, DESTINATION, "configuration", str(problem))
+
+
+# -- failures without an HTTP answer ---------------------------------------------------
+
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kind):
+            return exc
+        exc = exc.__cause__ or exc.__context__   # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def network_failure(exc: httpx.HTTPError, target: Target) -> Outcome:
+    """No HTTP answer (status-classes: transient; a TLS trust failure is permanent)."""
+    where = target.origin
+    bad_cert = _cause(exc, ssl.SSLCertVerificationError)
+    if bad_cert is not None:
+        detail = getattr(bad_cert, "verify_message", None) or "verification failed"
+        return Outcome(PERMANENT, DESTINATION, "TLS",
+                       f"the certificate of {where} is not trusted ({detail}); check ca_file")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return outcomes.transport_failure(
+            f"no connection to {where} within connect_timeout_s={target.connect_timeout_s:g}")
+    if isinstance(exc, httpx.ConnectError):
+        if _cause(exc, ssl.SSLError) is not None:
+            return outcomes.transport_failure(f"TLS handshake with {where} failed")
+        return outcomes.transport_failure(f"cannot connect to {where}: refused, unreachable or "
+                                          "unknown host")
+    if isinstance(exc, httpx.ReadTimeout):
+        return outcomes.no_response(
+            f"no answer from {where} within response_timeout_s={target.response_timeout_s:g}; "
+            "the objects may be stored: they are sent again (STOW is idempotent)")
+    if isinstance(exc, httpx.WriteTimeout):
+        return outcomes.transport_failure(
+            f"{where} stopped reading the request for network_timeout_s={target.network_timeout_s:g}")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return outcomes.no_response(f"{where} closed the connection without a complete answer; "
+                                    "the objects may be stored: they are sent again (STOW is idempotent)")
+    return outcomes.transport_failure(f"connection to {where} lost ({exc.__class__.__name__})")
+
+
+# -- the sender ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    answer: response.Answer | None
+    retry_after_s: float | None
+    location: str | None
+
+
+class StowSender:
+    """Not thread-safe: one sender per delivery worker thread."""
+
+    in_order = False     # instances are independent: a failed one holds up nothing
+
+    def __init__(self, target: Target, egress_allows: Callable[[str], bool]):
+        self.target = target
+        self.egress_allows = egress_allows
+        self.max_batch = (target.batch_max_objects, target.batch_max_mb * MIB)
+        self._client: httpx.Client | None = None
+        self.last_used = 0.0
+
+    # -- connection -------------------------------------------------------------------
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            t = self.target
+            verify: Any = tls_context(t) if urlsplit(t.url).scheme.lower() == "https" else True
+            self._client = httpx.Client(
+                verify=verify, trust_env=False, follow_redirects=False,
+                timeout=httpx.Timeout(connect=t.connect_timeout_s, read=t.response_timeout_s,
+                                      write=t.network_timeout_s, pool=t.connect_timeout_s),
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                    keepalive_expiry=t.idle_timeout_s),
+                headers={"User-Agent": f"mfconsole/{__version__}", "Accept-Encoding": "identity"})
+        return self._client
+
+    def prepare(self, items: Any = ()) -> Outcome | None:
+        """Whether a request may go at all: egress and credentials. HTTP connects per
+        request, so there is nothing to open ahead of time."""
+        if not self.egress_allows(self.target.studies_url):
+            return outcomes.egress_refused(self.target.origin + urlsplit(self.target.url).path,
+                                           "allowed_http")
+        try:
+            authorization(self.target)
+        except ConfigurationProblem as exc:
+            return _configuration(exc)
+        return None
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def close_if_idle(self, idle_s: float) -> None:
+        if self._client is not None and time.monotonic() - self.last_used > idle_s:
+            self.close()
+
+    # -- STOW-RS ----------------------------------------------------------------------
+
+    def send_many(self, objs: list[Outbound]) -> list[Outcome]:
+        if not objs:
+            return []
+        reply = self._post(objs)
+        if isinstance(reply, Outcome):       # no answer: nothing is known per instance
+            return [reply]
+        uids = [o.sop_instance_uid for o in objs]
+        results = response.per_instance(reply.status, reply.answer, uids, reply.retry_after_s)
+        whole = outcomes.stow_http(reply.status, reply.retry_after_s)
+        if len(objs) > 1 and not response.explains(reply.answer, uids) and (
+                reply.status == 413 or (not whole.is_success and whole.scope == MESSAGE)):
+            return self._split(objs)
+        if not whole.is_success and whole.scope == DESTINATION and not response.explains(reply.answer, uids):
+            if reply.location:
+                whole = dataclasses.replace(whole, reason=f"{whole.reason} (Location: {origin(reply.location)})")
+            return [whole]                   # the batch stops; the rest stays queued
+        return results
+
+    def _split(self, objs: list[Outbound]) -> list[Outcome]:
+        half = len(objs) // 2
+        first = self.send_many(objs[:half])
+        if len(first) < half or any(not o.is_success and o.scope == DESTINATION for o in first):
+            return first
+        return first + self.send_many(objs[half:])
+
+    def _post(self, objs: list[Outbound]) -> Reply | Outcome:
+        refused = self.prepare()
+        if refused is not None:
+            return refused
+        body = multipart.build(objs)
+        try:
+            headers = {"Content-Type": body.content_type, "Content-Length": str(body.length),
+                       "Accept": ACCEPT}
+            auth = authorization(self.target)
+            if auth is not None:
+                headers["Authorization"] = auth
+            client = self._http()
+        except ConfigurationProblem as exc:
+            return _configuration(exc)
+        self.last_used = time.monotonic()
+        try:
+            with client.stream("POST", self.target.studies_url, content=body.chunks,
+                               headers=headers) as r:
+                raw = _read_bounded(r)
+                reply = Reply(r.status_code,
+                              response.parse(r.headers.get("content-type", ""), raw) if raw else None,
+                              response.retry_after(r.headers.get("retry-after")),
+                              r.headers.get("location"))
+        except httpx.HTTPError as exc:
+            self.close()   # never reuse a connection in an unknown state
+            return network_failure(exc, self.target)
+        finally:
+            self.last_used = time.monotonic()
+        return reply
+
+
+def _read_bounded(r: httpx.Response) -> bytes:
+    """The body up to MAX_BODY_BYTES; a larger one is cut (it is only parsed for
+    per-instance results, and a truncated document simply does not parse)."""
+    out = bytearray()
+    for chunk in r.iter_raw():
+        out += chunk
+        if len(out) > response.MAX_BODY_BYTES:
+            return b""
+    return bytes(out)
+
+
+# -- operator tools ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    rtt_ms: float
+    detail: str
+
+
+def echo(target: Target, egress_allows: Callable[[str], bool]) -> EchoResult:
+    """An empty STOW-RS request (a multipart body without parts): it reaches the very
+    endpoint deliveries use, with the same TLS and credentials, and stores nothing."""
+    sender = StowSender(target, egress_allows)
+    t0 = time.perf_counter()
+    refused = sender.prepare()
+    if refused is not None:
+        return EchoResult(False, 0.0, refused.reason)
+    boundary = multipart.fresh_boundary([])
+    headers = {"Content-Type": f'multipart/related; type="{multipart.PART_TYPE}"; boundary={boundary}',
+               "Accept": ACCEPT}
+    try:
+        auth = authorization(target)
+        if auth is not None:
+            headers["Authorization"] = auth
+        with sender._http().stream("POST", target.studies_url, content=f"--{boundary}--\r\n".encode(),
+                                   headers=headers) as r:
+            _read_bounded(r)
+            status, location = r.status_code, r.headers.get("location")
+    except ConfigurationProblem as exc:
+        return EchoResult(False, 0.0, str(exc))
+    except httpx.HTTPError as exc:
+        return EchoResult(False, (time.perf_counter() - t0) * 1000, network_failure(exc, target).reason)
+    finally:
+        sender.close()
+    rtt = (time.perf_counter() - t0) * 1000
+    verdict = outcomes.stow_http(status)
+    if verdict.is_success or (verdict.scope == MESSAGE and 400 <= status < 500):
+        # A 4xx about the (empty) content still proves the endpoint and our credentials.
+        return EchoResult(True, rtt, f"HTTP {status} to an empty STOW-RS request (nothing stored)")
+    where = f" (Location: {origin(location)})" if location else ""
+    return EchoResult(False, rtt, verdict.reason + where)
