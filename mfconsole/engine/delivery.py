@@ -87,11 +87,13 @@ def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int) -> list[
 class DestinationWorkers:
     """The worker threads of one destination, and the event that wakes them."""
 
-    def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender]):
+    def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
+                 transform: Callable[..., tuple[Any, Any]] | None = None):
         self.cfg = destination
         self.name = destination.name
         self.store = store
         self.make_sender = make_sender
+        self.transform = transform    # the route's handler step (engine/transform.py)
         self.policy = outbox.Policy(destination.retry_initial_s, destination.retry_max_s,
                                     destination.down_after, destination.bounded_attempts)
         self.wake = threading.Event()
@@ -168,10 +170,10 @@ class DestinationWorkers:
                                 None, sender.in_order)
         if not items:
             return False
-        results: list[tuple[outbox.Claimed, Outcome]] = []
+        results: list[tuple[outbox.Claimed, Outcome, Any]] = []
         untouched: list[int] = []
         if refused is not None:    # counted as one attempt, of the oldest object
-            results.append((items[0], refused))
+            results.append((items[0], refused, None))
             batches = []
         else:
             batches = groups(items, *sender.max_batch)
@@ -180,51 +182,60 @@ class DestinationWorkers:
                 untouched = [x.delivery_id for g in batches[n:] for x in g]
                 break
             group_outcomes = self._attempt(sender, group)
-            results += zip(group, group_outcomes)
+            results += [(item, outcome, stamp) for item, (outcome, stamp) in zip(group, group_outcomes)]
             if len(group_outcomes) < len(group) or any(
-                    not o.is_success and (o.scope == DESTINATION or sender.in_order)
-                    for o in group_outcomes):
-                done = {item.delivery_id for item, _ in results}
+                    not o.is_done and (o.scope == DESTINATION or sender.in_order)
+                    for o, _ in group_outcomes):
+                done = {item.delivery_id for item, _, _ in results}
                 untouched = [x.delivery_id for x in items if x.delivery_id not in done]
                 break
         self.store.call(self._record, results, untouched)
-        for item, outcome in results:
+        for item, outcome, _ in results:
             if outcome.is_success:
                 self.sent += 1
-            else:
+            elif not outcome.is_done:
                 log.warning("destination %s: %s for %s (delivery %d): %s", self.name, outcome.label,
                             item.sop_instance_uid, item.delivery_id, outcome.reason)
         return True
 
-    def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[Outcome]:
-        """Send one group; an object that cannot be read from the store is dead-lettered
-        on its own and the rest of the group still goes."""
+    def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any]]:
+        """Send one group: (outcome, handler stamp) per object, shorter when the sender
+        stopped early. An object that cannot be read, or that its handler filters or
+        fails on, is settled on its own and the rest of the group still goes."""
         objs: list[Outbound] = []
-        unreadable: dict[int, Outcome] = {}
+        settled: dict[int, tuple[Outcome, Any]] = {}
+        stamps: dict[int, Any] = {}
         for i, item in enumerate(group):
             try:
                 data = self.store.read_object(item.object_id)
             except (KeyError, VaultError, OSError) as exc:
-                unreadable[i] = Outcome(PERMANENT, MESSAGE, "unreadable",
-                                        f"stored object {item.object_id} cannot be read "
-                                        f"({exc.__class__.__name__})")
+                settled[i] = (Outcome(PERMANENT, MESSAGE, "unreadable",
+                                      f"stored object {item.object_id} cannot be read "
+                                      f"({exc.__class__.__name__})"), None)
                 continue
-            objs.append(Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
-                                 data, item.study_uid))
+            obj: Any = Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
+                                data, item.study_uid)
+            if item.handler and self.transform is not None:
+                obj, stamps[i] = self.transform(item.handler, f"{item.listener}->{self.name}",
+                                                item.delivery_id, obj)
+                if isinstance(obj, Outcome):
+                    settled[i] = (obj, stamps[i])
+                    continue
+            objs.append(obj)
         sent = iter(sender.send_many(objs) if objs else [])
-        outcomes: list[Outcome] = []
+        out: list[tuple[Outcome, Any]] = []
         for i in range(len(group)):
-            if i in unreadable:
-                outcomes.append(unreadable[i])
+            if i in settled:
+                out.append(settled[i])
                 continue
             outcome = next(sent, None)
             if outcome is None:    # the batch stopped early
                 break
-            outcomes.append(outcome)
-        return outcomes
+            out.append((outcome, stamps.get(i)))
+        return out
 
-    def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome]],
+    def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome, Any]],
                 untouched: list[int]) -> None:
-        for item, outcome in results:
-            outbox.record(conn, self.name, item, outcome, self.policy)
+        for item, outcome, stamp in results:
+            outbox.record(conn, self.name, item, outcome, self.policy, stamp)
         outbox.release(conn, untouched)

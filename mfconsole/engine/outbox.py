@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mfconsole.engine.outcomes import BOUNDED, DESTINATION, PERMANENT, TRANSIENT, WARNING, Outcome
-from mfconsole.engine.store import DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED, _insert_audit
+from mfconsole.engine.outcomes import (BOUNDED, DESTINATION, FILTERED, PERMANENT, TRANSIENT, WARNING,
+                                       Outcome)
+from mfconsole.engine.store import (DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED,
+                                    _insert_audit)
+from mfconsole.engine.store import FILTERED as FILTERED_STATE
 
 LEASE_S = 300.0
 
@@ -30,6 +33,8 @@ class Claimed:
     transfer_syntax: str
     study_uid: str = ""
     size: int = 0
+    handler: str | None = None
+    listener: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,8 @@ def due(conn: sqlite3.Connection, destination: str, limit: int, now: float | Non
     in-order destination never lets a message overtake one waiting for its retry)."""
     now = now or time.time()
     rows = conn.execute(
-        "SELECT d.id, d.object_id, d.attempts, d.retry_at, o.sop_instance_uid, o.sop_class_uid, "
-        "o.transfer_syntax, o.study_uid, o.size "
+        "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, o.sop_instance_uid, "
+        "o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size "
         "FROM deliveries d JOIN objects o ON o.id = d.object_id "
         "WHERE d.destination = ? AND d.state = ? AND (? OR d.retry_at <= ?) "
         f"ORDER BY {'d.id' if ordered else 'd.retry_at, d.id'} LIMIT ?",
@@ -74,7 +79,7 @@ def due(conn: sqlite3.Connection, destination: str, limit: int, now: float | Non
             break
         items.append(Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
                              r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "",
-                             r["size"] or 0))
+                             r["size"] or 0, r["handler"], r["listener"]))
     return items
 
 
@@ -110,14 +115,20 @@ class Policy:
 
 
 def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: Outcome,
-           policy: Policy, listener: str | None = None) -> str:
+           policy: Policy, handler: Any = None) -> str:
     """Apply one attempt's outcome to its delivery (and the destination's state);
-    return the delivery's new state."""
+    return the delivery's new state. ``handler`` (name, version, digest) is the
+    handler version this attempt ran."""
     now = time.time()
     attempts = item.attempts + 1
     _ensure_state(conn, destination)
     dest = state(conn, destination)
-    if outcome.is_success:
+    if handler is not None:
+        conn.execute("UPDATE deliveries SET handler_version = ?, handler_digest = ? WHERE id = ?",
+                     (handler.version, handler.digest, item.delivery_id))
+    if outcome.persistence == FILTERED:
+        new_state, retry_at, event = FILTERED_STATE, None, "filtered"
+    elif outcome.is_success:
         new_state, retry_at = DELIVERED, None
         event = "delivered_with_warning" if outcome.persistence == WARNING else "delivered"
         conn.execute("UPDATE destination_state SET failures = 0, down = 0, next_attempt_at = 0, "
@@ -161,7 +172,7 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
          outcome.label, outcome.reason, now, item.delivery_id))
     if event is not None:
         _insert_audit(conn, {"ts": now, "event": event, "destination": destination,
-                             "listener": listener, "object_id": item.object_id,
+                             "listener": item.listener, "object_id": item.object_id,
                              "delivery_id": item.delivery_id, "sop_instance_uid": item.sop_instance_uid,
                              "status": outcome.status,
                              "detail": f"attempt {attempts}: {outcome.label}: {outcome.reason}"

@@ -133,10 +133,12 @@ def create_schema(conn: sqlite3.Connection) -> None:
         "id": int, "object_id": int, "destination": str, "listener": str, "handler": str,
         "state": str, "attempts": int, "retry_at": float, "lease_until": float,
         "last_status": str, "last_class": str, "last_reason": str,
-        "handler_version": str, "created_at": float, "updated_at": float,
+        "handler_version": str, "handler_digest": str, "created_at": float, "updated_at": float,
     }, pk="id", not_null={"object_id", "destination", "state"},
         defaults={"attempts": 0}, foreign_keys=[("object_id", "objects", "id")],
         if_not_exists=True)
+    if "handler_digest" not in db["deliveries"].columns_dict:   # data dirs from before handlers
+        db["deliveries"].add_column("handler_digest", str)
     db["deliveries"].create_index(["destination", "state", "retry_at"], if_not_exists=True)
     db["deliveries"].create_index(["object_id"], if_not_exists=True)
     db["deliveries"].create_index(["state"], if_not_exists=True)

@@ -1,0 +1,114 @@
+"""Run a route's handler on one delivery, at send time, and turn what it returns into
+what the destination sends.
+
+``None`` → the delivery is filtered (counted and audited as such); an HL7 message →
+its bytes, for an MLLP destination; a DICOM data set → for a DIMSE or STOW destination,
+its header written in the object's own transfer syntax followed by the original
+pixel data bytes (handlers see headers only and never decode pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
+
+from mfconsole.engine.delivery import Outbound
+from mfconsole.engine.handlers import Handlers, HandlerError, LoadedHandler
+from mfconsole.engine.outcomes import FILTERED, MESSAGE, PERMANENT, Outcome
+
+HL7_ENCODING = "utf-8"
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Which handler version a delivery ran (recorded on the delivery row)."""
+    name: str
+    version: str
+    digest: str
+
+
+def control_id(delivery_id: int) -> str:
+    """MSH-10 for a delivery: the same on every retry, so a receiver can de-duplicate."""
+    return f"MF{delivery_id:012d}"
+
+
+class Transformer:
+    """The handler step of one destination."""
+
+    def __init__(self, handlers: Handlers, destination: Any,
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self.handlers = handlers
+        self.destination = destination
+        self.now = now
+
+    def context(self, handler: LoadedHandler, route: str, delivery_id: int) -> Any:
+        from mfconsole.handlers.api import Context
+
+        d = self.destination
+        return Context(route=route, destination=d.name, destination_kind=d.kind,
+                       sending_application=getattr(d, "sending_application", "MFCONSOLE") or "",
+                       sending_facility=getattr(d, "sending_facility", "") or "",
+                       receiving_application=getattr(d, "receiving_application", "") or "",
+                       receiving_facility=getattr(d, "receiving_facility", "") or "",
+                       message_control_id=control_id(delivery_id), handler_name=handler.name,
+                       handler_version=handler.version, now=self.now)
+
+    def __call__(self, handler_name: str, route: str, delivery_id: int, obj: Outbound
+                 ) -> tuple[Outbound | Outcome, Stamp | None]:
+        """The object to send, or the Outcome that settles the delivery here."""
+        try:
+            handler = self.handlers.get(handler_name)
+        except HandlerError as exc:
+            return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), None
+        stamp = Stamp(handler.name, handler.version, handler.digest)
+        try:
+            from mfconsole.handlers.api import DicomObject
+
+            source = DicomObject.from_bytes(obj.data, obj.transfer_syntax,
+                                            sop_class_uid=obj.sop_class_uid,
+                                            sop_instance_uid=obj.sop_instance_uid)
+            result = handler.run(source, self.context(handler, route, delivery_id))
+            return self._outbound(handler, obj, result), stamp
+        except HandlerError as exc:
+            return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
+
+    def _outbound(self, handler: LoadedHandler, obj: Outbound, result: Any) -> Outbound | Outcome:
+        kind = self.destination.kind
+        if result is None:
+            return Outcome(FILTERED, MESSAGE, "filtered", f"handler {handler.name} {handler.version} "
+                           "returned None")
+        if isinstance(result, Dataset):
+            if kind == "mllp":
+                raise HandlerError(f"handler {handler.name} {handler.version} returned a DICOM "
+                                   "data set for an MLLP destination")
+            return replace(obj, data=with_original_pixels(result, obj.data, obj.transfer_syntax))
+        if hasattr(result, "encode") and hasattr(result, "control_id"):
+            if kind != "mllp":
+                raise HandlerError(f"handler {handler.name} {handler.version} returned an HL7 "
+                                   f"message for a {kind} destination")
+            return replace(obj, data=result.encode().encode(HL7_ENCODING))
+        raise HandlerError(f"handler {handler.name} {handler.version} returned "
+                           f"{type(result).__name__}; expected None, a DICOM data set or an HL7 message")
+
+
+def with_original_pixels(header: Dataset, original: bytes, transfer_syntax: str) -> bytes:
+    """``header`` (without pixel data) in ``transfer_syntax``, then the original bytes
+    from the top-level Pixel Data element on, untouched."""
+    from pydicom.filereader import read_dataset
+
+    ts = UID(transfer_syntax)
+    fp = DicomBytesIO(original)
+    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
+    read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
+                 stop_when=lambda tag, vr, length: tag >= 0x7FE00010)
+    tail = original[fp.tell():] if fp.tell() < len(original) else b""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
+    write_dataset(out, Dataset({t: e for t, e in header.items() if t < 0x7FE00010}))
+    return out.getvalue() + tail

@@ -1,0 +1,171 @@
+"""HL7 v2 over MLLP to one EHR interface: a connection reused for many messages.
+
+Framing is 0x0B, message, 0x1C 0x0D. Each message waits for its ACK before the next
+goes (delivery is in order per destination); the ACK is read with a deadline and a
+size bound, and it only counts when MSA-2 names our MSH-10. Anything else (no ACK, a
+garbled or oversized one, another control id) leaves the outcome unknown: the
+connection is dropped and the same message (same MSH-10) is sent again later.
+
+Gets message bytes, answers with an Outcome; knows nothing of SQLite or handlers.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from mfconsole.engine import outcomes
+from mfconsole.engine.delivery import Outbound
+from mfconsole.engine.outcomes import Outcome
+
+START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
+MAX_ACK_BYTES = 64 * 1024     # an ACK is a few hundred bytes; more is not an ACK
+
+
+@dataclass(frozen=True)
+class Ack:
+    code: str              # MSA-1: AA, AE, AR, CA, CE, CR
+    control_id: str        # MSA-2: the MSH-10 it acknowledges
+    text: str = ""         # MSA-3 / ERR, routing-safe only when the peer makes it so
+
+
+class AckError(ValueError):
+    """Not a usable ACK (routing-safe message)."""
+
+
+def frame(message: bytes) -> bytes:
+    return START_BLOCK + message + END_BLOCK
+
+
+def control_id(message: bytes) -> str:
+    """MSH-10 of an encoded HL7 v2 message."""
+    msh = message.split(b"\r", 1)[0]
+    if not msh.startswith(b"MSH") or len(msh) < 8:
+        raise ValueError("not an HL7 v2 message (no MSH segment first)")
+    fields = msh.decode("latin-1").split(msh[3:4].decode("latin-1"))
+    return fields[9] if len(fields) > 9 else ""
+
+
+def parse_ack(payload: bytes) -> Ack:
+    """MSA of an ACK message (segments separated by CR; LF tolerated)."""
+    text = payload.decode("latin-1").replace("\r\n", "\r").replace("\n", "\r")
+    segments = [s for s in text.split("\r") if s]
+    if not segments or not segments[0].startswith("MSH") or len(segments[0]) < 8:
+        raise AckError("reply is not an HL7 message")
+    sep = segments[0][3]
+    for seg in segments[1:]:
+        fields = seg.split(sep)
+        if fields[0] == "MSA":
+            if len(fields) < 3 or fields[1] not in ("AA", "AE", "AR", "CA", "CE", "CR"):
+                raise AckError("ACK has no valid MSA-1 acknowledgment code")
+            return Ack(fields[1], fields[2], fields[3] if len(fields) > 3 else "")
+    raise AckError("reply has no MSA segment")
+
+
+def read_frame(sock: socket.socket, deadline: float, limit: int = MAX_ACK_BYTES) -> bytes:
+    """One MLLP block, or AckError/TimeoutError. Bytes before the start block are
+    ignored (some peers send a stray LF)."""
+    buf = bytearray()
+    while True:
+        end = buf.find(END_BLOCK)
+        start = buf.find(START_BLOCK)
+        if start >= 0 and end > start:
+            return bytes(buf[start + 1:end])
+        if len(buf) > limit + 3:
+            raise AckError(f"reply larger than {limit // 1024} KiB without an MLLP end block")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionResetError("peer closed the connection")
+        buf += chunk
+
+
+class MllpSender:
+    """One connection to one MLLP peer. Not thread-safe: one per delivery worker."""
+
+    max_batch = (1, 0)
+    in_order = True
+
+    def __init__(self, destination: Any, egress_allows: Callable[[str, int], bool]):
+        self.host: str = destination.host
+        self.port: int = destination.port
+        self.connect_timeout_s: float = destination.connect_timeout_s
+        self.ack_timeout_s: float = destination.ack_timeout_s
+        self.egress_allows = egress_allows
+        self.sock: socket.socket | None = None
+        self.last_used = 0.0
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def prepare(self, items: Iterable[Any] = ()) -> Outcome | None:
+        if self.sock is not None:
+            return None
+        if not self.egress_allows(self.host, self.port):
+            return outcomes.egress_refused(self.address)
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+        except OSError as exc:
+            return outcomes.transport_failure(
+                f"cannot connect to {self.address}: {exc.__class__.__name__} "
+                f"(connect_timeout_s={self.connect_timeout_s:g})")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.last_used = sock, time.monotonic()
+        return None
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close_if_idle(self, idle_s: float) -> None:
+        if self.sock is not None and time.monotonic() - self.last_used > idle_s:
+            self.close()
+
+    def send_many(self, objs: list[Outbound]) -> list[Outcome]:
+        done: list[Outcome] = []
+        for obj in objs:
+            done.append(self.send(obj.data))
+            if not done[-1].is_success:   # in order: nothing overtakes a failed message
+                break
+        return done
+
+    def send(self, message: bytes) -> Outcome:
+        try:
+            ours = control_id(message)
+        except ValueError as exc:
+            return Outcome(outcomes.PERMANENT, outcomes.MESSAGE, "not HL7", str(exc))
+        failed = self.prepare()
+        if failed is not None:
+            return failed
+        assert self.sock is not None
+        try:
+            self.sock.settimeout(self.ack_timeout_s)
+            self.sock.sendall(frame(message))
+            ack = parse_ack(read_frame(self.sock, time.monotonic() + self.ack_timeout_s))
+        except TimeoutError:
+            self.close()
+            return outcomes.no_response(f"no ACK within ack_timeout_s={self.ack_timeout_s:g}; "
+                                        f"MSH-10 {ours} will be sent again")
+        except AckError as exc:
+            self.close()
+            return outcomes.no_response(f"{exc}; MSH-10 {ours} will be sent again")
+        except OSError as exc:
+            self.close()
+            return outcomes.transport_failure(
+                f"connection to {self.address} lost: {exc.__class__.__name__}")
+        self.last_used = time.monotonic()
+        if ack.control_id != ours:
+            self.close()
+            return outcomes.no_response(f"ACK for MSH-10 {ack.control_id!r}, not ours ({ours}); "
+                                        "sent again")
+        return outcomes.hl7_ack(ack.code)
