@@ -41,7 +41,9 @@ DESTINATION_KEYS = {
         "url", "allow_cleartext", "ca_file", "client_cert_file", "client_key_file",
         "bearer_token_file", "username", "password_file", "batch_max_objects", "batch_max_mb",
         "response_timeout_s", "idle_timeout_s"},
-    "mllp": _DESTINATION_COMMON | {"host", "port"},
+    "mllp": _DESTINATION_COMMON | {
+        "host", "port", "ack_timeout_s", "idle_timeout_s", "sending_application",
+        "sending_facility", "receiving_application", "receiving_facility"},
 }
 ROUTE_KEYS = frozenset({"from", "to", "handler"})
 ACCEPTED_KEYS: dict[str, frozenset[str]] = {
@@ -142,6 +144,12 @@ class DestinationConfig:
     batch_max_objects: int = 10
     batch_max_mb: int = 16
     response_timeout_s: float = 60.0
+    # MLLP only: MSH-3..6 of the messages handlers build, and the ACK deadline.
+    ack_timeout_s: float = 30.0
+    sending_application: str = "MFCONSOLE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
 
 
 @dataclass(frozen=True)
@@ -456,7 +464,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     handlers_dir = base / "handlers"
     # Routes are checked against every declared name, so a listener with a bad port
     # does not also produce a misleading "names no listener" for its routes.
-    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir)
+    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir,
+                     {d.name for d in destinations if d.kind == "mllp"})
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
@@ -549,7 +558,11 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
                 r.fail(f"{p}.name", f"'{name}' is already used by destinations[{seen[name]}]")
             else:
                 seen[name] = i
-        max_assoc = r.get(t, p, "max_associations", int, 2, _range(1, 64))
+        max_assoc = r.get(t, p, "max_associations", int, 1 if kind == "mllp" else 2, _range(1, 64))
+        if kind == "mllp" and max_assoc is not None and max_assoc > 1:
+            r.fail(f"{p}.max_associations", "must be 1: HL7 messages are delivered in order, "
+                   "over one connection")
+            max_assoc = None
         policy = {
             "retry_initial_s": r.get(t, p, "retry_initial_s", float, 5.0, _positive),
             "retry_max_s": r.get(t, p, "retry_max_s", float, 600.0, _positive),
@@ -578,6 +591,14 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
                 if not path_.is_file():
                     r.fail(f"{p}.passcode_file", f"{path_} is not a readable file")
                 policy["passcode_file"] = path_
+        if kind == "mllp":
+            policy |= {
+                "ack_timeout_s": r.get(t, p, "ack_timeout_s", float, 30.0, _positive),
+                "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
+            }
+            for key, default in (("sending_application", "MFCONSOLE"), ("sending_facility", ""),
+                                 ("receiving_application", ""), ("receiving_facility", "")):
+                policy[key] = r.get(t, p, key, str, default, _hl7_identity)
         if any(v is None for k, v in policy.items() if k not in ("username", "passcode_file")):
             continue   # the problem is recorded; the destination is not built
         if kind in ("dimse", "mllp"):
@@ -609,6 +630,12 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
             out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc,
                                          **policy, **stow))
     return out, set(seen)
+
+
+def _hl7_identity(value: str) -> str | None:
+    if len(value) > 227 or any(c in value for c in "|^~\\&\r\n"):
+        return "must be plain text (no HL7 delimiters | ^ ~ \\ & or line breaks)"
+    return None
 
 
 _STOW_FILES = ("ca_file", "client_cert_file", "client_key_file", "bearer_token_file", "password_file")
@@ -667,7 +694,7 @@ def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,
 
 
 def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str],
-            handlers_dir: Path) -> list[RouteConfig]:
+            handlers_dir: Path, hl7_destinations: set[str]) -> list[RouteConfig]:
     out: list[RouteConfig] = []
     for i, item in enumerate(_array(r, raw, "routes")):
         p = f"routes[{i}]"
@@ -701,6 +728,11 @@ def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str]
                 r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} "
                        "does not exist")
                 ok = False
+        if handler is None and any(d in hl7_destinations for d in to or ()):
+            names = ", ".join(d for d in to if d in hl7_destinations)
+            r.fail(f"{p}.handler", f"is required: {names} (mllp) takes HL7 messages, which a "
+                   "handler makes (e.g. handler = \"sr_to_oru\")")
+            ok = False
         if ok:
             out.append(RouteConfig(from_listener=source, to=to, handler=handler))
     return out

@@ -25,9 +25,12 @@ from mfconsole.dimse.sender import DimseSender, Peer
 from mfconsole.engine import logs
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
+from mfconsole.engine.handlers import HandlerError, Handlers
+from mfconsole.engine.transform import Transformer
 from mfconsole.engine.router import routes_by_listener
 from mfconsole.engine.store import IngestRequest, Store
 from mfconsole.engine.vault import Vault, VaultError, load_or_create_key
+from mfconsole.mllp.sender import MllpSender
 from mfconsole.stow.client import StowSender, Target
 
 log = logging.getLogger("mfconsole.engine")
@@ -49,6 +52,7 @@ class Engine:
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self.deliveries: dict[str, DestinationWorkers] = {}
+        self.handlers: Handlers | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -73,6 +77,10 @@ class Engine:
             if any(recovered.values()):
                 log.warning("recovered after an unclean stop: %d in-flight deliveries requeued, "
                             "%d orphaned blobs removed", recovered["requeued"], recovered["orphan_blobs"])
+            try:
+                self.handlers = Handlers(cfg.handlers_dir, handler_names(cfg))
+            except HandlerError as exc:
+                raise EngineError(str(exc)) from None
             self._start_deliveries()
             max_bytes = cfg.store.max_object_mb * 1024 * 1024
             for lc in cfg.listeners:
@@ -122,10 +130,9 @@ class Engine:
                 target = Target.from_destination(dest)
                 make_sender = lambda target=target: StowSender(target, self.egress_http_allows)
             else:
-                log.warning("destination %s: kind %s has no sender yet; its deliveries stay queued",
-                            dest.name, dest.kind)
-                continue
-            workers = DestinationWorkers(dest, self.store, make_sender)
+                make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_allows)
+            assert self.handlers is not None
+            workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest))
             workers.start()
             self.deliveries[dest.name] = workers
 
@@ -179,3 +186,7 @@ class Engine:
         from mfconsole.engine.status import collect
 
         return collect(self.config, self)
+
+
+def handler_names(config: Config) -> set[str]:
+    return {r.handler for r in config.routes if r.handler}

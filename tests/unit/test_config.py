@@ -233,7 +233,11 @@ def test_valid_config_is_typed_and_paths_resolve_against_its_folder(tmp_path, mo
         DIMSE, {"name": "web", "kind": "stow", "url": STOW_PREFIX + "/"},
         {"name": "ehr", "kind": "mllp", "host": "LOCALHOST", "port": 2575}],
         egress={"allowed_tcp": ["127.0.0.1:11113", "localhost:2575"],
-                "allowed_http": [STOW_PREFIX]})
+                "allowed_http": [STOW_PREFIX]},
+        routes=[{"from": "modalities", "to": ["pacs", "web"]},
+                {"from": "modalities", "to": ["ehr"], "handler": "to_hl7"}])
+    (folder / "handlers").mkdir()
+    (folder / "handlers" / "to_hl7.py").write_text("VERSION = '1'\ndef handle(obj, ctx):\n    return None\n")
     monkeypatch.chdir(tmp_path)
     cfg = load(Path("site/config.toml"))
     assert cfg.path == path.resolve()
@@ -246,7 +250,21 @@ def test_valid_config_is_typed_and_paths_resolve_against_its_folder(tmp_path, mo
     assert isinstance(lst.acse_timeout_s, float)
     assert [d.kind for d in cfg.destinations] == ["dimse", "stow", "mllp"]
     assert cfg.destination("pacs").calling_ae_title == "MFCONSOLE"
-    assert cfg.routes[0].to == ("pacs", "web", "ehr")
+    assert cfg.routes[0].to == ("pacs", "web") and cfg.routes[1].handler == "to_hl7"
+    ehr = cfg.destination("ehr")
+    assert (ehr.max_associations, ehr.ack_timeout_s, ehr.sending_application) == (1, 30.0, "MFCONSOLE")
+
+
+def test_mllp_destination_rules(tmp_path):
+    ehr = {"name": "ehr", "kind": "mllp", "host": "127.0.0.1", "port": 2575,
+           "max_associations": 2, "sending_facility": "RAD|1"}
+    path = write_config(tmp_path, destinations=[ehr])
+    problems = dict(problems_of(path))
+    assert "in order" in problems["destinations[0].max_associations"]
+    assert "delimiters" in problems["destinations[0].sending_facility"]
+    fixed = {**ehr, "max_associations": 1, "sending_facility": "RAD"}
+    problems = dict(problems_of(write_config(tmp_path / "b", destinations=[fixed])))
+    assert "handler" in problems["routes[0].handler"]
 
 
 def test_default_key_file_is_under_data_dir(tmp_path):
