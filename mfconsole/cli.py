@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate the configuration (exit 0 or 2)")
     st = sub.add_parser("status", parents=[common], help="listeners, queues, dead letters")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    ec = sub.add_parser("echo", parents=[common], help="C-ECHO a destination or AET@host:port")
+    ec = sub.add_parser("echo", parents=[common],
+                        help="C-ECHO a destination or AET@host:port (STOW-RS: an empty request)")
     ec.add_argument("target", help="destination name, or AET@host:port")
     te = sub.add_parser("test", parents=[common],
                         help="which SOP class/transfer syntax pairs a DIMSE destination accepts")
@@ -94,6 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_echo(config: Config, args: Any) -> int:
     from mfconsole import ops
 
+    stow = ops.stow_destination(config, args.target)
+    if stow is not None:
+        result = ops.echo(config, args.target)
+        where = f"{stow.name} (STOW-RS {stow.url.rstrip('/')}/studies)"
+        if result.ok:
+            print(f"{where}: OK in {result.rtt_ms:.1f} ms: {result.detail}")
+            return EXIT_OK
+        print(f"{where}: FAILED after {result.rtt_ms:.1f} ms: {result.detail}", file=sys.stderr)
+        return EXIT_FAIL
     peer = ops.resolve_peer(config, args.target)
     result = ops.echo(config, args.target)
     where = f"{peer.called_ae}@{peer.address} (calling {peer.calling_ae})"

@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mfconsole.config import Config, ae_title_problem, tcp_allows
+from mfconsole.config import Config, DestinationConfig, ae_title_problem, http_prefix_allows, tcp_allows
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
 from mfconsole.engine.store import ACTIVE_STATES, DEAD, connect
+from mfconsole.stow import client as stow
 
 
 class OpsError(Exception):
@@ -49,7 +50,17 @@ def egress(config: Config) -> Callable[[str, int], bool]:
     return lambda host, port: tcp_allows(config.egress.allowed_tcp, host, port)
 
 
-def echo(config: Config, target: str) -> sender.EchoResult:
+def stow_destination(config: Config, target: str) -> DestinationConfig | None:
+    return next((d for d in config.destinations if d.name == target and d.kind == "stow"), None)
+
+
+def echo(config: Config, target: str) -> sender.EchoResult | stow.EchoResult:
+    """C-ECHO for a DIMSE target; for a STOW-RS destination, an empty STOW request
+    (same endpoint, TLS and credentials as deliveries; nothing is stored)."""
+    dest = stow_destination(config, target)
+    if dest is not None:
+        return stow.echo(stow.Target.from_destination(dest),
+                         lambda url: any(http_prefix_allows(p, url) for p in config.egress.allowed_http))
     return sender.echo(resolve_peer(config, target), egress(config))
 
 

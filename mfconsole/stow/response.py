@@ -60,8 +60,9 @@ def parse(content_type: str, body: bytes) -> Answer | None:
 
 
 def _code(value: Any) -> int | None:
-    """A reason code: US in DICOM JSON is a number, but archives also send strings,
-    some in hex ("A700")."""
+    """A reason code: US in DICOM JSON is a number, but archives also send strings.
+    Four characters are read as hex, the way status codes are written ("A700",
+    "0110"); no meaningful status is a four-digit decimal number."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -71,7 +72,7 @@ def _code(value: Any) -> int | None:
         try:
             if text.lower().startswith("0x"):
                 code = int(text, 16)
-            elif len(text) == 4 and not text.isdigit():
+            elif len(text) == 4:
                 code = int(text, 16)
             else:
                 code = int(text, 10)
