@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -63,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("ids", type=int, nargs="*", metavar="ID")
     dc.add_argument("--destination", help="every dead letter of this destination")
     dc.add_argument("--reason", help="every dead letter whose reason contains TEXT")
+    sub.add_parser("reload", parents=[common],
+                   help="ask the running engine to reload config.toml and handlers (SIGHUP)")
+    hd = sub.add_parser("handlers", parents=[common], help="list handlers, preview one on a file")
+    hds = hd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hds.add_parser("list", parents=[common], help="handlers in handlers/, their version and routes")
+    hr = hds.add_parser("run", parents=[common],
+                        help="print what a handler would emit for a DICOM file (sends nothing)")
+    hr.add_argument("name")
+    hr.add_argument("file", type=Path)
+    hr.add_argument("--destination", help="the destination to pretend to send to "
+                    "(default: the first one a route with this handler goes to)")
     return p
 
 
@@ -188,8 +200,26 @@ def cmd_dead_letters(config: Config, args: Any) -> int:
     return EXIT_OK if n == len(set(args.ids)) or not args.ids else EXIT_FAIL
 
 
+def cmd_handlers(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    if args.action == "list":
+        rows = ops.list_handlers(config)
+        if not rows:
+            print(f"no handlers in {config.handlers_dir}")
+        for row in rows:
+            state = row["error"] or f"version {row['version']}  sha256 {row['digest'][:12]}"
+            routes = ", ".join(row["routes"]) or "no route"
+            print(f"  {row['name']:<20} {state}   ({routes})")
+        return EXIT_OK if all(not r["error"] for r in rows) else EXIT_FAIL
+    preview = ops.run_handler(config, args.name, args.file, args.destination)
+    print(preview, end="" if preview.endswith("\n") else "\n")
+    return EXIT_OK
+
+
 OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,
-              "dead-letters": cmd_dead_letters}
+              "dead-letters": cmd_dead_letters,
+              "reload": lambda config, args: cmd_reload(config), "handlers": cmd_handlers}
 
 
 def cmd_serve(config: Config) -> int:
@@ -198,12 +228,15 @@ def cmd_serve(config: Config) -> int:
 
     engine = Engine(config)
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Reload off the signal handler, in the main loop below.
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
         engine.start()
     except EngineError as exc:
@@ -214,11 +247,42 @@ def cmd_serve(config: Config) -> int:
         print(f"mfconsole: listener {listener.cfg.name} ({listener.cfg.ae_title}) on "
               f"{host}:{port}", file=sys.stderr, flush=True)
     try:
-        while not stop.wait(timeout=1.0):
-            pass
+        while not stop.wait(timeout=0.2):
+            if reload.is_set():
+                reload.clear()
+                engine.reload()
     finally:
         engine.stop()
     return EXIT_OK
+
+
+def cmd_reload(config: Config) -> int:
+    """SIGHUP to the engine serving this data_dir, then its report (from the audit)."""
+    from mfconsole.engine.engine_lock import holder_pid
+    from mfconsole.engine.store import connect
+
+    pid = holder_pid(config.engine.data_dir)
+    if not pid or pid < 0:
+        print(f"mfconsole: no engine is serving {config.engine.data_dir}", file=sys.stderr)
+        return EXIT_FAIL
+    conn = connect(config.engine.data_dir / "mfconsole.db", readonly=True)
+    try:
+        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT event, detail FROM audit WHERE id > ? AND event IN "
+                               "('reloaded', 'reload_refused') ORDER BY id LIMIT 1", (last,)).fetchone()
+            if row is not None:
+                ok = row["event"] == "reloaded"
+                print(f"reload {'done' if ok else 'REFUSED'} (pid {pid}): {row['detail']}",
+                      file=sys.stdout if ok else sys.stderr)
+                return EXIT_OK if ok else EXIT_FAIL
+            time.sleep(0.1)
+    finally:
+        conn.close()
+    print(f"mfconsole: engine {pid} did not report a reload within 60 s", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def cmd_status(config: Config, *, as_json: bool) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from mfconsole.config import Config, DestinationConfig, ae_title_problem, http_prefix_allows, tcp_allows
@@ -198,3 +199,65 @@ def pause(config: Config, destination: str) -> None:
 def resume(config: Config, destination: str) -> None:
     _destination(config, destination)
     _write(config, outbox.resume, destination)
+
+
+# -- handlers ---------------------------------------------------------------------
+
+def list_handlers(config: Config) -> list[dict[str, Any]]:
+    """Every handler file, loaded in isolation (a broken one shows its error)."""
+    from mfconsole.engine.handlers import HandlerError, load as load_handler
+
+    out = []
+    for path in sorted(config.handlers_dir.glob("*.py")) if config.handlers_dir.is_dir() else []:
+        name = path.stem
+        if name.startswith("_"):
+            continue
+        routes = [f"{r.from_listener} -> {', '.join(r.to)}" for r in config.routes if r.handler == name]
+        try:
+            h = load_handler(name, config.handlers_dir)
+            out.append({"name": name, "version": h.version, "digest": h.digest, "routes": routes,
+                        "error": ""})
+        except HandlerError as exc:
+            out.append({"name": name, "version": "", "digest": "", "routes": routes,
+                        "error": str(exc)})
+    return out
+
+
+def run_handler(config: Config, name: str, file: Path, destination: str | None = None) -> str:
+    """What handler ``name`` emits for a DICOM file, as text. Sends nothing."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from mfconsole.dicomfile import dataset_bytes
+    from mfconsole.engine.delivery import Outbound
+    from mfconsole.engine.handlers import HandlerError, Handlers, load as load_handler
+    from mfconsole.engine.outcomes import Outcome
+    from mfconsole.engine.transform import Transformer
+
+    try:
+        handler = load_handler(name, config.handlers_dir)
+    except HandlerError as exc:
+        raise OpsError(str(exc)) from None
+    if destination is None:
+        targets = [d for r in config.routes if r.handler == name for d in r.to]
+        destination = targets[0] if targets else None
+    dest = next((d for d in config.destinations if d.name == destination), None)
+    if dest is None:
+        raise OpsError(f"name a destination with --destination (no route uses {name})"
+                       if destination is None else f"no destination named {destination!r}")
+    try:
+        meta = dcmread(file, stop_before_pixels=True, specific_tags=[(0x0008, 0x0016), (0x0008, 0x0018)])
+        data, ts = dataset_bytes(file)
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        raise OpsError(f"{file}: not a readable DICOM file ({exc.__class__.__name__})") from None
+    obj = Outbound(str(meta.get("SOPClassUID", "")), str(meta.get("SOPInstanceUID", "")), ts, data,
+                   "")
+    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj)
+    label = f"# {handler.label} for {dest.name} ({dest.kind})\n"
+    if isinstance(out, Outcome):
+        if out.status == "filtered":
+            return label + "filtered: the handler returned None (nothing would be sent)\n"
+        raise OpsError(out.reason)
+    if dest.kind == "mllp":
+        return label + out.data.decode("utf-8").replace("\r", "\n")
+    return label + f"a DICOM data set of {len(out.data)} bytes would be sent\n"

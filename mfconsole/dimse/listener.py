@@ -342,6 +342,29 @@ class Listener:
         self.started_at = time.time()
         log.info("listener %s: %s listening on %s:%d", cfg.name, cfg.ae_title, *self.address)
 
+    # Settings a running server takes for its next association; the others (address,
+    # transfer syntaxes, PDU size) need the listener restarted.
+    LIVE_KEYS = ("ae_title", "calling_aets", "max_associations", "acse_timeout_s",
+                 "dimse_timeout_s", "network_timeout_s")
+
+    def reconfigure(self, cfg: ListenerConfig) -> bool:
+        """Apply ``cfg`` without touching associations in progress; False when it
+        changes something only a restart can (the caller restarts the listener)."""
+        from dataclasses import replace
+
+        if replace(cfg, **{k: getattr(self.cfg, k) for k in self.LIVE_KEYS}) != self.cfg:
+            return False
+        server = self.server
+        if server is not None:
+            ae = server.ae
+            ae.ae_title = server.ae_title = cfg.ae_title
+            ae.require_calling_aet = [] if cfg.any_calling_aet else list(cfg.calling_aets)
+            ae.maximum_associations = cfg.max_associations
+            ae.acse_timeout, ae.dimse_timeout = cfg.acse_timeout_s, cfg.dimse_timeout_s
+            ae.network_timeout = server.network_timeout = cfg.network_timeout_s
+        self.cfg = cfg
+        return True
+
     def stop(self, timeout: float) -> None:
         """Stop accepting, let associations in progress finish (bounded), then abort."""
         server = self.server

@@ -36,6 +36,7 @@ from mfconsole.stow.client import StowSender, Target
 log = logging.getLogger("mfconsole.engine")
 
 PURGE_INTERVAL_S = 3600.0
+DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before it goes live
 
 
 class Engine:
@@ -53,6 +54,7 @@ class Engine:
         self._housekeeper: threading.Thread | None = None
         self.deliveries: dict[str, DestinationWorkers] = {}
         self.handlers: Handlers | None = None
+        self._reload_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -121,20 +123,122 @@ class Engine:
         self._lock.release()
 
     def _start_deliveries(self) -> None:
-        assert self.store is not None
         for dest in self.config.destinations:
-            if dest.kind == "dimse":
-                peer = Peer.from_destination(dest)
-                make_sender: Any = lambda peer=peer: DimseSender(peer, self.egress_tcp_allows)
-            elif dest.kind == "stow":
-                target = Target.from_destination(dest)
-                make_sender = lambda target=target: StowSender(target, self.egress_http_allows)
+            self._start_destination(dest)
+
+    def _start_destination(self, dest: Any) -> None:
+        assert self.store is not None
+        if dest.kind == "dimse":
+            peer = Peer.from_destination(dest)
+            make_sender: Any = lambda peer=peer: DimseSender(peer, self.egress_tcp_allows)
+        elif dest.kind == "stow":
+            target = Target.from_destination(dest)
+            make_sender = lambda target=target: StowSender(target, self.egress_http_allows)
+        else:
+            make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_allows)
+        assert self.handlers is not None
+        workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest))
+        workers.start()
+        self.deliveries[dest.name] = workers
+
+    # -- reload (SIGHUP, `mfconsole reload`, the console) ------------------------
+
+    def reload(self) -> list[str]:
+        """Re-read config.toml and the handlers and apply them without dropping live
+        associations. A config that does not load, or a change only a restart can
+        make, leaves everything as it runs. Returns the report, also audited."""
+        with self._reload_lock:
+            report = self._reload()
+        ok = not report or not report[0].startswith("refused")
+        for line in report:
+            (log.info if ok else log.error)("reload: %s", line)
+        self.audit("reloaded" if ok else "reload_refused", detail="; ".join(report) or "no change")
+        return report
+
+    def _reload(self) -> list[str]:
+        from mfconsole.config import ConfigError, load
+
+        old = self.config
+        try:
+            new = load(old.path)
+        except ConfigError as exc:
+            return [f"refused: {old.path.name} has {len(exc.problems)} problem(s): "
+                    + "; ".join(f"{k}: {why}" for k, why in exc.problems)]
+        except OSError as exc:
+            return [f"refused: cannot read {old.path}: {exc.strerror}"]
+        fixed = [k for k in ("data_dir", "log_level") if getattr(new.engine, k) != getattr(old.engine, k)]
+        fixed += ["store." + k for k in ("key_file", "max_object_mb")
+                  if getattr(new.store, k) != getattr(old.store, k)]
+        if fixed or [lc.name for lc in new.listeners] != [lc.name for lc in old.listeners]:
+            what = ", ".join(fixed) if fixed else "the set of listeners"
+            return [f"refused: {what} changed; that needs a restart (systemctl restart mfconsole)"]
+        report: list[str] = []
+        assert self.handlers is not None
+        results = self.handlers.reload(new.handlers_dir, handler_names(new), self._dry_run)
+        report += [str(r) for r in results if r.outcome != "unchanged"]
+        self.config = new
+        self._routes = routes_by_listener(new)
+        for listener in self.listeners:
+            lc = new.listener(listener.cfg.name)
+            if lc == listener.cfg:
+                continue
+            if listener.reconfigure(lc):
+                report.append(f"listener {lc.name}: updated (associations in progress kept)")
             else:
-                make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_allows)
-            assert self.handlers is not None
-            workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest))
-            workers.start()
-            self.deliveries[dest.name] = workers
+                listener.stop(new.engine.shutdown_timeout_s)
+                listener.cfg = lc
+                listener.start()
+                report.append(f"listener {lc.name}: restarted on {lc.host}:{lc.port}")
+        old_dests = {d.name: d for d in old.destinations}
+        new_dests = {d.name: d for d in new.destinations}
+        for name, dest in old_dests.items():
+            if new_dests.get(name) != dest and name in self.deliveries:
+                self.deliveries.pop(name).stop(new.engine.shutdown_timeout_s)
+                if name not in new_dests:
+                    report.append(f"destination {name}: removed (its queue stays in the store)")
+        for name, dest in new_dests.items():
+            if old_dests.get(name) != dest:
+                self._start_destination(dest)
+                report.append(f"destination {name}: {'updated' if name in old_dests else 'added'}")
+        return report
+
+    def _dry_run(self, new: Any, old: Any) -> str | None:
+        """Run a new handler version on a few recent objects of its routes, sending
+        nothing; refuse it if it raises where the running version did not."""
+        from mfconsole.engine.delivery import Outbound
+        from mfconsole.engine.outcomes import Outcome
+
+        assert self.store is not None
+        rows = self.store.reader().execute(
+            "SELECT d.id, d.destination, d.listener, o.id AS object_id, o.sop_class_uid, "
+            "o.sop_instance_uid, o.transfer_syntax, o.study_uid FROM deliveries d "
+            "JOIN objects o ON o.id = d.object_id WHERE d.handler = ? AND o.purged_at IS NULL "
+            "ORDER BY d.id DESC LIMIT ?", (new.name, DRY_RUN_OBJECTS)).fetchall()
+        config_dests = {d.name: d for d in self.config.destinations}
+        for row in rows:
+            dest = config_dests.get(row["destination"])
+            if dest is None:
+                continue
+            try:
+                data = self.store.read_object(row["object_id"])
+            except (KeyError, VaultError, OSError):
+                continue
+            obj = Outbound(row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],
+                           data, row["study_uid"] or "")
+            route = f"{row['listener']}->{dest.name}"
+            results = []
+            for version in (new, old):
+                if version is None:
+                    results.append(None)
+                    continue
+                single = Handlers.single(version)
+                out, _ = Transformer(single, dest)(version.name, route, row["id"], obj)
+                failed = isinstance(out, Outcome) and out.status == "handler error"
+                results.append(out.reason if failed else None)
+            new_error, old_error = results
+            if new_error and not old_error:
+                return f"dry run on delivery {row['id']}: {new_error}"
+        return None
 
     def egress_tcp_allows(self, host: str, port: int) -> bool:
         """Checked again before every connect (the config may have been reloaded)."""

@@ -127,6 +127,13 @@ class Handlers:
         if problems:
             raise HandlerError("; ".join(problems))
 
+    @classmethod
+    def single(cls, handler: LoadedHandler) -> "Handlers":
+        """A registry holding just this version (for a dry run)."""
+        registry = cls(handler.path.parent, ())
+        registry._active = {handler.name: handler}
+        return registry
+
     def get(self, name: str) -> LoadedHandler:
         with self._lock:
             try:

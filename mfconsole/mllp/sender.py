@@ -11,6 +11,7 @@ Gets message bytes, answers with an Outcome; knows nothing of SQLite or handlers
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ def read_frame(sock: socket.socket, deadline: float, limit: int = MAX_ACK_BYTES)
         buf += chunk
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the peer has closed (or reset) a connection we hold: many receivers
+    take one message per connection and then hang up."""
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+        return bool(ready) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class MllpSender:
     """One connection to one MLLP peer. Not thread-safe: one per delivery worker."""
 
@@ -105,8 +116,9 @@ class MllpSender:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def prepare(self, items: Iterable[Any] = ()) -> Outcome | None:
-        if self.sock is not None:
+        if self.sock is not None and not _peer_closed(self.sock):
             return None
+        self.close()
         if not self.egress_allows(self.host, self.port):
             return outcomes.egress_refused(self.address)
         try:
@@ -144,14 +156,24 @@ class MllpSender:
             ours = control_id(message)
         except ValueError as exc:
             return Outcome(outcomes.PERMANENT, outcomes.MESSAGE, "not HL7", str(exc))
+        reused = self.sock is not None
         failed = self.prepare()
         if failed is not None:
             return failed
-        assert self.sock is not None
+        reused = reused and self.sock is not None
         try:
-            self.sock.settimeout(self.ack_timeout_s)
-            self.sock.sendall(frame(message))
-            ack = parse_ack(read_frame(self.sock, time.monotonic() + self.ack_timeout_s))
+            try:
+                ack = self._exchange(message)
+            except OSError as exc:
+                if not reused or isinstance(exc, TimeoutError):
+                    raise
+                # The peer hung up on an idle connection just as we reused it (its FIN
+                # was still on the way): once more on a fresh connection.
+                self.close()
+                failed = self.prepare()
+                if failed is not None:
+                    return failed
+                ack = self._exchange(message)
         except TimeoutError:
             self.close()
             return outcomes.no_response(f"no ACK within ack_timeout_s={self.ack_timeout_s:g}; "
@@ -169,3 +191,9 @@ class MllpSender:
             return outcomes.no_response(f"ACK for MSH-10 {ack.control_id!r}, not ours ({ours}); "
                                         "sent again")
         return outcomes.hl7_ack(ack.code)
+
+    def _exchange(self, message: bytes) -> Ack:
+        assert self.sock is not None
+        self.sock.settimeout(self.ack_timeout_s)
+        self.sock.sendall(frame(message))
+        return parse_ack(read_frame(self.sock, time.monotonic() + self.ack_timeout_s))
