@@ -639,7 +639,7 @@ def _hl7_identity(value: str) -> str | None:
 
 
 _STOW_FILES = ("ca_file", "client_cert_file", "client_key_file", "bearer_token_file", "password_file")
-_SECRETS = ("bearer_token_file", "password_file")
+_SECRETS = ("bearer_token_file", "password_file", "client_key_file")
 
 
 def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,

@@ -128,6 +128,11 @@ def stow_http(status: int, retry_after_s: float | None = None) -> Outcome:
     """A STOW-RS response status for the request as a whole. Per-instance results in
     the body, when there are any, take precedence (see stow_instance)."""
     code = f"HTTP {status}"
+    if status == 202:
+        # "Stored some, with warnings or failures for others": an instance the body does
+        # not name was not listed as failed, so it is stored; the 202 is recorded.
+        return Outcome(WARNING, MESSAGE, code, "the archive accepted the request with warnings or "
+                       "failures (HTTP 202) and named no result for this instance")
     if 200 <= status < 300:
         return Outcome(DELIVERED, status=code, reason="stored")
     if 300 <= status < 400:

@@ -247,8 +247,10 @@ class StowSender:
         uids = [o.sop_instance_uid for o in objs]
         results = response.per_instance(reply.status, reply.answer, uids, reply.retry_after_s)
         whole = outcomes.stow_http(reply.status, reply.retry_after_s)
-        if len(objs) > 1 and not response.explains(reply.answer, uids) and (
-                reply.status == 413 or (not whole.is_success and whole.scope == MESSAGE)):
+        if len(objs) > 1 and not whole.is_success and whole.scope == MESSAGE \
+                and not response.explains(reply.answer, uids):
+            # 413, or a refusal that names no instance: halve until it does, or until
+            # the instance at fault travels alone.
             return self._split(objs)
         if not whole.is_success and whole.scope == DESTINATION and not response.explains(reply.answer, uids):
             if reply.location:

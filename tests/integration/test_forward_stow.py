@@ -22,7 +22,7 @@ from harness import mfconsole, poll, write_config
 from mfconsole.config import EgressConfig
 from mfconsole.engine import outbox
 from peers import require_tool
-from stow_server import StowServer, answer, drop, slow, stored, too_large
+from stow_server import StowServer, answer, drop, make_pki, server_tls, slow, stored, too_large
 
 FAST = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "down_after": 5, "connect_timeout_s": 2,
         "response_timeout_s": 5, "bounded_attempts": 2}
@@ -457,3 +457,40 @@ def test_unreachable_archive_is_retried_then_down(engine_factory, stow_server, t
     assert states(engine) == {"pending": 5}
     reasons = {r["last_reason"] for r in rows(engine).values() if r["last_reason"]}
     assert any("cannot connect" in x for x in reasons), reasons
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def test_tls_is_verified_against_ca_file(engine_factory, stow_server, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    server = stow_server(tls=server_tls(pki))
+    trusted = engine_factory("trusted", destinations=[stow_dest(server.url, ca_file=str(pki["ca.crt"]))])
+    storescu(trusted, dicomgen.write_corpus(tmp_path / "a", 2))
+    poll(lambda: states(trusted).get("delivered") == 2, timeout=30)
+    # Without ca_file the system trust store decides, and it does not know this CA:
+    # a trust failure is the destination's configuration, so it pauses (queue kept).
+    before = len(server.posts())
+    untrusted = engine_factory("untrusted", destinations=[stow_dest(server.url)])
+    storescu(untrusted, dicomgen.write_corpus(tmp_path / "b", 2))
+    poll(lambda: dest_state(untrusted).paused, timeout=30)
+    assert "not trusted" in dest_state(untrusted).pause_reason
+    assert states(untrusted) == {"pending": 2}
+    assert len(server.posts()) == before, "nothing was sent to the untrusted server"
+
+
+def test_mutual_tls(engine_factory, stow_server, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    server = stow_server(tls=server_tls(pki, require_client_cert=True))
+    engine = engine_factory(destinations=[stow_dest(
+        server.url, ca_file=str(pki["ca.crt"]), client_cert_file=str(pki["client.crt"]),
+        client_key_file=str(pki["client.key"]))])
+    storescu(engine, dicomgen.write_corpus(tmp_path / "a", 2))
+    poll(lambda: states(engine).get("delivered") == 2, timeout=30)
+    assert any(dict(x[0] for x in c["subject"]).get("commonName") == "mfconsole"
+               for c in server.client_certs)
+    before = len(server.posts())
+    anonymous = engine_factory("anonymous", destinations=[stow_dest(server.url, ca_file=str(pki["ca.crt"]))])
+    storescu(anonymous, dicomgen.write_corpus(tmp_path / "b", 1))
+    poll(lambda: dest_state(anonymous).failures >= 2, timeout=30, message="refused handshakes retried")
+    assert states(anonymous) == {"pending": 1} and len(server.posts()) == before
