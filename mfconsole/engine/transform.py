@@ -77,6 +77,9 @@ class Transformer:
             return self._outbound(handler, obj, result), stamp
         except HandlerError as exc:
             return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
+        except ValueError as exc:    # DicomParseError: the stored bytes do not parse
+            return Outcome(PERMANENT, MESSAGE, "handler input",
+                           f"handler {handler.name} {handler.version} not run: {exc}"), stamp
 
     def _outbound(self, handler: LoadedHandler, obj: Outbound, result: Any) -> Outbound | Outcome:
         kind = self.destination.kind
@@ -87,7 +90,11 @@ class Transformer:
             if kind == "mllp":
                 raise HandlerError(f"handler {handler.name} {handler.version} returned a DICOM "
                                    "data set for an MLLP destination")
-            return replace(obj, data=with_original_pixels(result, obj.data, obj.transfer_syntax))
+            try:
+                return replace(obj, data=with_original_pixels(result, obj.data, obj.transfer_syntax))
+            except Exception as exc:   # values pydicom cannot write in this syntax
+                raise HandlerError(f"handler {handler.name} {handler.version} returned a data set "
+                                   f"that cannot be encoded ({exc.__class__.__name__})") from None
         if hasattr(result, "encode") and hasattr(result, "control_id"):
             if kind != "mllp":
                 raise HandlerError(f"handler {handler.name} {handler.version} returned an HL7 "
