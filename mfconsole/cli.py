@@ -271,12 +271,12 @@ def cmd_reload(config: Config) -> int:
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            row = conn.execute("SELECT event, detail FROM audit WHERE id > ? AND event IN "
+            row = conn.execute("SELECT event, status, detail FROM audit WHERE id > ? AND event IN "
                                "('reloaded', 'reload_refused') ORDER BY id LIMIT 1", (last,)).fetchone()
             if row is not None:
-                ok = row["event"] == "reloaded"
-                print(f"reload {'done' if ok else 'REFUSED'} (pid {pid}): {row['detail']}",
-                      file=sys.stdout if ok else sys.stderr)
+                ok = row["status"] == "ok"
+                word = "REFUSED" if row["event"] == "reload_refused" else "done" if ok else "done with errors"
+                print(f"reload {word} (pid {pid}): {row['detail']}", file=sys.stdout if ok else sys.stderr)
                 return EXIT_OK if ok else EXIT_FAIL
             time.sleep(0.1)
     finally:

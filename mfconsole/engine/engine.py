@@ -149,10 +149,12 @@ class Engine:
         make, leaves everything as it runs. Returns the report, also audited."""
         with self._reload_lock:
             report = self._reload()
-        ok = not report or not report[0].startswith("refused")
+        applied = not report or not report[0].startswith("refused")
+        clean = applied and not any("new version refused" in line for line in report)
         for line in report:
-            (log.info if ok else log.error)("reload: %s", line)
-        self.audit("reloaded" if ok else "reload_refused", detail="; ".join(report) or "no change")
+            (log.info if clean else log.error)("reload: %s", line)
+        self.audit("reloaded" if applied else "reload_refused", status="ok" if clean else "errors",
+                   detail="; ".join(report) or "no change")
         return report
 
     def _reload(self) -> list[str]:
