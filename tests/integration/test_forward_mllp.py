@@ -194,3 +194,42 @@ def test_reload_keeps_the_running_version_on_bad_code_and_activates_a_good_one(s
         assert "2.0.0" in listed.stdout
     finally:
         peer.stop()
+
+
+def test_handler_that_raises_dead_letters_with_name_version_and_no_phi(engine_factory, tmp_path):
+    shipped = (REPO / "handlers" / "sr_to_oru.py").read_text()
+    broken = shipped.replace("def handle(obj, ctx):",
+                             "def handle(obj, ctx):\n    raise ValueError(str(obj.dataset.PatientName))")
+    peer = MllpPeer(tmp_path / "ehr").start()
+    with_handlers(tmp_path / "engine", broken)
+    engine = engine_factory(destinations=[ehr_dest(peer.port)],
+                            routes=[{"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
+    try:
+        assert storescu(engine.listeners[0].address[1], srs(tmp_path, 2)).returncode == 0
+        poll(lambda: [r[1] for r in rows(engine)] == ["dead", "dead"], timeout=30)
+        reasons = [r[0] for r in engine.store.reader().execute(
+            "SELECT last_reason FROM deliveries UNION ALL SELECT detail FROM audit")]
+        assert any("handler sr_to_oru 1.0.0 raised ValueError at sr_to_oru.py line" in (r or "")
+                   for r in reasons)
+        assert not any(dicomgen.CANARY_NAME in (r or "") for r in reasons)
+        assert peer.received() == []
+    finally:
+        peer.stop()
+
+
+def test_handlers_run_previews_without_sending(tmp_path):
+    from harness import write_config
+
+    folder = tmp_path / "preview"
+    with_handlers(folder)
+    config = write_config(folder, destinations=[ehr_dest(9)],
+                          routes=[{"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
+    res = mfconsole("--config", str(config), "handlers", "run", "sr_to_oru", get_testdata_file("test-SR.dcm"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("# sr_to_oru 1.0.0") and lines[1].startswith("MSH|")
+    assert any(line.startswith("OBX|") for line in lines)
+    res = mfconsole("--config", str(config), "handlers", "run", "sr_to_oru", get_testdata_file("CT_small.dcm"))
+    assert res.returncode == 0 and "filtered" in res.stdout
+    res = mfconsole("--config", str(config), "handlers", "list")
+    assert res.returncode == 0 and "sr_to_oru" in res.stdout and "1.0.0" in res.stdout
