@@ -109,18 +109,13 @@ def cmd_echo(config: Config, args: Any) -> int:
 
     stow = ops.stow_destination(config, args.target)
     if stow is not None:
-        result = ops.echo(config, args.target)
-        where = f"{stow.name} (STOW-RS {stow.url.rstrip('/')}/studies)"
-        if result.ok:
-            print(f"{where}: OK in {result.rtt_ms:.1f} ms: {result.detail}")
-            return EXIT_OK
-        print(f"{where}: FAILED after {result.rtt_ms:.1f} ms: {result.detail}", file=sys.stderr)
-        return EXIT_FAIL
-    peer = ops.resolve_peer(config, args.target)
+        where, done = f"{stow.name} (STOW-RS {stow.url.rstrip('/')}/studies)", "OK"
+    else:
+        peer = ops.resolve_peer(config, args.target)
+        where, done = f"{peer.called_ae}@{peer.address} (calling {peer.calling_ae})", "C-ECHO OK"
     result = ops.echo(config, args.target)
-    where = f"{peer.called_ae}@{peer.address} (calling {peer.calling_ae})"
     if result.ok:
-        print(f"{where}: C-ECHO OK in {result.rtt_ms:.1f} ms")
+        print(f"{where}: {done} in {result.rtt_ms:.1f} ms" + (f": {result.detail}" if stow else ""))
         return EXIT_OK
     print(f"{where}: FAILED after {result.rtt_ms:.1f} ms: {result.detail}", file=sys.stderr)
     return EXIT_FAIL

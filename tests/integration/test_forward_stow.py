@@ -311,8 +311,12 @@ def test_unexplained_400_isolates_the_poison_object(engine_factory, stow_server,
 @pytest.mark.parametrize("status,header", [(429, "2"), (503, "date")])
 def test_retry_after_is_honoured(engine_factory, stow_server, tmp_path, status, header):
     server = stow_server()
-    value = header if header != "date" else email.utils.formatdate(time.time() + 3, usegmt=True)
-    server.script(answer(status, retry_after=value))
+
+    def busy(srv, req, h):   # the date is taken when answering, as a server would
+        value = header if header != "date" else email.utils.formatdate(time.time() + 3, usegmt=True)
+        answer(status, retry_after=value)(srv, req, h)
+
+    server.script(busy)
     engine = engine_factory(destinations=[stow_dest(server.url)])
     storescu(engine, dicomgen.write_corpus(tmp_path / "sr", 3))
     poll(lambda: states(engine).get("delivered") == 3, timeout=30)
