@@ -246,14 +246,77 @@ HOSTILE = ("pipe | caret ^ tilde ~ backslash \\ amp & \\E\\ \\F\\ literal escape
 
 
 def hostile(number: int = 4) -> Dataset:
-    """Report text and names full of HL7 delimiters, line breaks and non-ASCII."""
+    """Report text and names full of HL7 delimiters, line breaks and non-ASCII. (A
+    backslash is the DICOM value delimiter in every VR but text, so only the report
+    text carries one.)"""
     return sr(
-        pname(("121008", "DCM", "Person Observer Name"), "O'Brien|x^Ñandú^~&\\"),
+        pname(("121008", "DCM", "Person Observer Name"), "O'Brien|x^Ñandú^~&"),
         container(FINDINGS,
                   text(FINDING, HOSTILE),
-                  coded(("363698007", "SCT", "Finding Site"), ("T-1|^~\\&", "SCT", "Site | ^ ~ \\ &\r\nX"))),
-        patient_name="Müller|Evil^Jörg~&\\", number=number)
+                  coded(("363698007", "SCT", "Finding Site"), ("T-1|^~&", "SCT", "Site | ^ ~ &\r\nX"))),
+        patient_name="Müller|Evil^Jörg~&", number=number)
 
+
+
+def key_objects(images: int = 3, number: int = 5) -> Dataset:
+    """A Key Object Selection Document ("Of Interest") flagging ``images`` CT images."""
+    refs = [reference("IMAGE", None, CT_IMAGE, f"{ROOT_UID}.9.{n}") for n in range(1, images + 1)]
+    ds = sr(text(("113012", "DCM", "Key Object Description"), "Nodule, see series 3."), *refs,
+            sop_class=KEY_OBJECT_SELECTION, title=("113000", "DCM", "Of Interest"),
+            number=number, verifier=None)
+    del ds.CompletionFlag, ds.VerificationFlag
+    return ds
+
+
+def dose_report(number: int = 6) -> Dataset:
+    """An X-Ray Radiation Dose SR shaped like TID 10011 (CT Radiation Dose)."""
+    mgycm = ("mGy.cm", "UCUM", "mGy.cm")
+    acquisition = container(
+        ("113819", "DCM", "CT Acquisition"),
+        text(("125203", "DCM", "Acquisition Protocol"), "Chest routine"),
+        coded(("123014", "DCM", "Target Region"), ("T-D3000", "SRT", "Chest")),
+        uidref(("113769", "DCM", "Irradiation Event UID"), f"{ROOT_UID}.7.1", relationship="CONTAINS"),
+        container(("113829", "DCM", "CT Dose"),
+                  num(("113830", "DCM", "Mean CTDIvol"), "7.42", unit=("mGy", "UCUM", "mGy")),
+                  num(("113838", "DCM", "DLP"), "245.7", unit=mgycm)))
+    return sr(
+        coded(("121058", "DCM", "Procedure reported"), ("P5-08000", "SRT", "Computed Tomography X-Ray"),
+              relationship="HAS CONCEPT MOD"),
+        datetime_(("113809", "DCM", "Start of X-ray Irradiation"), "20260101115000",
+                  relationship="HAS OBS CONTEXT"),
+        container(("113811", "DCM", "CT Accumulated Dose Data"),
+                  num(("113812", "DCM", "Total Number of Irradiation Events"), "1",
+                      unit=("{events}", "UCUM", "events")),
+                  num(("113813", "DCM", "CT Dose Length Product Total"), "245.7", unit=mgycm)),
+        acquisition,
+        sop_class=XRAY_DOSE_SR, title=("113701", "DCM", "X-Ray Radiation Dose Report"),
+        number=number, verifier=None, completion="COMPLETE", verification="UNVERIFIED")
+
+
+def basic_text(number: int = 7) -> Dataset:
+    """A Basic Text SR: headings and report text, as a dictation system writes it."""
+    return sr(container(("121060", "DCM", "History"), text(FINDING, "Cough for 3 weeks.")),
+              container(FINDINGS, text(FINDING, "Lungs clear.\r\nHeart normal size.\r\n")),
+              container(("121072", "DCM", "Impressions"), text(IMPRESSION, "Normal chest.")),
+              sop_class=BASIC_TEXT_SR, number=number)
+
+
+def enhanced(number: int = 8) -> Dataset:
+    """An Enhanced SR: a measurement with the image region it was made on."""
+    img = f"{ROOT_UID}.9.1"
+    return sr(container(FINDINGS,
+                        num(("410668003", "SCT", "Length"), "31", unit=("mm", "UCUM", "mm")),
+                        scoord(("111030", "DCM", "Image Region"), "POLYLINE", [10, 10, 40, 30],
+                               reference("IMAGE", None, CT_IMAGE, img, relationship="SELECTED FROM"))),
+              sop_class=ENHANCED_SR, number=number)
+
+
+def comprehensive_3d(number: int = 9) -> Dataset:
+    return sr(container(FINDINGS,
+                        scoord(("111030", "DCM", "Image Region"), "POLYGON",
+                               [0, 0, 0, 10, 0, 0, 10, 10, 0, 0, 0, 0], relationship="CONTAINS",
+                               three_d=f"{ROOT_UID}.8.2")),
+              sop_class=COMPREHENSIVE_3D_SR, number=number)
 
 def dataset_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     """``ds`` encoded as a C-STORE data set (no preamble, no file meta)."""

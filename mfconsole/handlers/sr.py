@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator
 
-from mfconsole.handlers.values import Code, code_from, first_item, parse_da, parse_dt, parse_tm, text_of
+from mfconsole.handlers.values import (Code, code_from, first_item, parse_da, parse_dt, parse_tm,
+                                       text_of, value_of)
 
 __all__ = ["SRDocument", "ContentItem", "Measurement", "Reference", "Coordinates",
            "TemporalCoordinates", "Code", "BY_REFERENCE", "UNKNOWN", "VALUE_TYPES",
            "MAX_DEPTH", "MAX_ITEMS", "is_sr_sop_class"]
 
+_CONTENT_SEQUENCE = 0x0040A730
 BY_REFERENCE = "BY-REFERENCE"
 UNKNOWN = "UNKNOWN"
 VALUE_TYPES = frozenset({"CONTAINER", "TEXT", "NUM", "CODE", "DATE", "TIME", "DATETIME",
@@ -212,12 +214,10 @@ class _Reader:
         )
 
     def children(self, ds: Any, position: str) -> tuple[ContentItem, ...]:
-        try:
-            seq = ds.get("ContentSequence")
-        except Exception:      # an unreadable sequence: the tree stops here
-            self.truncated = True
-            return ()
+        seq = value_of(ds, "ContentSequence")
         if not seq:
+            if seq is None and ds.get_item(_CONTENT_SEQUENCE) is not None:
+                self.truncated = True      # present but unreadable: the tree stops here
             return ()
         if position.count(".") + 1 >= self.max_depth:
             self.truncated = True
@@ -232,10 +232,7 @@ class _Reader:
 
 
 def _seq(ds: Any, keyword: str) -> list[Any]:
-    try:
-        value = ds.get(keyword)
-    except Exception:
-        return []
+    value = value_of(ds, keyword)
     if value is None or value == "":
         return []
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -287,10 +284,7 @@ def _reference(ds: Any) -> Reference | None:
 
 def _text_value(ds: Any) -> str:
     # UT keeps its leading spaces (they may lay out the text); trailing padding goes.
-    try:
-        value = ds.get("TextValue")
-    except Exception:
-        return ""
+    value = value_of(ds, "TextValue")
     return "" if value is None else str(value).rstrip("\x00 ")
 
 

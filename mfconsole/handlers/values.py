@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.tag import BaseTag
+
 __all__ = ["Code", "code_from", "person_name_parts", "parse_da", "parse_tm", "parse_dt",
-           "text_of", "first_item"]
+           "value_of", "text_of", "first_item"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +36,36 @@ class Code:
         return self.value == value and self.scheme == scheme
 
 
+_TAGS: dict[str, BaseTag] = {}
+
+
+def _tag(keyword: str) -> BaseTag:
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        number = tag_for_keyword(keyword)
+        if number is None:
+            raise KeyError(f"no DICOM keyword {keyword}")
+        tag = _TAGS[keyword] = BaseTag(number)
+    return tag
+
+
+def value_of(ds: Any, keyword: str) -> Any:
+    """An element's value; None when absent or unreadable (a value pydicom cannot
+    convert: bad bytes, a wrong VR). By tag, and absent elements cost no exception:
+    an SR walk asks for many elements most items do not have."""
+    tag = _tag(keyword)
+    try:
+        if ds.get_item(tag) is None:
+            return None
+        return ds[tag].value
+    except Exception:
+        return None
+
+
 def text_of(ds: Any, keyword: str) -> str:
     """A single-valued element as text ("" when absent, empty or unreadable).
     Multi-valued elements give their first value."""
-    try:
-        value = ds.get(keyword)
-    except Exception:    # a value pydicom cannot convert (bad bytes, bad VR)
-        return ""
+    value = value_of(ds, keyword)
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
@@ -49,8 +75,8 @@ def text_of(ds: Any, keyword: str) -> str:
 
 def first_item(ds: Any, keyword: str) -> Any | None:
     """The first item of a sequence (None when absent, empty or unreadable)."""
+    seq = value_of(ds, keyword)
     try:
-        seq = ds.get(keyword)
         return seq[0] if seq else None
     except Exception:
         return None

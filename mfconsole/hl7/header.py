@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 from pydicom.uid import UID
 
-from mfconsole.handlers.values import code_from, first_item, text_of
+from mfconsole.handlers.values import code_from, first_item, text_of, value_of
 from mfconsole.hl7.datatypes import ce, cnn, dt, dtm, dtm_of, sex, ts_now, xcn, xpn
 from mfconsole.hl7.message import NULL, HL7Error, HL7Message, Repeat, Segment, msh_segment, segment
 
@@ -115,11 +115,7 @@ def pid(ds: Any, *, require_patient_id: bool = False) -> Segment:
     main = _patient_id(ds)
     if main is not None:
         ids.append(main)
-    try:
-        others = ds.get("OtherPatientIDsSequence") or []
-    except Exception:
-        others = []
-    for item in others:
+    for item in value_of(ds, "OtherPatientIDsSequence") or ():
         other = _patient_id(item)
         if other is not None:
             ids.append(other)
