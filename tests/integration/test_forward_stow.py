@@ -498,3 +498,19 @@ def test_mutual_tls(engine_factory, stow_server, tmp_path):
     storescu(anonymous, dicomgen.write_corpus(tmp_path / "b", 1))
     poll(lambda: dest_state(anonymous).failures >= 2, timeout=30, message="refused handshakes retried")
     assert states(anonymous) == {"pending": 1} and len(server.posts()) == before
+
+
+def test_dead_letter_replayed_once_the_archive_takes_it(engine_factory, stow_server, tmp_path):
+    server = stow_server(default=answer(422))
+    engine = engine_factory(destinations=[stow_dest(server.url)])
+    storescu(engine, dicomgen.write_corpus(tmp_path / "sr", 1))
+    poll(lambda: states(engine).get("dead") == 1, timeout=30)
+    server.default = stored()
+    res = mfconsole("--config", str(engine.config.path), "dead-letters", "replay", "--all",
+                    "--destination", "web")
+    assert res.returncode == 0 and "1 dead letter(s) queued again" in res.stdout
+    poll(lambda: states(engine).get("delivered") == 1, timeout=30)
+    assert [r.behaviour for r in server.posts()] == ["answer(422)", "stored()"]
+    events = [e[0] for e in engine.store.reader().execute(
+        "SELECT event FROM audit WHERE destination = 'web' ORDER BY id")]
+    assert events[-3:] == ["dead_lettered", "replayed", "delivered"]
