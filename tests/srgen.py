@@ -82,34 +82,30 @@ def coded(concept, value, relationship: str = "CONTAINS") -> Dataset:
     return ds
 
 
-def date(concept, value: str, relationship: str = "CONTAINS") -> Dataset:
-    ds = _item("DATE", concept, relationship)
-    ds.Date = value
+def _valued(value_type: str, keyword: str, concept, value: str, relationship: str) -> Dataset:
+    ds = _item(value_type, concept, relationship)
+    setattr(ds, keyword, value)
     return ds
+
+
+def date(concept, value: str, relationship: str = "CONTAINS") -> Dataset:
+    return _valued("DATE", "Date", concept, value, relationship)
 
 
 def time(concept, value: str, relationship: str = "CONTAINS") -> Dataset:
-    ds = _item("TIME", concept, relationship)
-    ds.Time = value
-    return ds
+    return _valued("TIME", "Time", concept, value, relationship)
 
 
 def datetime_(concept, value: str, relationship: str = "CONTAINS") -> Dataset:
-    ds = _item("DATETIME", concept, relationship)
-    ds.DateTime = value
-    return ds
+    return _valued("DATETIME", "DateTime", concept, value, relationship)
 
 
 def pname(concept, value: str, relationship: str = "HAS OBS CONTEXT") -> Dataset:
-    ds = _item("PNAME", concept, relationship)
-    ds.PersonName = value
-    return ds
+    return _valued("PNAME", "PersonName", concept, value, relationship)
 
 
 def uidref(concept, value: str, relationship: str = "HAS OBS CONTEXT") -> Dataset:
-    ds = _item("UIDREF", concept, relationship)
-    ds.UID = value
-    return ds
+    return _valued("UIDREF", "UID", concept, value, relationship)
 
 
 def reference(value_type: str, concept, sop_class: str, sop_instance: str,

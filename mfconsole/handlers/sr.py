@@ -240,24 +240,20 @@ def _seq(ds: Any, keyword: str) -> list[Any]:
     return list(value)
 
 
+def _numbers(ds: Any, keyword: str, kind: type) -> tuple:
+    """All values of a numeric element as ``kind``; () when any is unreadable."""
+    try:
+        return tuple(kind(v) for v in _seq(ds, keyword))
+    except (TypeError, ValueError, OverflowError):
+        return ()
+
+
 def _ints(ds: Any, keyword: str) -> tuple[int, ...]:
-    out = []
-    for v in _seq(ds, keyword):
-        try:
-            out.append(int(v))
-        except (TypeError, ValueError):
-            return ()
-    return tuple(out)
+    return _numbers(ds, keyword, int)
 
 
 def _floats(ds: Any, keyword: str) -> tuple[float, ...]:
-    out = []
-    for v in _seq(ds, keyword):
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError):
-            return ()
-    return tuple(out)
+    return _numbers(ds, keyword, float)
 
 
 def _decimal(text: str) -> Decimal | None:
