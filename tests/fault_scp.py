@@ -36,12 +36,14 @@ C-STORE received, last entry repeats) > ``--status`` (default 0x0000).
 Record formats
 --------------
 ``received.jsonl``: ``{"n", "sop_instance_uid", "sop_class_uid",
-"transfer_syntax", "sha256", "size", "calling_ae", "called_ae", "status",
-"status_hex", "action", "recorded"}`` where ``action`` is ``"answered"``,
-``"abort"`` (``--abort-on-store``) or ``"no-response"``; ``status`` is the
-integer status sent (``null`` when nothing was answered); ``recorded`` is true
-when the raw bytes were written.  The line (and raw file) is written *before*
-the response/abort goes out, so an SCU that got its answer can read it.
+"transfer_syntax", "priority", "sha256", "size", "calling_ae", "called_ae",
+"status", "status_hex", "action", "recorded"}`` where ``action`` is
+``"answered"``, ``"abort"`` (``--abort-on-store``) or ``"no-response"``;
+``priority`` is the C-STORE-RQ Priority field as the SCU sent it (PS3.7 9.1.1.1:
+0 MEDIUM, 1 HIGH, 2 LOW); ``status`` is the integer status sent (``null`` when
+nothing was answered); ``recorded`` is true when the raw bytes were written.
+The line (and raw file) is written *before* the response/abort goes out, so an
+SCU that got its answer can read it.
 
 ``associations.jsonl``: ``{"event", "calling_ae", "called_ae", "username"}``
 plus event-specific fields.  Events: ``"user_id"`` (``user_id_type``,
@@ -656,6 +658,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             "sop_instance_uid": uid,
             "sop_class_uid": str(req.AffectedSOPClassUID or ""),
             "transfer_syntax": str(event.context.transfer_syntax),
+            "priority": int(req.Priority) if req.Priority is not None else None,
             "sha256": sha,
             "size": len(data),
             "calling_ae": info["calling_ae"],
