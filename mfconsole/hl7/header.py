@@ -119,9 +119,9 @@ def pid(ds: Any, *, require_patient_id: bool = False) -> Segment:
         other = _patient_id(item)
         if other is not None:
             ids.append(other)
-    if main is None:
-        if require_patient_id:
-            raise MappingError("PID-3: Patient ID (0010,0020) is empty")
+    if main is None and require_patient_id:
+        raise MappingError("PID-3: Patient ID (0010,0020) is empty")
+    if not ids:
         ids = [NULL]
     name = xpn(text_of(ds, "PatientName"))
     return segment("PID", "1", None, Repeat(*ids), None, name if any(name) else NULL, None,
