@@ -215,17 +215,22 @@ class StowSender:
                 headers={"User-Agent": f"mfconsole/{__version__}", "Accept-Encoding": "identity"})
         return self._client
 
+    def _egress_refused(self) -> Outcome | None:
+        if self.egress_allows(self.target.studies_url):
+            return None
+        return outcomes.egress_refused(self.target.origin + urlsplit(self.target.url).path,
+                                       "allowed_http")
+
     def prepare(self, items: Any = ()) -> Outcome | None:
         """Whether a request may go at all: egress and credentials. HTTP connects per
         request, so there is nothing to open ahead of time."""
-        if not self.egress_allows(self.target.studies_url):
-            return outcomes.egress_refused(self.target.origin + urlsplit(self.target.url).path,
-                                           "allowed_http")
-        try:
-            authorization(self.target)
-        except ConfigurationProblem as exc:
-            return _configuration(exc)
-        return None
+        refused = self._egress_refused()
+        if refused is None:
+            try:
+                authorization(self.target)
+            except ConfigurationProblem as exc:
+                refused = _configuration(exc)
+        return refused
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -266,19 +271,19 @@ class StowSender:
         return first + self.send_many(objs[half:])
 
     def _post(self, objs: list[Outbound]) -> Reply | Outcome:
-        refused = self.prepare()
-        if refused is not None:
+        refused = self._egress_refused()      # before every request: a reload may have
+        if refused is not None:               # narrowed [egress].allowed_http
             return refused
-        body = multipart.build(objs)
         try:
-            headers = {"Content-Type": body.content_type, "Content-Length": str(body.length),
-                       "Accept": ACCEPT}
             auth = authorization(self.target)
-            if auth is not None:
-                headers["Authorization"] = auth
             client = self._http()
         except ConfigurationProblem as exc:
             return _configuration(exc)
+        body = multipart.build(objs)
+        headers = {"Content-Type": body.content_type, "Content-Length": str(body.length),
+                   "Accept": ACCEPT}
+        if auth is not None:
+            headers["Authorization"] = auth
         self.last_used = time.monotonic()
         try:
             with client.stream("POST", self.target.studies_url, content=body.chunks,
@@ -321,30 +326,16 @@ def echo(target: Target, egress_allows: Callable[[str], bool]) -> EchoResult:
     endpoint deliveries use, with the same TLS and credentials, and stores nothing."""
     sender = StowSender(target, egress_allows)
     t0 = time.perf_counter()
-    refused = sender.prepare()
-    if refused is not None:
-        return EchoResult(False, 0.0, refused.reason)
-    boundary = multipart.fresh_boundary([])
-    headers = {"Content-Type": f'multipart/related; type="{multipart.PART_TYPE}"; boundary={boundary}',
-               "Accept": ACCEPT}
     try:
-        auth = authorization(target)
-        if auth is not None:
-            headers["Authorization"] = auth
-        with sender._http().stream("POST", target.studies_url, content=f"--{boundary}--\r\n".encode(),
-                                   headers=headers) as r:
-            _read_bounded(r)
-            status, location = r.status_code, r.headers.get("location")
-    except ConfigurationProblem as exc:
-        return EchoResult(False, 0.0, str(exc))
-    except httpx.HTTPError as exc:
-        return EchoResult(False, (time.perf_counter() - t0) * 1000, network_failure(exc, target).reason)
+        reply = sender._post([])
     finally:
         sender.close()
     rtt = (time.perf_counter() - t0) * 1000
-    verdict = outcomes.stow_http(status)
-    if verdict.is_success or (verdict.scope == MESSAGE and 400 <= status < 500):
+    if isinstance(reply, Outcome):
+        return EchoResult(False, rtt, reply.reason)
+    verdict = outcomes.stow_http(reply.status)
+    if verdict.is_success or (verdict.scope == MESSAGE and 400 <= reply.status < 500):
         # A 4xx about the (empty) content still proves the endpoint and our credentials.
-        return EchoResult(True, rtt, f"HTTP {status} to an empty STOW-RS request (nothing stored)")
-    where = f" (Location: {origin(location)})" if location else ""
+        return EchoResult(True, rtt, f"HTTP {reply.status} to an empty STOW-RS request (nothing stored)")
+    where = f" (Location: {origin(reply.location)})" if reply.location else ""
     return EchoResult(False, rtt, verdict.reason + where)
