@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
+from pydicom.dataelem import DataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import BaseTag
 
@@ -55,9 +56,12 @@ def value_of(ds: Any, keyword: str) -> Any:
     an SR walk asks for many elements most items do not have."""
     tag = _tag(keyword)
     try:
-        if ds.get_item(tag) is None:
+        elem = ds.get_item(tag)
+        if elem is None:
             return None
-        return ds[tag].value
+        if isinstance(elem, DataElement):    # converted already
+            return elem.value
+        return ds[tag].value                 # converts (charset, VR) and keeps the result
     except Exception:
         return None
 
