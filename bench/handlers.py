@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = rate(one_of_the_mix, seconds * 3, rounds)
 
     header = ["SR", "items", "ORU B", *CASES, "vs pydicom read"]
-    widths = [24, 6, 7, 17, 11, 13, 14, 11, 16]
+    widths = [36, 6, 7, 17, 11, 13, 14, 11, 16]
     print("\nSR → ORU^R01, operations per second (one thread, in process)\n")
     print("".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))))
     for r in results:
