@@ -230,21 +230,12 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
 
     from mfconsole.dicomfile import dataset_bytes
     from mfconsole.engine.delivery import Outbound
-    from mfconsole.engine.handlers import HandlerError, Handlers, load as load_handler
-    from mfconsole.engine.outcomes import Outcome
-    from mfconsole.engine.transform import Transformer
+    from mfconsole.engine.handlers import HandlerError, load as load_handler
 
     try:
         handler = load_handler(name, config.handlers_dir)
     except HandlerError as exc:
         raise OpsError(str(exc)) from None
-    if destination is None:
-        targets = [d for r in config.routes if r.handler == name for d in r.to]
-        destination = targets[0] if targets else None
-    dest = next((d for d in config.destinations if d.name == destination), None)
-    if dest is None:
-        raise OpsError(f"name a destination with --destination (no route uses {name})"
-                       if destination is None else f"no destination named {destination!r}")
     try:
         meta = dcmread(file, stop_before_pixels=True, specific_tags=[(0x0008, 0x0016), (0x0008, 0x0018)])
         data, ts = dataset_bytes(file)
@@ -252,6 +243,23 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
         raise OpsError(f"{file}: not a readable DICOM file ({exc.__class__.__name__})") from None
     obj = Outbound(str(meta.get("SOPClassUID", "")), str(meta.get("SOPInstanceUID", "")), ts, data,
                    "")
+    return preview_handler(config, handler, obj, destination)
+
+
+def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
+    """What a loaded handler version emits for one object, as text. Sends nothing."""
+    from mfconsole.engine.handlers import Handlers
+    from mfconsole.engine.outcomes import Outcome
+    from mfconsole.engine.transform import Transformer
+
+    name = handler.name
+    if destination is None:
+        targets = [d for r in config.routes if r.handler == name for d in r.to]
+        destination = targets[0] if targets else None
+    dest = next((d for d in config.destinations if d.name == destination), None)
+    if dest is None:
+        raise OpsError(f"name a destination with --destination (no route uses {name})"
+                       if destination is None else f"no destination named {destination!r}")
     out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj)
     label = f"# {handler.label} for {dest.name} ({dest.kind})\n"
     if isinstance(out, Outcome):

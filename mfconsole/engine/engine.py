@@ -23,6 +23,7 @@ from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
 from mfconsole.dimse.sender import DimseSender, Peer
 from mfconsole.engine import logs
+from mfconsole.engine.control import SOCKET_NAME, ControlServer, ControlService
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
@@ -55,6 +56,7 @@ class Engine:
         self.deliveries: dict[str, DestinationWorkers] = {}
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
+        self.control: ControlServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -97,6 +99,7 @@ class Engine:
             self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                                  daemon=True)
             self._housekeeper.start()
+            self._start_control()
             self.store.audit("engine_started", detail=f"version={__version__} pid={os.getpid()}")
             log.info("engine started (data_dir %s, %d listener(s))", self.data_dir, len(self.listeners))
         except BaseException:
@@ -105,6 +108,9 @@ class Engine:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.control is not None:      # no console action may start while stopping
+            self.control.stop()
+            self.control = None
         timeout = self.config.engine.shutdown_timeout_s
         for listener in self.listeners:
             listener.stop(timeout)
@@ -121,6 +127,18 @@ class Engine:
             self.store = None
             log.info("engine stopped")
         self._lock.release()
+
+    def _start_control(self) -> None:
+        """The console's way in (data_dir/control.sock). Routing does not need it: if
+        the socket cannot be made, the engine runs on and says why."""
+        server = ControlServer(ControlService(self), self.data_dir / SOCKET_NAME)
+        try:
+            server.start()
+        except OSError as exc:
+            log.warning("control socket unavailable (%s): the console cannot attach to this "
+                        "engine", exc.strerror or exc)
+            return
+        self.control = server
 
     def _start_deliveries(self) -> None:
         for dest in self.config.destinations:

@@ -146,17 +146,22 @@ class Handlers:
             return dict(self._active)
 
     def reload(self, handlers_dir: Path, names: Iterable[str],
-               dry_run: Callable[[LoadedHandler, LoadedHandler | None], str | None]
-               ) -> list[ReloadResult]:
+               dry_run: Callable[[LoadedHandler, LoadedHandler | None], str | None],
+               only: Iterable[str] | None = None) -> list[ReloadResult]:
         """Load the new version of each handler; ``dry_run(new, old)`` returns why the
         new one must not replace the old (None when fine). A refused version leaves the
-        running one active. Handlers no route names any more are dropped."""
+        running one active. Handlers no route names any more are dropped. With ``only``
+        (the console's "reload this one"), the others keep their running version."""
         names = sorted(set(names))
+        only = set(only) if only is not None else None
         current = self.active()
         results: list[ReloadResult] = []
         new_active: dict[str, LoadedHandler] = {}
         for name in names:
             old = current.get(name)
+            if only is not None and name not in only and old is not None:
+                new_active[name] = old
+                continue
             try:
                 new = load(name, handlers_dir)
                 if old is not None and new.digest == old.digest:

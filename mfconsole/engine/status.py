@@ -32,7 +32,8 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
     live = {item.cfg.name: item for item in engine.listeners} if engine is not None else {}
     for lc in config.listeners:
         entry: dict[str, Any] = {"name": lc.name, "ae_title": lc.ae_title, "host": lc.host,
-                                 "port": lc.port, "tls": False}
+                                 "port": lc.port, "tls": bool(getattr(lc, "tls", None)),
+                                 "calling_aets": list(lc.calling_aets)}
         if lc.name in live:
             entry["state"] = "listening"
             entry["port"] = live[lc.name].address[1]
@@ -40,6 +41,7 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
             entry["state"] = "listening" if pid else "stopped"
         out["listeners"].append(entry)
     counts: dict[str, dict[str, int]] = {d.name: {} for d in config.destinations}
+    states: dict[str, dict[str, Any]] = {}
     db_path = data_dir / "mfconsole.db"
     if db_path.exists():
         conn = connect(db_path, readonly=True)
@@ -47,6 +49,15 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
             for row in conn.execute("SELECT destination, state, COUNT(*) AS n FROM deliveries "
                                     "GROUP BY destination, state"):
                 counts.setdefault(row["destination"], {})[row["state"]] = row["n"]
+            for d in config.destinations:
+                row = conn.execute("SELECT * FROM destination_state WHERE name = ?", (d.name,)).fetchone()
+                states[d.name] = destination_state(row)
+                # Arrival order is id order: the first pending row is the oldest.
+                oldest = conn.execute(
+                    "SELECT MIN(id) FROM deliveries WHERE destination = ? AND state = 'pending'",
+                    (d.name,)).fetchone()[0]
+                states[d.name]["oldest_pending_at"] = oldest and conn.execute(
+                    "SELECT created_at FROM deliveries WHERE id = ?", (oldest,)).fetchone()[0]
             out["dead_letters"] = conn.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'").fetchone()[0]
             out["objects"] = conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
@@ -57,8 +68,39 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
         finally:
             conn.close()
     for d in config.destinations:
-        out["destinations"].append({"name": d.name, "kind": d.kind, "counts": counts.get(d.name, {})})
+        entry = {"name": d.name, "kind": d.kind, "target": target(d), "counts": counts.get(d.name, {})}
+        entry.update(states.get(d.name) or destination_state(None))
+        out["destinations"].append(entry)
     if engine is not None:
         out["associations"] = engine.board.snapshot()
         out["engine"]["uptime_s"] = time.time() - (engine.started_at or time.time())
     return out
+
+
+def target(d: Any) -> str:
+    """Where a destination sends, in the words an administrator uses."""
+    if d.kind == "stow":
+        return str(d.url)
+    if d.kind == "dimse":
+        return f"{d.ae_title}@{d.host}:{d.port}"
+    return f"{d.host}:{d.port}"
+
+
+def destination_state(row: Any) -> dict[str, Any]:
+    """up / retrying / down / paused, with why and when the next attempt is."""
+    row = dict(row) if row is not None else {}
+    if row.get("paused"):
+        word = "paused"
+    elif row.get("down"):
+        word = "down"
+    elif row.get("failures"):
+        word = "retrying"
+    else:
+        word = "up"
+    failing = word != "up"
+    return {"state": word, "pause_reason": row.get("pause_reason"),
+            "failures": row.get("failures") or 0,
+            "next_attempt_at": row.get("next_attempt_at") or None,
+            "last_status": row.get("last_status") if failing else None,
+            "last_error": (row.get("pause_reason") or row.get("last_reason")) if failing else None,
+            "oldest_pending_at": None}

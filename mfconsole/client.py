@@ -1,0 +1,167 @@
+"""What the console asks of an engine: one interface, two implementations.
+
+- ``InProcessClient``: the console hosts the engine (none serves this data directory);
+  quitting it stops routing.
+- ``AttachedClient``: an engine already serves the data directory (`mfconsole serve`,
+  e.g. under systemd); requests go over its control socket and closing the console
+  leaves routing running.
+
+Both end in ``engine.control.ControlService`` and both hand back plain JSON values
+(the in-process one round-trips them through JSON too), so screens cannot tell them
+apart. Every method blocks: the console calls them from thread workers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mfconsole.config import Config
+from mfconsole.engine.control import SOCKET_NAME, ControlError, request
+
+
+class ClientError(Exception):
+    """An operation the engine refused or could not do; the message is for the operator."""
+
+
+class Client:
+    hosts_engine = False           # quitting the console stops routing
+    read_only = False
+    description = ""               # for the status bar: "in-process", "attached to pid 42"
+
+    def call(self, op: str, **args: Any) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of the engine (an in-process one is stopped)."""
+
+    # -- observation
+    def snapshot(self) -> dict[str, Any]:
+        return self.call("snapshot")
+
+    def destination(self, name: str) -> dict[str, Any]:
+        return self.call("destination", name=name)
+
+    def log_tail(self, cursor: dict[str, int] | None = None) -> dict[str, Any]:
+        return self.call("log_tail", cursor=cursor)
+
+    # -- dead letters
+    def dead_letter_groups(self, text: str | None = None) -> list[dict[str, Any]]:
+        return self.call("dead_letter_groups", text=text)
+
+    def dead_letters(self, text: str | None = None, group: dict[str, Any] | None = None,
+                     before_id: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return self.call("dead_letters", text=text, group=group, before_id=before_id, limit=limit)
+
+    def dead_letter_count(self, text: str | None = None, group: dict[str, Any] | None = None) -> int:
+        return self.call("dead_letter_count", text=text, group=group)
+
+    def dead_letter(self, id: int) -> dict[str, Any]:
+        return self.call("dead_letter", id=id)
+
+    def reveal(self, id: int) -> dict[str, Any]:
+        return self.call("reveal", id=id)
+
+    def replay(self, ids: list[int] | None = None, group: dict[str, Any] | None = None,
+               text: str | None = None, to: str | None = None) -> dict[str, Any]:
+        return self.call("replay", ids=ids, group=group, text=text, to=to)
+
+    def discard(self, ids: list[int] | None = None, group: dict[str, Any] | None = None,
+                text: str | None = None) -> dict[str, Any]:
+        return self.call("discard", ids=ids, group=group, text=text)
+
+    # -- destinations
+    def echo(self, destination: str) -> dict[str, Any]:
+        return self.call("echo", destination=destination)
+
+    def test(self, destination: str) -> dict[str, Any]:
+        return self.call("test", destination=destination)
+
+    def pause(self, destination: str) -> None:
+        self.call("pause", destination=destination)
+
+    def resume(self, destination: str) -> None:
+        self.call("resume", destination=destination)
+
+    # -- configuration and handlers
+    def reload(self) -> dict[str, Any]:
+        return self.call("reload")
+
+    def handlers(self) -> list[dict[str, Any]]:
+        return self.call("handlers")
+
+    def reload_handler(self, name: str) -> dict[str, Any]:
+        return self.call("reload_handler", name=name)
+
+    def preview_handler(self, name: str, delivery_id: int | None = None) -> dict[str, Any]:
+        return self.call("preview_handler", name=name, delivery_id=delivery_id)
+
+    def config_fields(self) -> list[dict[str, Any]]:
+        return self.call("config_fields")
+
+    def edit_config(self, changes: dict[str, Any]) -> dict[str, Any]:
+        return self.call("edit_config", changes=changes)
+
+
+class InProcessClient(Client):
+    """The console hosts the engine in its own process (worker threads)."""
+
+    hosts_engine = True
+
+    def __init__(self, engine: Any, *, read_only: bool = False):
+        self.engine = engine
+        self.read_only = read_only
+        self.description = "in-process engine"
+
+    def call(self, op: str, **args: Any) -> Any:
+        control = self.engine.control
+        if control is None:
+            raise ClientError("the engine is not running")
+        try:
+            result = control.service.call(op, args, actor="console (in-process)",
+                                          read_only=self.read_only)
+        except ControlError as exc:
+            raise ClientError(str(exc)) from None
+        # The same values an attached console would get.
+        return json.loads(json.dumps(result, default=str))
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+class AttachedClient(Client):
+    """Talks to the engine serving the data directory over its control socket."""
+
+    def __init__(self, socket_path: Path, pid: int | None = None, *, read_only: bool = False):
+        self.socket_path = socket_path
+        self.read_only = read_only
+        self.description = f"attached to pid {pid}" if pid else "attached"
+
+    def call(self, op: str, **args: Any) -> Any:
+        try:
+            return request(self.socket_path, op, args, read_only=self.read_only)
+        except ControlError as exc:
+            raise ClientError(str(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"the engine's control socket did not answer ({exc.__class__.__name__})"
+                              ) from None
+
+
+def open_client(config: Config, *, read_only: bool = False) -> Client:
+    """Attach to the engine serving ``config``'s data directory, or host one here.
+    Raises EngineError when neither is possible (the message says why)."""
+    from mfconsole.engine.engine import Engine
+    from mfconsole.engine.engine_lock import EngineError, holder_pid
+
+    data_dir = config.engine.data_dir
+    pid = holder_pid(data_dir)
+    if pid is not None:
+        sock = data_dir / SOCKET_NAME
+        if not sock.exists():
+            raise EngineError(f"an engine (pid {pid}) serves {data_dir} but offers no control "
+                              f"socket ({sock}); see its log")
+        return AttachedClient(sock, pid if pid > 0 else None, read_only=read_only)
+    engine = Engine(config, log_to_stderr=False)   # stderr is the console's screen
+    engine.start()
+    return InProcessClient(engine, read_only=read_only)

@@ -1,0 +1,657 @@
+"""The engine's control surface: what the console asks of a running engine.
+
+``ControlService`` answers operations by name with JSON-safe, routing-safe values;
+patient fields leave it only through ``reveal`` and ``preview_handler``, both audited.
+The console calls it directly when it hosts the engine, and through ``ControlServer``
+when it attaches to one (``mfconsole serve``): a Unix socket in the data directory,
+mode 0600 inside a 0700 directory, so file permissions are the access control and
+there is no TCP control port. One request per connection, one JSON line each way.
+
+This module never imports Textual.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from mfconsole.engine import status
+from mfconsole.engine.store import DEAD, connect
+
+log = logging.getLogger("mfconsole.control")
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 1024 * 1024
+REQUEST_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 16
+IDLE_TAIL_S = 10.0          # keep the session counters caught up while nobody asks
+HISTORY_S = 60              # seconds of per-second counts kept for sparklines
+RATE_WINDOW_S = 10          # "objects/s" is the mean over this many whole seconds
+DEAD_PAGE = 200
+OUTCOMES_SCAN = 50_000      # audit rows searched back for a destination's last outcomes
+LOG_TAIL_BYTES = 256 * 1024
+LOG_READ_MAX = 1024 * 1024
+PHI_FIELDS = (("PatientName", "patient name"), ("PatientID", "patient ID"),
+              ("PatientBirthDate", "birth date"), ("PatientSex", "sex"),
+              ("AccessionNumber", "accession number"), ("StudyDescription", "study description"))
+
+# Operations that change something; a read-only console may not call them.
+MUTATING = frozenset({"replay", "discard", "pause", "resume", "reload", "reload_handler",
+                      "edit_config"})
+
+
+class ControlError(Exception):
+    """The operation cannot be done as asked; the message says why (routing-safe)."""
+
+
+# -- session counters -----------------------------------------------------------
+
+# audit event → (which column names the thing, which counter it feeds)
+COUNTED = {"stored": ("listener", "received"), "duplicate": ("listener", "duplicates"),
+           "refused": ("listener", "refused"), "association_rejected": ("listener", "rejected"),
+           "delivered": ("destination", "sent"), "delivered_with_warning": ("destination", "sent"),
+           "filtered": ("destination", "filtered"), "dead_lettered": ("destination", "errored"),
+           "retry_scheduled": ("destination", "retries")}
+RATED = ("received", "sent")
+
+
+class SessionCounters:
+    """What happened since the engine started, per listener and destination, from the
+    audit rows the engine writes anyway. Tailed by id: each update reads only the rows
+    added since the previous one, so a long uptime costs nothing extra."""
+
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        self._lock = threading.Lock()
+        self.totals: dict[tuple[str, str], int] = defaultdict(int)       # (name, counter)
+        self.per_second: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+        self.last_id = self._max_id()
+        self.updated = time.monotonic()
+
+    def _max_id(self) -> int:
+        conn = connect(self.db_path, readonly=True)
+        try:
+            return conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+        finally:
+            conn.close()
+
+    def update(self) -> None:
+        with self._lock:
+            conn = connect(self.db_path, readonly=True)
+            try:
+                rows = conn.execute(
+                    "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, COUNT(*) AS n, "
+                    "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4",
+                    (self.last_id,)).fetchall()
+            finally:
+                conn.close()
+            horizon = int(time.time()) - HISTORY_S - 1
+            for row in rows:
+                self.last_id = max(self.last_id, row["last"])
+                what = COUNTED.get(row["event"])
+                if what is None:
+                    continue
+                key = (row[what[0]] or "", what[1])
+                self.totals[key] += row["n"]
+                if what[1] in RATED and row["sec"] > horizon:
+                    seconds = self.per_second[key]
+                    seconds[row["sec"]] = seconds.get(row["sec"], 0) + row["n"]
+            for seconds in self.per_second.values():
+                for sec in [s for s in seconds if s <= horizon]:
+                    del seconds[sec]
+            self.updated = time.monotonic()
+
+    def view(self, name: str, counters: tuple[str, ...], rated: str) -> dict[str, Any]:
+        """Counters of one listener/destination, its rate and its sparkline."""
+        with self._lock:
+            now = int(time.time())
+            seconds = self.per_second.get((name, rated), {})
+            # Whole seconds only: the current one is still filling.
+            series = [seconds.get(s, 0) for s in range(now - HISTORY_S, now)]
+            return {"session": {c: self.totals.get((name, c), 0) for c in counters},
+                    "rate": sum(series[-RATE_WINDOW_S:]) / RATE_WINDOW_S,
+                    "history": series}
+
+
+# -- the service ------------------------------------------------------------------
+
+class ControlService:
+    """Operations over a running engine (its current config, store and workers)."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.counters = SessionCounters(engine.data_dir / "mfconsole.db")
+
+    @property
+    def config(self) -> Any:
+        return self.engine.config      # follows reloads
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *, actor: str = "console",
+             read_only: bool = False) -> Any:
+        from mfconsole.ops import OpsError
+
+        method: Callable[..., Any] | None = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise ControlError(f"unknown operation {op!r}")
+        if read_only and op in MUTATING:
+            raise ControlError(f"{op} is not available in a read-only console")
+        try:
+            return method(actor=actor, **(args or {}))
+        except (ControlError, OpsError) as exc:
+            raise ControlError(str(exc)) from None
+        except TypeError as exc:
+            raise ControlError(f"{op}: wrong arguments") from exc
+
+    def _db(self) -> Any:
+        return connect(self.engine.data_dir / "mfconsole.db", readonly=True)
+
+    def _wake(self, destination: str | None = None) -> None:
+        """Workers poll about once a second; an operator's action should not wait."""
+        for name, workers in self.engine.deliveries.items():
+            if destination is None or name == destination:
+                workers.wake.set()
+
+    # -- observation ------------------------------------------------------------
+
+    def op_snapshot(self, actor: str) -> dict[str, Any]:
+        self.counters.update()
+        snap = status.collect(self.config, self.engine)
+        snap["engine"].update({"pid": os.getpid(), "running": True, "config": str(self.config.path),
+                               "version": _version()})
+        for item in snap["listeners"]:
+            item.update(self.counters.view(item["name"], ("received", "duplicates", "refused",
+                                                          "rejected"), "received"))
+        for item in snap["destinations"]:
+            item.update(self.counters.view(item["name"], ("sent", "filtered", "errored", "retries"),
+                                           "sent"))
+        return snap
+
+    def tick(self) -> None:
+        """Called by the server while idle, so a console attaching after a busy day
+        does not make the first snapshot read a day of audit rows."""
+        if time.monotonic() - self.counters.updated > IDLE_TAIL_S:
+            self.counters.update()
+
+    def op_destination(self, actor: str, name: str) -> dict[str, Any]:
+        """One destination's queue by state, backoff and last outcomes."""
+        dest = self._destination(name)
+        conn = self._db()
+        try:
+            counts = {r["state"]: r["n"] for r in conn.execute(
+                "SELECT state, COUNT(*) AS n FROM deliveries WHERE destination = ? GROUP BY state",
+                (name,))}
+            row = conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone()
+            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+            outcomes = [dict(r) for r in conn.execute(
+                "SELECT ts, event, status, detail, delivery_id FROM audit WHERE id > ? AND "
+                "destination = ? AND event NOT IN ('replayed', 'discarded') ORDER BY id DESC LIMIT 10",
+                (top - OUTCOMES_SCAN, name))]
+        finally:
+            conn.close()
+        out = {"name": name, "kind": dest.kind, "target": status.target(dest), "counts": counts,
+               "outcomes": outcomes, "max_associations": dest.max_associations,
+               "retry_initial_s": dest.retry_initial_s, "retry_max_s": dest.retry_max_s,
+               "down_after": dest.down_after}
+        out.update(status.destination_state(row))
+        return out
+
+    # -- dead letters -------------------------------------------------------------
+
+    @staticmethod
+    def _dead_filter(text: str | None, group: dict[str, Any] | None) -> tuple[str, list[Any]]:
+        sql, params = "d.state = ?", [DEAD]
+        if group:
+            sql += " AND d.destination = ? AND COALESCE(d.last_status, '') = ? AND COALESCE(d.last_reason, '') = ?"
+            params += [group["destination"], group.get("status") or "", group.get("reason") or ""]
+        if text:
+            sql += (" AND instr(lower(d.destination || ' ' || COALESCE(d.last_status, '') || ' ' || "
+                    "COALESCE(d.last_reason, '') || ' ' || o.sop_instance_uid || ' ' || "
+                    "COALESCE(o.study_uid, '') || ' ' || COALESCE(o.calling_ae, '') || ' ' || d.id), "
+                    "lower(?)) > 0")
+            params.append(text)
+        return sql, params
+
+    def op_dead_letter_groups(self, actor: str, text: str | None = None) -> list[dict[str, Any]]:
+        """Dead letters grouped by cause: destination, status and reason."""
+        where, params = self._dead_filter(text, None)
+        conn = self._db()
+        try:
+            return [dict(r) for r in conn.execute(
+                "SELECT d.destination, COALESCE(d.last_status, '') AS status, "
+                "COALESCE(d.last_reason, '') AS reason, COUNT(*) AS count, MAX(d.updated_at) AS latest "
+                f"FROM deliveries d JOIN objects o ON o.id = d.object_id WHERE {where} "
+                "GROUP BY 1, 2, 3 ORDER BY count DESC, latest DESC", params)]
+        finally:
+            conn.close()
+
+    def op_dead_letters(self, actor: str, text: str | None = None, group: dict[str, Any] | None = None,
+                        before_id: int | None = None, limit: int = DEAD_PAGE) -> list[dict[str, Any]]:
+        """One page, newest first; the next page starts before the last id of this one."""
+        where, params = self._dead_filter(text, group)
+        if before_id is not None:
+            where += " AND d.id < ?"
+            params.append(before_id)
+        conn = self._db()
+        try:
+            return [dict(r) for r in conn.execute(
+                "SELECT d.id, d.destination, d.attempts, d.last_status, d.last_class, d.last_reason, "
+                "d.handler, d.handler_version, d.updated_at, o.sop_instance_uid, o.sop_class_uid, "
+                "o.study_uid, o.calling_ae, o.listener, o.size FROM deliveries d "
+                f"JOIN objects o ON o.id = d.object_id WHERE {where} ORDER BY d.id DESC LIMIT ?",
+                params + [max(1, min(int(limit), 1000))])]
+        finally:
+            conn.close()
+
+    def op_dead_letter_count(self, actor: str, text: str | None = None,
+                             group: dict[str, Any] | None = None) -> int:
+        where, params = self._dead_filter(text, group)
+        conn = self._db()
+        try:
+            return conn.execute(f"SELECT COUNT(*) FROM deliveries d JOIN objects o ON o.id = d.object_id "
+                                f"WHERE {where}", params).fetchone()[0]
+        finally:
+            conn.close()
+
+    def op_dead_letter(self, actor: str, id: int) -> dict[str, Any]:
+        from mfconsole import ops
+
+        return ops.show_dead(self.config, int(id))
+
+    def _ids(self, ids: list[int] | None, group: dict[str, Any] | None, text: str | None) -> list[int]:
+        if ids:
+            return [int(i) for i in ids]
+        if not group and not text:
+            raise ControlError("name dead letters: ids, a group or a filter")
+        where, params = self._dead_filter(text, group)
+        conn = self._db()
+        try:
+            return [r[0] for r in conn.execute(
+                f"SELECT d.id FROM deliveries d JOIN objects o ON o.id = d.object_id WHERE {where}",
+                params)]
+        finally:
+            conn.close()
+
+    def op_replay(self, actor: str, ids: list[int] | None = None, group: dict[str, Any] | None = None,
+                  text: str | None = None, to: str | None = None) -> dict[str, Any]:
+        from mfconsole import ops
+
+        chosen = self._ids(ids, group, text)
+        queued = ops.replay(self.config, chosen, to=to) if chosen else []
+        self._wake(to)
+        return {"queued": len(queued), "asked": len(chosen)}
+
+    def op_discard(self, actor: str, ids: list[int] | None = None, group: dict[str, Any] | None = None,
+                   text: str | None = None) -> dict[str, Any]:
+        from mfconsole import ops
+
+        chosen = self._ids(ids, group, text)
+        return {"discarded": ops.discard(self.config, chosen) if chosen else 0, "asked": len(chosen)}
+
+    def op_reveal(self, actor: str, id: int) -> dict[str, Any]:
+        """Patient fields of one dead letter's object, for an operator who asked for
+        them explicitly. Audited (who and which delivery, never the values)."""
+        conn = self._db()
+        try:
+            row = conn.execute("SELECT d.id, d.destination, d.object_id, o.sop_instance_uid, "
+                               "o.transfer_syntax, o.sop_class_uid FROM deliveries d JOIN objects o "
+                               "ON o.id = d.object_id WHERE d.id = ?", (int(id),)).fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            raise ControlError(f"no delivery with id {id}")
+        dataset = self._dataset(row)
+        self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
+                          delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
+                          detail=f"patient fields shown to {actor}")
+        fields = []
+        for keyword, label in PHI_FIELDS:
+            value = dataset.get(keyword)
+            fields.append([label, "" if value is None else str(value)])
+        return {"id": row["id"], "fields": fields}
+
+    def _dataset(self, row: Any) -> Any:
+        from mfconsole.engine.vault import VaultError
+        from mfconsole.handlers.api import DicomObject
+
+        try:
+            data = self.engine.store.read_object(row["object_id"])
+            return DicomObject.from_bytes(data, row["transfer_syntax"]).dataset
+        except (KeyError, VaultError, OSError, ValueError) as exc:
+            raise ControlError(f"object {row['object_id']} cannot be read "
+                               f"({exc.__class__.__name__})") from None
+
+    # -- destinations ---------------------------------------------------------------
+
+    def _destination(self, name: str) -> Any:
+        for d in self.config.destinations:
+            if d.name == name:
+                return d
+        raise ControlError(f"no destination named {name!r}")
+
+    def op_echo(self, actor: str, destination: str) -> dict[str, Any]:
+        from mfconsole import ops
+
+        result = ops.echo(self.config, destination)
+        return {"ok": result.ok, "rtt_ms": round(result.rtt_ms, 1), "detail": result.detail}
+
+    def op_test(self, actor: str, destination: str) -> dict[str, Any]:
+        from mfconsole import ops
+        from mfconsole.dimse.sender import sop_name, ts_name
+
+        report = ops.test(self.config, destination)
+        return {"failure": report.failure, "source": report.source,
+                "rows": [[sop_name(c), ts_name(t), ok] for c, t, ok in report.rows]}
+
+    def op_pause(self, actor: str, destination: str) -> None:
+        from mfconsole import ops
+
+        ops.pause(self.config, destination)
+
+    def op_resume(self, actor: str, destination: str) -> None:
+        from mfconsole import ops
+
+        ops.resume(self.config, destination)
+        self._wake(destination)
+
+    # -- reload and handlers ------------------------------------------------------------
+
+    def op_reload(self, actor: str) -> dict[str, Any]:
+        report = self.engine.reload()
+        return _reload_result(report)
+
+    def op_handlers(self, actor: str) -> list[dict[str, Any]]:
+        """Each handler: the running version, the file on disk (loaded in isolation, so
+        a broken edit shows before a reload) and its last reload result."""
+        from mfconsole import ops
+
+        active = self.engine.handlers.active() if self.engine.handlers else {}
+        last = {r.name: r for r in (self.engine.handlers.last_reload if self.engine.handlers else [])}
+        on_disk = {h["name"]: h for h in ops.list_handlers(self.config)}
+        out = []
+        for name in sorted(set(active) | set(on_disk)):
+            running, disk, result = active.get(name), on_disk.get(name, {}), last.get(name)
+            if running is None:
+                state = "error" if disk.get("error") else "not routed"
+            elif disk.get("error"):
+                state = "file broken"
+            elif disk and disk.get("digest") != running.digest:
+                state = "changed on disk"
+            else:
+                state = "active"
+            out.append({"name": name, "state": state,
+                        "version": running.version if running else disk.get("version", ""),
+                        "digest": (running.digest if running else disk.get("digest", ""))[:12],
+                        "file_version": disk.get("version", ""), "error": disk.get("error", ""),
+                        "routes": disk.get("routes", []),
+                        "last_reload": str(result) if result else "",
+                        "last_error": result.error if result else ""})
+        return out
+
+    def op_reload_handler(self, actor: str, name: str) -> dict[str, Any]:
+        """Reload one handler; the others keep their running version."""
+        from mfconsole.engine.engine import handler_names
+
+        engine = self.engine
+        if name not in handler_names(self.config):
+            raise ControlError(f"no route uses a handler named {name!r}")
+        with engine._reload_lock:
+            results = engine.handlers.reload(self.config.handlers_dir, handler_names(self.config),
+                                             engine._dry_run, only=[name])
+        mine = [r for r in results if r.name == name]
+        report = [str(r) for r in mine]
+        refused = any(r.outcome == "kept" for r in mine)
+        engine.audit("handler_reloaded", status="errors" if refused else "ok",
+                     detail=f"by {actor}: " + ("; ".join(report) or "no change"))
+        return {"report": report, "refused": False, "errors": refused}
+
+    def op_preview_handler(self, actor: str, name: str, delivery_id: int | None = None) -> dict[str, Any]:
+        """What the running version of a handler emits for a stored object (the most
+        recent one routed through it, or a given delivery). Sends nothing. The output
+        may quote patient data, so it is an audited reveal."""
+        from mfconsole import ops
+        from mfconsole.engine.delivery import Outbound
+        from mfconsole.engine.handlers import HandlerError
+
+        try:
+            handler = self.engine.handlers.get(name)
+        except HandlerError as exc:
+            raise ControlError(str(exc)) from None
+        conn = self._db()
+        try:
+            sql = ("SELECT d.id, d.destination, d.object_id, o.sop_instance_uid, o.sop_class_uid, "
+                   "o.transfer_syntax, o.study_uid FROM deliveries d JOIN objects o ON o.id = d.object_id "
+                   "WHERE o.purged_at IS NULL AND ")
+            row = (conn.execute(sql + "d.id = ?", (int(delivery_id),)) if delivery_id is not None else
+                   conn.execute(sql + "d.handler = ? ORDER BY d.id DESC LIMIT 1", (name,))).fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            raise ControlError(f"no stored object for handler {name}"
+                               + (f" with delivery {delivery_id}" if delivery_id is not None else ""))
+        self._dataset(row)       # readable at all? (a clear error instead of a handler one)
+        obj = Outbound(row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],
+                       self.engine.store.read_object(row["object_id"]), row["study_uid"] or "")
+        text = ops.preview_handler(self.config, handler, obj, row["destination"])
+        self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
+                          delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
+                          detail=f"handler {handler.label} preview shown to {actor}")
+        return {"delivery_id": row["id"], "text": text}
+
+    # -- logs ----------------------------------------------------------------------------
+
+    def op_log_tail(self, actor: str, cursor: dict[str, int] | None = None) -> dict[str, Any]:
+        """New lines of the redacted log since ``cursor`` (the last ones when None).
+        Follows rotation: another inode, or a shorter file, starts from its beginning."""
+        path = self.engine.data_dir / "logs" / "mfconsole.log"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return {"lines": [], "cursor": None}
+        if cursor and cursor.get("ino") == st.st_ino and cursor.get("pos", 0) <= st.st_size:
+            pos, skip_partial = cursor["pos"], False
+        elif cursor:
+            pos, skip_partial = 0, False
+        else:
+            pos = max(0, st.st_size - LOG_TAIL_BYTES)
+            skip_partial = pos > 0
+        with open(path, "rb") as f:
+            f.seek(pos)
+            data = f.read(LOG_READ_MAX)
+        if skip_partial and b"\n" in data:
+            cut = data.index(b"\n") + 1
+            data, pos = data[cut:], pos + cut
+        end = data.rfind(b"\n") + 1        # only whole lines; the rest comes next time
+        lines = data[:end].decode("utf-8", errors="replace").splitlines()
+        return {"lines": lines, "cursor": {"ino": st.st_ino, "pos": pos + end}}
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def op_config_fields(self, actor: str) -> list[dict[str, Any]]:
+        from mfconsole.engine import config_edit
+
+        return config_edit.fields(self.config)
+
+    def op_edit_config(self, actor: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Validate as `mfconsole check` does, write atomically, reload. An invalid edit
+        changes nothing and names every problem with its key."""
+        from mfconsole.engine import config_edit
+
+        with self.engine._reload_lock:      # one writer of config.toml at a time
+            problems = config_edit.apply(self.config, changes)
+        if problems:
+            return {"ok": False, "problems": problems, "report": []}
+        self.engine.audit("config_edited", status="ok", detail=f"by {actor}: " + "; ".join(
+            f"{key} = {_plain(value)}" for key, value in changes.items()))
+        result = _reload_result(self.engine.reload())
+        return {"ok": not result["refused"], "problems": [], **result}
+
+
+def _reload_result(report: list[str]) -> dict[str, Any]:
+    refused = bool(report) and report[0].startswith("refused")
+    return {"report": report, "refused": refused,
+            "errors": refused or any("new version refused" in line for line in report)}
+
+
+def _plain(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _version() -> str:
+    from mfconsole import __version__
+
+    return __version__
+
+
+# -- the socket --------------------------------------------------------------------
+
+class ControlServer:
+    """``data_dir/control.sock``: one thread accepts, one short-lived thread per
+    request. The engine holds the data directory lock, so a socket file left by a
+    crashed engine is stale and replaced."""
+
+    def __init__(self, service: ControlService, path: Path):
+        self.service = service
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def start(self) -> None:
+        if len(os.fsencode(self.path)) >= 104:     # sun_path is 108 bytes on Linux, less elsewhere
+            raise OSError(f"control socket path too long ({self.path})")
+        self.path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
+            sock.listen(MAX_CONNECTIONS)
+            sock.settimeout(1.0)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:     # wake accept() now rather than at its next timeout
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
+                wake.settimeout(1.0)
+                wake.connect(str(self.path))
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self.path.unlink(missing_ok=True)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                self._tick()
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            if self._stop.is_set():
+                conn.close()
+                return
+            if not self._slots.acquire(blocking=False):
+                conn.close()          # a runaway client must not pile up threads
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control-request",
+                             daemon=True).start()
+
+    def _tick(self) -> None:
+        try:
+            self.service.tick()
+        except Exception as exc:
+            log.warning("control: counters update failed (%s)", exc.__class__.__name__)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(REQUEST_TIMEOUT_S)
+            uid = _peer_uid(conn)
+            line = _read_line(conn)
+            reply = self._answer(line, uid)
+            conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+        except (OSError, ValueError):
+            pass                      # the client went away or sent garbage: nothing to say
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def _answer(self, line: bytes, uid: int | None) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op, args = request["op"], request.get("args") or {}
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "malformed request"}
+        actor = f"console uid {uid}" if uid is not None else "console"
+        try:
+            result = self.service.call(op, args, actor=actor, read_only=bool(request.get("read_only")))
+            return {"ok": True, "result": result}
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:      # never the exception's text: it may quote data
+            log.error("control: %s failed with %s", op, exc.__class__.__name__)
+            return {"ok": False, "error": f"{op} failed ({exc.__class__.__name__}); see the log"}
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too large")
+    return bytes(buf.split(b"\n", 1)[0])
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    """Who is asking (for the audit trail); the socket's mode already decided whether
+    they may."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except (AttributeError, OSError):
+        return None
+
+
+def request(path: Path, op: str, args: dict[str, Any] | None = None, *, read_only: bool = False,
+            timeout: float = 120.0) -> Any:
+    """One request to an engine's control socket (what the attached console uses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"op": op, "args": args or {}, "read_only": read_only}).encode() + b"\n")
+        line = _read_line(sock)
+    if not line:
+        raise ControlError(f"the engine closed the control connection during {op}")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error") or f"{op} failed")
+    return reply.get("result")
