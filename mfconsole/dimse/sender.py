@@ -94,31 +94,80 @@ def _user_identity(peer: Peer) -> list[Any]:
     return [item]
 
 
-def _associate(ae: AE, peer: Peer, **kwargs: Any) -> tuple[Any, bool]:
-    """``ae.associate``, and whether the TCP connection was made (pynetdicom reports a
-    refused connection and a peer's A-ABORT alike, as aborted)."""
-    connected: list[bool] = []
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae,
-                         ext_neg=_user_identity(peer) or None,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+@dataclass
+class _Attempt:
+    """What happened while ``ae.associate`` ran (pynetdicom reports a refused
+    connection, an ACSE timeout, a peer's A-ABORT and "no context accepted" all alike,
+    as aborted)."""
+    connected: bool = False
+    answered: bool = False      # the peer sent at least one PDU
+    accepted: bool = False      # ... and it was an A-ASSOCIATE-AC
+
+
+def _associate(ae: AE, peer: Peer, ext_neg: list[Any], **kwargs: Any) -> tuple[Any, _Attempt]:
+    seen = _Attempt()
+
+    def on_open(event: Any) -> None:
+        seen.connected = True
+        # pynetdicom drops the socket timeout once connected; without it a peer that
+        # stops in the middle of a PDU blocks the reader (and this worker) for good.
+        event.assoc.dul.socket.socket.settimeout(peer.network_timeout_s)
+
+    def on_accepted(event: Any) -> None:
+        seen.accepted = True
+
+    def on_pdu(event: Any) -> None:
+        seen.answered = True
+
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=ext_neg or None,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
+                                       (evt.EVT_PDU_RECV, on_pdu)],
                          **kwargs)
-    return assoc, bool(connected)
+    return assoc, seen
 
 
-def _association_failure(assoc: Any, peer: Peer, connected: bool) -> Outcome:
+def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
     """Why ``ae.associate`` did not give an established association."""
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         return outcomes.association_rejected(int(rj.result), int(rj.result_source), int(rj.diagnostic))
-    if not connected:
+    if not seen.connected:
         return outcomes.transport_failure(
             f"cannot connect to {peer.address}: refused, unreachable or no answer within "
             f"connect_timeout_s={peer.connect_timeout_s:g}")
-    if assoc.is_aborted:
-        return outcomes.transport_failure(f"{peer.address} aborted the association request")
-    return outcomes.transport_failure(
-        f"{peer.address} did not answer the association request within "
-        f"acse_timeout_s={peer.acse_timeout_s:g}")
+    if seen.accepted:
+        return outcomes.context_refused(f"{peer.address} accepted none of the presentation "
+                                        "contexts we proposed")
+    if not seen.answered:
+        return outcomes.transport_failure(
+            f"{peer.address} did not answer the association request within "
+            f"acse_timeout_s={peer.acse_timeout_s:g}")
+    return outcomes.transport_failure(f"{peer.address} aborted the association request")
+
+
+def _pause_reactor(assoc: Any) -> bool:
+    """Stop pynetdicom's reactor thread for as long as we use the association.
+
+    The reactor takes any DIMSE message it finds off the queue; pynetdicom pauses it
+    around each of its own send_c_*() calls, but between two back-to-back calls it
+    can wake up late and take the next response ("Received unexpected C-STORE
+    service message"; about 1 in 700 here), leaving us to wait out dimse_timeout_s.
+    Paused once, it cannot. Its other duties (answering a peer's release or abort)
+    are done by ``DimseSender.usable``/``close``. The confirm after a few
+    milliseconds catches a reactor that was just about to wake when we cleared."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + 5
+    confirmed = 0
+    while confirmed < 2:
+        if not assoc.is_established or time.monotonic() > deadline:
+            return False
+        if assoc._is_paused:
+            confirmed += 1
+            time.sleep(0.003)
+        else:
+            confirmed = 0
+            time.sleep(0.0001)
+    return True
 
 
 class DimseSender:
@@ -157,15 +206,23 @@ class DimseSender:
             if ts in UNCOMPRESSED and sop_class not in fallback:
                 fallback.append(sop_class)
         contexts += [build_context(c, list(UNCOMPRESSED)) for c in fallback]
-        return contexts[:MAX_CONTEXTS]
+        # Verification keeps the association up when the peer takes none of the others,
+        # so each object gets its own "not accepted" answer (a message-scope failure).
+        return contexts[:MAX_CONTEXTS - 1] + [build_context(Verification)]
 
     def _needs(self, pairs: Iterable[tuple[str, str]]) -> bool:
         return any(p not in self.pairs for p in pairs)
 
+    def usable(self) -> bool:
+        """The association is up and the peer has not released or aborted it."""
+        assoc = self.assoc
+        return (assoc is not None and assoc.is_established and assoc.dul.is_alive()
+                and not assoc.acse.is_aborted() and not assoc.acse.is_release_requested())
+
     def open(self, pairs: Iterable[tuple[str, str]]) -> Outcome | None:
         """Make sure an association proposing ``pairs`` is up; an Outcome on failure."""
         pairs = list(dict.fromkeys(pairs))
-        if self.assoc is not None and self.assoc.is_established and not self._needs(pairs):
+        if self.usable() and not self._needs(pairs):
             return None
         self.close()
         for pair in pairs:
@@ -176,28 +233,57 @@ class DimseSender:
         p = self.peer
         if not self.egress_allows(p.host, p.port):
             return outcomes.egress_refused(p.address)
-        ae = self._ae()
         try:
-            assoc, connected = _associate(ae, p, contexts=self._contexts())
+            ext_neg = _user_identity(p)
         except OSError as exc:   # e.g. the passcode file vanished
             return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
                                     f"cannot read passcode_file: {exc.strerror}")
+        try:
+            assoc, seen = _associate(self._ae(), p, ext_neg, contexts=self._contexts())
+        except OSError as exc:   # e.g. the host name does not resolve
+            return outcomes.transport_failure(f"cannot connect to {p.address}: "
+                                              f"{exc.strerror or exc.__class__.__name__}")
         if not assoc.is_established:
-            return _association_failure(assoc, p, connected)
+            return _association_failure(assoc, p, seen)
         self.assoc = assoc
+        if not _pause_reactor(assoc):
+            self.close()
+            return outcomes.transport_failure(f"{p.address} dropped the association at once")
         self.last_used = time.monotonic()
         return None
 
     def close(self) -> None:
         assoc, self.assoc = self.assoc, None
-        if assoc is not None and assoc.is_established:
+        if assoc is None:
+            return
+        assoc._reactor_checkpoint.set()   # the reactor answers a peer's release or abort
+        if assoc.is_established and not (assoc.acse.is_release_requested() or assoc.acse.is_aborted()):
             try:
                 assoc.release()
             except Exception:   # the peer may already be gone
                 assoc.abort()
+            return
+        deadline = time.monotonic() + 1
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if assoc.is_established:
+            assoc.abort()
+
+    def drop(self) -> None:
+        """Abort at once (no release handshake with a peer that stopped answering)."""
+        assoc, self.assoc = self.assoc, None
+        if assoc is not None:
+            assoc._reactor_checkpoint.set()
+            assoc.abort()
 
     def close_if_idle(self, idle_s: float) -> None:
-        if self.assoc is not None and time.monotonic() - self.last_used > idle_s:
+        if self.assoc is None:
+            return
+        if self.assoc.dul.idle_timer_expired():
+            # Nothing from the peer for network_timeout_s (the reactor, paused, would
+            # have aborted too).
+            self.drop()
+        elif time.monotonic() - self.last_used > idle_s or not self.usable():
             self.close()
 
     # -- C-STORE -----------------------------------------------------------------
@@ -239,10 +325,9 @@ class DimseSender:
 
     def _refused(self, obj: Outbound) -> Outcome:
         klass = sop_name(obj.sop_class_uid)
-        if not self._accepted(obj.sop_class_uid):
-            return outcomes.context_refused(f"peer does not accept {klass} in any transfer syntax we offered")
         if obj.transfer_syntax in UNCOMPRESSED:
-            return outcomes.context_refused(f"peer accepts no uncompressed transfer syntax for {klass}")
+            return outcomes.context_refused(f"peer does not accept {klass} in any uncompressed "
+                                            "transfer syntax")
         return outcomes.context_refused(
             f"peer does not accept {ts_name(obj.transfer_syntax)} for {klass}; "
             "mfconsole does not transcode")
@@ -258,33 +343,24 @@ class DimseSender:
         req.AffectedSOPClassUID = obj.sop_class_uid
         req.AffectedSOPInstanceUID = obj.sop_instance_uid
         req.DataSet = BytesIO(data)
-        # Pause the association's reactor so the response reaches us, not it (as
-        # send_c_store does); never wait on a reactor that is gone.
-        assoc._reactor_checkpoint.clear()
+        # The reactor is paused (``_pause_reactor``): the response can only reach us.
         try:
-            deadline = time.monotonic() + 5
-            while not assoc._is_paused:
-                if not assoc.is_established or time.monotonic() > deadline:
-                    self.close()
-                    return outcomes.transport_failure("association lost before sending")
-                time.sleep(0.0001)
             assoc.dimse.send_msg(req, context.context_id)
             _, rsp = assoc.dimse.get_msg(block=True)
         except OSError as exc:
-            self.assoc = None
-            assoc.abort()
+            self.drop()
             return outcomes.transport_failure(f"connection to {self.peer.address} lost: {exc.__class__.__name__}")
-        finally:
-            assoc._reactor_checkpoint.set()
         if rsp is None:
-            # DIMSE timeout, or the peer aborted: the outcome is unknown. pynetdicom
-            # 3.0.4 also occasionally misses a response on a long association; a fresh
-            # association for the retry is the cure (re-store is idempotent).
-            aborted = assoc.is_aborted
-            self.assoc = None
-            assoc.abort()
+            # DIMSE timeout, the peer aborted, or the connection went silent mid-PDU:
+            # the outcome is unknown, and a re-store is idempotent.
+            aborted = assoc.acse.is_aborted("a-abort")
+            closed = (assoc.acse.is_aborted("a-p-abort") or not assoc.dul.is_alive()
+                      or assoc.dul.state_machine.current_state == "Sta1")
+            self.drop()
             return outcomes.no_response(
                 "peer aborted the association during the C-STORE" if aborted else
+                f"connection to {self.peer.address} closed during the C-STORE (silent beyond "
+                f"network_timeout_s={self.peer.network_timeout_s:g}, or dropped)" if closed else
                 f"no C-STORE response within dimse_timeout_s={self.peer.dimse_timeout_s:g}")
         status = rsp.Status
         if status is None:
@@ -321,10 +397,14 @@ def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) ->
     ae = sender._ae()
     ae.add_requested_context(Verification)
     t0 = time.perf_counter()
-    assoc, connected = _associate(ae, peer)
+    try:
+        assoc, seen = _associate(ae, peer, _user_identity(peer))
+    except OSError as exc:
+        return EchoResult(False, (time.perf_counter() - t0) * 1000,
+                          f"cannot connect to {peer.address}: {exc.strerror or exc.__class__.__name__}")
     if not assoc.is_established:
         return EchoResult(False, (time.perf_counter() - t0) * 1000,
-                          _association_failure(assoc, peer, connected).reason)
+                          _association_failure(assoc, peer, seen).reason)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -347,9 +427,14 @@ def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
     pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
     ae = DimseSender(peer, lambda h, p: True)._ae()
     contexts = [build_context(c, [t]) for c, t in pairs]
-    assoc, connected = _associate(ae, peer, contexts=contexts or [build_context(Verification)])
+    try:
+        assoc, seen = _associate(ae, peer, _user_identity(peer),
+                                 contexts=contexts or [build_context(Verification)])
+    except OSError as exc:
+        return outcomes.transport_failure(f"cannot connect to {peer.address}: "
+                                          f"{exc.strerror or exc.__class__.__name__}"), []
     if not assoc.is_established:
-        return _association_failure(assoc, peer, connected), []
+        return _association_failure(assoc, peer, seen), []
     try:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
