@@ -225,13 +225,15 @@ def list_handlers(config: Config) -> list[dict[str, Any]]:
 
 def run_handler(config: Config, name: str, file: Path, destination: str | None = None) -> str:
     """What handler ``name`` emits for a DICOM file, as text. Sends nothing."""
-    from pydicom import dcmread
+    from pydicom import config as pydicom_config, dcmread
     from pydicom.errors import InvalidDicomError
 
     from mfconsole.dicomfile import dataset_bytes
     from mfconsole.engine.delivery import Outbound
     from mfconsole.engine.handlers import HandlerError, load as load_handler
 
+    # As in the engine: pydicom's value validation warnings would quote values (PHI).
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     try:
         handler = load_handler(name, config.handlers_dir)
     except HandlerError as exc:
