@@ -354,7 +354,8 @@ class StoreSCP(_Peer):
                           response; nothing stored.
     * ``--abort-during``  A-ABORT while receiving the C-STORE-RQ data; nothing
                           stored.
-    * ``--sleep-after S`` sleep S seconds after storing (before response).
+    * ``--sleep-after S`` sleep S seconds after storing; DCMTK 3.6.7 answers first, so it
+      does not delay the response (measured).
     * ``--sleep-during S`` sleep S seconds during the store.
     * ``-aet AE``         our AE title (set via *ae_title*).  NB: storescp does
                           *not* check the called AE title; any called AE is
