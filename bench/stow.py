@@ -146,7 +146,12 @@ def run_case(corpus: str, files: list[Path], lane: str, workers: int, scratch: P
             os.environ.pop("TCP_NODELAY")
         port = free_port()
         config = write_config(workdir / "mf", port=port, destinations=[destination(lane, orthanc, workers)])
-        serve = ServeProcess(config, port).start()
+        serve = ServeProcess(config, port)
+        try:
+            serve.start()
+        except TimeoutError:
+            tail = serve.log_path.read_text(errors="replace")[-800:] if serve.log_path.exists() else ""
+            raise RuntimeError(f"mfconsole serve did not listen: {tail}") from None
         cfg = load(config)
         db = serve.data_dir / "mfconsole.db"
         ops.pause(cfg, DEST)
