@@ -29,6 +29,8 @@ def toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):   # an inline table; keys quoted (they may hold dots)
+        return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -133,3 +135,41 @@ def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.Completed
 
 def mfconsole(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "mfconsole", *args], timeout=timeout)
+
+
+def holds(predicate: Callable[[], Any], seconds: float = 1.0) -> bool:
+    """True if ``predicate`` stays true for ``seconds``: a negative check ("nothing more
+    happens") after what it guards has been reached by a poll."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not predicate():
+            return False
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def store_files(port: int, paths: list[Path], called_ae: str = "MF_SCP") -> list[str]:
+    """C-STORE files to a listener over one association, each in its own transfer
+    syntax (compressed ones too); every one must be answered Success. Returns the SOP
+    Instance UIDs."""
+    import socket as socket_
+
+    from pydicom import dcmread
+    from pynetdicom import AE, evt
+
+    def nodelay(event: Any) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket_.IPPROTO_TCP, socket_.TCP_NODELAY, 1)
+
+    heads = [dcmread(p, stop_before_pixels=True) for p in paths]
+    ae = AE(ae_title="MODALITY")
+    for sop, ts in dict.fromkeys((str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in heads):
+        ae.add_requested_context(sop, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(p).Status) for p in paths]
+    finally:
+        assoc.release()
+    assert statuses == [0] * len(paths)
+    return [str(h.SOPInstanceUID) for h in heads]

@@ -35,11 +35,11 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import poll
+from harness import holds, poll, store_files
 from mfconsole.engine import logs, outbox
 # dimse_dest: a destination named "pacs", called AE "PACS", with FAST_RETRY's policy.
 from test_forward_dimse import deliveries, dimse_dest
@@ -206,26 +206,8 @@ class StallingProxy(LoopbackServer):
 
 # -- the engine side --------------------------------------------------------------
 
-def _nodelay(event: Any) -> None:
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def send(engine, *paths: Path) -> list[str]:
-    """C-STORE files into the engine's listener over one association, each in its own
-    transfer syntax; every one must be answered Success. Returns the SOP Instance UIDs."""
-    heads = [dcmread(p, stop_before_pixels=True) for p in paths]
-    ae = AE(ae_title="MODALITY")
-    for sop, ts in dict.fromkeys((str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in heads):
-        ae.add_requested_context(sop, [ts])
-    assoc = ae.associate("127.0.0.1", engine.listeners[0].address[1], ae_title="MF_SCP",
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-    assert assoc.is_established
-    try:
-        statuses = [int(assoc.send_c_store(p).Status) for p in paths]
-    finally:
-        assoc.release()
-    assert statuses == [0] * len(paths)
-    return [str(h.SOPInstanceUID) for h in heads]
+    return store_files(engine.listeners[0].address[1], list(paths))
 
 
 def srs(folder: Path, count: int = 1) -> list[Path]:
@@ -263,17 +245,6 @@ def first_failure(engine, uid: str, destination: str = "pacs", timeout: float = 
                message=f"a first failed attempt for {destination}")[0]
     assert row["detail"].startswith("attempt 1: "), row
     return row["ts"] - delivery(engine, uid, destination)["created_at"], row
-
-
-def holds(predicate, seconds: float = 1.0) -> bool:
-    """True if ``predicate`` stays true for ``seconds``: a negative check ("nothing more
-    happens") after what it guards has been reached by poll."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not predicate():
-            return False
-        time.sleep(0.05)
-    return predicate()
 
 
 def events_of(scp: FaultSCP, name: str) -> list[dict]:

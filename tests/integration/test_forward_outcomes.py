@@ -18,9 +18,8 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -28,11 +27,11 @@ from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
+
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import poll
+from harness import holds, poll, store_files
 from mfconsole import ops
 from peers import StoreSCP, free_port
 
@@ -143,20 +142,7 @@ def uid_of(path: Path) -> str:
 
 
 def send(engine, *paths: Path) -> list[str]:
-    """C-STORE files into the engine's listener, each in its own transfer syntax."""
-    datasets = [dcmread(p) for p in paths]
-    ae = AE(ae_title="MODALITY")
-    pairs = dict.fromkeys((str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets)
-    for sop_class, ts in pairs:
-        ae.add_requested_context(sop_class, [ts])
-    assoc = ae.associate("127.0.0.1", engine.listeners[0].address[1], ae_title="MF_SCP")
-    assert assoc.is_established
-    try:
-        statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
-    assert statuses == [0] * len(datasets)
-    return [str(d.SOPInstanceUID) for d in datasets]
+    return store_files(engine.listeners[0].address[1], list(paths))
 
 
 def delivery(engine, uid: str) -> dict:
@@ -210,17 +196,6 @@ def became(engine, flag: str, timeout: float = 10) -> dict:
     state = destination(engine)
     assert state[flag] and dead_count(engine) == 0, f"expected {flag}: {state}, {dead_count(engine)} dead"
     return state
-
-
-def holds(predicate: Callable[[], bool], seconds: float = HOLD_S) -> bool:
-    """True if ``predicate`` stays true for ``seconds``: a negative check ("nothing more
-    happens") after what it guards has already been reached by a poll."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not predicate():
-            return False
-        time.sleep(0.05)
-    return predicate()
 
 
 def resume(engine) -> None:
@@ -347,7 +322,7 @@ def test_0124_not_authorized_pauses_the_destination_and_keeps_the_queue(engine_f
     assert delivery(engine, uid_of(second))["state"] == "pending"
     assert events(engine) == ["destination_paused"]
     # One C-STORE told the engine enough: the rest of the batch stays, nothing is retried.
-    assert holds(lambda: len(stores_seen(scp)) == 1), stores_seen(scp)
+    assert holds(lambda: len(stores_seen(scp)) == 1, HOLD_S), stores_seen(scp)
     resume(engine)
     for path in (first, second):
         assert settled(engine, uid_of(path), "delivered")["attempts"] == 1
@@ -414,7 +389,7 @@ def test_rj_2_2_1_failed_user_identity_is_bounded_then_pauses(engine_factory, fa
     d = delivery(engine, uid)
     assert (d["state"], d["last_status"]) == ("pending", "A-ASSOCIATE-RJ 2/2/1"), d
     # Exactly bounded_attempts associations, then nothing until an operator resumes.
-    assert holds(lambda: len(rejections(scp)) == 3), rejections(scp)
+    assert holds(lambda: len(rejections(scp)) == 3, HOLD_S), rejections(scp)
     assert set(rejections(scp)) == {(2, 2, 1)}
     assert [a["verified"] for a in scp.associations() if a["event"] == "user_id"] == [False] * 3
     assert events(engine) == ["destination_paused"]
@@ -444,7 +419,7 @@ def test_permanent_rejection_pauses_the_destination_and_keeps_the_queue(peer, ca
     if isinstance(scp, FaultSCP):
         assert rejections(scp) == [triple]
     # One association told the engine enough; none while paused.
-    assert holds(lambda: refused() == 1), refused()
+    assert holds(lambda: refused() == 1, HOLD_S), refused()
     d = delivery(engine, uid)
     assert (d["state"], d["attempts"], d["last_status"], d["last_class"]) == (
         "pending", 0, "A-ASSOCIATE-RJ %d/%d/%d" % triple, "permanent/destination")
@@ -546,7 +521,9 @@ def transport_fault(request):
 @pytest.mark.parametrize("transport_fault", ["refused", "dns", "connect-timeout", "reset"], indirect=True)
 def test_transport_failure_is_transient_destination(transport_fault, engine_factory, fault_scp, tmp_path):
     kind, host, port, peer = transport_fault
-    engine = engine_factory(destinations=[dest(port, host=host, connect_timeout_s=0.3)])
+    # (a host that is not loopback needs TLS or allow_cleartext; the DNS case is about the name)
+    extra = {"allow_cleartext": True} if host != "127.0.0.1" else {}
+    engine = engine_factory(destinations=[dest(port, host=host, connect_timeout_s=0.3, **extra)])
     uid, = send(engine, sr(tmp_path))
     state = became(engine, "down")
     assert state["paused"] == 0 and state["failures"] >= 3 and state["last_status"] == "transport"
