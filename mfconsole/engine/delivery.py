@@ -33,7 +33,7 @@ from mfconsole.engine.vault import VaultError
 
 log = logging.getLogger("mfconsole.delivery")
 
-BATCH = 32
+BATCH = 32    # deliveries claimed per round (more when one request takes more)
 IDLE_POLL_S = 0.25
 
 
@@ -151,9 +151,11 @@ class DestinationWorkers:
             self._wait(wait)
             return True
         # A destination marked down is probed with one object at a time.
-        size = 1 if st.down else BATCH
-        mine = outbox.due(self.store.reader(), self.name, index * BATCH + size,
-                          ordered=sender.in_order)[index * BATCH:]
+        # A round is at least one full request of a batching sender (STOW).
+        batch = max(BATCH, sender.max_batch[0])
+        size = 1 if st.down else batch
+        mine = outbox.due(self.store.reader(), self.name, index * batch + size,
+                          ordered=sender.in_order)[index * batch:]
         if not mine or (index > 0 and st.down):
             if index > 0:
                 sender.close()   # extras are for bursts: give the association back
