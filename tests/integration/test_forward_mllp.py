@@ -213,6 +213,14 @@ def test_handler_that_raises_dead_letters_with_name_version_and_no_phi(engine_fa
                    for r in reasons)
         assert not any(dicomgen.CANARY_NAME in (r or "") for r in reasons)
         assert peer.received() == []
+        # Fix, reload, replay: both go out, made by the fixed version.
+        with_handlers(tmp_path / "engine", shipped.replace('VERSION = "1.0.0"', 'VERSION = "1.0.1"'))
+        report = engine.reload()
+        assert any("activated" in line and "1.0.1" in line for line in report), report
+        from mfconsole import ops
+        ops.replay(engine.config, [r[0] for r in rows(engine)])
+        poll(lambda: len(peer.received()) == 2, timeout=30)
+        assert all("1.0.1" in msh(g["message"], 21) for g in peer.received())
     finally:
         peer.stop()
 
