@@ -28,8 +28,13 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"configuration file (default: ./{DEFAULT_CONFIG})")
     p = argparse.ArgumentParser(
         prog="mfconsole", parents=[common],
-        description="The DICOM imaging lane of an interface engine.")
+        description="The DICOM imaging lane of an interface engine. Without a command: the "
+                    "operator console (attached to the engine serving the data directory, or "
+                    "hosting one).")
     p.add_argument("--version", action="version", version=f"mfconsole {__version__}")
+    p.add_argument("--read-only", action="store_true",
+                   help="console: show everything, change nothing (no replay, pause, reload, edit)")
+    p.add_argument("--no-mouse", action="store_true", help="console: leave the mouse to the terminal (tmux)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the engine headless in the foreground")
     sub.add_parser("check", parents=[common], help="validate the configuration (exit 0 or 2)")
@@ -81,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = Path(getattr(args, "config", DEFAULT_CONFIG))
-    command = args.command or "serve"
+    command = args.command or "console"
     try:
         config = load(config_path)
     except ConfigError as exc:
@@ -95,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_status(config, as_json=args.json)
     if command == "serve":
         return cmd_serve(config)
+    if command == "console":
+        return cmd_console(config, read_only=args.read_only, mouse=not args.no_mouse)
     from mfconsole import ops
 
     try:
@@ -248,6 +255,36 @@ def cmd_serve(config: Config) -> int:
                 engine.reload()
     finally:
         engine.stop()
+    return EXIT_OK
+
+
+def cmd_console(config: Config, *, read_only: bool, mouse: bool) -> int:
+    """The console: attached to the engine serving this data directory, or hosting one
+    in this process (then quitting, or a hang-up, stops it cleanly)."""
+    from mfconsole.client import open_client
+    from mfconsole.engine.engine_lock import EngineError
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("mfconsole: the console needs a terminal; run the engine headless with "
+              "`mfconsole serve`", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        client = open_client(config, read_only=read_only)
+    except EngineError as exc:
+        print(f"mfconsole: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    from mfconsole.console.app import run
+
+    hung_up = False
+    try:
+        hung_up = run(client, mouse=mouse)
+    finally:
+        # A second hang-up or TERM must not cut the engine's stop short.
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        client.close()
+    if client.hosts_engine:
+        print(f"mfconsole: engine stopped{' (terminal hung up)' if hung_up else ''}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -167,6 +167,7 @@ class ControlService:
         snap = status.collect(self.config, self.engine)
         snap["engine"].update({"pid": os.getpid(), "running": True, "config": str(self.config.path),
                                "version": _version()})
+        snap["handlers"] = sorted(self.engine.handlers.active()) if self.engine.handlers else []
         for item in snap["listeners"]:
             item.update(self.counters.view(item["name"], ("received", "duplicates", "refused",
                                                           "rejected"), "received"))
