@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from mfconsole.tls import TLSSetupError, client_context, server_context
+
 DEFAULT_CONFIG = "config.toml"
 KINDS = ("dimse", "stow", "mllp")
 _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -27,19 +29,22 @@ ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "max_object_mb", "retention_days"})
 EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
-    "name", "ae_title", "host", "port", "calling_aets", "max_associations",
+    "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
     "dimse_timeout_s", "network_timeout_s"})
 _DESTINATION_COMMON = frozenset({
     "name", "kind", "max_associations", "retry_initial_s", "retry_max_s", "down_after",
-    "bounded_attempts", "connect_timeout_s", "network_timeout_s"})
+    "bounded_attempts", "connect_timeout_s", "network_timeout_s", "tls", "allow_cleartext"})
+# One `tls` table everywhere; a key of the other side is an error, not ignored.
+LISTENER_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "require_client_cert",
+                               "client_cert_aets"})
+DESTINATION_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "server_name"})
 DESTINATION_KEYS = {
     "dimse": _DESTINATION_COMMON | {
         "host", "port", "ae_title", "calling_ae_title", "acse_timeout_s", "dimse_timeout_s",
         "idle_timeout_s", "priority", "username", "passcode_file"},
     "stow": _DESTINATION_COMMON | {
-        "url", "allow_cleartext", "ca_file", "client_cert_file", "client_key_file",
-        "bearer_token_file", "username", "password_file", "batch_max_objects", "batch_max_mb",
+        "url", "bearer_token_file", "username", "password_file", "batch_max_objects", "batch_max_mb",
         "response_timeout_s", "idle_timeout_s"},
     "mllp": _DESTINATION_COMMON | {
         "host", "port", "ack_timeout_s", "idle_timeout_s", "sending_application",
@@ -54,6 +59,8 @@ ACCEPTED_KEYS: dict[str, frozenset[str]] = {
     "listeners": LISTENER_KEYS,
     "destinations": frozenset().union(*DESTINATION_KEYS.values()),
     "routes": ROUTE_KEYS,
+    "listeners.tls": LISTENER_TLS_KEYS,
+    "destinations.tls": DESTINATION_TLS_KEYS,
 }
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -89,6 +96,23 @@ class EgressConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """A ``tls`` table: the same shape on listeners and destinations (tls.py)."""
+    cert_file: Path | None = None          # our certificate (a listener's; a client's for mTLS)
+    key_file: Path | None = None           # its key, unless cert_file holds it
+    ca_file: Path | None = None            # whom we trust (destinations: else the system store)
+    require_client_cert: bool = False      # listeners: mTLS
+    server_name: str | None = None         # destinations: the name the peer's certificate carries
+    # Listeners: certificate name (subject CN or subjectAltName, lower-case) → the
+    # calling AE titles a peer presenting it may use; empty: no binding.
+    client_cert_aets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def aets_for(self, names: set[str]) -> frozenset[str]:
+        """The calling AE titles a certificate carrying ``names`` may use."""
+        return frozenset(ae for name, aets in self.client_cert_aets if name in names for ae in aets)
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     ae_title: str
@@ -96,6 +120,7 @@ class ListenerConfig:
     port: int
     calling_aets: tuple[str, ...] = ("*",)
     max_associations: int = 16
+    tls: TLSConfig | None = None
     allow_cleartext: bool = False
     accept_deflate: bool = False
     max_pdu_kb: int = 256
@@ -127,6 +152,9 @@ class DestinationConfig:
     bounded_attempts: int = 3
     connect_timeout_s: float = 10.0
     network_timeout_s: float = 60.0
+    # TLS (every kind; STOW-RS: with an https:// url), or cleartext off loopback by consent.
+    tls: TLSConfig | None = None
+    allow_cleartext: bool = False
     # DIMSE only.
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 30.0
@@ -135,10 +163,6 @@ class DestinationConfig:
     username: str | None = None      # DIMSE user identity; STOW basic authentication
     passcode_file: Path | None = None
     # STOW only.
-    allow_cleartext: bool = False
-    ca_file: Path | None = None
-    client_cert_file: Path | None = None
-    client_key_file: Path | None = None
     bearer_token_file: Path | None = None
     password_file: Path | None = None
     batch_max_objects: int = 10
@@ -458,7 +482,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         allowed_http=r.string_list(eg, "egress", "allowed_http", [], _http_prefix) or (),
     )
 
-    listeners, listener_names = _listeners(r, raw.get("listeners", []))
+    listeners, listener_names = _listeners(r, raw.get("listeners", []), lambda v: resolve(v, v))
     destinations, dest_names = _destinations(r, raw.get("destinations", []), egress,
                                              lambda v: resolve(v, v))
     handlers_dir = base / "handlers"
@@ -481,7 +505,8 @@ def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
     return raw
 
 
-def _listeners(r: _Reader, raw: Any) -> tuple[list[ListenerConfig], set[str]]:
+def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
+               ) -> tuple[list[ListenerConfig], set[str]]:
     """Valid listeners, and every name declared (valid or not) for route checks."""
     out: list[ListenerConfig] = []
     seen_names: dict[str, int] = {}
@@ -501,7 +526,10 @@ def _listeners(r: _Reader, raw: Any) -> tuple[list[ListenerConfig], set[str]]:
         if calling == () and isinstance(t.get("calling_aets"), list) and not t["calling_aets"]:
             r.fail(f"{p}.calling_aets", 'must name at least one AE title, or ["*"] for any')
             calling = None
-        cleartext = r.get(t, p, "allow_cleartext", bool, False)
+        before = len(r.problems)
+        tls = _tls(r, t, p, "listener", resolve)
+        tls_ok = len(r.problems) == before
+        cleartext = _allow_cleartext(r, t, p, encrypted="tls" in t)
         optional = dict(
             max_associations=r.get(t, p, "max_associations", int, 16, _range(1, 1000)),
             accept_deflate=r.get(t, p, "accept_deflate", bool, False),
@@ -520,16 +548,16 @@ def _listeners(r: _Reader, raw: Any) -> tuple[list[ListenerConfig], set[str]]:
                 r.fail(f"{p}.port", f"port {port} is already used by listeners[{seen_ports[port]}]")
             else:
                 seen_ports[port] = i
-        if host is not None and cleartext is not None and not is_loopback(host) and not cleartext:
-            # TLS on listeners arrives with its own settings; until a listener has them,
-            # any non-loopback address is cleartext and must be opted into explicitly.
+        if host is not None and tls_ok and tls is None and cleartext is False and not is_loopback(host):
             r.fail(f"{p}.host", f"'{host}' is not a loopback address and this listener has no "
-                   "TLS; PHI would cross the network in cleartext. Bind to 127.0.0.1, or set "
+                   "TLS; PHI would cross the network in cleartext. Give it TLS (tls = { cert_file "
+                   '= "…", key_file = "…" }), bind it to 127.0.0.1, or set '
                    f"{p}.allow_cleartext = true to accept that risk")
-        if None in (name, ae, host, port, calling, cleartext) or None in optional.values():
+        if None in (name, ae, host, port, calling, cleartext) or None in optional.values() \
+                or not tls_ok:
             continue
-        out.append(ListenerConfig(name=name, ae_title=ae, host=host, port=port,
-                                  calling_aets=calling, allow_cleartext=cleartext, **optional))
+        out.append(ListenerConfig(name=name, ae_title=ae, host=host, port=port, calling_aets=calling,
+                                  tls=tls, allow_cleartext=cleartext, **optional))
     return out, set(seen_names)
 
 
@@ -607,16 +635,27 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
             ae = r.get(t, p, "ae_title", str, check=ae_title_problem) if kind == "dimse" else None
             calling = (r.get(t, p, "calling_ae_title", str, "MFCONSOLE", ae_title_problem)
                        if kind == "dimse" else "MFCONSOLE")
+            before = len(r.problems)
+            tls = _tls(r, t, p, "destination", resolve)
+            cleartext = _allow_cleartext(r, t, p, encrypted="tls" in t)
+            if len(r.problems) > before:
+                continue
             if host is not None and port is not None and not tcp_allows(egress.allowed_tcp, host, port):
                 entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 r.fail(f"{p}.host", f"{entry} is not in egress.allowed_tcp; add \"{entry}\" "
                        "there to allow this destination")
                 continue
+            if host is not None and tls is None and not cleartext and not is_loopback(host):
+                r.fail(f"{p}.host", f"'{host}' is not a loopback address and this destination has "
+                       "no TLS; PHI would cross the network in cleartext. Give it TLS (tls = { "
+                       'ca_file = "…" }, or tls = {} to trust the system store), or set '
+                       f"{p}.allow_cleartext = true to accept that risk")
+                continue
             if None in (name, host, port, calling, max_assoc) or (kind == "dimse" and ae is None):
                 continue
             out.append(DestinationConfig(name=name, kind=kind, host=host, port=port, ae_title=ae,
                                          calling_ae_title=calling, max_associations=max_assoc,
-                                         **policy))
+                                         tls=tls, allow_cleartext=cleartext, **policy))
         else:
             url = r.get(t, p, "url", str, check=_http_prefix)
             if url is not None and not any(http_prefix_allows(a, url) for a in egress.allowed_http):
@@ -638,32 +677,132 @@ def _hl7_identity(value: str) -> str | None:
     return None
 
 
-_STOW_FILES = ("ca_file", "client_cert_file", "client_key_file", "bearer_token_file", "password_file")
-_SECRETS = ("bearer_token_file", "password_file", "client_key_file")
+def _tls(r: _Reader, t: dict[str, Any], p: str, side: str, resolve: Callable[[str], Path]
+         ) -> TLSConfig | None:
+    """``{p}.tls`` of a listener or a destination; None when absent (or wrong: the
+    problem is recorded). The files are loaded into a context here, so a key that does
+    not match its certificate is reported at load, by its key path."""
+    if "tls" not in t:
+        return None
+    path, raw = f"{p}.tls", t["tls"]
+    if not isinstance(raw, dict):
+        r.fail(path, 'must be a table, e.g. tls = { cert_file = "…", key_file = "…" }')
+        return None
+    listener = side == "listener"
+    ours, theirs = ((LISTENER_TLS_KEYS, DESTINATION_TLS_KEYS) if listener
+                    else (DESTINATION_TLS_KEYS, LISTENER_TLS_KEYS))
+    before = len(r.problems)
+    for key in raw:
+        if key in theirs - ours:
+            r.fail(f"{path}.{key}", f"does not apply to a {side} (it is a "
+                   f"{'destination' if listener else 'listener'} setting)")
+    r.table({k: v for k, v in raw.items() if k not in theirs}, path, set(ours))
+    files: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file", "ca_file"):
+        value = r.get(raw, path, key, str, None, _not_empty)
+        files[key] = resolve(value) if value is not None else None
+        if files[key] is not None and not files[key].is_file():
+            r.fail(f"{path}.{key}", f"{files[key]} is not a readable file")
+    key_holder = "key_file" if files["key_file"] else "cert_file"
+    if files[key_holder] is not None and files[key_holder].is_file() \
+            and files[key_holder].stat().st_mode & 0o004:
+        r.fail(f"{path}.{key_holder}", f"{files[key_holder]} holds a private key and is readable "
+               "by every user; chmod 600 it")
+    if files["key_file"] is not None and "cert_file" not in raw:
+        r.fail(f"{path}.key_file", "needs cert_file (the certificate this key belongs to)")
+    require = r.get(raw, path, "require_client_cert", bool, False) if listener else False
+    server_name = None if listener else r.get(raw, path, "server_name", str, None, _host)
+    aets = _client_cert_aets(r, raw, path) if listener and "client_cert_aets" in raw else ()
+    if listener:
+        if "cert_file" not in raw:
+            r.fail(f"{path}.cert_file", "is required: the listener's certificate (PEM), with "
+                   "key_file unless the key is in the same file")
+        if require and "ca_file" not in raw:
+            r.fail(f"{path}.ca_file", "is required with require_client_cert = true: the CA "
+                   "bundle client certificates are verified against")
+        if "ca_file" in raw and not require:
+            r.fail(f"{path}.ca_file", "is only used with require_client_cert = true")
+        if "client_cert_aets" in raw and not require:
+            r.fail(f"{path}.client_cert_aets", "needs require_client_cert = true")
+    if len(r.problems) > before:
+        return None
+    cfg = TLSConfig(cert_file=files["cert_file"], key_file=files["key_file"],
+                    ca_file=files["ca_file"], require_client_cert=require,
+                    server_name=server_name, client_cert_aets=aets)
+    try:
+        (server_context if listener else client_context)(cfg)
+    except TLSSetupError as exc:
+        r.fail(f"{path}.{exc.key}", exc.why)
+        return None
+    return cfg
+
+
+def _client_cert_aets(r: _Reader, raw: dict[str, Any], path: str
+                      ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """client_cert_aets = { "ct1.example.org" = ["CT1"], … }: certificate name → the
+    calling AE titles it may use (names compare without case)."""
+    where = f"{path}.client_cert_aets"
+    table = r.get(raw, path, "client_cert_aets", dict)
+    if table is None:
+        return ()
+    if not table:
+        r.fail(where, 'must map at least one certificate name to calling AE titles, e.g. '
+               '{ "ct1.example.org" = ["CT1"] }')
+    out: dict[str, tuple[str, ...]] = {}
+    for name, aets in table.items():
+        key = f'{where}."{name}"'
+        if not name.strip() or name.strip().lower() in out:
+            r.fail(key, "must be a certificate name (subject CN or subjectAltName), each once")
+            continue
+        if not isinstance(aets, list) or not aets or not all(isinstance(a, str) for a in aets):
+            r.fail(key, 'must be a list of calling AE titles, e.g. ["CT1"]')
+            continue
+        for i, ae in enumerate(aets):
+            why = ae_title_problem(ae)
+            if why:
+                r.fail(f"{key}[{i}]", why)
+        out[name.strip().lower()] = tuple(a.strip() for a in aets)
+    return tuple(out.items())
+
+
+def _allow_cleartext(r: _Reader, t: dict[str, Any], p: str, *, encrypted: bool) -> bool | None:
+    value = r.get(t, p, "allow_cleartext", bool, False)
+    if value and encrypted:
+        r.fail(f"{p}.allow_cleartext", "does not apply: this connection uses TLS")
+        return None
+    return value
+
+
+_SECRETS = ("bearer_token_file", "password_file")
 
 
 def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,
                   resolve: Callable[[str], Path]) -> dict[str, Any] | None:
     """The STOW-only keys of destination ``p`` (None when one of them is wrong).
 
-    TLS settings only make sense with https. Over http, a non-loopback archive needs
-    allow_cleartext (as a listener does), and credentials never go there at all.
+    https:// is TLS (the tls table is optional: without ca_file the system trust store
+    decides). Over http, a non-loopback archive needs allow_cleartext (as a listener
+    does), and credentials never go there at all.
     """
     before = len(r.problems)
+    parts = urlsplit(url) if url is not None else None
+    https = parts is not None and parts.scheme.lower() == "https"
+    tls = _tls(r, t, p, "destination", resolve)
     opts: dict[str, Any] = {
-        "allow_cleartext": r.get(t, p, "allow_cleartext", bool, False),
+        "tls": tls,
+        "allow_cleartext": _allow_cleartext(r, t, p, encrypted=https),
         "username": r.get(t, p, "username", str, None, _not_empty),
         "batch_max_objects": r.get(t, p, "batch_max_objects", int, 10, _range(1, 1000)),
         "batch_max_mb": r.get(t, p, "batch_max_mb", int, 16, _range(1, 4096)),
         "response_timeout_s": r.get(t, p, "response_timeout_s", float, 60.0, _positive),
         "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
     }
-    for key in _STOW_FILES:
+    for key in _SECRETS:
         value = r.get(t, p, key, str, None, _not_empty)
         path = resolve(value) if value is not None else None
         if path is not None and not path.is_file():
             r.fail(f"{p}.{key}", f"{path} is not a readable file")
-        elif path is not None and key in _SECRETS and path.stat().st_mode & 0o004:
+        elif path is not None and path.stat().st_mode & 0o004:
             r.fail(f"{p}.{key}", f"{path} is readable by every user; chmod 600 it")
         opts[key] = path
     if opts["bearer_token_file"] is not None and (opts["username"] or opts["password_file"]):
@@ -673,13 +812,9 @@ def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,
         r.fail(f"{p}.password_file", "needs username (basic authentication is username + password)")
     elif opts["username"] is not None and opts["password_file"] is None:
         r.fail(f"{p}.username", "needs password_file (basic authentication is username + password)")
-    if opts["client_key_file"] is not None and opts["client_cert_file"] is None:
-        r.fail(f"{p}.client_key_file", "needs client_cert_file")
-    parts = urlsplit(url) if url is not None else None
     if parts is not None and parts.scheme.lower() == "http":
-        for key in ("ca_file", "client_cert_file", "client_key_file"):
-            if opts[key] is not None:
-                r.fail(f"{p}.{key}", "is only used with an https:// url")
+        if "tls" in t:
+            r.fail(f"{p}.tls", "is only used with an https:// url")
         host = parts.hostname or ""
         if not is_loopback(host):
             if opts["allow_cleartext"] is False:

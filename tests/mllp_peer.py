@@ -15,6 +15,10 @@ message_type, answer, message) *before* the answer goes out.
 hl7apy's server takes one message per connection and then closes it, as many real
 interface engines do; the sender must cope. Prints ``mllp_peer: listening on
 127.0.0.1:PORT`` when ready. Class :class:`MllpPeer` runs it from a test.
+
+``--tls-cert/--tls-key`` make it speak MLLP over TLS; with ``--tls-ca`` too, a client
+certificate signed by that CA is required, and its subject CN is recorded with each
+message (``client_cn``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,12 +55,15 @@ def _ack(message: str, code: str, control_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hl7apy.mllp import AbstractHandler, MLLPServer
+    from hl7apy.mllp import AbstractHandler, MLLPRequestHandler, MLLPServer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--record", type=Path, required=True)
     p.add_argument("--acks", default="AA")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA")
     args = p.parse_args(argv)
     answers = [a.strip().upper() for a in args.acks.split(",") if a.strip()]
     bad = [a for a in answers if a not in CODES + FAULTS]
@@ -65,6 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     counter = [0]
     hold = threading.Event()
+    connection = threading.local()   # the client certificate's CN, per handler thread
+
+    class Connection(MLLPRequestHandler):
+        def handle(self) -> None:
+            cert = None
+            if isinstance(self.request, ssl.SSLSocket):
+                try:
+                    self.request.do_handshake()
+                except (OSError, ValueError) as exc:   # refused: nothing is recorded
+                    print(f"mllp_peer: TLS handshake failed: {exc}", file=sys.stderr, flush=True)
+                    return
+                cert = self.request.getpeercert()
+            connection.cn = next((v for rdn in (cert or {}).get("subject", ()) for k, v in rdn
+                                  if k == "commonName"), None)
+            super().handle()
 
     class Answer(AbstractHandler):
         def reply(self) -> str:
@@ -76,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 answer = answers[min(n, len(answers)) - 1]
                 with open(args.record / "received.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"n": n, "control_id": control_id, "message_type": message_type,
-                                        "answer": answer, "message": message}) + "\n")
+                                        "answer": answer, "message": message,
+                                        "client_cn": getattr(connection, "cn", None)}) + "\n")
             if answer == "NONE":
                 hold.wait(60)
                 raise ConnectionAbortedError("scripted: no answer")
@@ -89,8 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             return "\x0b" + _ack(message, answer, control_id) + "\x1c\x0d"
 
     handlers = {"ORU^R01^ORU_R01": (Answer,), "ORU^R01": (Answer,), "ADT^A08": (Answer,)}
-    server = MLLPServer("127.0.0.1", args.port, handlers, timeout=30)
+    server = MLLPServer("127.0.0.1", args.port, handlers, timeout=30,
+                        request_handler_class=Connection)
     server.daemon_threads = True
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(args.tls_ca)
+        # The handshake happens at the handler's first read, on its own thread.
+        server.socket = ctx.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
     signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=server.shutdown).start())
     print(f"mllp_peer: listening on 127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever(poll_interval=0.05)
@@ -101,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 class MllpPeer:
     """Run this script as a child process; stopped by PID."""
 
-    def __init__(self, record_dir: Path, acks: str = "AA", port: int = 0):
+    def __init__(self, record_dir: Path, acks: str = "AA", port: int = 0,
+                 tls: dict[str, Path] | None = None):
         self.record_dir = Path(record_dir)
         self.acks = acks
         self.port = port
+        self.tls = tls or {}     # {"cert": …, "key": …, "ca": … (client certificates required)}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> "MllpPeer":
@@ -112,7 +148,8 @@ class MllpPeer:
         log = open(self.record_dir / "mllp_peer.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-u", __file__, "--port", str(self.port), "--record",
-             str(self.record_dir), "--acks", self.acks],
+             str(self.record_dir), "--acks", self.acks,
+             *(arg for k, v in self.tls.items() for arg in (f"--tls-{k}", str(v)))],
             stdout=subprocess.PIPE, stderr=log, text=True)
         deadline = time.monotonic() + timeout
         line = ""

@@ -18,8 +18,6 @@ context, see make_pki) it speaks HTTPS.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import socket
 import ssl
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import dcmread
+
+from tlsgen import make_pki, server_context  # noqa: F401  (make_pki re-exported for the tests)
 
 FAILED, REFERENCED = "00081198", "00081199"
 
@@ -281,64 +281,7 @@ class StowServer:
             return [r for r in self.requests if r.parts or r.path.endswith("/studies")]
 
 
-# -- TLS -----------------------------------------------------------------------------------
+# -- TLS (certificates from tlsgen.make_pki) ------------------------------------------------
 
-def make_pki(folder: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as
-    PEM files in ``folder``: ca.crt, server.crt/.key, client.crt/.key (keys 0600)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def cert(subject: str, key: Any, issuer: str, signer: Any, *, ca: bool = False,
-             usage: Any = None, san: Any = None) -> Any:
-        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if usage is not None:
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if san is not None:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if ca:
-            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                              content_commitment=False, key_encipherment=False,
-                                              data_encipherment=False, key_agreement=False,
-                                              encipher_only=False, decipher_only=False), critical=True)
-        return b.sign(signer, hashes.SHA256())
-
-    def write(stem: str, certificate: Any, key: Any | None) -> None:
-        (folder / f"{stem}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        if key is not None:
-            path = folder / f"{stem}.key"
-            path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-            path.chmod(0o600)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    write("ca", cert("test CA", ca_key, "test CA", ca_key, ca=True), None)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    write("server", cert("127.0.0.1", server_key, "test CA", ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
-                         san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), server_key)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    write("client", cert("mfconsole", client_key, "test CA", ca_key,
-                         usage=ExtendedKeyUsageOID.CLIENT_AUTH), client_key)
-    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
-
-
-def server_tls(pki: dict[str, Path], require_client_cert: bool = False) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(pki["server.crt"], pki["server.key"])
-    if require_client_cert:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(pki["ca.crt"])
-    return ctx
+def server_tls(pki: dict[str, Path], require_client_cert: bool = False, stem: str = "server") -> ssl.SSLContext:
+    return server_context(pki, stem, require_client_cert=require_client_cert)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, acse, evt
@@ -21,7 +22,8 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from mfconsole.config import ListenerConfig
+from mfconsole import tls
+from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import sockets
 from mfconsole.dimse.dataset_scan import DatasetRejected, HeaderSummary, scan_dataset
 
@@ -104,6 +106,28 @@ _config.UNRESTRICTED_STORAGE_SERVICE = True
 acse.negotiate_unrestricted = _negotiate_unrestricted  # type: ignore[assignment]
 
 
+# Calling AE titles bound to a client certificate (tls.client_cert_aets): the listener
+# puts the titles the peer's certificate may use on the association (``cert_aets``);
+# any other calling AE title is refused the way pynetdicom refuses one that is not in
+# calling_aets, with A-ASSOCIATE-RJ 1/1/3, before anything else is negotiated.
+_negotiate_as_acceptor = acse.ACSE._negotiate_as_acceptor
+
+
+def _negotiate_cert_bound(self: acse.ACSE) -> None:
+    allowed = getattr(self.assoc, "cert_aets", None)
+    rq = self.requestor.primitive
+    if allowed is not None and rq is not None and str(rq.calling_ae_title).strip() not in allowed:
+        self.requestor.ae_title = rq.calling_ae_title
+        self.send_reject(0x01, 0x01, 0x03)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+        return
+    _negotiate_as_acceptor(self)
+
+
+acse.ACSE._negotiate_as_acceptor = _negotiate_cert_bound  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------------------
 # Sockets: see sockets.py.
 
@@ -118,12 +142,24 @@ class _Server(ThreadedAssociationServer):
     # and the kernel makes the rest retry their handshake a second or more later.
     request_queue_size = socket.SOMAXCONN
 
+    # With TLS, the listener's handshake: it runs on the connection's own thread, never
+    # in get_request (the accept loop), and returns the TLS socket or None (refused).
+    handshake: Callable[[socket.socket, Any], ssl.SSLSocket | None] | None = None
+
     def get_request(self) -> tuple[socket.socket, Any]:
         raw, address = self.socket.accept()  # type: ignore[union-attr]
         sock = sockets.adopt(raw)
         # A peer that stops mid-PDU must not hold its thread forever.
         sock.settimeout(self.network_timeout)
         return sock, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.handshake is not None:
+            request = self.handshake(request, client_address)
+            if request is None:
+                return
+            request.settimeout(self.network_timeout)
+        super().process_request_thread(request, client_address)
 
 
 class _SharedContexts(list):
@@ -239,6 +275,7 @@ class AssociationInfo:
     refused: int = 0
     status: str = "negotiating"   # negotiating | active | released | aborted | rejected
     reason: str = ""
+    tls: str = ""                 # protocol and suite, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
 
 
 class AssociationBoard:
@@ -297,6 +334,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._received: dict[int, int] = {}   # bytes of the DIMSE message in progress
         self._received_lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
         self.started_at: float | None = None
 
     @property
@@ -308,6 +346,9 @@ class Listener:
 
     def start(self) -> None:
         cfg = self.cfg
+        # Before any socket: certificate files that became unusable since the config
+        # was loaded stop the start (TLSSetupError is an OSError naming the key).
+        self._tls = sockets.dicom_context(tls.server_context(cfg.tls)) if cfg.tls else None
         ae = _AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         ae.maximum_pdu_size = cfg.max_pdu_kb * 1024
@@ -333,6 +374,8 @@ class Listener:
         ]
         server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, server_class=_Server)
         server.network_timeout = cfg.network_timeout_s
+        if self._tls is not None:
+            server.handshake = self._handshake
         server.contexts = _SharedContexts(server.contexts)
         ae._servers.append(server)   # shutdown() expects to find itself there
         self.server = server
@@ -340,7 +383,11 @@ class Listener:
                                         name=f"listener-{cfg.name}", daemon=True)
         self._thread.start()
         self.started_at = time.time()
-        log.info("listener %s: %s listening on %s:%d", cfg.name, cfg.ae_title, *self.address)
+        mode = ("mTLS" if cfg.tls.require_client_cert else "TLS") if cfg.tls else "cleartext"
+        log.info("listener %s: %s listening on %s:%d (%s)", cfg.name, cfg.ae_title, *self.address, mode)
+        if cfg.tls is None and not is_loopback(cfg.host):
+            log.warning("listener %s: cleartext on %s, a non-loopback address (allow_cleartext = "
+                        "true): PHI crosses the network unencrypted", cfg.name, cfg.host)
 
     # Settings a running server takes for its next association; the others (address,
     # transfer syntaxes, PDU size) need the listener restarted.
@@ -385,6 +432,36 @@ class Listener:
         addr = event.assoc.requestor.address_info
         return f"{addr.address}:{addr.port}"
 
+    def _handshake(self, sock: socket.socket, address: Any) -> ssl.SSLSocket | None:
+        """The TLS handshake of one connection, on its own thread, within
+        acse_timeout_s in all; a failure is an audit event (peer and reason only)."""
+        assert self._tls is not None
+        peer = f"{address[0]}:{address[1]}"
+        limit = self.cfg.acse_timeout_s
+        deadline = time.monotonic() + limit
+        try:
+            sock.settimeout(limit)
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:   # a port scan or health check: nothing was attempted
+                sock.close()
+                log.info("listener %s: connection from %s closed before the TLS handshake",
+                         self.cfg.name, peer)
+                return None
+            if first == b"\x01":   # PDU type 1: an A-ASSOCIATE-RQ, in cleartext
+                return self._tls_refused(sock, peer, "the peer sent a cleartext association "
+                                         "request; it must use TLS")
+            return tls.accept(self._tls, sock, max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            return self._tls_refused(sock, peer, f"not completed within acse_timeout_s={limit:g}")
+        except (OSError, ValueError) as exc:
+            return self._tls_refused(sock, peer, tls.failure_reason(exc))
+
+    def _tls_refused(self, sock: socket.socket, peer: str, why: str) -> None:
+        sock.close()
+        log.warning("listener %s: TLS handshake with %s failed: %s", self.cfg.name, peer, why)
+        self.sink.audit("refused", listener=self.cfg.name, peer=peer, status="TLS",
+                        detail=f"TLS handshake failed: {why}")
+
     def _on_open(self, event: Any) -> None:
         # ARTIM bounds the wait for A-ASSOCIATE-RQ: a silent client is dropped.
         event.assoc.dul.artim_timer.timeout = self.cfg.acse_timeout_s
@@ -393,7 +470,14 @@ class Listener:
         _bound_pdu_reads(event.assoc.dul.socket, self.cfg.max_pdu_kb * 1024,
                          self.cfg.network_timeout_s,
                          lambda pdu_type, length, limit: self._oversize_pdu(peer, pdu_type, length, limit))
-        self.board.open(id(event.assoc), self.cfg.name, peer)
+        info = self.board.open(id(event.assoc), self.cfg.name, peer)
+        conn = event.assoc.dul.socket.socket
+        if isinstance(conn, ssl.SSLSocket):
+            info.tls = tls.describe(conn)
+            if self.cfg.tls is not None and self.cfg.tls.client_cert_aets:
+                names = tls.identities(conn.getpeercert())
+                event.assoc.cert_aets = self.cfg.tls.aets_for(names)
+                event.assoc.cert_names = ", ".join(sorted(names)) or "no name"
 
     def _oversize_pdu(self, peer: str, pdu_type: int, length: int, limit: int) -> None:
         log.warning("listener %s: closing connection from %s: PDU type 0x%02X declares %d "
@@ -415,7 +499,11 @@ class Listener:
         rq = event.assoc.requestor.primitive
         calling = str(rq.calling_ae_title).strip() if rq is not None else ""
         called = str(rq.called_ae_title).strip() if rq is not None else ""
-        if not self.cfg.any_calling_aet and calling not in self.cfg.calling_aets:
+        cert_aets = getattr(event.assoc, "cert_aets", None)
+        if cert_aets is not None and calling not in cert_aets:
+            reason = (f"calling AE title not bound to the client certificate "
+                      f"({event.assoc.cert_names}) in tls.client_cert_aets")
+        elif not self.cfg.any_calling_aet and calling not in self.cfg.calling_aets:
             reason = REJECT_REASONS[(1, 1, 3)]
         elif called != self.cfg.ae_title:
             reason = REJECT_REASONS[(1, 1, 7)]

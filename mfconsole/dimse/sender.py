@@ -12,6 +12,7 @@ Knows nothing of SQLite: it gets bytes and UIDs, and answers with an Outcome.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -29,8 +30,9 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from mfconsole.config import PRIORITIES
-from mfconsole.dimse import sockets  # noqa: F401  (TCP_NODELAY/QUICKACK on our sockets)
+from mfconsole import tls
+from mfconsole.config import PRIORITIES, TLSConfig
+from mfconsole.dimse import sockets  # (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import Outcome
@@ -56,6 +58,7 @@ class Peer:
     priority: str = "medium"
     username: str | None = None
     passcode_file: Path | None = None
+    tls: TLSConfig | None = None
 
     @property
     def address(self) -> str:
@@ -66,7 +69,19 @@ class Peer:
         return cls(host=d.host, port=d.port, called_ae=d.ae_title, calling_ae=d.calling_ae_title,
                    connect_timeout_s=d.connect_timeout_s, acse_timeout_s=d.acse_timeout_s,
                    dimse_timeout_s=d.dimse_timeout_s, network_timeout_s=d.network_timeout_s,
-                   priority=d.priority, username=d.username, passcode_file=d.passcode_file)
+                   priority=d.priority, username=d.username, passcode_file=d.passcode_file,
+                   tls=d.tls)
+
+
+def tls_context(peer: Peer) -> ssl.SSLContext | None:
+    """The client context for ``peer`` (mfconsole.tls policy, our socket class), or
+    None without TLS. Raises tls.TLSSetupError when a file cannot be used."""
+    return sockets.dicom_context(tls.client_context(peer.tls)) if peer.tls is not None else None
+
+
+def _tls_unusable(exc: tls.TLSSetupError) -> Outcome:
+    """A certificate file changed since the config was loaded: fix it, then resume."""
+    return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration", str(exc))
 
 
 def ts_name(uid: str) -> str:
@@ -102,10 +117,16 @@ class _Attempt:
     connected: bool = False
     answered: bool = False      # the peer sent at least one PDU
     accepted: bool = False      # ... and it was an A-ASSOCIATE-AC
+    tls_error: OSError | None = None   # the TLS handshake failed (pynetdicom swallows it)
 
 
-def _associate(ae: AE, peer: Peer, ext_neg: list[Any], **kwargs: Any) -> tuple[Any, _Attempt]:
+def _associate(ae: AE, peer: Peer, ext_neg: list[Any], tls_ctx: ssl.SSLContext | None = None,
+               **kwargs: Any) -> tuple[Any, _Attempt]:
     seen = _Attempt()
+    if tls_ctx is not None:
+        # The handshake runs within connect_timeout_s, as part of the connection.
+        tls_ctx.handshake_error = None   # type: ignore[attr-defined]
+        kwargs["tls_args"] = (tls_ctx, tls.server_hostname(peer.tls, peer.host))
 
     def on_open(event: Any) -> None:
         seen.connected = True
@@ -123,6 +144,7 @@ def _associate(ae: AE, peer: Peer, ext_neg: list[Any], **kwargs: Any) -> tuple[A
                          evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
                                        (evt.EVT_PDU_RECV, on_pdu)],
                          **kwargs)
+    seen.tls_error = getattr(tls_ctx, "handshake_error", None)
     return assoc, seen
 
 
@@ -131,6 +153,8 @@ def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         return outcomes.association_rejected(int(rj.result), int(rj.result_source), int(rj.diagnostic))
+    if seen.tls_error is not None:   # an untrusted certificate pauses; the rest is retried
+        return outcomes.tls_failure(seen.tls_error, peer.address)
     if not seen.connected:
         return outcomes.transport_failure(
             f"cannot connect to {peer.address}: refused, unreachable or no answer within "
@@ -184,6 +208,7 @@ class DimseSender:
         self.pairs: dict[tuple[str, str], None] = {}   # (SOP class, TS) proposed, in order
         self.last_used = 0.0
         self._msg_id = 0
+        self._tls: ssl.SSLContext | None = None   # built at the first association
 
     # -- association -------------------------------------------------------------
 
@@ -234,12 +259,16 @@ class DimseSender:
         if not self.egress_allows(p.host, p.port):
             return outcomes.egress_refused(p.address)
         try:
+            self._tls = self._tls or tls_context(p)
+        except tls.TLSSetupError as exc:
+            return _tls_unusable(exc)
+        try:
             ext_neg = _user_identity(p)
         except OSError as exc:   # e.g. the passcode file vanished
             return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
                                     f"cannot read passcode_file: {exc.strerror}")
         try:
-            assoc, seen = _associate(self._ae(), p, ext_neg, contexts=self._contexts())
+            assoc, seen = _associate(self._ae(), p, ext_neg, self._tls, contexts=self._contexts())
         except OSError as exc:   # e.g. the host name does not resolve
             return outcomes.transport_failure(f"cannot connect to {p.address}: "
                                               f"{exc.strerror or exc.__class__.__name__}")
@@ -398,7 +427,11 @@ def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) ->
     ae.add_requested_context(Verification)
     t0 = time.perf_counter()
     try:
-        assoc, seen = _associate(ae, peer, _user_identity(peer))
+        ctx = tls_context(peer)
+    except tls.TLSSetupError as exc:
+        return EchoResult(False, 0.0, str(exc))
+    try:
+        assoc, seen = _associate(ae, peer, _user_identity(peer), ctx)
     except OSError as exc:
         return EchoResult(False, (time.perf_counter() - t0) * 1000,
                           f"cannot connect to {peer.address}: {exc.strerror or exc.__class__.__name__}")
@@ -428,7 +461,11 @@ def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
     ae = DimseSender(peer, lambda h, p: True)._ae()
     contexts = [build_context(c, [t]) for c, t in pairs]
     try:
-        assoc, seen = _associate(ae, peer, _user_identity(peer),
+        ctx = tls_context(peer)
+    except tls.TLSSetupError as exc:
+        return _tls_unusable(exc), []
+    try:
+        assoc, seen = _associate(ae, peer, _user_identity(peer), ctx,
                                  contexts=contexts or [build_context(Verification)])
     except OSError as exc:
         return outcomes.transport_failure(f"cannot connect to {peer.address}: "

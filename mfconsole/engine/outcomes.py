@@ -10,6 +10,7 @@ never data set values.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 DELIVERED, WARNING, TRANSIENT, PERMANENT, BOUNDED = "delivered", "warning", "transient", "permanent", "bounded"
@@ -98,6 +99,19 @@ def association_rejected(result: int, source: int, reason: int) -> Outcome:
 def transport_failure(what: str) -> Outcome:
     """Connection refused, DNS failure, connect timeout, A-ABORT, reset."""
     return Outcome(TRANSIENT, DESTINATION, "transport", what)
+
+
+def tls_failure(exc: BaseException, where: str) -> Outcome:
+    """A TLS handshake that failed. A certificate we cannot verify (chain, validity,
+    name) is the destination's configuration: pause it, never retry blindly. Anything
+    else on the way (a reset, a timeout, the peer's alert) is transient."""
+    from mfconsole.tls import failure_reason
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return Outcome(PERMANENT, DESTINATION, "TLS", f"the certificate of {where} is not trusted "
+                       f"({failure_reason(exc)}); check tls.ca_file and tls.server_name")
+    return Outcome(TRANSIENT, DESTINATION, "TLS",
+                   f"TLS handshake with {where} failed ({failure_reason(exc)})")
 
 
 def egress_refused(target: str, allowlist: str = "allowed_tcp") -> Outcome:

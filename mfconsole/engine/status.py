@@ -32,7 +32,9 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
     live = {item.cfg.name: item for item in engine.listeners} if engine is not None else {}
     for lc in config.listeners:
         entry: dict[str, Any] = {"name": lc.name, "ae_title": lc.ae_title, "host": lc.host,
-                                 "port": lc.port, "tls": bool(getattr(lc, "tls", None)),
+                                 "port": lc.port, "tls": lc.tls is not None,
+                                 # client certificates required (and verified)
+                                 "mtls": lc.tls is not None and lc.tls.require_client_cert,
                                  "calling_aets": list(lc.calling_aets)}
         if lc.name in live:
             entry["state"] = "listening"

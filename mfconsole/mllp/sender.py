@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from mfconsole import tls
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import Outcome
@@ -91,7 +93,17 @@ def _peer_closed(sock: socket.socket) -> bool:
     take one message per connection and then hang up."""
     try:
         ready, _, _ = select.select([sock], [], [], 0)
-        return bool(ready) and sock.recv(1, socket.MSG_PEEK) == b""
+        if not ready:
+            return False
+        if not isinstance(sock, ssl.SSLSocket):
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        # TLS cannot peek. What is readable may be session tickets (TLS 1.3) or the
+        # peer's close_notify; an idle MLLP peer sends nothing else.
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) == b""
+        except ssl.SSLWantReadError:
+            return False
     except OSError:
         return True
 
@@ -107,6 +119,8 @@ class MllpSender:
         self.port: int = destination.port
         self.connect_timeout_s: float = destination.connect_timeout_s
         self.ack_timeout_s: float = destination.ack_timeout_s
+        self.tls = destination.tls
+        self._tls_context: ssl.SSLContext | None = None
         self.egress_allows = egress_allows
         self.sock: socket.socket | None = None
         self.last_used = 0.0
@@ -122,12 +136,24 @@ class MllpSender:
         if not self.egress_allows(self.host, self.port):
             return outcomes.egress_refused(self.address)
         try:
+            if self.tls is not None and self._tls_context is None:
+                self._tls_context = tls.client_context(self.tls)
+        except tls.TLSSetupError as exc:   # a file changed since the config was loaded
+            return Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration", str(exc))
+        try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
         except OSError as exc:
             return outcomes.transport_failure(
                 f"cannot connect to {self.address}: {exc.__class__.__name__} "
                 f"(connect_timeout_s={self.connect_timeout_s:g})")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls_context is not None:
+            try:   # the handshake, within connect_timeout_s (the socket's timeout)
+                sock = self._tls_context.wrap_socket(
+                    sock, server_hostname=tls.server_hostname(self.tls, self.host))
+            except OSError as exc:
+                sock.close()
+                return outcomes.tls_failure(exc, self.address)
         self.sock, self.last_used = sock, time.monotonic()
         return None
 

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from mfconsole import __version__
+from mfconsole import __version__, tls
+from mfconsole.config import TLSConfig
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, Outcome
@@ -38,17 +39,13 @@ logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 MIB = 1024 * 1024
 ACCEPT = "application/dicom+json"
-# BCP 195: TLS 1.2 or later, AEAD suites only (TLS 1.3 suites all are).
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 
 @dataclass(frozen=True)
 class Target:
     """Where and how to POST. Built from a destination's config."""
     url: str
-    ca_file: Path | None = None
-    client_cert_file: Path | None = None
-    client_key_file: Path | None = None
+    tls: TLSConfig | None = None
     bearer_token_file: Path | None = None
     username: str | None = None
     password_file: Path | None = None
@@ -61,12 +58,17 @@ class Target:
 
     @classmethod
     def from_destination(cls, d: Any) -> "Target":
-        return cls(url=d.url, ca_file=d.ca_file, client_cert_file=d.client_cert_file,
-                   client_key_file=d.client_key_file, bearer_token_file=d.bearer_token_file,
+        return cls(url=d.url, tls=d.tls, bearer_token_file=d.bearer_token_file,
                    username=d.username, password_file=d.password_file,
                    connect_timeout_s=d.connect_timeout_s, response_timeout_s=d.response_timeout_s,
                    network_timeout_s=d.network_timeout_s, idle_timeout_s=d.idle_timeout_s,
                    batch_max_objects=d.batch_max_objects, batch_max_mb=d.batch_max_mb)
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        """httpx request extensions: tls.server_name is the name the archive's
+        certificate must carry (and the SNI sent) instead of the url's host."""
+        return {"sni_hostname": self.tls.server_name} if self.tls and self.tls.server_name else {}
 
     @property
     def studies_url(self) -> str:
@@ -119,18 +121,12 @@ def authorization(target: Target) -> str | None:
 
 
 def tls_context(target: Target) -> ssl.SSLContext:
-    """Verification on; ``ca_file`` replaces the system trust store when set."""
+    """mfconsole's client policy (tls.py): verification always on; tls.ca_file
+    replaces the system trust store when set."""
     try:
-        ctx = ssl.create_default_context(cafile=str(target.ca_file) if target.ca_file else None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(TLS12_CIPHERS)
-        if target.client_cert_file is not None:
-            ctx.load_cert_chain(str(target.client_cert_file),
-                                str(target.client_key_file) if target.client_key_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationProblem(f"cannot load ca_file/client_cert_file/client_key_file: "
-                                   f"{getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
-    return ctx
+        return tls.client_context(target.tls)
+    except tls.TLSSetupError as exc:
+        raise ConfigurationProblem(str(exc)) from None
 
 
 def _configuration(problem: ConfigurationProblem) -> Outcome:
@@ -154,15 +150,14 @@ def network_failure(exc: httpx.HTTPError, target: Target) -> Outcome:
     where = target.origin
     bad_cert = _cause(exc, ssl.SSLCertVerificationError)
     if bad_cert is not None:
-        detail = getattr(bad_cert, "verify_message", None) or "verification failed"
-        return Outcome(PERMANENT, DESTINATION, "TLS",
-                       f"the certificate of {where} is not trusted ({detail}); check ca_file")
+        return outcomes.tls_failure(bad_cert, where)
     if isinstance(exc, httpx.ConnectTimeout):
         return outcomes.transport_failure(
             f"no connection to {where} within connect_timeout_s={target.connect_timeout_s:g}")
     if isinstance(exc, httpx.ConnectError):
-        if _cause(exc, ssl.SSLError) is not None:
-            return outcomes.transport_failure(f"TLS handshake with {where} failed")
+        handshake = _cause(exc, ssl.SSLError)
+        if handshake is not None:
+            return outcomes.tls_failure(handshake, where)
         return outcomes.transport_failure(f"cannot connect to {where}: refused, unreachable or "
                                           "unknown host")
     if isinstance(exc, httpx.ReadTimeout):
@@ -287,7 +282,7 @@ class StowSender:
         self.last_used = time.monotonic()
         try:
             with client.stream("POST", self.target.studies_url, content=body.chunks,
-                               headers=headers) as r:
+                               headers=headers, extensions=self.target.extensions) as r:
                 raw = _read_bounded(r)
                 reply = Reply(r.status_code,
                               response.parse(r.headers.get("content-type", ""), raw) if raw else None,

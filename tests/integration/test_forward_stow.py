@@ -469,7 +469,7 @@ def test_unreachable_archive_is_retried_then_down(engine_factory, stow_server, t
 def test_tls_is_verified_against_ca_file(engine_factory, stow_server, tmp_path):
     pki = make_pki(tmp_path / "pki")
     server = stow_server(tls=server_tls(pki))
-    trusted = engine_factory("trusted", destinations=[stow_dest(server.url, ca_file=str(pki["ca.crt"]))])
+    trusted = engine_factory("trusted", destinations=[stow_dest(server.url, tls={"ca_file": str(pki["ca.crt"])})])
     storescu(trusted, dicomgen.write_corpus(tmp_path / "a", 2))
     poll(lambda: states(trusted).get("delivered") == 2, timeout=30)
     # Without ca_file the system trust store decides, and it does not know this CA:
@@ -486,15 +486,15 @@ def test_tls_is_verified_against_ca_file(engine_factory, stow_server, tmp_path):
 def test_mutual_tls(engine_factory, stow_server, tmp_path):
     pki = make_pki(tmp_path / "pki")
     server = stow_server(tls=server_tls(pki, require_client_cert=True))
-    engine = engine_factory(destinations=[stow_dest(
-        server.url, ca_file=str(pki["ca.crt"]), client_cert_file=str(pki["client.crt"]),
-        client_key_file=str(pki["client.key"]))])
+    engine = engine_factory(destinations=[stow_dest(server.url, tls={
+        "ca_file": str(pki["ca.crt"]), "cert_file": str(pki["client.crt"]),
+        "key_file": str(pki["client.key"])})])
     storescu(engine, dicomgen.write_corpus(tmp_path / "a", 2))
     poll(lambda: states(engine).get("delivered") == 2, timeout=30)
     assert any(dict(x[0] for x in c["subject"]).get("commonName") == "mfconsole"
                for c in server.client_certs)
     before = len(server.posts())
-    anonymous = engine_factory("anonymous", destinations=[stow_dest(server.url, ca_file=str(pki["ca.crt"]))])
+    anonymous = engine_factory("anonymous", destinations=[stow_dest(server.url, tls={"ca_file": str(pki["ca.crt"])})])
     storescu(anonymous, dicomgen.write_corpus(tmp_path / "b", 1))
     poll(lambda: dest_state(anonymous).failures >= 2, timeout=30, message="refused handshakes retried")
     assert states(anonymous) == {"pending": 1} and len(server.posts()) == before

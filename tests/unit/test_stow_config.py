@@ -9,6 +9,7 @@ import pytest
 from harness import write_config
 from mfconsole.config import ConfigError, load
 from mfconsole.stow.client import Target
+from tlsgen import make_pki
 
 PREFIX = "http://127.0.0.1:8042/dicom-web"
 
@@ -58,13 +59,16 @@ def test_url_under_the_prefix_loads(tmp_path, url):
 
 
 def test_all_keys_are_typed_and_paths_resolve(tmp_path):
-    keys = dict(bearer_token_file=secret(tmp_path, "s/token"), ca_file=secret(tmp_path, "s/ca.pem", 0o644),
-                client_cert_file=secret(tmp_path, "s/c.crt", 0o644), client_key_file=secret(tmp_path, "s/c.key"),
+    make_pki(tmp_path / "s")
+    keys = dict(bearer_token_file=secret(tmp_path, "s/token"),
+                tls={"ca_file": "s/ca.crt", "cert_file": "s/client.crt", "key_file": "s/client.key",
+                     "server_name": "archive.internal"},
                 batch_max_objects=50, batch_max_mb=64, response_timeout_s=120, connect_timeout_s=3,
                 network_timeout_s=20, idle_timeout_s=5, max_associations=4)
     d = load(config(tmp_path, "https://archive.example/dicom-web",
                     ["https://archive.example/dicom-web"], **keys)).destination("web")
-    assert d.bearer_token_file == tmp_path / "s/token" and d.ca_file == tmp_path / "s/ca.pem"
+    assert d.bearer_token_file == tmp_path / "s/token" and d.tls.ca_file == tmp_path / "s/ca.crt"
+    assert Target.from_destination(d).extensions == {"sni_hostname": "archive.internal"}
     assert (d.batch_max_objects, d.batch_max_mb, d.response_timeout_s, d.idle_timeout_s) == (50, 64, 120.0, 5.0)
 
 
@@ -74,7 +78,6 @@ def test_all_keys_are_typed_and_paths_resolve(tmp_path):
     ({"password_file": "@pw"}, "password_file", "needs username"),
     ({"bearer_token_file": "@tok", "username": "mf", "password_file": "@pw"}, "bearer_token_file", "not both"),
     ({"bearer_token_file": "@world"}, "bearer_token_file", "chmod 600"),
-    ({"client_key_file": "@key"}, "client_key_file", "needs client_cert_file"),
     ({"batch_max_objects": 0}, "batch_max_objects", "between 1 and 1000"),
     ({"batch_max_mb": 5000}, "batch_max_mb", "between 1 and 4096"),
     ({"response_timeout_s": 0}, "response_timeout_s", "greater than 0"),
@@ -90,8 +93,9 @@ def test_bad_keys_are_named(tmp_path, keys, key, why):
 
 
 def test_tls_keys_need_https(tmp_path):
-    found = problems(config(tmp_path, ca_file=secret(tmp_path, "ca.pem", 0o644)))
-    assert "https://" in found["destinations[0].ca_file"]
+    make_pki(tmp_path / "pki")
+    found = problems(config(tmp_path, tls={"ca_file": "pki/ca.crt"}))
+    assert "https://" in found["destinations[0].tls"]
 
 
 def test_cleartext_to_another_host_needs_the_opt_in(tmp_path):
