@@ -35,8 +35,10 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def openssl() -> str:
-    return require_tool("openssl")
+def tls_tools() -> None:
+    require_tool("openssl")
+    usage = subprocess.run([require_tool("storescu"), "--help"], capture_output=True, text=True).stdout
+    assert "+tls" in usage, "this DCMTK is built without OpenSSL: install Debian's dcmtk package"
 
 
 def listener_tls(pki, cert: str = "server", **extra) -> dict:
