@@ -8,14 +8,19 @@ only with ``require_client_cert`` (mTLS), verified against ``ca_file``.
 
 Listeners, DIMSE, STOW-RS and MLLP destinations all build their contexts here, from
 the same ``tls`` table (config.TLSConfig). A file that cannot be used raises
-TLSSetupError naming its key.
+TLSSetupError naming its key. Long-lived users hold a Reloading context, so a renewed
+certificate is taken at the next connection, without a restart.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import ssl
-from typing import Any
+from typing import Any, Callable
+
+log = logging.getLogger("mfconsole.tls")
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!DSS"
@@ -81,6 +86,41 @@ def client_context(cfg: Any = None) -> ssl.SSLContext:
     if cfg is not None and cfg.cert_file is not None:
         _load_chain(ctx, cfg)
     return ctx
+
+
+class Reloading:
+    """The context ``build`` makes from ``cfg``'s files, made again when one of them
+    changes (size, mtime or inode). While a change cannot be loaded (a key renewed
+    before its certificate), the previous context stays in use, with a warning."""
+
+    def __init__(self, build: Callable[[Any], ssl.SSLContext], cfg: Any):
+        self._build, self._cfg = build, cfg
+        self._files = [f for f in (cfg.cert_file, cfg.key_file, cfg.ca_file) if f is not None]
+        self._current: tuple[Any, ssl.SSLContext] | None = None
+
+    def _stamp(self) -> tuple[Any, ...]:
+        def one(path: Any) -> Any:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_size, st.st_mtime_ns, st.st_ino
+        return tuple(one(f) for f in self._files)
+
+    def get(self) -> ssl.SSLContext:
+        """The context for a new connection (TLSSetupError if none could ever be made)."""
+        stamp, current = self._stamp(), self._current
+        if current is not None and current[0] == stamp:
+            return current[1]
+        try:
+            ctx = self._build(self._cfg)
+        except TLSSetupError as exc:
+            if current is None:
+                raise
+            log.warning("%s; the previous certificate files stay in use", exc)
+            return current[1]
+        self._current = (stamp, ctx)
+        return ctx
 
 
 def server_hostname(cfg: Any, host: str) -> str:

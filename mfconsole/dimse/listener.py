@@ -132,6 +132,10 @@ acse.ACSE._negotiate_as_acceptor = _negotiate_cert_bound  # type: ignore[method-
 # Sockets: see sockets.py.
 
 
+def _server_context(cfg: Any) -> ssl.SSLContext:
+    return sockets.dicom_context(tls.server_context(cfg))
+
+
 class _Server(ThreadedAssociationServer):
     """pynetdicom's server with our socket options and a read deadline per socket."""
 
@@ -334,7 +338,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._received: dict[int, int] = {}   # bytes of the DIMSE message in progress
         self._received_lock = threading.Lock()
-        self._tls: ssl.SSLContext | None = None
+        self._tls: tls.Reloading | None = None
         self.started_at: float | None = None
 
     @property
@@ -348,7 +352,9 @@ class Listener:
         cfg = self.cfg
         # Before any socket: certificate files that became unusable since the config
         # was loaded stop the start (TLSSetupError is an OSError naming the key).
-        self._tls = sockets.dicom_context(tls.server_context(cfg.tls)) if cfg.tls else None
+        self._tls = tls.Reloading(_server_context, cfg.tls) if cfg.tls else None
+        if self._tls is not None:
+            self._tls.get()
         ae = _AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         ae.maximum_pdu_size = cfg.max_pdu_kb * 1024
@@ -450,7 +456,7 @@ class Listener:
             if first == b"\x01":   # PDU type 1: an A-ASSOCIATE-RQ, in cleartext
                 return self._tls_refused(sock, peer, "the peer sent a cleartext association "
                                          "request; it must use TLS")
-            return tls.accept(self._tls, sock, max(0.01, deadline - time.monotonic()))
+            return tls.accept(self._tls.get(), sock, max(0.01, deadline - time.monotonic()))
         except TimeoutError:
             return self._tls_refused(sock, peer, f"not completed within acse_timeout_s={limit:g}")
         except (OSError, ValueError) as exc:

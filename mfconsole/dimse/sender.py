@@ -73,10 +73,16 @@ class Peer:
                    tls=d.tls)
 
 
+def _client_context(cfg: TLSConfig) -> ssl.SSLContext:
+    """mfconsole.tls's client policy with our socket class (TCP_QUICKACK, and the
+    handshake error kept for _association_failure)."""
+    return sockets.dicom_context(tls.client_context(cfg))
+
+
 def tls_context(peer: Peer) -> ssl.SSLContext | None:
-    """The client context for ``peer`` (mfconsole.tls policy, our socket class), or
-    None without TLS. Raises tls.TLSSetupError when a file cannot be used."""
-    return sockets.dicom_context(tls.client_context(peer.tls)) if peer.tls is not None else None
+    """A one-off context for ``peer``, or None without TLS (tls.TLSSetupError when a
+    file cannot be used)."""
+    return _client_context(peer.tls) if peer.tls is not None else None
 
 
 def _tls_unusable(exc: tls.TLSSetupError) -> Outcome:
@@ -208,7 +214,8 @@ class DimseSender:
         self.pairs: dict[tuple[str, str], None] = {}   # (SOP class, TS) proposed, in order
         self.last_used = 0.0
         self._msg_id = 0
-        self._tls: ssl.SSLContext | None = None   # built at the first association
+        # Rebuilt at the next association when a certificate file is renewed.
+        self._tls = tls.Reloading(_client_context, peer.tls) if peer.tls is not None else None
 
     # -- association -------------------------------------------------------------
 
@@ -259,7 +266,7 @@ class DimseSender:
         if not self.egress_allows(p.host, p.port):
             return outcomes.egress_refused(p.address)
         try:
-            self._tls = self._tls or tls_context(p)
+            ctx = self._tls.get() if self._tls is not None else None
         except tls.TLSSetupError as exc:
             return _tls_unusable(exc)
         try:
@@ -268,7 +275,7 @@ class DimseSender:
             return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
                                     f"cannot read passcode_file: {exc.strerror}")
         try:
-            assoc, seen = _associate(self._ae(), p, ext_neg, self._tls, contexts=self._contexts())
+            assoc, seen = _associate(self._ae(), p, ext_neg, ctx, contexts=self._contexts())
         except OSError as exc:   # e.g. the host name does not resolve
             return outcomes.transport_failure(f"cannot connect to {p.address}: "
                                               f"{exc.strerror or exc.__class__.__name__}")

@@ -120,7 +120,8 @@ class MllpSender:
         self.connect_timeout_s: float = destination.connect_timeout_s
         self.ack_timeout_s: float = destination.ack_timeout_s
         self.tls = destination.tls
-        self._tls_context: ssl.SSLContext | None = None
+        # Rebuilt at the next connection when a certificate file is renewed.
+        self._tls = tls.Reloading(tls.client_context, self.tls) if self.tls is not None else None
         self.egress_allows = egress_allows
         self.sock: socket.socket | None = None
         self.last_used = 0.0
@@ -136,8 +137,7 @@ class MllpSender:
         if not self.egress_allows(self.host, self.port):
             return outcomes.egress_refused(self.address)
         try:
-            if self.tls is not None and self._tls_context is None:
-                self._tls_context = tls.client_context(self.tls)
+            ctx = self._tls.get() if self._tls is not None else None
         except tls.TLSSetupError as exc:   # a file changed since the config was loaded
             return Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration", str(exc))
         try:
@@ -147,9 +147,9 @@ class MllpSender:
                 f"cannot connect to {self.address}: {exc.__class__.__name__} "
                 f"(connect_timeout_s={self.connect_timeout_s:g})")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._tls_context is not None:
+        if ctx is not None:
             try:   # the handshake, within connect_timeout_s (the socket's timeout)
-                sock = self._tls_context.wrap_socket(
+                sock = ctx.wrap_socket(
                     sock, server_hostname=tls.server_hostname(self.tls, self.host))
             except OSError as exc:
                 sock.close()

@@ -326,3 +326,64 @@ def test_mllp_over_tls_with_and_without_client_certificates(engine_factory, pki,
     finally:
         open_peer.stop()
         mtls_peer.stop()
+
+
+def test_a_renewed_listener_certificate_is_used_without_a_restart(engine_factory, pki, tmp_path):
+    import shutil
+
+    cert, key = tmp_path / "scp.crt", tmp_path / "scp.key"
+    shutil.copy(pki["expired-server.crt"], cert)
+    shutil.copy(pki["expired-server.key"], key)
+    engine = engine_factory(listener={"tls": {"cert_file": str(cert), "key_file": str(key)}})
+    files = dicomgen.write_corpus(tmp_path / "sr", 2)
+    assert dcmtk("storescu", engine, pki, files[:1]).returncode != 0     # expired: refused
+    shutil.copy(pki["server.crt"], cert)
+    shutil.copy(pki["server.key"], key)
+    res = dcmtk("storescu", engine, pki, files[1:])
+    assert res.returncode == 0, res.stderr
+    assert stored(engine) == 1
+
+
+def test_a_handshake_cut_short_is_retried_not_paused(engine_factory, pki, tmp_path):
+    """status-classes: "TLS I/O error mid-handshake" is transient (DIMSE and MLLP)."""
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    cuts: list[int] = []
+
+    def cut() -> None:   # reads part of the ClientHello, then drops the connection
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(64)
+            conn.close()
+            cuts.append(1)
+
+    threading.Thread(target=cut, daemon=True).start()
+    try:
+        ca = {"ca_file": str(pki["ca.crt"])}
+        port = server.getsockname()[1]
+        with_handlers(tmp_path / "engine")
+        engine = engine_factory(
+            destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": port,
+                           "ae_title": "PACS", "tls": ca, **FAST},
+                          {"name": "ehr", "kind": "mllp", "host": "127.0.0.1", "port": port, "tls": ca,
+                           **FAST}],
+            routes=[{"from": "modalities", "to": ["pacs"]},
+                    {"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
+        res = subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", "127.0.0.1",
+                              str(engine.listeners[0].address[1]), *map(str, srs(tmp_path, 1))],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        for name in ("pacs", "ehr"):
+            poll(lambda: state(engine, name).failures >= 3, timeout=30, message=f"{name} retried")
+            assert not state(engine, name).paused and delivered(engine, name) == 0
+            row = engine.store.reader().execute(
+                "SELECT last_class, last_reason FROM deliveries WHERE destination = ?", (name,)).fetchone()
+            assert row["last_class"] == "transient/destination", dict(row)
+            assert "TLS handshake with 127.0.0.1" in row["last_reason"], dict(row)
+        assert len(cuts) >= 6
+    finally:
+        server.close()

@@ -172,3 +172,20 @@ def test_handshake_failures_are_classified(exc, persistence):
     outcome = outcomes.tls_failure(exc, "127.0.0.1:11113")
     assert outcome.persistence == persistence and outcome.scope == outcomes.DESTINATION
     assert "127.0.0.1:11113" in outcome.reason
+
+
+def test_renewed_files_are_taken_at_the_next_connection(tmp_path, pki, caplog):
+    import shutil
+    from types import SimpleNamespace
+
+    cert, key = tmp_path / "scp.crt", tmp_path / "scp.key"
+    shutil.copy(pki["server.crt"], cert)
+    shutil.copy(pki["server.key"], key)
+    ctx = tls.Reloading(tls.server_context, SimpleNamespace(
+        cert_file=cert, key_file=key, ca_file=None, require_client_cert=False))
+    first = ctx.get()
+    assert ctx.get() is first                            # unchanged files: the same context
+    shutil.copy(pki["client.key"], key)                  # half renewed: key without its cert
+    assert ctx.get() is first and "previous certificate files stay in use" in caplog.text
+    shutil.copy(pki["client.crt"], cert)                 # renewal complete
+    assert ctx.get() is not first
