@@ -238,11 +238,14 @@ def test_dimse_destination_into_storescp_over_tls(engine_factory, storescp_facto
     client = {**ca, "cert_file": str(pki["client.crt"]), "key_file": str(pki["client.key"])}
     # One storescp per destination: it serves one association at a time.
     peers = {"tls": scp("tls"), "mtls": scp("mtls", peer_cert="-rc"),
-             "anonymous": scp("anonymous", peer_cert="-rc"), "expired": scp("expired", "expired-server"),
+             "anonymous": scp("anonymous", peer_cert="-rc"), "expired-client": scp("expired-client", peer_cert="-rc"),
+             "rogue-client": scp("rogue-client", peer_cert="-rc"), "expired": scp("expired", "expired-server"),
              "rogue": scp("rogue", "rogue-server"), "named": scp("named", "named-server"),
              "misnamed": scp("misnamed", "named-server")}
     tls = {"tls": ca, "mtls": client, "anonymous": ca, "expired": ca, "rogue": ca,
-           "named": {**ca, "server_name": "pacs.test"}, "misnamed": ca}
+           "named": {**ca, "server_name": "pacs.test"}, "misnamed": ca,
+           **{f"{bad}-client": {**ca, "cert_file": str(pki[f"{bad}-client.crt"]),
+                                "key_file": str(pki[f"{bad}-client.key"])} for bad in ("expired", "rogue")}}
     engine = engine_factory(destinations=[
         {"name": name, "kind": "dimse", "host": "127.0.0.1", "port": peers[name].port, "ae_title": "PACS",
          "tls": tls[name], **FAST} for name in peers])
@@ -261,11 +264,14 @@ def test_dimse_destination_into_storescp_over_tls(engine_factory, storescp_facto
                   message=f"{name} paused")
         assert "not trusted" in st.pause_reason and words in st.pause_reason, st.pause_reason
         assert delivered(engine, name) == 0
-    # Without a client certificate the mTLS peer hangs up: retried, never delivered.
-    poll(lambda: state(engine, "anonymous").failures >= 2, timeout=30)
-    assert not state(engine, "anonymous").paused and delivered(engine, "anonymous") == 0
+    # Without a client certificate, or with one it does not take, the mTLS peer hangs
+    # up: retried, never delivered.
+    for name in ("anonymous", "expired-client", "rogue-client"):
+        poll(lambda: state(engine, name).failures >= 2, timeout=30, message=f"{name} retried")
+        assert not state(engine, name).paused and delivered(engine, name) == 0
     assert {name: len(peer.received_files()) for name, peer in peers.items()} == {
-        "tls": 2, "mtls": 2, "named": 2, "anonymous": 0, "expired": 0, "rogue": 0, "misnamed": 0}
+        "tls": 2, "mtls": 2, "named": 2, "anonymous": 0, "expired-client": 0, "rogue-client": 0,
+        "expired": 0, "rogue": 0, "misnamed": 0}
 
 
 def test_stow_over_https_with_and_without_client_certificates(engine_factory, pki, tmp_path):
