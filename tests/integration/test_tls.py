@@ -20,6 +20,7 @@ from harness import mfconsole, poll, write_config
 from mllp_peer import MllpPeer
 from peers import free_port, require_tool
 from stow_server import StowServer, server_tls
+from test_forward_dimse import storescu
 from test_forward_mllp import srs, with_handlers
 from tlsgen import make_pki
 
@@ -102,10 +103,7 @@ def test_dcmtk_stores_over_tls_and_refuses_a_listener_it_does_not_trust(engine_f
     # A sender that does not trust our CA, and one that speaks cleartext: nothing stored.
     more = dicomgen.write_corpus(tmp_path / "more", 1)
     assert dcmtk("storescu", engine, pki, more, ca="rogue-ca.crt").returncode != 0
-    cleartext = subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", "127.0.0.1",
-                                str(engine.listeners[0].address[1]), str(more[0])],
-                               capture_output=True, text=True, timeout=30)
-    assert cleartext.returncode != 0
+    assert storescu(engine.listeners[0].address[1], more).returncode != 0   # cleartext
     refusals = poll(lambda: len(tls_refusals(engine)) >= 2 and tls_refusals(engine))
     assert any("cleartext association request" in r["detail"] for r in refusals), refusals
     assert all(r["peer"].startswith("127.0.0.1:") for r in refusals)
@@ -250,9 +248,7 @@ def test_dimse_destination_into_storescp_over_tls(engine_factory, storescp_facto
         {"name": name, "kind": "dimse", "host": "127.0.0.1", "port": peers[name].port, "ae_title": "PACS",
          "tls": tls[name], **FAST} for name in peers])
     files = dicomgen.write_corpus(tmp_path / "sr", 2)
-    res = subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", "127.0.0.1",
-                          str(engine.listeners[0].address[1]), *map(str, files)],
-                         capture_output=True, text=True, timeout=60)
+    res = storescu(engine.listeners[0].address[1], files)
     assert res.returncode == 0, res.stderr
     for name in ("tls", "mtls", "named"):
         poll(lambda: delivered(engine, name) == 2, timeout=30, message=f"{name} delivered")
@@ -289,9 +285,7 @@ def test_stow_over_https_with_and_without_client_certificates(engine_factory, pk
             {"name": n, "kind": "stow", "url": servers[s].url, "tls": t, "response_timeout_s": 5, **FAST}
             for n, (s, t) in dests.items()])
         files = dicomgen.write_corpus(tmp_path / "sr", 2)
-        res = subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", "127.0.0.1",
-                              str(engine.listeners[0].address[1]), *map(str, files)],
-                             capture_output=True, text=True, timeout=60)
+        res = storescu(engine.listeners[0].address[1], files)
         assert res.returncode == 0, res.stderr
         for name in ("web", "web-mtls", "web-named"):
             poll(lambda: delivered(engine, name) == 2, timeout=30, message=f"{name} delivered")
@@ -319,9 +313,7 @@ def test_mllp_over_tls_with_and_without_client_certificates(engine_factory, pki,
             {"name": n, "kind": "mllp", "host": "127.0.0.1", "port": p.port, "tls": t, "ack_timeout_s": 2,
              **FAST} for n, (p, t) in dests.items()],
             routes=[{"from": "modalities", "to": list(dests), "handler": "sr_to_oru"}])
-        res = subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", "127.0.0.1",
-                              str(engine.listeners[0].address[1]), *map(str, srs(tmp_path, 2))],
-                             capture_output=True, text=True, timeout=60)
+        res = storescu(engine.listeners[0].address[1], srs(tmp_path, 2))
         assert res.returncode == 0, res.stderr
         for name in ("ehr", "ehr-mtls"):
             poll(lambda: delivered(engine, name) == 2, timeout=30, message=f"{name} delivered")
@@ -379,9 +371,7 @@ def test_a_handshake_cut_short_is_retried_not_paused(engine_factory, pki, tmp_pa
                            **FAST}],
             routes=[{"from": "modalities", "to": ["pacs"]},
                     {"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
-        res = subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", "127.0.0.1",
-                              str(engine.listeners[0].address[1]), *map(str, srs(tmp_path, 1))],
-                             capture_output=True, text=True, timeout=60)
+        res = storescu(engine.listeners[0].address[1], srs(tmp_path, 1))
         assert res.returncode == 0, res.stderr
         for name in ("pacs", "ehr"):
             poll(lambda: state(engine, name).failures >= 3, timeout=30, message=f"{name} retried")

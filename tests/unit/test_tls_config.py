@@ -10,8 +10,9 @@ import pytest
 
 from harness import write_config
 from mfconsole import tls
-from mfconsole.config import ConfigError, load
+from mfconsole.config import load
 from mfconsole.engine import outcomes
+from test_stow_config import problems
 from tlsgen import make_pki
 
 DIMSE = {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 11113, "ae_title": "PACS"}
@@ -21,15 +22,6 @@ MLLP = {"name": "ehr", "kind": "mllp", "host": "127.0.0.1", "port": 2575}
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def problems(path: Path) -> dict[str, str]:
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    out: dict[str, str] = {}
-    for key, why in info.value.problems:
-        out[key] = f"{out[key]}; {why}" if key in out else why
-    return out
 
 
 def server(pki, **extra) -> dict:
