@@ -15,7 +15,6 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,14 +24,13 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from mfconsole import tls
 from mfconsole.config import PRIORITIES, TLSConfig
-from mfconsole.dimse import sockets  # (TCP_NODELAY/QUICKACK on our sockets)
+from mfconsole.dimse import cstore, sockets  # (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import Outcome
@@ -369,19 +367,15 @@ class DimseSender:
             "mfconsole does not transcode")
 
     def _store(self, obj: Outbound, data: bytes, context: Any) -> Outcome:
-        """pynetdicom's send_c_store, minus its re-encoding: the data set goes out as
-        the bytes we hold (send_c_store only takes a Dataset or a file path)."""
+        """One C-STORE: the request written by ``cstore`` (the data set goes out as the
+        bytes we hold), the response read by pynetdicom."""
         assoc = self.assoc
         self._msg_id = self._msg_id % 65535 + 1
-        req = C_STORE()
-        req.MessageID = self._msg_id
-        req.Priority = PRIORITIES.get(self.peer.priority, 0)
-        req.AffectedSOPClassUID = obj.sop_class_uid
-        req.AffectedSOPInstanceUID = obj.sop_instance_uid
-        req.DataSet = BytesIO(data)
+        command = cstore.command_set(self._msg_id, PRIORITIES.get(self.peer.priority, 0),
+                                     obj.sop_class_uid, obj.sop_instance_uid)
         # The reactor is paused (``_pause_reactor``): the response can only reach us.
         try:
-            assoc.dimse.send_msg(req, context.context_id)
+            cstore.send(assoc, context.context_id, command, data)
             _, rsp = assoc.dimse.get_msg(block=True)
         except OSError as exc:
             self.drop()
