@@ -542,9 +542,6 @@ def test_transport_failure_is_transient_destination(transport_fault, engine_fact
         assert events(engine) == ["destination_down", "destination_up"]
 
 
-@pytest.mark.skip(reason="the engine has no TLS for DIMSE destinations yet (no TLS keys in "
-                         "[[destinations]], none in mfconsole/dimse/sender.py)")
-@pytest.mark.parametrize("row", ["certificate-or-hostname-failure-pauses",
-                                 "io-error-mid-handshake-retries"])
-def test_tls_rows(row):
-    raise AssertionError("to be written when DIMSE destinations speak TLS")
+# The TLS rows of the association table (verification failure → pause; I/O error
+# mid-handshake → retry) are checked against storescp +tls in test_tls.py
+# (test_dimse_destination_into_storescp_over_tls, test_a_handshake_cut_short_is_retried_not_paused).
