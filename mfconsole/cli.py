@@ -283,8 +283,8 @@ def cmd_console(config: Config, *, read_only: bool, mouse: bool) -> int:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         client.close()
-    if client.hosts_engine:
-        print(f"mfconsole: engine stopped{' (terminal hung up)' if hung_up else ''}", file=sys.stderr)
+    if client.hosts_engine and not hung_up:     # after a hang-up there is no terminal to tell
+        print("mfconsole: engine stopped", file=sys.stderr)
     return EXIT_OK
 
 

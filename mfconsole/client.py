@@ -14,6 +14,8 @@ apart. Every method blocks: the console calls them from thread workers.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,8 @@ class InProcessClient(Client):
         self.engine = engine
         self.read_only = read_only
         self.description = "in-process engine"
+        self._closing = threading.Lock()
+        self._closed = False
 
     def call(self, op: str, **args: Any) -> Any:
         control = self.engine.control
@@ -127,7 +131,11 @@ class InProcessClient(Client):
         return json.loads(json.dumps(result, default=str))
 
     def close(self) -> None:
-        self.engine.stop()
+        """Stop the engine, once (a hang-up and the normal exit path may both ask)."""
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                self.engine.stop()
 
 
 class AttachedClient(Client):
@@ -158,6 +166,9 @@ def open_client(config: Config, *, read_only: bool = False) -> Client:
     pid = holder_pid(data_dir)
     if pid is not None:
         sock = data_dir / SOCKET_NAME
+        deadline = time.monotonic() + 10      # an engine starting up opens it last
+        while not sock.exists() and time.monotonic() < deadline and holder_pid(data_dir):
+            time.sleep(0.1)
         if not sock.exists():
             raise EngineError(f"an engine (pid {pid}) serves {data_dir} but offers no control "
                               f"socket ({sock}); see its log")

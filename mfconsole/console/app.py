@@ -9,7 +9,10 @@ thread workers too; their results come back as messages.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import threading
+import time
 from typing import Any, Callable
 
 from textual import work
@@ -31,6 +34,7 @@ from mfconsole.console.handlers import HandlersScreen
 from mfconsole.console.logs import LogsScreen
 from mfconsole.console.widgets import ConsoleScreen, FilterBar, StatusBar
 
+HANG_UP_GRACE_S = 5.0
 SCREENS = (("dashboard", DashboardScreen), ("associations", AssociationsScreen),
            ("destinations", DestinationsScreen), ("dead_letters", DeadLettersScreen),
            ("logs", LogsScreen), ("configuration", ConfigurationScreen), ("handlers", HandlersScreen))
@@ -102,10 +106,21 @@ class ConsoleApp(App[None]):
             pass    # not the main thread (tests): nothing to catch
 
     def hang_up(self) -> None:
-        """SSH dropped (SIGHUP) or SIGTERM: leave now, without asking; the caller stops
-        an in-process engine cleanly."""
+        """SSH dropped (SIGHUP) or SIGTERM: leave now, without asking. The engine is
+        stopped first, on its own thread: Textual's shutdown writes to a terminal that
+        may be gone, and must not be what decides whether routing stops cleanly."""
+        if self.hung_up:
+            return
         self.hung_up = True
+        threading.Thread(target=self._stop_after_hang_up, name="hang-up", daemon=True).start()
         self.exit()
+
+    def _stop_after_hang_up(self) -> None:
+        self.client.close()
+        time.sleep(HANG_UP_GRACE_S)
+        # Still here: the UI could not finish against the dead terminal. Everything
+        # that mattered is closed and committed; never leave a process behind.
+        os._exit(0)
 
     def on_resize(self, event: Any) -> None:
         small = event.size.width < MIN_WIDTH or event.size.height < MIN_HEIGHT

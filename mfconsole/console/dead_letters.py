@@ -57,7 +57,7 @@ class DeadLettersScreen(ConsoleScreen):
                          id="groups")
         yield Label("", id="dead-count")
         with Horizontal(classes="split"):
-            yield KeyedTable([("mark", " "), ("id", "id"), ("when", "dead for"),
+            yield KeyedTable([("mark", " "), ("id", "id"), ("when", "dead since"),
                               ("destination", "destination"), ("status", "status"),
                               ("reason", "reason"), ("attempts", "tries"),
                               ("uid", "SOP instance UID"), ("handler", "handler")], id="letters")
@@ -124,6 +124,13 @@ class DeadLettersScreen(ConsoleScreen):
         self.exhausted = len(rows) < PAGE
         self._sync()
         self._show_count()
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """Fetch the next page when the cursor is near the end of what is loaded (also
+        after a page arrives: the operator may have moved on while it was on its way)."""
+        if self.letters.cursor_row >= self.letters.row_count - PREFETCH:
+            self._more()
 
     def _counted(self, n: int) -> None:
         self.total = n
@@ -137,13 +144,11 @@ class DeadLettersScreen(ConsoleScreen):
             f"{fmt.count(len(self.rows))} shown of {total}{where}{marked}")
 
     def _sync(self) -> None:
-        now = self.now
-        self.letters.sync([(str(r["id"]), letter_row(r, now, r["id"] in self.marked)) for r in self.rows])
+        self.letters.sync([(str(r["id"]), letter_row(r, r["id"] in self.marked)) for r in self.rows])
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "letters":
-            if event.cursor_row >= event.data_table.row_count - PREFETCH:
-                self._more()
+            self._prefetch()
             if self.wide:
                 self._load_detail()
 
@@ -316,8 +321,9 @@ class DeadLetterDetail(TextScreen):
         self.owner.action_reveal(self.delivery, self)
 
 
-def letter_row(r: dict[str, Any], now: float, marked: bool) -> tuple[Any, ...]:
-    return ("✓" if marked else " ", str(r["id"]), fmt.duration(now - r["updated_at"]) if r.get("updated_at") else "",
+def letter_row(r: dict[str, Any], marked: bool) -> tuple[Any, ...]:
+    # A time, not an age: an age would change every row every second (10 000 rows).
+    return ("✓" if marked else " ", str(r["id"]), fmt.short_stamp(r.get("updated_at")),
             r.get("destination", ""), r.get("last_status") or "", r.get("last_reason") or "",
             str(r.get("attempts") or 0), r.get("sop_instance_uid", ""),
             " ".join(x for x in (r.get("handler"), r.get("handler_version")) if x))
@@ -339,13 +345,7 @@ def letter_detail(row: dict[str, Any], revealed: list[list[str]] | None) -> Grou
     for key, label in FIELDS:
         if row.get(key) not in (None, ""):
             grid.add_row(label, str(row[key]))
-    history = Table(box=None, show_header=False, padding=(0, 1))
-    history.add_column(no_wrap=True)
-    history.add_column(no_wrap=True)
-    history.add_column()
-    for h in row.get("history") or []:
-        history.add_row(fmt.stamp(h.get("ts")), h.get("event", ""),
-                        " ".join(x for x in (h.get("status"), h.get("detail")) if x))
+    history = fmt.events(row.get("history") or [], fmt.stamp)
     parts: list[Any] = [grid, Text("\noutcome history", style="bold"), history]
     if revealed:
         phi = Table.grid(padding=(0, 2))

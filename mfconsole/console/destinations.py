@@ -152,15 +152,9 @@ def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group
     for state in STATES_SHOWN:
         if counts.get(state):
             queue.add_row(state.replace("_", " "), fmt.count(counts[state]))
-    outcomes = Table(title="last outcomes", title_justify="left", box=None, padding=(0, 1),
-                     show_header=False)
-    outcomes.add_column(no_wrap=True)
-    outcomes.add_column(no_wrap=True)
-    outcomes.add_column()
-    for o in d.get("outcomes") or []:
-        outcomes.add_row(fmt.clock(o.get("ts")), o.get("event", ""),
-                         " ".join(x for x in (o.get("status"), o.get("detail")) if x))
-    return Group(head, Text("\nqueue by state", style="bold"), queue, Text(""), outcomes)
+    outcomes = fmt.events(d.get("outcomes") or [], fmt.clock)
+    return Group(head, Text("\nqueue by state", style="bold"), queue,
+                 Text("\nlast outcomes", style="bold"), outcomes)
 
 
 def test_report(result: dict[str, Any]) -> Group:

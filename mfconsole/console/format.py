@@ -59,6 +59,10 @@ def stamp(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
 
 
+def short_stamp(ts: float | None) -> str:
+    return time.strftime("%m-%d %H:%M", time.localtime(ts)) if ts else ""
+
+
 def size(n: int | None) -> str:
     if not n:
         return "0"
@@ -107,6 +111,20 @@ def cause(group: dict[str, Any]) -> str:
     status = group.get("status") or ""
     reason = group.get("reason") or "no reason recorded"
     return f"{status} {reason}".strip()
+
+
+def events(rows: list[dict[str, Any]], when: Any) -> Text:
+    """Audit events as two lines each: when, what and status; then the detail."""
+    text = Text()
+    for row in rows:
+        text.append(f"{when(row.get('ts'))} ")
+        text.append(row.get("event", ""), style="bold")
+        if row.get("status"):
+            text.append(f" {row['status']}")
+        if row.get("detail"):
+            text.append(f"\n  {row['detail']}")
+        text.append("\n")
+    return text
 
 
 def level_of(line: str) -> str:
