@@ -68,7 +68,7 @@ sys.path.insert(0, str(BENCH))
 
 import ingest  # noqa: E402  (also puts tests/ on sys.path)
 from ingest import (CLK_TCK, SENDER_TIMEOUT_S, busy_cpu_seconds, cpu_seconds, dcmtk_env,  # noqa: E402
-                    kernel_thread_cpu_seconds, own_cpu_seconds, tool_version)
+                    kernel_thread_cpu_seconds, own_cpu_seconds, save_results)
 
 import dicomgen  # noqa: E402
 from harness import write_config  # noqa: E402
@@ -764,27 +764,14 @@ def main(argv: list[str] | None = None) -> int:
     total = time.time() - started
     print(f"\ntotal run time {total:.0f} s")
 
-    import pydicom
-    import pynetdicom
-
-    out_dir = BENCH / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"forward-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({
+    save_results("forward", ["dcmsend", "storescu", "storescp"], {
         "started": started, "seconds": total, "quick": args.quick, "repeat": args.repeat,
         "interrupted": interrupted,
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version(), "loadavg_at_end": os.getloadavg()},
-        "versions": {"dcmsend": tool_version([require_tool("dcmsend"), "--version"]),
-                     "storescu": tool_version([require_tool("storescu"), "--version"]),
-                     "storescp": tool_version([require_tool("storescp"), "--version"]),
-                     "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__},
         "corpus": {"sr": n_sr, "ct": n_ct, "ct_pixel_bytes": 512 * 512 * 2},
         "receiver": ForwardSCP.flags(fork),
         "results": [asdict(r) for r in results],
         "association_costs": costs, "failures": failures,
-    }, indent=2))
-    print(f"results: {out.relative_to(REPO)}")
+    })
     return 130 if interrupted else 0
 
 

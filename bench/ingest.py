@@ -759,28 +759,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {failure}")
     total = time.time() - started
     print(f"\ntotal run time {total:.0f} s")
+    save_results("ingest", ["storescu", "Orthanc"], {
+        "started": started, "seconds": total, "quick": args.quick, "repeat": args.repeat,
+        "interrupted": interrupted,
+        "corpus": {"sr": n_sr, "ct": n_ct, "ct_pixel_bytes": 512 * 512 * 2},
+        "receiver_notes": {n: FACTORIES[n].notes for n in names},
+        "results": [asdict(r) for r in results],
+        "ratios": rows, "targets": verdicts, "large_objects": large, "failures": failures,
+    })
+    return 130 if interrupted else 0
 
+
+def save_results(name: str, tools: list[str], fields: dict[str, Any]) -> Path:
+    """bench/results/NAME-<time>.json: ``fields`` plus the machine and the versions of
+    ``tools``, pydicom and pynetdicom; prints its path."""
     import pydicom
     import pynetdicom
 
     out_dir = BENCH / "results"
     out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    versions = {tool: tool_version([require_tool(tool), "--version"]) for tool in tools}
     out.write_text(json.dumps({
-        "started": started, "seconds": total, "quick": args.quick, "repeat": args.repeat,
-        "interrupted": interrupted,
+        **fields,
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},
-        "versions": {"storescu": tool_version([require_tool("storescu"), "--version"]),
-                     "orthanc": tool_version([require_tool("Orthanc"), "--version"]),
-                     "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__},
-        "corpus": {"sr": n_sr, "ct": n_ct, "ct_pixel_bytes": 512 * 512 * 2},
-        "receiver_notes": {n: FACTORIES[n].notes for n in names},
-        "results": [asdict(r) for r in results],
-        "ratios": rows, "targets": verdicts, "large_objects": large, "failures": failures,
+                    "python": platform.python_version(), "loadavg_at_end": os.getloadavg()},
+        "versions": {**versions, "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__},
     }, indent=2))
     print(f"results: {out.relative_to(REPO)}")
-    return 130 if interrupted else 0
+    return out
 
 
 if __name__ == "__main__":

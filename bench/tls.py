@@ -20,7 +20,6 @@ bench/results/tls-<time>.json. The exit status is 0 whenever the benchmark ran.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -174,17 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {failure}")
     total = time.time() - started
     print(f"\ntotal run time {total:.0f} s")
-    out_dir = ingest.BENCH / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"tls-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({
+    ingest.save_results("tls", ["storescu"], {
         "started": started, "seconds": total, "quick": args.quick, "repeat": args.repeat,
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "storescu": ingest.tool_version([ingest.require_tool("storescu"), "--version"]),
         "receiver_notes": {n: ingest.FACTORIES[n].notes for n in names},
         "results": [asdict(r) for r in results], "ratios": rows, "failures": failures,
-    }, indent=2))
-    print(f"results: {out.relative_to(ingest.REPO)}")
+    })
     return 0
 
 
