@@ -9,6 +9,7 @@ thread workers too; their results come back as messages.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import threading
@@ -149,8 +150,14 @@ class ConsoleApp(App[None]):
 
     def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
         self._polling = False
+        first = self.snap is None
         self.snap, self.lost = message.snap, ""
         self._show()
+        if first:
+            # Textual's many long-lived objects would otherwise be rescanned by every
+            # full garbage collection in a process that also ingests (measured: ~0.1 ms
+            # per object stored). Freeze what exists once the console is up.
+            gc.freeze()
 
     def on_engine_lost(self, message: EngineLost) -> None:
         self._polling = False
