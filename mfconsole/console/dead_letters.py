@@ -148,6 +148,8 @@ class DeadLettersScreen(ConsoleScreen):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "letters":
+            if self.revealed and self.cursor_id not in self.revealed:
+                self.revealed = {}          # patient fields leave the screen with their row
             self._prefetch()
             if self.wide:
                 self._load_detail()
@@ -319,6 +321,11 @@ class DeadLetterDetail(TextScreen):
 
     def action_reveal(self) -> None:
         self.owner.action_reveal(self.delivery, self)
+
+    def action_close(self) -> None:
+        self.owner.revealed = {}            # closing the detail hides the patient again
+        self.owner._load_detail()
+        super().action_close()
 
 
 def letter_row(r: dict[str, Any], marked: bool) -> tuple[Any, ...]:

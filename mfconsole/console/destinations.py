@@ -31,6 +31,22 @@ class DestinationsScreen(ConsoleScreen):
     def __init__(self) -> None:
         super().__init__()
         self._loading: set[str] = set()
+        self._frame = 0
+
+    def on_mount(self) -> None:
+        # Runs only while an echo does: an idle console must not wake the engine's process.
+        self._spinner = self.set_interval(0.1, self._spin, name="echo spinner", pause=True)
+
+    def _spin(self) -> None:
+        """Turn the spinner of the echoes in progress (only those cells)."""
+        running = [name for name, check in self.app.checks.items() if check.get("running")]
+        if not running:
+            self._spinner.pause()
+            return
+        self._frame += 1
+        for name in running:
+            if self.table.cells(name) is not None:
+                self.table.update_cell(name, "check", fmt.echo_result(self.app.checks[name], self._frame))
 
     def body(self) -> ComposeResult:
         with Horizontal(classes="split"):
@@ -90,6 +106,7 @@ class DestinationsScreen(ConsoleScreen):
     def action_echo(self) -> None:
         if self.selected:
             self.app.echo(self.selected)
+            self._spinner.resume()
 
     def action_test(self) -> None:
         name = self.selected

@@ -95,12 +95,15 @@ def spark(values: list[int] | None, width: int = 20) -> str:
     return "".join(SPARK[round(v / top * (len(SPARK) - 1))] if v else " " for v in values)
 
 
-def echo_result(result: dict[str, Any] | None) -> Text:
-    """✓ 3.1 ms, or ✗ and why; "…" while it runs."""
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+def echo_result(result: dict[str, Any] | None, frame: int = 0) -> Text:
+    """✓ 3.1 ms, or ✗ and why; a spinner while it runs."""
     if result is None:
         return Text("")
     if result.get("running"):
-        return Text("⠿ echo…", style="italic")
+        return Text(f"{SPINNER[frame % len(SPINNER)]} echo…", style="italic")
     if result.get("ok"):
         return Text(f"✓ OK {result.get('rtt_ms', 0):.0f} ms")
     return Text(f"✗ {result.get('detail') or 'failed'}", style="bold")

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 import dicomgen
 from harness import poll
 from peers import StoreSCP, require_tool
-from support import cell, rows, wait_for
+from support import cell, rows, screen_text, wait_for
 
 from mfconsole.client import InProcessClient
 from mfconsole.console.app import ConsoleApp
@@ -149,6 +149,20 @@ def test_a_dead_letter_replayed_from_the_console_is_delivered_once_the_peer_is_b
         assert "presentation context" in cell(app, "letters", letter[0], "reason") + \
             cell(app, "letters", letter[0], "status")
         assert "1" in cell(app, "groups", "*", "count")
+        # Its detail: routing-safe fields; the patient only after an explicit, audited reveal.
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "outcome history" in screen_text(app), what="the detail")
+        assert "CompressedSamples" not in screen_text(app)
+        await pilot.press("v")
+        await wait_for(pilot, lambda: app.screen.query("#yes"), what="the reveal confirmation")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: "CompressedSamples^MR1" in screen_text(app),
+                       what="the revealed patient name")
+        reveal = engine.store.reader().execute(
+            "SELECT detail FROM audit WHERE event = 'phi_revealed'").fetchone()
+        assert reveal is not None and "CompressedSamples" not in reveal[0] and "console" in reveal[0]
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen.query("#letters"), what="back to the list")
         # The PACS comes back, taking every syntax.
         await asyncio.to_thread(strict.stop)
         back = StoreSCP(out, port=strict.port).start()
