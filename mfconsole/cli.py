@@ -334,7 +334,7 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
     print("destinations:")
     for d in status["destinations"]:
         c = d["counts"]
-        print(f"  {d['name']:<16} {d['kind']:<6} pending {c.get('pending', 0):>6}  "
+        print(f"  {d['name']:<16} {d['kind']:<6} {d.get('state', ''):<8} pending {c.get('pending', 0):>6}  "
               f"in flight {c.get('in_flight', 0):>4}  delivered {c.get('delivered', 0):>7}  "
               f"filtered {c.get('filtered', 0):>5}  dead {c.get('dead', 0):>5}")
     print(f"objects stored: {status['objects']}   dead letters: {status['dead_letters']}")
