@@ -18,6 +18,7 @@ from support import cell, rows, wait_for
 from mfconsole.client import AttachedClient, ClientError, open_client
 from mfconsole.config import load
 from mfconsole.console.app import ConsoleApp
+from mfconsole.console.commands import ConsoleCommands
 
 
 def storescu(port: int, files) -> int:
@@ -96,6 +97,9 @@ def test_a_read_only_console_cannot_change_anything(serve_factory):
             enabled = {b.binding.action for b in app.screen.active_bindings.values() if b.enabled}
             assert not enabled & {"replay", "replay_group", "replay_to", "discard"}
             assert "READ-ONLY" in str(app.screen.query_one("StatusBar").render())
+            commands = [text for text, _, _ in ConsoleCommands(app.screen).commands()]
+            assert "echo pacs" in commands and "go to dead letters" in commands
+            assert not [c for c in commands if c.startswith(("pause pacs", "resume", "reload"))]
     asyncio.run(main())
     with serve.db() as db:
         assert db.execute("SELECT COUNT(*) FROM destination_state WHERE paused = 1").fetchone()[0] == 0
