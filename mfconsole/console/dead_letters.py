@@ -120,9 +120,10 @@ class DeadLettersScreen(ConsoleScreen):
     def _show_more(self, rows: list[dict[str, Any]]) -> None:
         self.loading = False
         known = {r["id"] for r in self.rows}
-        self.rows += [r for r in rows if r["id"] not in known]
+        new = [r for r in rows if r["id"] not in known]
+        self.rows += new
         self.exhausted = len(rows) < PAGE
-        self._sync()
+        self.letters.append([(str(r["id"]), letter_row(r, False)) for r in new])
         self._show_count()
         self._prefetch()
 

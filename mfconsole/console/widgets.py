@@ -74,6 +74,15 @@ class KeyedTable(DataTable):
         elif self.row_count:
             self.move_cursor(row=min(index, self.row_count - 1), animate=False)
 
+    def append(self, rows: list[tuple[str, Cells]]) -> None:
+        """Add rows after the others, touching none of them (a page of a long list:
+        the cost stays that of the page, however many rows are already there)."""
+        for key, cells in rows:
+            if key not in self._cells:
+                self.add_row(*cells, key=key)
+                self._cells[key] = cells
+                self._order.append(key)
+
     def _rebuild(self, rows: list[tuple[str, Cells]]) -> None:
         self.clear()
         self._cells = {}
