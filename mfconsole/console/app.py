@@ -56,11 +56,12 @@ class EngineLost(Message):
 class Done(Message):
     """An operator action finished (in a thread worker): its result or its error."""
 
-    def __init__(self, callback: Callable[[Any], None] | None, *, result: Any = None,
-                 error: str | None = None, label: str = "", refresh: bool = True):
+    def __init__(self, done: Callable[[Any], None] | None, failed: Callable[[str], None] | None,
+                 *, label: str = "", refresh: bool = True):
         super().__init__()
-        self.callback, self.result, self.error = callback, result, error
-        self.label, self.refresh = label, refresh
+        self.done, self.failed, self.label, self.refresh = done, failed, label, refresh
+        self.result: Any = None
+        self.error: str | None = None
 
 
 class ConsoleApp(App[None]):
@@ -182,33 +183,33 @@ class ConsoleApp(App[None]):
     # -- actions shared by screens and the command palette -------------------------------
 
     def perform(self, label: str, fn: Callable[..., Any], *args: Any,
-                   done: Callable[[Any], None] | None = None, refresh: bool = True) -> None:
-        """Run ``fn(*args)`` (a client call) in a thread worker; ``done(result)`` on
-        the UI thread afterwards. Failures are shown, never raised into the UI."""
-        self._action_worker(label, fn, args, done, refresh)
+                done: Callable[[Any], None] | None = None,
+                failed: Callable[[str], None] | None = None, refresh: bool = True) -> None:
+        """Run ``fn(*args)`` (a client call) in a thread worker, then on the UI thread
+        ``done(result)``, or ``failed(reason)`` (without one, a toast says why).
+        Nothing is ever raised into the UI."""
+        self._action_worker(Done(done, failed, label=label, refresh=refresh), fn, args)
 
     @work(thread=True, exit_on_error=False)
-    def _action_worker(self, label: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                       done: Callable[[Any], None] | None, refresh: bool) -> None:
+    def _action_worker(self, message: "Done", fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
-            result = fn(*args)
+            message.result = fn(*args)
         except ClientError as exc:
-            self.post_message(Done(done, error=str(exc), label=label, refresh=refresh))
+            message.error = str(exc)
         except Exception as exc:
-            self.post_message(Done(done, error=exc.__class__.__name__, label=label, refresh=refresh))
-        else:
-            self.post_message(Done(done, result=result, label=label, refresh=refresh))
+            message.error = exc.__class__.__name__
+        self.post_message(message)
 
-    def on_done(self, message: Done) -> None:
+    def on_done(self, message: "Done") -> None:
         if message.refresh:
             self.refresh_now()
-        if message.error is not None:
+        if message.error is None:
+            if message.done is not None:
+                message.done(message.result)
+        elif message.failed is not None:
+            message.failed(message.error)
+        else:
             self.notify(f"{message.label}: {message.error}", severity="error", timeout=8)
-            if message.callback is not None and getattr(message.callback, "wants_errors", False):
-                message.callback(ClientError(message.error))
-            return
-        if message.callback is not None:
-            message.callback(message.result)
 
     def confirm(self, question: str, then: Callable[[], None], *, count: int = 1, verb: str = "",
                 yes: str = "Yes") -> None:
@@ -227,15 +228,14 @@ class ConsoleApp(App[None]):
         self.checks[destination] = {"running": True}
         self._show()
 
-        def done(result: Any) -> None:
-            if isinstance(result, Exception):
-                result = {"ok": False, "detail": str(result)}
+        def done(result: dict[str, Any]) -> None:
             self.checks[destination] = result
-            self.notify(f"echo {destination}: {'✓ OK %.0f ms' % result['rtt_ms'] if result['ok'] else '✗ ' + result['detail']}",
+            self.notify(f"echo {destination}: " + (f"✓ OK {result['rtt_ms']:.0f} ms" if result["ok"]
+                                                   else f"✗ {result['detail']}"),
                         severity="information" if result["ok"] else "error")
             self._show()
-        done.wants_errors = True      # type: ignore[attr-defined]
-        self.perform(f"echo {destination}", self.client.echo, destination, done=done, refresh=False)
+        self.perform(f"echo {destination}", self.client.echo, destination, done=done,
+                     failed=lambda why: done({"ok": False, "rtt_ms": 0, "detail": why}), refresh=False)
 
     def set_paused(self, destination: str, paused: bool) -> None:
         if self.read_only:
@@ -243,7 +243,7 @@ class ConsoleApp(App[None]):
         fn = self.client.pause if paused else self.client.resume
         word = "paused" if paused else "resumed"
         self.perform(f"{'pause' if paused else 'resume'} {destination}", fn, destination,
-                        done=lambda _: self.notify(f"{destination}: {word}"))
+                     done=lambda _: self.notify(f"{destination}: {word}"))
 
     def reload(self) -> None:
         if self.read_only:

@@ -43,7 +43,7 @@ class ConfigurationScreen(ConsoleScreen):
 
     def action_reload_fields(self) -> None:
         self.app.perform("configuration", self.client.config_fields, done=self._show_fields,
-                            refresh=False)
+                         refresh=False)
 
     def _show_fields(self, fields: list[dict[str, Any]]) -> None:
         self.fields = fields
@@ -97,7 +97,7 @@ class ConfigurationScreen(ConsoleScreen):
                             for key, value in changes.items())
         self.app.confirm(f"Save {len(changes)} change(s) to config.toml and reload the engine?\n{listing}",
                          lambda: self.app.perform("save configuration", self.client.edit_config,
-                                                     changes, done=self._saved),
+                                                  changes, done=self._saved),
                          yes="Save and reload")
 
     def _saved(self, result: dict[str, Any]) -> None:

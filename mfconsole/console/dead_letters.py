@@ -85,11 +85,11 @@ class DeadLettersScreen(ConsoleScreen):
     def reload(self) -> None:
         text = self.text or None
         self.app.perform("dead letter groups", self.client.dead_letter_groups, text,
-                            done=self._show_groups, refresh=False)
+                         done=self._show_groups, refresh=False)
         self.loading = True
         self._asked = max(PAGE, len(self.rows))     # a refresh keeps what was scrolled to
         self.app.perform("dead letters", self.client.dead_letters, text, self.group, None,
-                            self._asked, done=self._show_first, refresh=False)
+                         self._asked, done=self._show_first, failed=self._not_loaded, refresh=False)
 
     def _show_groups(self, groups: list[dict[str, Any]]) -> None:
         self.groups = {json.dumps([g["destination"], g["status"], g["reason"]]): g for g in groups}
@@ -108,14 +108,20 @@ class DeadLettersScreen(ConsoleScreen):
         self.total = None
         self._show_count()
         self.app.perform("count", self.client.dead_letter_count, self.text or None, self.group,
-                            done=self._counted, refresh=False)
+                         done=self._counted, refresh=False)
 
     def _more(self) -> None:
         if self.loading or self.exhausted or not self.rows:
             return
         self.loading = True
         self.app.perform("dead letters", self.client.dead_letters, self.text or None, self.group,
-                            self.rows[-1]["id"], PAGE, done=self._show_more, refresh=False)
+                         self.rows[-1]["id"], PAGE, done=self._show_more, failed=self._not_loaded,
+                         refresh=False)
+
+    def _not_loaded(self, why: str) -> None:
+        self.loading = False
+        self.seen = None            # try again with the next snapshot
+        self.notify(f"dead letters: {why}", severity="error")
 
     def _show_more(self, rows: list[dict[str, Any]]) -> None:
         self.loading = False
@@ -181,17 +187,15 @@ class DeadLettersScreen(ConsoleScreen):
         if delivery is None:
             return
 
-        def done(result: Any) -> None:
-            if isinstance(result, Exception):
-                return
+        def done(result: dict[str, Any]) -> None:
             body = letter_detail(result, self.revealed.get(delivery))
             if self.cursor_id == delivery:
                 self.query_one("#detail", Static).update(body)
             if then is not None:
                 then(body)
-        done.wants_errors = True      # type: ignore[attr-defined]
         self.app.perform(f"dead letter {delivery}", self.client.dead_letter, delivery, done=done,
-                            refresh=False)
+                         failed=lambda why: None if then is None else self.notify(why, severity="error"),
+                         refresh=False)
 
     def action_detail(self) -> None:
         if self.cursor_id is not None:
@@ -211,7 +215,7 @@ class DeadLettersScreen(ConsoleScreen):
         self.app.confirm(f"Show the patient fields of dead letter {delivery}? They are shown to "
                          "you only, and the reveal is recorded in the audit log.",
                          lambda: self.app.perform("reveal", self.client.reveal, delivery,
-                                                     done=show, refresh=False), yes="Reveal")
+                                                  done=show, refresh=False), yes="Reveal")
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class DeadLettersScreen(ConsoleScreen):
                              lambda: self._replay(group=group, text=self.text or None),
                              count=n, verb="replay", yes="Replay")
         self.app.perform("count", self.client.dead_letter_count, self.text or None, group,
-                            done=counted, refresh=False)
+                         done=counted, refresh=False)
 
     def action_replay_to(self) -> None:
         ids = self._chosen()
@@ -278,7 +282,7 @@ class DeadLettersScreen(ConsoleScreen):
                         + (f" for {how['to']}" if how.get("to") else ""))
             self._after_action()
         self.app.perform("replay", self.client.replay, how.get("ids"), how.get("group"),
-                            how.get("text"), how.get("to"), done=done)
+                         how.get("text"), how.get("to"), done=done)
 
     def action_discard(self) -> None:
         ids = self._chosen()

@@ -84,17 +84,14 @@ class DestinationsScreen(ConsoleScreen):
             return
         self._loading.add(name)
 
-        def done(result: Any) -> None:
+        def done(result: dict[str, Any]) -> None:
             self._loading.discard(name)
-            if isinstance(result, Exception):
-                return
             if name == self.selected:
                 self.query_one("#detail", Static).update(detail(result, self.now, self.app.checks.get(name)))
             if then is not None:
                 then(result)
-        done.wants_errors = True      # type: ignore[attr-defined]
         self.app.perform(f"destination {name}", self.client.destination, name, done=done,
-                            refresh=False)
+                         failed=lambda why: self._loading.discard(name), refresh=False)
 
     def action_detail(self) -> None:
         name = self.selected
@@ -116,12 +113,10 @@ class DestinationsScreen(ConsoleScreen):
                             Text("⠿ proposing presentation contexts…", style="italic"))
         self.app.push_screen(screen)
 
-        def done(result: Any) -> None:
-            if screen.is_attached:
-                screen.set_body(test_report(result) if not isinstance(result, Exception)
-                                else Text(f"✗ {result}", style="bold"))
-        done.wants_errors = True      # type: ignore[attr-defined]
-        self.app.perform(f"test {name}", self.client.test, name, done=done, refresh=False)
+        self.app.perform(f"test {name}", self.client.test, name,
+                         done=lambda result: screen.set_body(test_report(result)),
+                         failed=lambda why: screen.set_body(Text(f"✗ {why}", style="bold")),
+                         refresh=False)
 
     def action_pause_resume(self) -> None:
         name = self.selected

@@ -61,7 +61,7 @@ class HandlersScreen(ConsoleScreen):
         name = self.query_one("#handlers", KeyedTable).cursor_key
         if name:
             self.app.perform(f"reload {name}", self.client.reload_handler, name,
-                                done=self.app.show_reload)
+                             done=self.app.show_reload)
 
     def action_reload_all(self) -> None:
         self.app.reload()
@@ -83,7 +83,7 @@ class HandlersScreen(ConsoleScreen):
                 f"Preview {name} on {'delivery ' + str(delivery_id) if delivery_id else 'its most recent object'}? "
                 "The output may show patient data; the preview is recorded in the audit log.",
                 lambda: self.app.perform(f"preview {name}", self.client.preview_handler, name,
-                                            delivery_id, done=self._previewed, refresh=False),
+                                         delivery_id, done=self._previewed, refresh=False),
                 yes="Preview")
         self.app.push_screen(PromptScreen(f"Preview {name} on which delivery id?", "",
                                           "empty: the most recent object routed through it"), run)

@@ -54,15 +54,16 @@ class LogsScreen(ConsoleScreen):
             return
         self.fetching = True
 
-        def done(result: Any) -> None:
+        def done(result: dict[str, Any]) -> None:
             self.fetching = False
-            if isinstance(result, Exception):
-                return
             if result.get("lines"):
                 self.add(result["lines"])
             self.cursor = result.get("cursor")
-        done.wants_errors = True      # type: ignore[attr-defined]
-        self.app.perform("log", self.client.log_tail, self.cursor, done=done, refresh=False)
+
+        def failed(why: str) -> None:      # the status bar already says the engine is gone
+            self.fetching = False
+        self.app.perform("log", self.client.log_tail, self.cursor, done=done, failed=failed,
+                         refresh=False)
 
     def matches(self, line: str) -> bool:
         if self.level:
