@@ -265,8 +265,10 @@ def test_duplicate_and_conflicting_versions(engine, tmp_path):
     deliveries = conn.execute("SELECT object_id FROM deliveries WHERE object_id IN (?, ?)",
                               (rows[0]["id"], rows[1]["id"])).fetchall()
     assert sorted(d["object_id"] for d in deliveries) == [rows[0]["id"], rows[1]["id"]]
+    # (the default destination is unreachable: its retry events are not what this checks)
     events = [r["event"] for r in conn.execute(
-        "SELECT event FROM audit WHERE sop_instance_uid = ? ORDER BY id", (str(ds.SOPInstanceUID),))]
+        "SELECT event FROM audit WHERE sop_instance_uid = ? AND event IN "
+        "('stored', 'duplicate', 'conflict') ORDER BY id", (str(ds.SOPInstanceUID),))]
     assert events == ["stored", "duplicate", "conflict", "stored"]
     # Only two blobs exist for the three receptions.
     assert_blobs_match_rows(engine.store)
