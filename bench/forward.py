@@ -469,13 +469,7 @@ def run_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
 
 
 def run_repeated(repeat: int, case: str, ctx: Ctx, live: list[Any]) -> Result:
-    runs = sorted((run_case(case, ctx, live) for _ in range(repeat)), key=lambda r: r.objects_per_s)
-    median = runs[len(runs) // 2]
-    median.repeats = [round(r.objects_per_s, 1) for r in runs]
-    for r in runs:
-        if r is not median:
-            median.problems += r.problems
-    return median
+    return ingest.median_run([run_case(case, ctx, live) for _ in range(repeat)])
 
 
 # ---------------------------------------------------------------------------

@@ -278,7 +278,21 @@ def dcmtk_env(nodelay: bool, **extra: str) -> dict[str, str]:
     return env
 
 
-class StorescpReceiver(Receiver):
+class _PeerReceiver(Receiver):
+    """A receiver run by one of tests/peers.py's peers (``self.peer``)."""
+    peer: Any
+
+    @property
+    def pid(self) -> int:
+        assert self.peer.pid is not None
+        return self.peer.pid
+
+    def start(self, nodelay: bool = True) -> None:
+        with _NodelayEnv(nodelay):
+            self.peer.start()
+
+
+class StorescpReceiver(_PeerReceiver):
     name = "storescp"
     ae_title = "STORESCP"
     notes = "-od dir +uf, no fsync, max PDU 16 KiB"
@@ -288,15 +302,6 @@ class StorescpReceiver(Receiver):
         self.peer = _QuietStoreSCP(workdir / "received", ae_title=self.ae_title)
         self.port = self.peer.port
 
-    @property
-    def pid(self) -> int:
-        assert self.peer.pid is not None
-        return self.peer.pid
-
-    def start(self, nodelay: bool = True) -> None:
-        with _NodelayEnv(nodelay):
-            self.peer.start()
-
     def count(self) -> int:
         return len(self.peer.received_files())
 
@@ -304,7 +309,7 @@ class StorescpReceiver(Receiver):
         self.peer.stop()
 
 
-class OrthancReceiver(Receiver):
+class OrthancReceiver(_PeerReceiver):
     name = "orthanc"
     ae_title = "ORTHANC"
     notes = "Orthanc 1.10 defaults (fsync storage, SQLite index), DICOMweb plugin loaded"
@@ -313,15 +318,6 @@ class OrthancReceiver(Receiver):
         super().__init__(workdir)
         self.peer = Orthanc(workdir / "orthanc", ae_title=self.ae_title)
         self.port = self.peer.dicom_port
-
-    @property
-    def pid(self) -> int:
-        assert self.peer.pid is not None
-        return self.peer.pid
-
-    def start(self, nodelay: bool = True) -> None:
-        with _NodelayEnv(nodelay):
-            self.peer.start()
 
     def count(self) -> int:
         with httpx.Client(trust_env=False, timeout=30) as c:
@@ -465,8 +461,12 @@ def run_case(name: str, corpus: str, folders: list[Path], objects: int, *, nagle
 
 
 def run_repeated(repeat: int, *args: Any, **kw: Any) -> Result:
-    runs = [run_case(*args, **kw) for _ in range(repeat)]
-    runs.sort(key=lambda r: r.objects_per_s)
+    return median_run([run_case(*args, **kw) for _ in range(repeat)])
+
+
+def median_run(runs: list[Any]) -> Any:
+    """The median run by objects/s, carrying every run's rate and problems."""
+    runs = sorted(runs, key=lambda r: r.objects_per_s)
     median = runs[len(runs) // 2]
     median.repeats = [round(r.objects_per_s, 1) for r in runs]
     for r in runs:
