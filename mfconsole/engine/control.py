@@ -404,10 +404,7 @@ class ControlService:
         engine = self.engine
         if name not in handler_names(self.config):
             raise ControlError(f"no route uses a handler named {name!r}")
-        with engine._reload_lock:
-            results = engine.handlers.reload(self.config.handlers_dir, handler_names(self.config),
-                                             engine._dry_run, only=[name])
-        mine = [r for r in results if r.name == name]
+        mine = engine.reload_handler(name)
         report = [str(r) for r in mine]
         refused = any(r.outcome == "kept" for r in mine)
         engine.audit("handler_reloaded", status="errors" if refused else "ok",

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
@@ -174,6 +173,15 @@ class Engine:
         self.audit("reloaded" if applied else "reload_refused", status="ok" if clean else "errors",
                    detail="; ".join(report) or "no change")
         return report
+
+    def reload_handler(self, name: str) -> list[Any]:
+        """Reload one handler (same checks and dry run as ``reload``); the others keep
+        their running version. Returns that handler's ReloadResults."""
+        assert self.handlers is not None
+        with self._reload_lock:
+            results = self.handlers.reload(self.config.handlers_dir, handler_names(self.config),
+                                           self._dry_run, only=[name])
+        return [r for r in results if r.name == name]
 
     def _reload(self) -> list[str]:
         from mfconsole.config import ConfigError, load
