@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mfconsole import __version__
 from mfconsole.config import DEFAULT_CONFIG, Config, ConfigError, load
@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--destination", help="with --all: only this destination's")
     rp.add_argument("--reason", help="with --all: only those whose reason contains TEXT")
     rp.add_argument("--to", metavar="OTHER", help="deliver to this destination instead")
+    rp.add_argument("--as-stored", action="store_true",
+                    help="send a superseded version as it was stored (default: the current version)")
     dc = dls.add_parser("discard", parents=[common],
                         help="drop dead letters: explicit ids, or a --destination/--reason filter")
     dc.add_argument("ids", type=int, nargs="*", metavar="ID")
@@ -192,14 +194,27 @@ def cmd_dead_letters(config: Config, args: Any) -> int:
             print(f"  {when} {h['event']:<16} {h['status'] or '':<12} {h['detail'] or ''}")
         return EXIT_OK
     if args.action == "replay":
+        notes: list[str] = []
         queued = ops.replay(config, args.ids, all_=args.all, destination=args.destination,
-                            reason=args.reason, to=args.to)
+                            reason=args.reason, to=args.to, as_stored=args.as_stored, notes=notes,
+                            progress=_progress("replayed"))
+        for note in notes:
+            print(note)
         print(f"{len(queued)} dead letter(s) queued again"
               + (f" for {args.to}" if args.to else ""))
         return EXIT_OK if queued or not args.ids else EXIT_FAIL
-    n = ops.discard(config, args.ids, destination=args.destination, reason=args.reason)
+    n = ops.discard(config, args.ids, destination=args.destination, reason=args.reason,
+                    progress=_progress("discarded"))
     print(f"{n} dead letter(s) discarded")
     return EXIT_OK if n == len(set(args.ids)) or not args.ids else EXIT_FAIL
+
+
+def _progress(verb: str) -> Callable[[int, int], None]:
+    """Progress of a bulk action on stderr, for runs of more than one batch."""
+    def show(done: int, total: int) -> None:
+        if total > 500:
+            print(f"  {verb} {done} of {total}", file=sys.stderr, flush=True)
+    return show
 
 
 def cmd_handlers(config: Config, args: Any) -> int:

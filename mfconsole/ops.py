@@ -159,36 +159,44 @@ def show_dead(config: Config, delivery_id: int) -> dict[str, Any]:
 
 
 def replay(config: Config, ids: list[int] | None, *, all_: bool = False, destination: str | None = None,
-           reason: str | None = None, to: str | None = None) -> list[int]:
+           reason: str | None = None, to: str | None = None, as_stored: bool = False,
+           notes: list[str] | None = None, progress: Callable[[int, int], None] | None = None
+           ) -> list[int]:
+    """Queue dead letters again, in transactions of outbox.BULK_BATCH (a filter that
+    matches a million rows never holds the writer for long); ``progress(done, total)``
+    after each."""
     if to is not None:
         _destination(config, to)
     if destination is not None:
         _destination(config, destination)
     if not ids and not all_:
         raise OpsError("name dead letter ids, or --all (optionally with --destination/--reason)")
-
-    def run(conn: Any) -> list[int]:
-        chosen = ids or [r["id"] for r in outbox.dead_letters(conn, destination, reason)]
-        return outbox.replay(conn, chosen, to=to)
-
-    return _write(config, run)
+    chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
+    queued: list[int] = []
+    for n, batch in enumerate(outbox.batches(chosen), 1):
+        queued += _write(config, outbox.replay, batch, to=to, as_stored=as_stored, notes=notes)
+        if progress is not None:
+            progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
+    return queued
 
 
 def discard(config: Config, ids: list[int], *, destination: str | None = None,
-            reason: str | None = None) -> int:
-    """Dead letters are dropped only when named: by id, or by a filter (never "all")."""
+            reason: str | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+    """Dead letters are dropped only when named: by id, or by a filter (never "all").
+    In batches, like ``replay``."""
     if destination is not None:
         _destination(config, destination)
     if not ids and destination is None and not reason:
         raise OpsError("discard needs dead letter ids, or --destination and/or --reason")
     if ids and (destination is not None or reason):
         raise OpsError("give dead letter ids or a filter, not both")
-
-    def run(conn: Any) -> int:
-        chosen = ids or [r["id"] for r in outbox.dead_letters(conn, destination, reason)]
-        return outbox.discard(conn, chosen)
-
-    return _write(config, run)
+    chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
+    done = 0
+    for n, batch in enumerate(outbox.batches(chosen), 1):
+        done += _write(config, outbox.discard, batch)
+        if progress is not None:
+            progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
+    return done
 
 
 def pause(config: Config, destination: str) -> None:

@@ -11,6 +11,7 @@ Knows nothing of SQLite: it gets bytes and UIDs, and answers with an Outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import time
@@ -31,6 +32,7 @@ from pynetdicom.sop_class import Verification
 from mfconsole import tls
 from mfconsole.config import PRIORITIES, TLSConfig
 from mfconsole.dimse import cstore, sockets  # (TCP_NODELAY/QUICKACK on our sockets)
+from mfconsole.dimse.odd_length import even_length
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import Outcome
@@ -212,6 +214,7 @@ class DimseSender:
         self.pairs: dict[tuple[str, str], None] = {}   # (SOP class, TS) proposed, in order
         self.last_used = 0.0
         self._msg_id = 0
+        self._stored = 0     # objects this association has taken (see Outcome.others_delivered)
         # Rebuilt at the next association when a certificate file is renewed.
         self._tls = tls.Reloading(_client_context, peer.tls) if peer.tls is not None else None
 
@@ -280,6 +283,7 @@ class DimseSender:
         if not assoc.is_established:
             return _association_failure(assoc, p, seen)
         self.assoc = assoc
+        self._stored = 0
         if not _pause_reactor(assoc):
             self.close()
             return outcomes.transport_failure(f"{p.address} dropped the association at once")
@@ -337,11 +341,28 @@ class DimseSender:
         failed = self.open([(obj.sop_class_uid, obj.transfer_syntax)])
         if failed is not None:
             return failed
-        data, context = self._choose(obj)
+        try:
+            data, context = self._choose(obj)
+        except Exception as exc:   # e.g. a value pydicom cannot write back (3-byte US)
+            return outcomes.internal_error(
+                exc, f"re-encoding {ts_name(obj.transfer_syntax)} for the peer "
+                     "(it does not accept the object's own transfer syntax)")
         if context is None:
             return self._refused(obj)
+        data, padded = even_length(data, str(context.transfer_syntax[0]))
+        if data is None:
+            return outcomes.Outcome(
+                outcomes.PERMANENT, outcomes.MESSAGE, "odd length",
+                f"the data set has an odd length ({padded} bytes) that mfconsole cannot pad: "
+                "DICOM requires even lengths and the peer would abort the association")
         self.last_used = time.monotonic()
-        return self._store(obj, data, context)
+        outcome = self._store(obj, data, context)
+        if outcome.is_success:
+            self._stored += 1
+            if padded:
+                outcome = dataclasses.replace(outcome, reason=f"{outcome.reason} (odd-length last "
+                                              "element padded by one byte, as DICOM requires)")
+        return outcome
 
     def _accepted(self, sop_class: str) -> dict[str, Any]:
         return {str(cx.transfer_syntax[0]): cx for cx in self.assoc.accepted_contexts
@@ -374,12 +395,14 @@ class DimseSender:
         command = cstore.command_set(self._msg_id, PRIORITIES.get(self.peer.priority, 0),
                                      obj.sop_class_uid, obj.sop_instance_uid)
         # The reactor is paused (``_pause_reactor``): the response can only reach us.
+        others = self._stored > 0
         try:
             cstore.send(assoc, context.context_id, command, data)
             _, rsp = assoc.dimse.get_msg(block=True)
         except OSError as exc:
             self.drop()
-            return outcomes.transport_failure(f"connection to {self.peer.address} lost: {exc.__class__.__name__}")
+            return outcomes.no_response(f"connection to {self.peer.address} lost during the "
+                                        f"C-STORE ({exc.__class__.__name__})", others_delivered=others)
         if rsp is None:
             # DIMSE timeout, the peer aborted, or the connection went silent mid-PDU:
             # the outcome is unknown, and a re-store is idempotent.
@@ -391,7 +414,8 @@ class DimseSender:
                 "peer aborted the association during the C-STORE" if aborted else
                 f"connection to {self.peer.address} closed during the C-STORE (silent beyond "
                 f"network_timeout_s={self.peer.network_timeout_s:g}, or dropped)" if closed else
-                f"no C-STORE response within dimse_timeout_s={self.peer.dimse_timeout_s:g}")
+                f"no C-STORE response within dimse_timeout_s={self.peer.dimse_timeout_s:g}",
+                others_delivered=others)
         status = rsp.Status
         if status is None:
             return outcomes.Outcome(outcomes.BOUNDED, outcomes.MESSAGE, "invalid response",

@@ -20,13 +20,14 @@ destination.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from mfconsole.engine import outbox
+from mfconsole.engine import outbox, outcomes
 from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, Outcome
 from mfconsole.engine.store import Store
 from mfconsole.engine.vault import VaultError
@@ -88,7 +89,8 @@ class DestinationWorkers:
     """The worker threads of one destination, and the event that wakes them."""
 
     def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
-                 transform: Callable[..., tuple[Any, Any]] | None = None):
+                 transform: Callable[..., tuple[Any, Any]] | None = None,
+                 held: outbox.Held | None = None):
         self.cfg = destination
         self.name = destination.name
         self.store = store
@@ -96,6 +98,7 @@ class DestinationWorkers:
         self.transform = transform    # the route's handler step (engine/transform.py)
         self.policy = outbox.Policy(destination.retry_initial_s, destination.retry_max_s,
                                     destination.down_after, destination.bounded_attempts)
+        self.held = held if held is not None else outbox.Held()   # shared with the sweep
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -163,48 +166,88 @@ class DestinationWorkers:
         # Connect before claiming: many PACS take one association at a time (DCMTK
         # storescp without --fork leaves a second request unanswered), and objects
         # claimed by a worker waiting for its association would wait with it.
-        refused = sender.prepare(mine)
+        try:
+            refused = sender.prepare(mine)
+        except Exception as exc:   # a fault of ours while connecting: attributed like a drop
+            sender.close()
+            refused = dataclasses.replace(
+                outcomes.no_response(f"internal error while connecting: {exc.__class__.__name__}"
+                                     f"{outcomes.raised_at(exc)}"), status="internal error")
+            log.error("destination %s: %s", self.name, refused.reason)
         if refused is not None and index > 0:
             # An extra association the peer would not give is not held against it.
             self._stop.wait(self.policy.retry_initial_s)
             return True
-        items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
-                                None, sender.in_order)
-        if not items:
-            return False
+        owner = threading.current_thread().name
+        try:
+            items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
+                                    None, sender.in_order, self.held, owner)
+            if not items:
+                return False
+            self._work(sender, items, refused)
+        finally:
+            self.held.drop(owner)   # whatever is still in flight now, the sweep requeues
+        return True
+
+    def _work(self, sender: Sender, items: list[outbox.Claimed], refused: Outcome | None) -> None:
+        """Send claimed items and record every outcome. Items not attempted go back
+        untouched; if recording fails, they stay in flight and ``sweep`` requeues them."""
         results: list[tuple[outbox.Claimed, Outcome, Any]] = []
-        untouched: list[int] = []
-        if refused is not None:    # counted as one attempt, of the oldest object
-            results.append((items[0], refused, None))
-            batches = []
-        else:
-            batches = groups(items, *sender.max_batch)
-        for n, group in enumerate(batches):
-            if self._stop.is_set():
-                untouched = [x.delivery_id for g in batches[n:] for x in g]
-                break
-            group_outcomes = self._attempt(sender, group)
-            results += [(item, outcome, stamp) for item, (outcome, stamp) in zip(group, group_outcomes)]
-            if len(group_outcomes) < len(group) or any(
-                    not o.is_done and (o.scope == DESTINATION or sender.in_order)
-                    for o, _ in group_outcomes):
-                done = {item.delivery_id for item, _, _ in results}
-                untouched = [x.delivery_id for x in items if x.delivery_id not in done]
-                break
-        self.store.call(self._record, results, untouched)
-        for item, outcome, _ in results:
+        recorded: list[tuple[outbox.Claimed, Outcome]] = []
+        done: set[int] = set()
+
+        def flush() -> list[Outcome]:
+            batch, results[:] = list(results), []
+            attributed = self.store.call(self._record, batch, [])
+            done.update(item.delivery_id for item, _, _ in batch)
+            recorded.extend((item, outcome) for (item, _, _), outcome in zip(batch, attributed))
+            return attributed
+
+        try:
+            if refused is not None:    # counted as one attempt, of the oldest object
+                results.append((items[0], refused, None))
+                batches = []
+            else:
+                batches = groups(items, *sender.max_batch)
+            for group in batches:
+                if self._stop.is_set():
+                    break
+                group_outcomes = self._attempt(sender, group)
+                results += [(item, outcome, stamp)
+                            for item, (outcome, stamp) in zip(group, group_outcomes)]
+                final = [o for o, _ in group_outcomes]
+                if any(o.ambiguous for o in final):
+                    # Whose fault a cut-short transfer is decides whether the batch goes on.
+                    final = flush()[-len(final):]
+                # A destination-scope failure stops the batch (one outage, one attempt);
+                # so does any failure on an in-order destination (nothing overtakes).
+                if len(final) < len(group) or any(
+                        not o.is_done and (o.scope == DESTINATION or sender.in_order) for o in final):
+                    break
+            flush()
+        finally:
+            untouched = [x.delivery_id for x in items if x.delivery_id not in done]
+            if untouched:
+                try:
+                    self.store.call(outbox.release, untouched)
+                except Exception as exc:
+                    log.error("destination %s: %d claimed deliveries could not be released "
+                              "(%s); they are requeued by the next sweep", self.name,
+                              len(untouched), exc.__class__.__name__)
+        for item, outcome in recorded:
             if outcome.is_success:
                 self.sent += 1
             elif not outcome.is_done:
                 log.warning("destination %s: %s for %s (delivery %d): %s", self.name, outcome.label,
                             item.sop_instance_uid, item.delivery_id, outcome.reason)
-        return True
 
     def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any]]:
         """Send one group: (outcome, handler stamp) per object, shorter when the sender
         stopped early. An object that cannot be read, or that its handler filters or
-        fails on, is settled on its own and the rest of the group still goes."""
+        fails on, or that raises anywhere on its way out, is settled on its own and the
+        rest of the group still goes."""
         objs: list[Outbound] = []
+        positions: list[int] = []
         settled: dict[int, tuple[Outcome, Any]] = {}
         stamps: dict[int, Any] = {}
         for i, item in enumerate(group):
@@ -215,16 +258,25 @@ class DestinationWorkers:
                                       f"stored object {item.object_id} cannot be read "
                                       f"({exc.__class__.__name__})"), None)
                 continue
+            except Exception as exc:
+                settled[i] = (outcomes.internal_error(exc, "reading the stored object"), None)
+                continue
             obj: Any = Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
                                 data, item.study_uid)
             if item.handler and self.transform is not None:
-                obj, stamps[i] = self.transform(item.handler, f"{item.listener}->{self.name}",
-                                                item.delivery_id, obj)
+                try:
+                    obj, stamps[i] = self.transform(item.handler, f"{item.listener}->{self.name}",
+                                                    item.delivery_id, obj)
+                except Exception as exc:
+                    settled[i] = (outcomes.internal_error(exc, f"running handler {item.handler}"),
+                                  None)
+                    continue
                 if isinstance(obj, Outcome):
                     settled[i] = (obj, stamps[i])
                     continue
             objs.append(obj)
-        sent = iter(sender.send_many(objs) if objs else [])
+            positions.append(i)
+        sent = iter(self._send(sender, objs))
         out: list[tuple[Outcome, Any]] = []
         for i in range(len(group)):
             if i in settled:
@@ -236,8 +288,29 @@ class DestinationWorkers:
             out.append((outcome, stamps.get(i)))
         return out
 
+    def _send(self, sender: Sender, objs: list[Outbound]) -> list[Outcome]:
+        """``sender.send_many``; an exception is the outcome of the object it was
+        raised for (each is sent alone to find it), never the batch's."""
+        if not objs:
+            return []
+        try:
+            return sender.send_many(objs)
+        except Exception as exc:
+            sender.close()   # the connection is in an unknown state
+            if len(objs) == 1:
+                outcome = outcomes.internal_error(exc, f"sending to {self.name}")
+                log.error("destination %s: %s", self.name, outcome.reason)
+                return [outcome]
+        out: list[Outcome] = []
+        for obj in objs:
+            out += self._send(sender, [obj])
+            if not out[-1].is_success and out[-1].scope == DESTINATION:
+                break
+        return out
+
     def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome, Any]],
-                untouched: list[int]) -> None:
-        for item, outcome, stamp in results:
-            outbox.record(conn, self.name, item, outcome, self.policy, stamp)
+                untouched: list[int]) -> list[Outcome]:
+        attributed = [outbox.record(conn, self.name, item, outcome, self.policy, stamp)
+                      for item, outcome, stamp in results]
         outbox.release(conn, untouched)
+        return attributed

@@ -21,7 +21,7 @@ from mfconsole.config import Config, http_prefix_allows, tcp_allows
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
 from mfconsole.dimse.sender import DimseSender, Peer
-from mfconsole.engine import logs
+from mfconsole.engine import logs, outbox
 from mfconsole.engine.control import SOCKET_NAME, ControlServer, ControlService
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -36,6 +36,7 @@ from mfconsole.stow.client import StowSender, Target
 log = logging.getLogger("mfconsole.engine")
 
 PURGE_INTERVAL_S = 3600.0
+SWEEP_INTERVAL_S = 5.0   # stranded in-flight deliveries go back to pending this often
 DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before it goes live
 
 
@@ -53,6 +54,7 @@ class Engine:
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self.deliveries: dict[str, DestinationWorkers] = {}
+        self.held = outbox.Held()     # in-flight deliveries live workers are working on
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
         self.control: ControlServer | None = None
@@ -154,7 +156,8 @@ class Engine:
         else:
             make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_allows)
         assert self.handlers is not None
-        workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest))
+        workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest),
+                                     self.held)
         workers.start()
         self.deliveries[dest.name] = workers
 
@@ -277,14 +280,31 @@ class Engine:
         return any(http_prefix_allows(prefix, url) for prefix in self.config.egress.allowed_http)
 
     def _housekeeping(self) -> None:
-        self._purge()
-        while not self._stop.wait(PURGE_INTERVAL_S):
-            self._purge()
+        """The retention purge (in bounded batches, see Store.purge_expired) and the
+        sweep of in-flight deliveries nobody holds, while the engine runs."""
+        next_purge = time.monotonic()
+        while not self._stop.is_set():
+            self._sweep()
+            if time.monotonic() >= next_purge:
+                self._purge()
+                next_purge = time.monotonic() + PURGE_INTERVAL_S
+            self._stop.wait(SWEEP_INTERVAL_S)
+
+    def _sweep(self) -> None:
+        try:
+            if self.store is not None:
+                n = self.store.call(outbox.sweep, self.held)
+                if n:
+                    log.warning("%d in-flight deliveries had no outcome written; queued again", n)
+                    for workers in self.deliveries.values():
+                        workers.wake.set()
+        except Exception as exc:
+            log.error("sweep of in-flight deliveries failed: %s", exc.__class__.__name__)
 
     def _purge(self) -> None:
         try:
             if self.store is not None:
-                n = self.store.purge_expired(self.config.store.retention_days)
+                n = self.store.purge_expired(self.config.store.retention_days, stop=self._stop)
                 if n:
                     log.info("retention: purged %d object(s)", n)
         except Exception as exc:

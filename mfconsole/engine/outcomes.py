@@ -25,6 +25,12 @@ class Outcome:
     status: str = ""          # "0xA700", "A-ASSOCIATE-RJ 1/1/7", "connection refused"...
     reason: str = ""          # for humans; routing-safe
     retry_after_s: float | None = None
+    # The transfer of this object was cut short (abort, dropped connection, no answer):
+    # the peer or the object may be at fault. outbox.record attributes it from what
+    # else got through (``others_delivered``: this connection had delivered other
+    # objects before this one).
+    ambiguous: bool = False
+    others_delivered: bool = False
 
     @property
     def is_success(self) -> bool:
@@ -68,10 +74,34 @@ def cstore_status(status: int) -> Outcome:
     return Outcome(BOUNDED, MESSAGE, code, "unknown status from peer")
 
 
-def no_response(what: str) -> Outcome:
+def no_response(what: str, *, others_delivered: bool = False) -> Outcome:
     """No response, DIMSE timeout, abort mid-operation: the outcome is unknown and a
-    re-store is idempotent, so try again."""
-    return Outcome(TRANSIENT, DESTINATION, "no response", what)
+    re-store is idempotent, so try again. Ambiguous: the peer may be down, or this
+    object may be what makes it abort (outbox.record decides which, and a poison
+    object ends as a dead letter after ``bounded_attempts``)."""
+    return Outcome(TRANSIENT, DESTINATION, "no response", what, ambiguous=True,
+                   others_delivered=others_delivered)
+
+
+def internal_error(exc: BaseException, step: str) -> Outcome:
+    """An exception while preparing or sending one object is that object's outcome:
+    a dead letter naming the exception class and where it was raised (never its text,
+    which may quote data set values)."""
+    return Outcome(PERMANENT, MESSAGE, "internal error",
+                   f"{exc.__class__.__name__} while {step}{raised_at(exc)}; the object is kept: "
+                   "fix the cause, then replay")
+
+
+def raised_at(exc: BaseException) -> str:
+    """" in module.function" of the innermost frame of ``exc``'s traceback."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    module = tb.tb_frame.f_globals.get("__name__", "?")
+    return f" in {module}.{code.co_name} line {tb.tb_lineno}"
 
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4

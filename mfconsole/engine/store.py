@@ -44,6 +44,10 @@ MAX_GROUP = 256
 # when every write must be durable.
 INLINE_MAX = 256 * 1024
 INLINE = "inline"           # objects.blob for an object held in blob_data
+# Retention purge: objects per transaction, and the pause between two (bench/purge.py
+# measures the C-STORE response time while purging).
+PURGE_BATCH = 300
+PURGE_PAUSE_S = 0.01
 
 # Delivery states (DESIGN.md): pending → in_flight → delivered | filtered | dead; a dead
 # letter is then replayed (back to pending, or "replayed" when re-targeted to a new
@@ -129,6 +133,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
         defaults={"superseded": 0}, if_not_exists=True)
     db["objects"].create_index(["sop_instance_uid", "version"], unique=True, if_not_exists=True)
     db["objects"].create_index(["received_at"], if_not_exists=True)
+    # The retention purge walks only objects that still hold a blob; purged rows stay
+    # (audit trail) and would otherwise be rescanned at every batch.
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_unpurged ON objects (received_at, id) "
+                 "WHERE purged_at IS NULL")
     db["deliveries"].create({
         "id": int, "object_id": int, "destination": str, "listener": str, "handler": str,
         "state": str, "attempts": int, "retry_at": float, "lease_until": float,
@@ -139,6 +147,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
         if_not_exists=True)
     if "handler_digest" not in db["deliveries"].columns_dict:   # data dirs from before handlers
         db["deliveries"].add_column("handler_digest", str)
+    if "suspect" not in db["deliveries"].columns_dict:
+        # Transfers of this delivery that were cut short (abort, drop, no answer): see
+        # outbox.record. Suspects go last in a batch and never probe a down peer.
+        db["deliveries"].add_column("suspect", int, not_null_default=0)
     db["deliveries"].create_index(["destination", "state", "retry_at"], if_not_exists=True)
     db["deliveries"].create_index(["object_id"], if_not_exists=True)
     db["deliveries"].create_index(["state"], if_not_exists=True)
@@ -157,6 +169,13 @@ def create_schema(conn: sqlite3.Connection) -> None:
         down INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
         next_attempt_at REAL NOT NULL DEFAULT 0, last_status TEXT, last_reason TEXT,
         updated_at REAL)""")
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(destination_state)")}
+    if "suspect_delivery" not in columns:
+        # The delivery in flight at the last cut-short transfer, and whether anything
+        # was delivered since: how outbox.record tells a poison object from a bad peer.
+        conn.execute("ALTER TABLE destination_state ADD COLUMN suspect_delivery INTEGER")
+        conn.execute("ALTER TABLE destination_state ADD COLUMN delivered_since_suspect "
+                     "INTEGER NOT NULL DEFAULT 0")
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                  (str(SCHEMA_VERSION),))
@@ -407,31 +426,54 @@ class Store:
 
     # -- retention ---------------------------------------------------------------
 
-    def purge_expired(self, retention_days: int, now: float | None = None) -> int:
+    def purge_expired(self, retention_days: int, now: float | None = None, *,
+                      stop: threading.Event | None = None, batch: int = PURGE_BATCH,
+                      progress: Any = None) -> int:
         """Remove blobs of objects older than the retention whose deliveries are all
         finished (delivered or filtered). Dead letters and queued objects are kept:
-        nothing is lost because it waited too long. The row stays for the audit trail."""
-        cutoff = (now or time.time()) - retention_days * 86400
+        nothing is lost because it waited too long. The row stays for the audit trail.
 
-        def purge(conn: sqlite3.Connection) -> list[str]:
+        In batches of ``batch`` objects, one short transaction each, with a pause
+        between them: C-STORE commits queue behind one batch at most, never behind
+        the whole purge. ``progress(done)`` is called after each batch."""
+        cutoff = (now or time.time()) - retention_days * 86400
+        cursor: tuple[float, int] = (float("-inf"), 0)
+        total = 0
+
+        def purge_batch(conn: sqlite3.Connection) -> tuple[list[str], tuple[float, int] | None]:
+            # The next candidates by (received_at, id), finished or not, so each batch
+            # costs the same however many kept objects (dead letters) lie before them.
             rows = conn.execute(
-                "SELECT id, blob FROM objects o WHERE purged_at IS NULL AND received_at < ? "
-                "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.object_id = o.id "
-                f"AND d.state NOT IN ({','.join('?' * len(FINISHED_STATES))}))",
-                (cutoff, *FINISHED_STATES)).fetchall()
+                "SELECT o.id, o.blob, o.received_at, NOT EXISTS (SELECT 1 FROM deliveries d "
+                "WHERE d.object_id = o.id "
+                f"AND d.state NOT IN ({','.join('?' * len(FINISHED_STATES))})) AS finished "
+                "FROM objects o INDEXED BY objects_unpurged "
+                "WHERE o.purged_at IS NULL AND o.received_at < ? AND (o.received_at, o.id) > (?, ?) "
+                "ORDER BY o.received_at, o.id LIMIT ?",
+                (*FINISHED_STATES, cutoff, *cursor, batch)).fetchall()
+            if not rows:
+                return [], None
+            done = [r for r in rows if r["finished"]]
             stamp = time.time()
             conn.executemany("UPDATE objects SET purged_at = ? WHERE id = ?",
-                             [(stamp, r["id"]) for r in rows])
-            conn.executemany("DELETE FROM blob_data WHERE object_id = ?", [(r["id"],) for r in rows])
-            if rows:
-                _insert_audit(conn, {"ts": stamp, "event": "purged",
-                                     "detail": f"{len(rows)} object(s) older than {retention_days} days"})
-            return [r["blob"] for r in rows]
+                             [(stamp, r["id"]) for r in done])
+            conn.executemany("DELETE FROM blob_data WHERE object_id = ?", [(r["id"],) for r in done])
+            return [r["blob"] for r in done], (rows[-1]["received_at"], rows[-1]["id"])
 
-        blobs = self.call(purge)
-        for rel in blobs:
-            self._remove_file(rel)
-        return len(blobs)
+        while stop is None or not stop.is_set():
+            blobs, cursor_next = self.call(purge_batch)
+            for rel in blobs:
+                self._remove_file(rel)
+            total += len(blobs)
+            if progress is not None:
+                progress(total)
+            if cursor_next is None:
+                break
+            cursor = cursor_next
+            time.sleep(PURGE_PAUSE_S)   # leave the writer to ingest between batches
+        if total:
+            self.audit("purged", detail=f"{total} object(s) older than {retention_days} days")
+        return total
 
 
 def _insert_audit(conn: sqlite3.Connection, row: dict[str, Any]) -> None:

@@ -125,6 +125,7 @@ class MllpSender:
         self.egress_allows = egress_allows
         self.sock: socket.socket | None = None
         self.last_used = 0.0
+        self._acked = 0      # messages this connection delivered (Outcome.others_delivered)
 
     @property
     def address(self) -> str:
@@ -154,7 +155,7 @@ class MllpSender:
             except OSError as exc:
                 sock.close()
                 return outcomes.tls_failure(exc, self.address)
-        self.sock, self.last_used = sock, time.monotonic()
+        self.sock, self.last_used, self._acked = sock, time.monotonic(), 0
         return None
 
     def close(self) -> None:
@@ -187,6 +188,7 @@ class MllpSender:
         if failed is not None:
             return failed
         reused = reused and self.sock is not None
+        others = self._acked > 0
         try:
             try:
                 ack = self._exchange(message)
@@ -203,20 +205,25 @@ class MllpSender:
         except TimeoutError:
             self.close()
             return outcomes.no_response(f"no ACK within ack_timeout_s={self.ack_timeout_s:g}; "
-                                        f"MSH-10 {ours} will be sent again")
+                                        f"MSH-10 {ours} will be sent again", others_delivered=others)
         except AckError as exc:
             self.close()
-            return outcomes.no_response(f"{exc}; MSH-10 {ours} will be sent again")
+            return outcomes.no_response(f"{exc}; MSH-10 {ours} will be sent again",
+                                        others_delivered=others)
         except OSError as exc:
             self.close()
-            return outcomes.transport_failure(
-                f"connection to {self.address} lost: {exc.__class__.__name__}")
+            return outcomes.no_response(f"connection to {self.address} lost during the exchange "
+                                        f"({exc.__class__.__name__}); MSH-10 {ours} will be sent "
+                                        "again", others_delivered=others)
         self.last_used = time.monotonic()
         if ack.control_id != ours:
             self.close()
             return outcomes.no_response(f"ACK for MSH-10 {ack.control_id!r}, not ours ({ours}); "
-                                        "sent again")
-        return outcomes.hl7_ack(ack.code)
+                                        "sent again", others_delivered=others)
+        outcome = outcomes.hl7_ack(ack.code)
+        if outcome.is_success:
+            self._acked += 1
+        return outcome
 
     def _exchange(self, message: bytes) -> Ack:
         assert self.sock is not None

@@ -194,6 +194,7 @@ class StowSender:
         self.max_batch = (target.batch_max_objects, target.batch_max_mb * MIB)
         self._client: httpx.Client | None = None
         self.last_used = 0.0
+        self._answered = 0   # requests of this worker that stored something
 
     # -- connection -------------------------------------------------------------------
 
@@ -243,9 +244,18 @@ class StowSender:
             return []
         reply = self._post(objs)
         if isinstance(reply, Outcome):       # no answer: nothing is known per instance
+            if reply.ambiguous and len(objs) > 1 and self._answered:
+                # Dropped with several objects by an archive that answers others: one of
+                # them may be what it chokes on. Halve until it travels alone (then the
+                # engine attributes the drop to it or to the archive).
+                return self._split(objs)
+            if reply.ambiguous:
+                reply = dataclasses.replace(reply, others_delivered=self._answered > 0)
             return [reply]
         uids = [o.sop_instance_uid for o in objs]
         results = response.per_instance(reply.status, reply.answer, uids, reply.retry_after_s)
+        if any(o.is_success for o in results):
+            self._answered += 1
         whole = outcomes.stow_http(reply.status, reply.retry_after_s)
         if len(objs) > 1 and not whole.is_success and whole.scope == MESSAGE \
                 and not response.explains(reply.answer, uids):
