@@ -21,7 +21,7 @@ Behaviour (see ``--help``):
   transfer syntaxes: implicit LE, explicit LE, deflated, explicit BE);
 * TCP_NODELAY on every accepted socket;
 * fault modes: ``--status``, ``--status-for``, ``--status-sequence``,
-  ``--reject``, ``--no-response``, ``--abort-on-store``, ``--delay-s``,
+  ``--reject``, ``--no-response``, ``--abort-on-store``, ``--abort-for UID``, ``--delay-s``,
   ``--require-user``;
 * ``--record DIR``: ``DIR/received.jsonl`` (one line per C-STORE, whatever
   the outcome), ``DIR/<sha256>.dcm-raw`` (data set bytes exactly as received,
@@ -464,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="receive C-STOREs but never answer (until the peer goes away, 3600 s max)",
     )
     p.add_argument("--abort-on-store", action="store_true", help="A-ABORT on each C-STORE")
+    p.add_argument(
+        "--abort-for",
+        type=_parse_uid,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="A-ABORT on the C-STORE of this SOP Instance UID only (repeatable): a poison object",
+    )
     p.add_argument("--delay-s", type=float, default=0.0, metavar="SECONDS")
     p.add_argument(
         "--require-user",
@@ -665,7 +673,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             "called_ae": info["called_ae"],
         }
 
-        if args.abort_on_store:
+        if args.abort_on_store or uid in args.abort_for:
             recorder.store({**row, "status": None, "status_hex": None, "action": "abort", "recorded": False})
             event.assoc.abort()  # non-blocking inside a handler
             return 0xA700  # ignored: pynetdicom sends nothing once aborted

@@ -130,8 +130,8 @@ class DestinationWorkers:
                 try:
                     busy = self._round(sender, index)
                 except Exception as exc:   # never let a worker die silently
-                    log.error("destination %s: worker error %s; retrying in 1 s",
-                              self.name, exc.__class__.__name__)
+                    log.error("destination %s: worker error %s%s; retrying in 1 s",
+                              self.name, exc.__class__.__name__, outcomes.raised_at(exc))
                     sender.close()
                     self._stop.wait(1.0)
                     continue

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mfconsole.engine.outcomes import (BOUNDED, DESTINATION, FILTERED, PERMANENT, TRANSIENT, WARNING,
-                                       Outcome)
+from mfconsole.engine.outcomes import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANENT,
+                                       TRANSIENT, WARNING, Outcome)
 from mfconsole.engine.store import (DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED,
                                     _insert_audit)
 from mfconsole.engine.store import FILTERED as FILTERED_STATE
@@ -175,7 +175,8 @@ class Policy:
     bounded_attempts: int = 3
 
 
-def attribute(dest: DestinationState, item: Claimed, outcome: Outcome, policy: Policy) -> Outcome:
+def attribute(dest: DestinationState, item: Claimed, outcome: Outcome, policy: Policy,
+              others_delivered: bool = False) -> Outcome:
     """Who is at fault for a transfer cut short while this object was in flight
     (``outcome.ambiguous``): the object when others get through, the peer when nothing
     does. The object, when this connection had delivered others before it, or when it
@@ -190,7 +191,7 @@ def attribute(dest: DestinationState, item: Claimed, outcome: Outcome, policy: P
     if not mine:
         return outcome
     times = item.suspect + 1
-    others = "; other objects were delivered" if (outcome.others_delivered
+    others = "; other objects were delivered" if (outcome.others_delivered or others_delivered
                                                   or dest.delivered_since_suspect) else ""
     if times >= policy.bounded_attempts:
         return Outcome(PERMANENT, MESSAGE, outcome.status,
@@ -211,7 +212,10 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
     attempts = item.attempts + 1
     _ensure_state(conn, destination)
     dest = state(conn, destination)
-    outcome = attribute(dest, item, outcome, policy)
+    if outcome.ambiguous:
+        others = conn.execute("SELECT 1 FROM deliveries WHERE destination = ? AND state = ? "
+                              "AND id != ? LIMIT 1", (destination, DELIVERED, item.delivery_id))
+        outcome = attribute(dest, item, outcome, policy, others.fetchone() is not None)
     if outcome.ambiguous:
         conn.execute("UPDATE deliveries SET suspect = suspect + 1 WHERE id = ?", (item.delivery_id,))
         conn.execute("UPDATE destination_state SET suspect_delivery = ?, delivered_since_suspect = 0 "
