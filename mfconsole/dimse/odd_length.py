@@ -6,7 +6,8 @@ Pixel Data of odd size, or a text value without its padding space). mfconsole st
 such an object as received; a strict peer (DCMTK: "Odd Fragment Length") aborts the
 association when it arrives. So before a C-STORE an odd-length data set is padded the
 way the standard prescribes: one byte appended to its last element (a space for text
-VRs, NUL otherwise) and that element's length raised by one. The stored object is
+VRs, NUL otherwise) and that element's length raised by one; a deflated data set gets
+one trailing NUL after its stream. The stored object is
 unchanged. A data set whose odd length is not in a defined-length last element (an
 odd fragment inside encapsulated pixel data) cannot be padded safely; the caller
 dead-letters it with that reason rather than let it abort the association again and
@@ -39,8 +40,10 @@ def even_length(data: bytes, transfer_syntax: str) -> tuple[bytes | None, int]:
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
     except (AttributeError, ValueError):   # a private syntax: we cannot tell the encoding
         return None, len(data)
-    if ts.is_deflated:    # the bytes are a zlib stream, not elements
-        return None, len(data)
+    if ts.is_deflated:
+        # A deflated data set is a zlib stream, not elements: PS3.5 A.5 pads an odd
+        # stream with one trailing NUL, which inflating ignores.
+        return data + b"\0", len(data)
     last = None
     try:
         for element in data_element_generator(BytesIO(data), implicit, little, defer_size=64):

@@ -35,6 +35,10 @@ from mfconsole.engine.vault import VaultError
 log = logging.getLogger("mfconsole.delivery")
 
 BATCH = 32    # deliveries claimed per round (more when one request takes more)
+# Outcomes of a round are written at least this often: after a crash, what the peer
+# had already taken and we had not recorded is sent again (at least once), so keep
+# that window short without a commit per object.
+FLUSH_S = 0.5
 IDLE_POLL_S = 0.25
 
 
@@ -195,8 +199,12 @@ class DestinationWorkers:
         results: list[tuple[outbox.Claimed, Outcome, Any]] = []
         recorded: list[tuple[outbox.Claimed, Outcome]] = []
         done: set[int] = set()
+        flushed = [time.monotonic()]
 
         def flush() -> list[Outcome]:
+            flushed[0] = time.monotonic()
+            if not results:
+                return []
             batch, results[:] = list(results), []
             attributed = self.store.call(self._record, batch, [])
             done.update(item.delivery_id for item, _, _ in batch)
@@ -219,6 +227,8 @@ class DestinationWorkers:
                 if any(o.ambiguous for o in final):
                     # Whose fault a cut-short transfer is decides whether the batch goes on.
                     final = flush()[-len(final):]
+                elif time.monotonic() - flushed[0] > FLUSH_S:
+                    flush()
                 # A destination-scope failure stops the batch (one outage, one attempt);
                 # so does any failure on an in-order destination (nothing overtakes).
                 if len(final) < len(group) or any(

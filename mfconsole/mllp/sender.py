@@ -11,6 +11,8 @@ Gets message bytes, answers with an Outcome; knows nothing of SQLite or handlers
 
 from __future__ import annotations
 
+import dataclasses
+
 import select
 import socket
 import ssl
@@ -106,6 +108,16 @@ def _peer_closed(sock: socket.socket) -> bool:
             return False
     except OSError:
         return True
+
+
+def _silent(what: str, others_delivered: bool) -> Outcome:
+    """No ACK, or the connection dropped, during one message. Messages go in order, so
+    no other message can show the receiver is alive: this is the receiver's failure
+    (retried, "down" in time), unless this connection had delivered earlier messages
+    and then failed on this one. An ACK that is garbled, oversized or for another
+    MSH-10 is an answer, and stays ambiguous (see outbox.attribute)."""
+    outcome = outcomes.no_response(what, others_delivered=others_delivered)
+    return outcome if others_delivered else dataclasses.replace(outcome, ambiguous=False)
 
 
 class MllpSender:
@@ -204,17 +216,16 @@ class MllpSender:
                 ack = self._exchange(message)
         except TimeoutError:
             self.close()
-            return outcomes.no_response(f"no ACK within ack_timeout_s={self.ack_timeout_s:g}; "
-                                        f"MSH-10 {ours} will be sent again", others_delivered=others)
+            return _silent(f"no ACK within ack_timeout_s={self.ack_timeout_s:g}; "
+                           f"MSH-10 {ours} will be sent again", others)
         except AckError as exc:
             self.close()
             return outcomes.no_response(f"{exc}; MSH-10 {ours} will be sent again",
                                         others_delivered=others)
         except OSError as exc:
             self.close()
-            return outcomes.no_response(f"connection to {self.address} lost during the exchange "
-                                        f"({exc.__class__.__name__}); MSH-10 {ours} will be sent "
-                                        "again", others_delivered=others)
+            return _silent(f"connection to {self.address} lost during the exchange "
+                           f"({exc.__class__.__name__}); MSH-10 {ours} will be sent again", others)
         self.last_used = time.monotonic()
         if ack.control_id != ours:
             self.close()

@@ -244,10 +244,11 @@ class StowSender:
             return []
         reply = self._post(objs)
         if isinstance(reply, Outcome):       # no answer: nothing is known per instance
-            if reply.ambiguous and len(objs) > 1 and self._answered:
-                # Dropped with several objects by an archive that answers others: one of
-                # them may be what it chokes on. Halve until it travels alone (then the
-                # engine attributes the drop to it or to the archive).
+            if reply.ambiguous and len(objs) > 1:
+                # Dropped with several objects: one of them may be what the archive
+                # chokes on. Halve until it travels alone (the engine then attributes
+                # the drop to it or to the archive); an archive that is down stops the
+                # halving at the first refused connection.
                 return self._split(objs)
             if reply.ambiguous:
                 reply = dataclasses.replace(reply, others_delivered=self._answered > 0)

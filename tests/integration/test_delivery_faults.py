@@ -395,3 +395,83 @@ def test_replaying_a_superseded_version_sends_the_current_one_and_says_so(engine
         assert "superseded by version 2" in detail
     finally:
         scp.stop()
+
+
+# -- the same attribution for STOW-RS and MLLP --------------------------------------------
+
+def test_stow_request_dropped_on_one_object_isolates_it_as_a_dead_letter(engine_factory, tmp_path):
+    """The archive drops the connection whenever a request carries one particular
+    object: the batch is halved until that object travels alone, it ends as a dead
+    letter, its study-mates are stored, and the destination is never down."""
+    from stow_server import StowServer, drop, stored
+
+    files = dicomgen.write_corpus(tmp_path / "sr", 10)   # one study: batched together
+    poison = uid_of(files[4])
+    store_ok, dropped = stored(), drop()
+
+    def drop_if_poison(server, req, handler):
+        (dropped if poison in req.uids else store_ok)(server, req, handler)
+
+    server = StowServer(default=drop_if_poison).start()
+    try:
+        engine = engine_factory(destinations=[{
+            "name": "web", "kind": "stow", "url": server.url, "retry_initial_s": 0.2,
+            "retry_max_s": 1.0, "down_after": 5, "response_timeout_s": 5}])
+        engine.store.call(outbox.pause, "web", "test: queue first")
+        store_files(engine.listeners[0].address[1], files)
+        engine.store.call(outbox.resume, "web")
+        engine.deliveries["web"].wake.set()
+        poll(lambda: deliveries(engine) == {"delivered": 9, "dead": 1}, timeout=30,
+             message="9 stored, the poison dead")
+        d = delivery(engine, poison)
+        assert d["state"] == "dead" and d["suspect"] == 3 and d["last_class"] == "permanent/message"
+        assert set(server.stored) == {uid_of(f) for f in files} - {poison}
+        assert destination(engine, "web")["down"] == 0
+        assert any(len(r.uids) > 1 and poison in r.uids for r in server.requests)   # it was batched
+    finally:
+        server.stop()
+
+
+def _mllp_engine(engine_factory, tmp_path, acks: str):
+    from mllp_peer import MllpPeer
+    from test_forward_mllp import ehr_dest, with_handlers
+
+    peer = MllpPeer(tmp_path / "ehr", acks=acks).start()
+    with_handlers(tmp_path / "engine")
+    engine = engine_factory(destinations=[ehr_dest(peer.port, bounded_attempts=3, down_after=3)],
+                            routes=[{"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
+    return peer, engine
+
+
+def test_mllp_message_answered_with_garbage_is_dead_lettered_and_the_rest_go_in_order(
+        engine_factory, tmp_path):
+    """The receiver answers one message with a garbled ACK every time (it answers the
+    others): after bounded_attempts that message is a dead letter and the ones behind
+    it follow, in order."""
+    peer, engine = _mllp_engine(engine_factory, tmp_path, "AA,GARBLED,GARBLED,GARBLED,AA")
+    try:
+        store_files(engine.listeners[0].address[1], dicomgen.write_corpus(tmp_path / "sr", 3))
+        poll(lambda: deliveries(engine) == {"delivered": 2, "dead": 1}, timeout=30,
+             message="2 delivered, 1 dead")
+        ids = [r[0] for r in engine.store.reader().execute("SELECT id FROM deliveries ORDER BY id")]
+        got = [g["control_id"] for g in peer.received()]
+        assert got == [f"MF{i:012d}" for i in (ids[0], ids[1], ids[1], ids[1], ids[2])]
+        dead = engine.store.reader().execute(
+            "SELECT id, suspect, last_reason FROM deliveries WHERE state = 'dead'").fetchone()
+        assert dead["id"] == ids[1] and dead["suspect"] == 3
+    finally:
+        peer.stop()
+
+
+def test_mllp_receiver_that_never_acks_is_down_and_dead_letters_nothing(engine_factory, tmp_path):
+    """No ACK at all is the receiver's failure: messages go in order, so nothing can
+    show the message is at fault. Retried, down, and nothing dead-lettered."""
+    peer, engine = _mllp_engine(engine_factory, tmp_path, "NONE")
+    try:
+        store_files(engine.listeners[0].address[1], dicomgen.write_corpus(tmp_path / "sr", 2))
+        poll(lambda: destination(engine, "ehr")["down"] == 1, timeout=30, message="down")
+        poll(lambda: len(peer.received()) >= 5, timeout=30, message="5 tries")
+        assert "dead" not in deliveries(engine)
+        assert {g["control_id"] for g in peer.received()} == {peer.received()[0]["control_id"]}
+    finally:
+        peer.stop()
