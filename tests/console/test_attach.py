@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import stat
 import subprocess
-import time
 
 import pytest
 
 import dicomgen
-from harness import poll
+from harness import holds, poll
 from peers import require_tool
 from support import cell, rows, wait_for
 
@@ -71,8 +70,7 @@ def test_attach_act_close_and_routing_never_stopped(serve_factory, storescp_fact
         assert db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0] == 3
         audit = [r[0] for r in db.execute("SELECT event FROM audit ORDER BY id")]
     assert "destination_paused" in audit and "engine_stopped" not in audit
-    time.sleep(0.5)
-    assert len(scp.received_files()) == 5
+    assert holds(lambda: len(scp.received_files()) == 5, 0.5), scp.received_files()
 
 
 def test_a_read_only_console_cannot_change_anything(serve_factory):

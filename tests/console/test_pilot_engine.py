@@ -70,11 +70,13 @@ def test_dashboard_and_associations_count_what_storescu_sent(engine_factory, sto
         assert cell(app, "destinations", "pacs", "queue") == "0"
         assert "dead letters 0" in str(app.screen.query_one("#summary").render())
         await pilot.press("2")
-        await wait_for(pilot, lambda: rows(app, "associations"), what="an association")
-        key = rows(app, "associations")[0]
+
+        def released() -> str | None:   # after its last C-STORE: not implied by the deliveries
+            keys = rows(app, "associations")
+            return keys[0] if keys and cell(app, "associations", keys[0], "status") == "✓ released" else None
+        key = await wait_for(pilot, released, what="the association released")
         assert cell(app, "associations", key, "calling") == "MODALITY"
         assert cell(app, "associations", key, "objects") == "12"
-        assert cell(app, "associations", key, "status") == "✓ released"
 
     run(app, scenario)
 
@@ -101,7 +103,9 @@ def test_a_stopped_storescp_shows_its_destination_retrying_then_down(engine_fact
             return word
         await wait_for(pilot, lambda: state() == "✗ DOWN", timeout=20, what="pacs down")
         assert "↻ retrying" in seen and seen.index("↻ retrying") < seen.index("✗ DOWN"), seen
-        assert cell(app, "destinations", "pacs", "pending") == "3"
+        # (a probe has one in flight now and then: waited for, not read off the first DOWN)
+        await wait_for(pilot, lambda: state() == "✗ DOWN"
+                       and cell(app, "destinations", "pacs", "pending") == "3", what="3 pending")
         assert cell(app, "destinations", "pacs", "next").startswith(("in ", "now"))
         # The fact stays on screen, not only in a toast: the status bar says it too.
         assert "1 DOWN" in str(app.screen.query_one("StatusBar").render())
@@ -158,9 +162,11 @@ def test_a_dead_letter_replayed_from_the_console_is_delivered_once_the_peer_is_b
         await pilot.press("y")
         await wait_for(pilot, lambda: "CompressedSamples^MR1" in screen_text(app),
                        what="the revealed patient name")
-        reveal = engine.store.reader().execute(
-            "SELECT detail FROM audit WHERE event = 'phi_revealed'").fetchone()
-        assert reveal is not None and "CompressedSamples" not in reveal[0] and "console" in reveal[0]
+        # (the audit row is queued, committed with the store's next group: polled for)
+        reveal = poll(lambda: engine.store.reader().execute(
+            "SELECT detail FROM audit WHERE event = 'phi_revealed'").fetchone(), timeout=10,
+                      message="the phi_revealed audit row")
+        assert "CompressedSamples" not in reveal[0] and "console" in reveal[0]
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.screen.query("#letters"), what="back to the list")
         # The PACS comes back, taking every syntax.

@@ -26,6 +26,7 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from fault_scp import FaultSCP, free_port
+from harness import poll
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -119,6 +120,15 @@ def _eventually(predicate, timeout: float = 2.0) -> bool:
     return True
 
 
+def events_when(scp: FaultSCP, predicate) -> list[dict]:
+    """``scp.associations()`` once ``predicate(rows)`` holds: pynetdicom fires
+    EVT_ACCEPTED/REJECTED/RELEASED/ABORTED (which FaultSCP records) only after the
+    A-ASSOCIATE-AC/RJ, A-RELEASE-RP or A-ABORT went out, so the SCU can see the
+    answer before the row is written."""
+    return poll(lambda: (rows := scp.associations()) and predicate(rows) and rows,
+                timeout=5, message="association events recorded")
+
+
 def rj_triple(assoc) -> tuple[int, int, int]:
     p = assoc.acceptor.primitive
     return (p.result, p.result_source, p.diagnostic)
@@ -179,7 +189,8 @@ def test_called_ae_title_must_match(fault_scp):
     assoc = associate(scp, called="SOMEONEELSE")
     assert assoc.is_rejected
     assert rj_triple(assoc) == (1, 1, 7)
-    rows = [r for r in scp.associations() if r["event"] == "rejected"]
+    rows = [r for r in events_when(scp, lambda rs: any(r["event"] == "rejected" for r in rs))
+            if r["event"] == "rejected"]
     assert rows == [
         {"event": "rejected", "calling_ae": SCU_AET, "called_ae": "SOMEONEELSE",
          "username": None, "result": 1, "source": 1, "reason": 7}
@@ -203,7 +214,7 @@ def test_default_status_is_success(fault_scp):
     assert row["calling_ae"] == SCU_AET
     assert row["called_ae"] == scp.ae_title
     assert (row["status"], row["action"], row["recorded"]) == (0, "answered", True)
-    events = [a["event"] for a in scp.associations()]
+    events = [a["event"] for a in events_when(scp, lambda rs: rs[-1]["event"] != "accepted")]
     assert events == ["accepted", "released"]
 
 
@@ -262,7 +273,7 @@ def test_reject_exact_triple(fault_scp, triple):
     assert time.monotonic() - t0 < 2
     assert assoc.is_rejected and not assoc.is_established
     assert rj_triple(assoc) == triple
-    [row] = scp.associations()
+    [row] = events_when(scp, bool)
     assert row["event"] == "rejected"
     assert (row["result"], row["source"], row["reason"]) == triple
     assert (row["calling_ae"], row["called_ae"]) == (SCU_AET, scp.ae_title)
@@ -294,7 +305,7 @@ def test_require_user_and_passcode(fault_scp):
         assert assoc.is_rejected, ext_neg
         assert rj_triple(assoc) == (2, 2, 1)
 
-    rows = scp.associations()
+    rows = events_when(scp, lambda rs: sum(r["event"] == "rejected" for r in rs) >= 4)
     ids = [(r["username"], r["verified"]) for r in rows if r["event"] == "user_id"]
     assert ids == [("alice", True), ("alice", False), ("mallory", False), ("alice", False), (None, False)]
     accepted = [r for r in rows if r["event"] == "accepted"]
@@ -430,7 +441,7 @@ def test_abort_on_store(fault_scp):
     assert (row["sop_instance_uid"], row["action"], row["status"], row["recorded"]) == (
         ds.SOPInstanceUID, "abort", None, False
     )  # fmt: skip
-    assert "aborted" in [a["event"] for a in scp.associations()]
+    assert events_when(scp, lambda rs: any(a["event"] == "aborted" for a in rs))
     # next association is accepted again (and aborted again on store)
     assoc = associate(scp)
     assert assoc.is_established
@@ -553,5 +564,5 @@ def test_tcp_nodelay_on_accepted_socket(fault_scp):
 def test_tcp_nodelay_diagnostic_switch(fault_scp):
     scp = fault_scp("--no-tcp-nodelay")
     assert associate(scp).is_established
-    [accepted] = [a for a in scp.associations() if a["event"] == "accepted"]
+    [accepted] = [a for a in events_when(scp, bool) if a["event"] == "accepted"]
     assert accepted["tcp_nodelay"] is False

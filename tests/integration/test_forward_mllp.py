@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 import dicomgen
-from harness import mfconsole, poll
+from harness import holds, mfconsole, poll
 from mllp_peer import MllpPeer
 from test_forward_dimse import dimse_dest, received_by_storescp, storescu
 
@@ -79,10 +79,12 @@ def test_sr_to_oru_reaches_the_ehr_in_order_and_the_pacs_too(engine_factory, sto
             assert msh(message, 21).startswith("sr_to_oru^1.0.0") or "sr_to_oru" in msh(message, 21)
             assert uid in message                      # the SR instance UID, for linkage
             parse_message(message.replace("\n", "\r"), find_groups=False)
-        # The CT is not an SR: filtered for the EHR, delivered to the PACS.
-        states = dict(engine.store.reader().execute(
+        # The CT is not an SR: filtered for the EHR, delivered to the PACS (whose workers
+        # are not the EHR's: polled for on its own, not taken from the EHR's progress).
+        states = lambda: dict(engine.store.reader().execute(
             "SELECT destination || ':' || state, COUNT(*) FROM deliveries GROUP BY 1").fetchall())
-        assert states == {"ehr:delivered": 8, "ehr:filtered": 1, "pacs:delivered": 9}
+        expected = {"ehr:delivered": 8, "ehr:filtered": 1, "pacs:delivered": 9}
+        poll(lambda: states() == expected, timeout=30, message=f"{expected}")
         versions = {r[4] for r in rows(engine)}
         assert versions == {"1.0.0"}
         poll(lambda: len(received_by_storescp(scp)) == 9, timeout=30)
@@ -130,11 +132,13 @@ def test_commit_reject_pauses_the_destination(engine_factory, tmp_path):
     try:
         assert storescu(engine.listeners[0].address[1], srs(tmp_path, 3)).returncode == 0
         conn = engine.store.reader()
-        poll(lambda: conn.execute("SELECT paused FROM destination_state WHERE name = 'ehr'").fetchone(),
-             timeout=30)
-        assert conn.execute("SELECT paused FROM destination_state WHERE name = 'ehr'").fetchone()[0] == 1
-        assert [r[1] for r in rows(engine)] == ["pending"] * 3       # nothing dead, nothing lost
-        assert len(peer.received()) == 1                              # and no hammering
+        paused = lambda: (conn.execute("SELECT paused FROM destination_state WHERE name = 'ehr'")
+                          .fetchone() or [0])[0] == 1
+        poll(paused, timeout=30, message="ehr paused")
+        # The messages claimed behind the refused one go back after the pause is written.
+        pending = lambda: [r[1] for r in rows(engine)] == ["pending"] * 3   # nothing dead, nothing lost
+        poll(pending, timeout=10, message="all three pending")
+        assert holds(lambda: paused() and pending() and len(peer.received()) == 1), peer.received()
     finally:
         peer.stop()
 

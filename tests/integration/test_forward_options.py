@@ -416,6 +416,8 @@ def test_user_identity_username_and_passcode_file(engine_factory, fault_scp, tmp
     assert "user identity" in dest_state(engine, "wrong_passcode")["pause_reason"]
     d = delivery(engine, uid, "wrong_passcode")
     assert (d["state"], d["last_status"]) == ("pending", "A-ASSOCIATE-RJ 2/2/1"), d
+    # (FaultSCP records a rejection after the A-ASSOCIATE-RJ went out: polled for)
+    poll(lambda: len(events_of(dave, "rejected")) >= 3, message="three rejections recorded")
     assert holds(lambda: len(events_of(dave, "rejected")) == 3), events_of(dave, "rejected")
     assert [(a["username"], a["user_id_type"], a["verified"]) for a in events_of(dave, "user_id")] == [
         ("dave", 2, False)] * 3
