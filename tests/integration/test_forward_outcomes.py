@@ -319,7 +319,8 @@ def test_0124_not_authorized_pauses_the_destination_and_keeps_the_queue(engine_f
     # Queued, and the attempt is not held against the object.
     assert (d["state"], d["attempts"], d["last_status"], d["last_class"]) == (
         "pending", 0, "0x0124", "permanent/destination")
-    assert delivery(engine, uid_of(second))["state"] == "pending"
+    poll(lambda: delivery(engine, uid_of(second))["state"] == "pending",
+         message="the rest of the batch back in the queue")
     assert events(engine) == ["destination_paused"]
     # One C-STORE told the engine enough: the rest of the batch stays, nothing is retried.
     assert holds(lambda: len(stores_seen(scp)) == 1, HOLD_S), stores_seen(scp)
@@ -368,7 +369,8 @@ def test_transient_rejection_retries_marks_down_then_delivers(triple, engine_fac
     d = delivery(engine, uid)
     assert d["state"] in ("pending", "in_flight") and d["attempts"] >= 3, d
     assert d["last_class"] == "transient/destination"
-    assert len(rejections(scp)) >= 3 and set(rejections(scp)) == {triple}
+    poll(lambda: len(rejections(scp)) >= 3, message="3 rejections recorded by the peer")
+    assert set(rejections(scp)) == {triple}
     assert stores_seen(scp) == []
     scp = restart_plain(scp, fault_scp)
     settled(engine, uid, "delivered")
@@ -389,6 +391,7 @@ def test_rj_2_2_1_failed_user_identity_is_bounded_then_pauses(engine_factory, fa
     d = delivery(engine, uid)
     assert (d["state"], d["last_status"]) == ("pending", "A-ASSOCIATE-RJ 2/2/1"), d
     # Exactly bounded_attempts associations, then nothing until an operator resumes.
+    poll(lambda: len(rejections(scp)) >= 3, message="3 rejections recorded by the peer")
     assert holds(lambda: len(rejections(scp)) == 3, HOLD_S), rejections(scp)
     assert set(rejections(scp)) == {(2, 2, 1)}
     assert [a["verified"] for a in scp.associations() if a["event"] == "user_id"] == [False] * 3
@@ -417,7 +420,7 @@ def test_permanent_rejection_pauses_the_destination_and_keeps_the_queue(peer, ca
     state = became(engine, "paused")
     assert "check the destination's AE titles" in state["pause_reason"]
     if isinstance(scp, FaultSCP):
-        assert rejections(scp) == [triple]
+        poll(lambda: rejections(scp) == [triple], message="the rejection recorded by the peer")
     # One association told the engine enough; none while paused.
     assert holds(lambda: refused() == 1, HOLD_S), refused()
     d = delivery(engine, uid)

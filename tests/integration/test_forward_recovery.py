@@ -12,7 +12,7 @@ from pydicom import dcmread
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import mfconsole, poll
+from harness import holds, mfconsole, poll
 from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
 
 from mfconsole.engine import outbox
@@ -187,9 +187,9 @@ def test_backoff_schedule_survives_a_restart(engine_factory, tmp_path):
     again = Engine(load(config), log_to_stderr=False)
     again.start()
     try:
-        poll(lambda: all(w.sent == 0 for w in again.deliveries.values()), timeout=1)
-        time.sleep(2)   # a negative check: give an early retry the chance to happen
-        assert len(accepted) == attempts
+        # A negative check: an early retry would have happened within these 2 s.
+        assert holds(lambda: len(accepted) == attempts
+                     and all(w.sent == 0 for w in again.deliveries.values()), 2)
         assert again.store.reader().execute(
             "SELECT next_attempt_at FROM destination_state WHERE name = 'pacs'").fetchone()[0] == scheduled
         assert deliveries(again) == {"pending": 3}
