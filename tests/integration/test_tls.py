@@ -319,8 +319,11 @@ def test_mllp_over_tls_with_and_without_client_certificates(engine_factory, pki,
             poll(lambda: delivered(engine, name) == 2, timeout=30, message=f"{name} delivered")
         poll(lambda: state(engine, "ehr-anonymous").failures >= 2, timeout=30)
         assert delivered(engine, "ehr-anonymous") == 0
-        assert [m["client_cn"] for m in open_peer.received()] == [None, None]
-        assert [m["client_cn"] for m in mtls_peer.received()] == ["mfconsole", "mfconsole"]
+        # Two messages each (a slow ACK under load may make one arrive twice: same MSH-10).
+        assert {m["client_cn"] for m in open_peer.received()} == {None}
+        assert len({m["control_id"] for m in open_peer.received()}) == 2
+        assert {m["client_cn"] for m in mtls_peer.received()} == {"mfconsole"}
+        assert len({m["control_id"] for m in mtls_peer.received()}) == 2
     finally:
         open_peer.stop()
         mtls_peer.stop()
