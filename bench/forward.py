@@ -532,6 +532,7 @@ def _send_mfsender(port: int, files: list[Path], per_object: bool) -> tuple[floa
     from pydicom import config as pydicom_config
     from pydicom import dcmread
 
+    from mfconsole import egress
     from mfconsole.dimse.sender import DimseSender, Outbound, Peer
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE   # as the engine
@@ -540,7 +541,7 @@ def _send_mfsender(port: int, files: list[Path], per_object: bool) -> tuple[floa
         data, ts = dicomgen.dataset_bytes(path)
         ds = dcmread(path, stop_before_pixels=True)
         objects.append(Outbound(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, data))
-    sender = DimseSender(Peer(LOOPBACK, port, SCP_AET, calling_ae="MF_SCU"), lambda h, p: True)
+    sender = DimseSender(Peer(LOOPBACK, port, SCP_AET, calling_ae="MF_SCU"), egress.unchecked)
     failures: list[str] = []
     done: list[float] = []
 

@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="console: show everything, change nothing (no replay, pause, reload, edit)")
     p.add_argument("--no-mouse", action="store_true", help="console: leave the mouse to the terminal (tmux)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", parents=[common], help="run the engine headless in the foreground")
+    sv = sub.add_parser("serve", parents=[common], help="run the engine headless in the foreground")
+    sv.add_argument("--accept-empty-store", action="store_true",
+                    help="start although blobs/ holds objects the database does not know "
+                         "(they are quarantined, never deleted); only after a deliberate reset")
     sub.add_parser("check", parents=[common], help="validate the configuration (exit 0 or 2)")
     st = sub.add_parser("status", parents=[common], help="listeners, queues, dead letters")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -73,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--reason", help="every dead letter whose reason contains TEXT")
     sub.add_parser("reload", parents=[common],
                    help="ask the running engine to reload config.toml and handlers (SIGHUP)")
+    ks = sub.add_parser("keys", parents=[common], help="store keys: which seal what, make a new one")
+    kss = ks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kss.add_parser("list", parents=[common], help="configured key files, their key ids and objects")
+    kn = kss.add_parser("new", parents=[common],
+                        help="create a key file (never over an existing one), e.g. for a rotation")
+    kn.add_argument("path", type=Path, nargs="?",
+                    help="where (default: [store].key_file, when it does not exist yet)")
+    sub.add_parser("rekey", parents=[common],
+                   help="re-seal every object still under a previous key with [store].key_file "
+                        "(online, in batches, resumable)")
     hd = sub.add_parser("handlers", parents=[common], help="list handlers, preview one on a file")
     hds = hd.add_subparsers(dest="action", required=True, metavar="ACTION")
     hds.add_parser("list", parents=[common], help="handlers in handlers/, their version and routes")
@@ -89,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = Path(getattr(args, "config", DEFAULT_CONFIG))
     command = args.command or "console"
+    # Before anything holds PHI or a key (serve and the console, but also rekey, handlers
+    # run, dead-letters show…): no core dumps, redacted uncaught exceptions.
+    from mfconsole import hardening
+
+    hardening.harden()
     try:
         config = load(config_path)
     except ConfigError as exc:
@@ -101,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "status":
         return cmd_status(config, as_json=args.json)
     if command == "serve":
-        return cmd_serve(config)
+        return cmd_serve(config, accept_empty_store=args.accept_empty_store)
     if command == "console":
         return cmd_console(config, read_only=args.read_only, mouse=not args.no_mouse)
     from mfconsole import ops
@@ -234,16 +252,47 @@ def cmd_handlers(config: Config, args: Any) -> int:
     return EXIT_OK
 
 
+def cmd_keys(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    if args.action == "new":
+        path = args.path or config.store.key_file
+        key_id = ops.new_key(path)
+        print(f"{path}: new key {key_id} (mode 0600). Back it up apart from the data.")
+        if args.path is not None and path != config.store.key_file:
+            print("To rotate: set [store].key_file to it, list the current key file in "
+                  "[store].previous_key_files, restart the engine, then run `mfconsole rekey`.")
+        return EXIT_OK
+    for row in ops.key_report(config):
+        print(f"{row['role']:<9} {row['key_id'] or '-':<16}  {row['objects']:>8} object(s)  "
+              f"{row['file'] or '(no configured key file holds it)'}")
+    return EXIT_OK
+
+
+def cmd_rekey(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    done, failed, left = ops.rekey(config, progress=_progress("re-sealed"))
+    print(f"{done} object(s) re-sealed under the current key"
+          + (f"; {failed} could not be opened (left as they are; see the log)" if failed else ""))
+    if left:
+        print(f"{left} object(s) still under previous keys", file=sys.stderr)
+        return EXIT_FAIL
+    print("no object is sealed with a previous key any more: previous_key_files can be removed "
+          "from the configuration (keep a backup of those keys until your backups age out)")
+    return EXIT_OK
+
+
 OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,
-              "dead-letters": cmd_dead_letters,
+              "dead-letters": cmd_dead_letters, "keys": cmd_keys, "rekey": cmd_rekey,
               "reload": lambda config, args: cmd_reload(config), "handlers": cmd_handlers}
 
 
-def cmd_serve(config: Config) -> int:
+def cmd_serve(config: Config, *, accept_empty_store: bool = False) -> int:
     from mfconsole.engine.engine import Engine
     from mfconsole.engine.engine_lock import EngineError
 
-    engine = Engine(config)
+    engine = Engine(config, accept_empty_store=accept_empty_store)
     stop = threading.Event()
     reload = threading.Event()
 
@@ -335,7 +384,12 @@ def cmd_reload(config: Config) -> int:
 def cmd_status(config: Config, *, as_json: bool) -> int:
     from mfconsole.engine.status import collect
 
+    from mfconsole import ops
+
     status = collect(config)
+    # Which key sealed how many objects (the console's snapshot leaves this out: it
+    # counts the whole objects table).
+    status["keys"] = ops.key_report(config)
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
         return EXIT_OK
@@ -353,6 +407,10 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
               f"in flight {c.get('in_flight', 0):>4}  delivered {c.get('delivered', 0):>7}  "
               f"filtered {c.get('filtered', 0):>5}  dead {c.get('dead', 0):>5}")
     print(f"objects stored: {status['objects']}   dead letters: {status['dead_letters']}")
+    print("keys:")
+    for k in status["keys"]:
+        print(f"  {k['role']:<9} {k['key_id'] or '(unreadable)':<16} sealed {k['objects']:>8} object(s)"
+              + ("  — none left: it can be retired" if k["role"] == "previous" and not k["objects"] else ""))
     if status["recent_errors"]:
         print("recent errors:")
         for e in status["recent_errors"]:

@@ -7,14 +7,18 @@ a typo such as ``calling_aet`` must never silently fall back to a default.
 
 from __future__ import annotations
 
-import ipaddress
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from mfconsole import egress as egress_mod
+from mfconsole.egress import http_prefix_allows, is_loopback, tcp_allows  # noqa: F401 (re-exported)
+from mfconsole.egress import path_problem as _path_problem
 from mfconsole.tls import TLSSetupError, client_context, server_context
 
 DEFAULT_CONFIG = "config.toml"
@@ -26,7 +30,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
-STORE_KEYS = frozenset({"key_file", "max_object_mb", "retention_days"})
+STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days"})
 EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
@@ -87,6 +91,8 @@ class StoreConfig:
     key_file: Path
     max_object_mb: int = 1024
     retention_days: int = 30
+    # Keys of a rotation: read-only, for objects sealed before key_file took over.
+    previous_key_files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,9 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     handlers_dir: Path = field(default=Path("handlers"))
+    # What each name in [egress] resolved to when this configuration was loaded: a
+    # connection may only go to one of those addresses (mfconsole/egress.py).
+    egress_pins: egress_mod.Pins = field(default_factory=egress_mod.Pins)
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -223,76 +232,8 @@ def ae_title_problem(value: Any) -> str | None:
     return None
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url_origin(url: str) -> tuple[str, str, int, str] | None:
-    """(scheme, host, port, path) of an http(s) URL, or None when it is not one a
-    destination may use (credentials, query, fragment, bad port, dot segments)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
-        return None
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        return None
-    if _path_problem(parts.path):
-        return None
-    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme], parts.path
-
-
-def _path_problem(path: str) -> str | None:
-    """Dot segments, encoded slashes or dots and backslashes could step outside an
-    allowed prefix once a client or server normalizes the path."""
-    lowered = path.lower()
-    if "\\" in path or "%2f" in lowered or "%5c" in lowered or "%2e" in lowered:
-        return "must not contain backslashes or encoded '/', '\\' or '.'"
-    if any(seg in (".", "..") for seg in path.split("/")):
-        return "must not contain '.' or '..' path segments"
-    return None
-
-
-def http_prefix_allows(prefix: str, url: str) -> bool:
-    """True when ``url`` lies under ``prefix``: same scheme, host and port, and the
-    path continues the prefix on a segment boundary (``/dicom-web.evil`` is not
-    under ``/dicom-web``)."""
-    p, u = _url_origin(prefix), _url_origin(url)
-    if p is None or u is None or p[:3] != u[:3]:
-        return False
-    base = p[3].rstrip("/")
-    return not base or u[3] == base or u[3].startswith(base + "/")
-
-
-def _split_host_port(value: str) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` → (lower-case host without brackets, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isascii() or not port.isdigit():
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not host:
-            return None
-    elif ":" in host:
-        return None  # an IPv6 address needs brackets: [::1]:11113
-    if not 1 <= int(port) <= 65535 or any(ch.isspace() for ch in host):
-        return None
-    return host.lower(), int(port)
-
-
-def tcp_allows(allowed: tuple[str, ...], host: str, port: int) -> bool:
-    """True when ``host:port`` is in the ``allowed`` list (host names compare without
-    case; IPv6 entries are written ``[::1]:port``)."""
-    target = (host.strip("[]").lower(), port)
-    return any(_split_host_port(entry) == target for entry in allowed)
+# is_loopback, http_prefix_allows and tcp_allows live in mfconsole/egress.py (imported
+# above): a host is judged by the addresses it resolves to, not by its spelling.
 
 
 # ---------------------------------------------------------------------------
@@ -397,9 +338,9 @@ def _range(lo: int, hi: int) -> Callable[[int], str | None]:
 
 
 def _host_port(value: str) -> str | None:
-    if _split_host_port(value) is None:
-        return "must be host:port (e.g. 127.0.0.1:11113, or [::1]:11113 for IPv6)"
-    return None
+    """An [egress].allowed_tcp entry: a name, an address or a CIDR range, and a port
+    (or * for any); see mfconsole/egress.py."""
+    return egress_mod.entry_problem(value)
 
 
 def _http_prefix(value: str) -> str | None:
@@ -470,8 +411,10 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
 
     st = r.table(raw.get("store", {}), "store", STORE_KEYS)
     store = StoreConfig(
-        key_file=resolve(r.get(st, "store", "key_file", str, None, _not_empty),
-                         str(engine.data_dir / "keys" / "store.key")),
+        # Outside data_dir by default: a copy of data_dir must not carry its own key.
+        key_file=resolve(r.get(st, "store", "key_file", str, None, _not_empty), "keys/store.key"),
+        previous_key_files=tuple(resolve(p, p) for p in
+                                 r.string_list(st, "store", "previous_key_files", [], None) or ()),
         max_object_mb=r.get(st, "store", "max_object_mb", int, 1024, _range(1, 65536)) or 1024,
         retention_days=r.get(st, "store", "retention_days", int, 30, _range(1, 36500)) or 30,
     )
@@ -481,9 +424,11 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         allowed_tcp=r.string_list(eg, "egress", "allowed_tcp", [], _host_port) or (),
         allowed_http=r.string_list(eg, "egress", "allowed_http", [], _http_prefix) or (),
     )
+    # Names are pinned: what they resolve to now is what they allow until the next load.
+    pins = egress_mod.pin(egress.allowed_tcp, egress.allowed_http)
 
     listeners, listener_names = _listeners(r, raw.get("listeners", []), lambda v: resolve(v, v))
-    destinations, dest_names = _destinations(r, raw.get("destinations", []), egress,
+    destinations, dest_names = _destinations(r, raw.get("destinations", []), egress, pins,
                                              lambda v: resolve(v, v))
     handlers_dir = base / "handlers"
     # Routes are checked against every declared name, so a listener with a bad port
@@ -495,7 +440,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(str(path), r.problems)
     return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
                   listeners=tuple(listeners), destinations=tuple(destinations),
-                  routes=tuple(routes), handlers_dir=handlers_dir)
+                  routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
@@ -561,8 +506,8 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
     return out, set(seen_names)
 
 
-def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[[str], Path]
-                  ) -> tuple[list[DestinationConfig], set[str]]:
+def _destinations(r: _Reader, raw: Any, egress: EgressConfig, pins: egress_mod.Pins,
+                  resolve: Callable[[str], Path]) -> tuple[list[DestinationConfig], set[str]]:
     """Valid destinations, and every name declared (valid or not) for route checks."""
     out: list[DestinationConfig] = []
     seen: dict[str, int] = {}
@@ -616,8 +561,9 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
                 if policy["username"] is None:
                     r.fail(f"{p}.passcode_file", "needs username (user identity is username + passcode)")
                 path_ = resolve(passcode)
-                if not path_.is_file():
-                    r.fail(f"{p}.passcode_file", f"{path_} is not a readable file")
+                why = _secret_file_problem(path_)
+                if why:
+                    r.fail(f"{p}.passcode_file", why)
                 policy["passcode_file"] = path_
         if kind == "mllp":
             policy |= {
@@ -640,16 +586,21 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
             cleartext = _allow_cleartext(r, t, p, encrypted="tls" in t)
             if len(r.problems) > before:
                 continue
-            if host is not None and port is not None and not tcp_allows(egress.allowed_tcp, host, port):
-                entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                r.fail(f"{p}.host", f"{entry} is not in egress.allowed_tcp; add \"{entry}\" "
-                       "there to allow this destination")
+            why = _egress_tcp_problem(egress, pins, host, port) if None not in (host, port) else None
+            if why:
+                r.fail(f"{p}.host", why)
                 continue
             if host is not None and tls is None and not cleartext and not is_loopback(host):
                 r.fail(f"{p}.host", f"'{host}' is not a loopback address and this destination has "
                        "no TLS; PHI would cross the network in cleartext. Give it TLS (tls = { "
                        'ca_file = "…" }, or tls = {} to trust the system store), or set '
                        f"{p}.allow_cleartext = true to accept that risk")
+                continue
+            if (kind == "dimse" and policy.get("passcode_file") is not None and host is not None
+                    and tls is None and not is_loopback(host)):
+                r.fail(f"{p}.passcode_file", f"the passcode would travel in clear to '{host}' "
+                       "(allow_cleartext does not cover credentials); give this destination "
+                       "tls, or drop passcode_file")
                 continue
             if None in (name, host, port, calling, max_assoc) or (kind == "dimse" and ae is None):
                 continue
@@ -658,10 +609,9 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
                                          tls=tls, allow_cleartext=cleartext, **policy))
         else:
             url = r.get(t, p, "url", str, check=_http_prefix)
-            if url is not None and not any(http_prefix_allows(a, url) for a in egress.allowed_http):
-                r.fail(f"{p}.url", "is not under any egress.allowed_http prefix (matched on "
-                       "scheme, host, port and whole path segments); add its base URL there "
-                       "to allow this destination")
+            why = _egress_http_problem(egress, pins, url) if url is not None else None
+            if why:
+                r.fail(f"{p}.url", why)
                 continue
             stow = _stow_options(r, t, p, url, resolve)
             if None in (name, url, max_assoc, stow):
@@ -669,6 +619,44 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, resolve: Callable[
             out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc,
                                          **policy, **stow))
     return out, set(seen)
+
+
+def _egress_tcp_problem(egress: EgressConfig, pins: egress_mod.Pins, host: str, port: int
+                        ) -> str | None:
+    """Why ``host:port`` may not be a destination, judged on what ``host`` resolves to
+    now (the check every connect repeats). A host that does not resolve now is judged
+    as written: listed by name (each connect then decides), or refused."""
+    entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    add = f'add "{entry}" (or its address) there to allow this destination'
+    try:
+        verdict = egress_mod.check_tcp(egress.allowed_tcp, pins, host, port)
+    except egress_mod.Unresolved as exc:
+        if tcp_allows(egress.allowed_tcp, host, port):
+            return None
+        return f"{entry} is not in egress.allowed_tcp and {exc.host} does not resolve now ({exc.why}); {add}"
+    if isinstance(verdict, egress_mod.Dial):
+        return None
+    return f"{verdict.reason.replace('[egress].', 'egress.')}; {add}"
+
+
+def _egress_http_problem(egress: EgressConfig, pins: egress_mod.Pins, url: str) -> str | None:
+    """Why ``url`` may not be a STOW-RS destination: it must lie under an allowed_http
+    prefix (scheme, port, whole path segments) whose host allows the address it
+    resolves to now; a host that does not resolve now is judged as written."""
+    add = ("add its base URL there to allow this destination (prefixes match on scheme, "
+           "host, port and whole path segments)")
+    try:
+        verdict = egress_mod.check_http(egress.allowed_http, pins, url)
+    except egress_mod.Unresolved as exc:
+        if any(http_prefix_allows(a, url) for a in egress.allowed_http):
+            return None
+        return (f"is not under any egress.allowed_http prefix and {exc.host} does not resolve "
+                f"now ({exc.why}); {add}")
+    if isinstance(verdict, egress_mod.Dial):
+        return None
+    if not verdict.resolved:
+        return f"is not under any egress.allowed_http prefix; {add}"
+    return f"{verdict.reason.replace('[egress].', 'egress.')}; {add}"
 
 
 def _hl7_identity(value: str) -> str | None:
@@ -774,6 +762,26 @@ def _allow_cleartext(r: _Reader, t: dict[str, Any], p: str, *, encrypted: bool) 
 
 
 _SECRETS = ("bearer_token_file", "password_file")
+
+
+def _secret_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot hold a credential (a DIMSE passcode), or None: it must be an
+    existing regular file that neither the group nor other users can read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_mode & 0o044:
+        who = "every user" if st.st_mode & 0o004 else "its group"
+        return (f"{path} is readable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "it holds a passcode: chmod 600 it")
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable by this user"
+    return None
 
 
 def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mfconsole.config import Config, DestinationConfig, ae_title_problem, http_prefix_allows, tcp_allows
+from mfconsole import egress as egress_mod
+from mfconsole.config import Config, DestinationConfig, ae_title_problem
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
 from mfconsole.engine.store import ACTIVE_STATES, DEAD, connect
@@ -47,8 +48,17 @@ def resolve_peer(config: Config, target: str) -> sender.Peer:
     return sender.Peer(host, port, aet)
 
 
-def egress(config: Config) -> Callable[[str, int], bool]:
-    return lambda host, port: tcp_allows(config.egress.allowed_tcp, host, port)
+def egress(config: Config) -> egress_mod.TcpCheck:
+    """[egress].allowed_tcp as the engine checks it: host, port → the address to dial
+    (names pinned to what they resolved to when ``config`` was loaded), or a Refusal."""
+    return lambda host, port, **kw: egress_mod.check_tcp(config.egress.allowed_tcp,
+                                                         config.egress_pins, host, port, **kw)
+
+
+def egress_http(config: Config) -> egress_mod.HttpCheck:
+    """[egress].allowed_http, likewise: url → the address to dial, or a Refusal."""
+    return lambda url, **kw: egress_mod.check_http(config.egress.allowed_http,
+                                                   config.egress_pins, url, **kw)
 
 
 def stow_destination(config: Config, target: str) -> DestinationConfig | None:
@@ -60,8 +70,7 @@ def echo(config: Config, target: str) -> sender.EchoResult | stow.EchoResult:
     (same endpoint, TLS and credentials as deliveries; nothing is stored)."""
     dest = stow_destination(config, target)
     if dest is not None:
-        return stow.echo(stow.Target.from_destination(dest),
-                         lambda url: any(http_prefix_allows(p, url) for p in config.egress.allowed_http))
+        return stow.echo(stow.Target.from_destination(dest), egress_http(config))
     return sender.echo(resolve_peer(config, target), egress(config))
 
 
@@ -279,3 +288,65 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
     if dest.kind == "mllp":
         return label + out.data.decode("utf-8").replace("\r", "\n")
     return label + f"a DICOM data set of {len(out.data)} bytes would be sent\n"
+
+
+# -- store keys ------------------------------------------------------------------
+
+def new_key(path: Path) -> str:
+    from mfconsole.engine.keys import KeyCustodyError, new_key as make
+
+    try:
+        return make(path)
+    except KeyCustodyError as exc:
+        raise OpsError(str(exc)) from None
+
+
+def key_report(config: Config) -> list[dict[str, Any]]:
+    """Each configured key file (current, previous) with its key id and how many stored
+    objects it sealed; key ids the store uses that no configured file provides."""
+    from mfconsole.engine.store import DB_NAME, sealed_key_ids
+    from mfconsole.engine.vault import VaultError, key_id_of, load_key
+
+    counts = sealed_key_ids(config.engine.data_dir / DB_NAME)
+    rows: list[dict[str, Any]] = []
+    files = [("current", config.store.key_file)] + [("previous", p) for p in config.store.previous_key_files]
+    for role, path in files:
+        try:
+            key_id = key_id_of(load_key(path)).hex()
+        except (OSError, VaultError):
+            key_id = None
+        rows.append({"role": role, "key_id": key_id, "file": str(path),
+                     "objects": counts.pop(key_id, 0) if key_id else 0})
+    rows += [{"role": "unknown", "key_id": k, "file": None, "objects": n} for k, n in counts.items()]
+    return rows
+
+
+def rekey(config: Config, progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
+    """Re-seal objects under previous keys with the current one; (done, failed, left).
+    Refused while the running engine seals with another key (it could not open what
+    this writes): restart it on the new configuration first."""
+    from mfconsole.engine import rekey as rekeying
+    from mfconsole.engine.engine_lock import holder_pid
+    from mfconsole.engine.keys import KeyCustodyError, open_vault
+    from mfconsole.engine.store import DB_NAME
+
+    data_dir = config.engine.data_dir
+    try:
+        vault = open_vault(config.store, data_dir)
+    except KeyCustodyError as exc:
+        raise OpsError(str(exc)) from None
+    conn = open_db(config)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'sealing_key_id'").fetchone()
+    finally:
+        conn.close()
+    if holder_pid(data_dir) is not None and row is not None and row[0] != vault.key_id:
+        raise OpsError(f"the running engine seals with key {row[0]}, not [store].key_file's "
+                       f"{vault.key_id}: restart it on this configuration first, then run rekey")
+    done, failed = rekeying.rekey(data_dir / DB_NAME, data_dir / "blobs", vault, progress=progress)
+    conn = open_db(config)
+    try:
+        left = rekeying.remaining(conn, vault.key_id)
+    finally:
+        conn.close()
+    return done, failed, left

@@ -156,13 +156,19 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def identities(cert: dict[str, Any] | None) -> set[str]:
-    """The names a verified peer certificate carries: subject CN and subjectAltName DNS,
-    IP and URI entries, lower-cased (what client_cert_aets is keyed by)."""
+    """The names a verified peer certificate is bound by in client_cert_aets,
+    lower-cased: its subjectAltName DNS, IP and URI entries when it has a
+    subjectAltName; the subject CN only when it has none (RFC 6125 6.4.4: a CN is not
+    an identity beside a SAN, so a certificate issued for "other.example" whose CN says
+    "ct1" is not ct1)."""
     if not cert:
         return set()
-    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
-    names |= {value for kind, value in cert.get("subjectAltName", ())
-              if kind in ("DNS", "IP Address", "URI")}
+    san = cert.get("subjectAltName") or ()
+    if san:
+        names = {value for kind, value in san if kind in ("DNS", "IP Address", "URI")}
+    else:
+        names = {value for rdn in cert.get("subject", ()) for key, value in rdn
+                 if key == "commonName"}
     return {n.strip().lower() for n in names if n.strip()}
 
 

@@ -173,3 +173,30 @@ def store_files(port: int, paths: list[Path], called_ae: str = "MF_SCP") -> list
         assoc.release()
     assert statuses == [0] * len(paths)
     return [str(h.SOPInstanceUID) for h in heads]
+
+
+def stored_sha256(data_dir: Path, key_file: Path | None = None) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of the stored object (its latest version), decrypted
+    with the store key: "what the engine stored", to compare with what a peer received.
+    (The database's own digest is keyed and cannot be compared with a plain hash.)"""
+    import hashlib
+
+    from mfconsole.engine.store import INLINE
+    from mfconsole.engine.vault import Vault, load_key
+
+    vault = Vault([load_key(key_file or data_dir / "keys" / "store.key")])
+    conn = sqlite3.connect(f"file:{data_dir / 'mfconsole.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        out = {}
+        for uid, object_id, blob in conn.execute(
+                "SELECT sop_instance_uid, id, blob FROM objects WHERE purged_at IS NULL ORDER BY version"):
+            if blob == INLINE:
+                sealed = conn.execute("SELECT sealed FROM blob_data WHERE object_id = ?",
+                                      (object_id,)).fetchone()[0]
+                plain = vault.open_sealed(sealed)
+            else:
+                plain = vault.open_bytes(data_dir / "blobs" / blob)
+            out[uid] = hashlib.sha256(plain).hexdigest()
+        return out
+    finally:
+        conn.close()

@@ -10,6 +10,8 @@ Files (PEM; keys 0600):
 - client.crt/.key             CN "mfconsole", clientAuth (and serverAuth, so a peer
                               that checks purposes loosely still takes it)
 - modality.crt/.key           CN "ct1.modality.test" + SAN DNS, clientAuth
+- modality-other.crt/.key     CN "ct1.modality.test" but SAN DNS "Other.Example" only,
+                              clientAuth (the SAN, not the CN, is its identity)
 - named-server.crt/.key       only the name "pacs.test" (for server_name)
 - expired-server.crt/.key     validity ended yesterday
 - expired-client.crt/.key
@@ -30,7 +32,8 @@ from typing import Any
 _KEYS: list[Any] = []   # RSA keys take ~0.1 s each: one set per process serves every PKI
 NAMES = ("ca.crt", "rogue-ca.crt") + tuple(
     f"{stem}.{ext}" for stem in ("server", "client", "modality", "named-server", "expired-server",
-                                 "expired-client", "rogue-server", "rogue-client")
+                                 "expired-client", "rogue-server", "rogue-client",
+                                 "modality-other")
     for ext in ("crt", "key"))
 
 
@@ -102,7 +105,9 @@ def make_pki(folder: Path) -> dict[str, Path]:
                         client_use, False),
                        ("named-server", "pacs.test", [x509.DNSName("pacs.test")], server_use, False),
                        ("expired-server", "127.0.0.1", loopback, server_use, True),
-                       ("expired-client", "mfconsole", [], client_use, True)]
+                       ("expired-client", "mfconsole", [], client_use, True),
+                       ("modality-other", "ct1.modality.test", [x509.DNSName("Other.Example")],
+                        client_use, False)]
         for stem, cn, san, usage, expired in leaves:
             k = key()
             write(prefix + stem, issue(cn, k, ca, san=san, usage=usage, expired=expired), k)

@@ -96,6 +96,24 @@ class ConsoleApp(App[None]):
 
     # -- lifecycle ------------------------------------------------------------------
 
+    def _fatal_error(self) -> None:
+        """Textual's crash report prints the traceback with local variables, which may
+        hold patient fields: say only the exception class and where, and log that."""
+        import logging
+        import sys
+
+        from rich.text import Text
+
+        from mfconsole.hardening import describe
+
+        exc_type, _, tb = sys.exc_info()
+        what = describe(exc_type, tb)
+        logging.getLogger("mfconsole.console").error("the console stopped: %s", what)
+        self.bell()
+        self._exit_renderables.append(Text(f"mfconsole console stopped on an internal error: {what} "
+                                           "(details are not shown: they may hold patient data)"))
+        self._close_messages_no_wait()
+
     def on_mount(self) -> None:
         if self.refresh_s > 0:
             self.set_interval(self.refresh_s, self.poll_snapshot, name="snapshot")

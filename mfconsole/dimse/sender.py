@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -29,7 +30,7 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from mfconsole import tls
+from mfconsole import egress, tls
 from mfconsole.config import PRIORITIES, TLSConfig
 from mfconsole.dimse import cstore, sockets  # (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.dimse.odd_length import even_length
@@ -59,6 +60,7 @@ class Peer:
     username: str | None = None
     passcode_file: Path | None = None
     tls: TLSConfig | None = None
+    allow_cleartext: bool = False
 
     @property
     def address(self) -> str:
@@ -70,7 +72,34 @@ class Peer:
                    connect_timeout_s=d.connect_timeout_s, acse_timeout_s=d.acse_timeout_s,
                    dimse_timeout_s=d.dimse_timeout_s, network_timeout_s=d.network_timeout_s,
                    priority=d.priority, username=d.username, passcode_file=d.passcode_file,
-                   tls=d.tls)
+                   tls=d.tls, allow_cleartext=d.allow_cleartext)
+
+    @property
+    def loopback_only(self) -> bool:
+        """Cleartext without allow_cleartext: only a loopback address will do."""
+        return self.tls is None and not self.allow_cleartext
+
+
+def _dial(check: egress.TcpCheck | None, peer: Peer, loopback_only: bool = False
+          ) -> egress.Dial | Outcome:
+    """The checked address to associate with (``check`` is [egress].allowed_tcp's, from
+    the engine; None: no allowlist), or the Outcome that stops us: a refusal (permanent,
+    nothing sent) or a host that does not resolve now (transient)."""
+    try:
+        verdict = (check(peer.host, peer.port, loopback_only=loopback_only) if check is not None
+                   else egress.unchecked(peer.host, peer.port))
+    except OSError as exc:   # the host name does not resolve now
+        return outcomes.transport_failure(f"cannot connect to {peer.address}: {exc}")
+    if isinstance(verdict, egress.Refusal):
+        return outcomes.egress_refused(verdict.target, verdict.allowlist, verdict.resolved, verdict.why)
+    return verdict
+
+
+def _remote(dial: egress.Dial) -> str | tuple[str, int, int]:
+    """pynetdicom's form of the checked address (a link-local IPv6 one keeps its scope)."""
+    if dial.family == socket.AF_INET6 and len(dial.sockaddr) >= 4 and dial.sockaddr[3]:
+        return (str(dial.sockaddr[0]), int(dial.sockaddr[2]), int(dial.sockaddr[3]))
+    return dial.address
 
 
 def _client_context(cfg: TLSConfig) -> ssl.SSLContext:
@@ -126,8 +155,10 @@ class _Attempt:
     tls_error: OSError | None = None   # the TLS handshake failed (pynetdicom swallows it)
 
 
-def _associate(ae: AE, peer: Peer, ext_neg: list[Any], tls_ctx: ssl.SSLContext | None = None,
-               **kwargs: Any) -> tuple[Any, _Attempt]:
+def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
+               tls_ctx: ssl.SSLContext | None = None, **kwargs: Any) -> tuple[Any, _Attempt]:
+    """Associate with ``dial.address`` (the address egress checked: pynetdicom never
+    resolves ``peer.host`` again); TLS verifies the configured name, not the address."""
     seen = _Attempt()
     if tls_ctx is not None:
         # The handshake runs within connect_timeout_s, as part of the connection.
@@ -146,7 +177,7 @@ def _associate(ae: AE, peer: Peer, ext_neg: list[Any], tls_ctx: ssl.SSLContext |
     def on_pdu(event: Any) -> None:
         seen.answered = True
 
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=ext_neg or None,
+    assoc = ae.associate(_remote(dial), dial.port, ae_title=peer.called_ae, ext_neg=ext_neg or None,
                          evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
                                        (evt.EVT_PDU_RECV, on_pdu)],
                          **kwargs)
@@ -207,9 +238,9 @@ class DimseSender:
     max_batch = (1, 0)    # C-STORE carries one object per request
     in_order = False
 
-    def __init__(self, peer: Peer, egress_allows: Callable[[str, int], bool]):
+    def __init__(self, peer: Peer, egress_dial: egress.TcpCheck):
         self.peer = peer
-        self.egress_allows = egress_allows
+        self.egress_dial = egress_dial   # host, port → the address to dial, or a Refusal
         self.assoc: Any = None
         self.pairs: dict[tuple[str, str], None] = {}   # (SOP class, TS) proposed, in order
         self.last_used = 0.0
@@ -264,8 +295,9 @@ class DimseSender:
         while len(self._contexts()) >= MAX_CONTEXTS and len(self.pairs) > len(pairs):
             del self.pairs[next(iter(self.pairs))]
         p = self.peer
-        if not self.egress_allows(p.host, p.port):
-            return outcomes.egress_refused(p.address)
+        dial = _dial(self.egress_dial, p, p.loopback_only)   # before every connect
+        if isinstance(dial, Outcome):
+            return dial
         try:
             ctx = self._tls.get() if self._tls is not None else None
         except tls.TLSSetupError as exc:
@@ -276,8 +308,8 @@ class DimseSender:
             return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
                                     f"cannot read passcode_file: {exc.strerror}")
         try:
-            assoc, seen = _associate(self._ae(), p, ext_neg, ctx, contexts=self._contexts())
-        except OSError as exc:   # e.g. the host name does not resolve
+            assoc, seen = _associate(self._ae(), p, dial, ext_neg, ctx, contexts=self._contexts())
+        except OSError as exc:
             return outcomes.transport_failure(f"cannot connect to {p.address}: "
                                               f"{exc.strerror or exc.__class__.__name__}")
         if not assoc.is_established:
@@ -443,11 +475,13 @@ class EchoResult:
     detail: str
 
 
-def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) -> EchoResult:
-    """C-ECHO with the round-trip time of the whole exchange (connect to release)."""
-    if egress_allows is not None and not egress_allows(peer.host, peer.port):
-        return EchoResult(False, 0.0, outcomes.egress_refused(peer.address).reason)
-    sender = DimseSender(peer, lambda h, p: True)
+def echo(peer: Peer, egress_dial: egress.TcpCheck | None = None) -> EchoResult:
+    """C-ECHO with the round-trip time of the whole exchange (connect to release), to
+    the address ``egress_dial`` checked (None: the first ``peer.host`` resolves to)."""
+    dial = _dial(egress_dial, peer)
+    if isinstance(dial, Outcome):
+        return EchoResult(False, 0.0, dial.reason)
+    sender = DimseSender(peer, egress_dial or egress.unchecked)
     ae = sender._ae()
     ae.add_requested_context(Verification)
     t0 = time.perf_counter()
@@ -456,7 +490,7 @@ def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) ->
     except tls.TLSSetupError as exc:
         return EchoResult(False, 0.0, str(exc))
     try:
-        assoc, seen = _associate(ae, peer, _user_identity(peer), ctx)
+        assoc, seen = _associate(ae, peer, dial, _user_identity(peer), ctx)
     except OSError as exc:
         return EchoResult(False, (time.perf_counter() - t0) * 1000,
                           f"cannot connect to {peer.address}: {exc.strerror or exc.__class__.__name__}")
@@ -476,21 +510,22 @@ def echo(peer: Peer, egress_allows: Callable[[str, int], bool] | None = None) ->
 
 
 def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
-                   egress_allows: Callable[[str, int], bool] | None = None
+                   egress_dial: egress.TcpCheck | None = None
                    ) -> tuple[Outcome | None, list[tuple[str, str, bool]]]:
     """Propose each (SOP class, transfer syntax) as its own context; report which the
-    peer accepts. Sends no object."""
-    if egress_allows is not None and not egress_allows(peer.host, peer.port):
-        return outcomes.egress_refused(peer.address), []
+    peer accepts. Sends no object. Dials what ``egress_dial`` checked, as ``echo``."""
+    dial = _dial(egress_dial, peer)
+    if isinstance(dial, Outcome):
+        return dial, []
     pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
-    ae = DimseSender(peer, lambda h, p: True)._ae()
+    ae = DimseSender(peer, egress_dial or egress.unchecked)._ae()
     contexts = [build_context(c, [t]) for c, t in pairs]
     try:
         ctx = tls_context(peer)
     except tls.TLSSetupError as exc:
         return _tls_unusable(exc), []
     try:
-        assoc, seen = _associate(ae, peer, _user_identity(peer), ctx,
+        assoc, seen = _associate(ae, peer, dial, _user_identity(peer), ctx,
                                  contexts=contexts or [build_context(Verification)])
     except OSError as exc:
         return outcomes.transport_failure(f"cannot connect to {peer.address}: "

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 
-from mfconsole import __version__
-from mfconsole.config import Config, http_prefix_allows, tcp_allows
+from mfconsole import __version__, egress
+from mfconsole.config import Config
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
 from mfconsole.dimse.sender import DimseSender, Peer
@@ -28,8 +28,9 @@ from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
 from mfconsole.engine.transform import Transformer
 from mfconsole.engine.router import routes_by_listener
-from mfconsole.engine.store import IngestRequest, Store
-from mfconsole.engine.vault import Vault, VaultError, load_or_create_key
+from mfconsole.engine.keys import KeyCustodyError, open_vault
+from mfconsole.engine.store import IngestRequest, Store, StoreRefused
+from mfconsole.engine.vault import VaultError
 from mfconsole.mllp.sender import MllpSender
 from mfconsole.stow.client import StowSender, Target
 
@@ -41,8 +42,9 @@ DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before
 
 
 class Engine:
-    def __init__(self, config: Config, *, log_to_stderr: bool = True):
+    def __init__(self, config: Config, *, log_to_stderr: bool = True, accept_empty_store: bool = False):
         self.config = config
+        self.accept_empty_store = accept_empty_store
         self.data_dir = config.engine.data_dir
         self.log_to_stderr = log_to_stderr
         self.board = AssociationBoard()
@@ -68,20 +70,28 @@ class Engine:
         try:
             logs.setup(self.data_dir / "logs", cfg.engine.log_level, stderr=self.log_to_stderr)
             try:
-                key = load_or_create_key(cfg.store.key_file)
-            except OSError as exc:
-                raise EngineError(f"store.key_file {cfg.store.key_file}: {exc.strerror}") from None
-            except VaultError as exc:
-                raise EngineError(f"store.key_file: {exc}") from None
+                vault = open_vault(cfg.store, self.data_dir)
+            except KeyCustodyError as exc:
+                raise EngineError(str(exc)) from None
+            if cfg.store.key_file.resolve().is_relative_to(self.data_dir.resolve()):
+                log.warning("store.key_file lies inside data_dir: a copy of the data directory "
+                            "carries its own key; keep the key elsewhere (see README)")
             # Objects are opaque bytes; what routing needs, dataset_scan validates itself.
             # pydicom's value validation (a regex per UID) would only cost GIL time in
             # pynetdicom's DIMSE encoding.
             pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-            self.store = Store(self.data_dir, Vault([key]))
-            recovered = self.store.open()
+            self.store = Store(self.data_dir, vault, accept_empty_store=self.accept_empty_store)
+            try:
+                recovered = self.store.open()
+            except StoreRefused as exc:
+                self.store = None
+                raise EngineError(str(exc)) from None
+            self.store.call(lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealing_key_id', ?)", (vault.key_id,)))
             if any(recovered.values()):
                 log.warning("recovered after an unclean stop: %d in-flight deliveries requeued, "
-                            "%d orphaned blobs removed", recovered["requeued"], recovered["orphan_blobs"])
+                            "%d blobs without a row quarantined", recovered["requeued"],
+                            recovered["orphan_blobs"])
             try:
                 self.handlers = Handlers(cfg.handlers_dir, handler_names(cfg))
             except HandlerError as exc:
@@ -149,12 +159,12 @@ class Engine:
         assert self.store is not None
         if dest.kind == "dimse":
             peer = Peer.from_destination(dest)
-            make_sender: Any = lambda peer=peer: DimseSender(peer, self.egress_tcp_allows)
+            make_sender: Any = lambda peer=peer: DimseSender(peer, self.egress_tcp_dial)
         elif dest.kind == "stow":
             target = Target.from_destination(dest)
-            make_sender = lambda target=target: StowSender(target, self.egress_http_allows)
+            make_sender = lambda target=target: StowSender(target, self.egress_http_dial)
         else:
-            make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_allows)
+            make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_dial)
         assert self.handlers is not None
         workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest),
                                      self.held)
@@ -198,7 +208,7 @@ class Engine:
         except OSError as exc:
             return [f"refused: cannot read {old.path}: {exc.strerror}"]
         fixed = [k for k in ("data_dir", "log_level") if getattr(new.engine, k) != getattr(old.engine, k)]
-        fixed += ["store." + k for k in ("key_file", "max_object_mb")
+        fixed += ["store." + k for k in ("key_file", "previous_key_files", "max_object_mb")
                   if getattr(new.store, k) != getattr(old.store, k)]
         if fixed or [lc.name for lc in new.listeners] != [lc.name for lc in old.listeners]:
             what = ", ".join(fixed) if fixed else "the set of listeners"
@@ -271,13 +281,20 @@ class Engine:
                 return f"dry run on delivery {row['id']}: {new_error}"
         return None
 
-    def egress_tcp_allows(self, host: str, port: int) -> bool:
-        """Checked again before every connect (the config may have been reloaded)."""
-        return tcp_allows(self.config.egress.allowed_tcp, host, port)
+    def egress_tcp_dial(self, host: str, port: int, *, loopback_only: bool = False) -> egress.Result:
+        """Before every connect (the config may have been reloaded): the address ``host``
+        resolves to now that [egress].allowed_tcp allows, with names pinned to what they
+        resolved to at load — the sender connects to exactly it — or a Refusal.
+        Raises egress.Unresolved (an OSError) when the host does not resolve."""
+        cfg = self.config
+        return egress.check_tcp(cfg.egress.allowed_tcp, cfg.egress_pins, host, port,
+                                loopback_only=loopback_only)
 
-    def egress_http_allows(self, url: str) -> bool:
-        """Checked again before every HTTP request (the config may have been reloaded)."""
-        return any(http_prefix_allows(prefix, url) for prefix in self.config.egress.allowed_http)
+    def egress_http_dial(self, url: str, *, loopback_only: bool = False) -> egress.Result:
+        """Before every HTTP request: as egress_tcp_dial, under [egress].allowed_http."""
+        cfg = self.config
+        return egress.check_http(cfg.egress.allowed_http, cfg.egress_pins, url,
+                                 loopback_only=loopback_only)
 
     def _housekeeping(self) -> None:
         """The retention purge (in bounded batches, see Store.purge_expired) and the

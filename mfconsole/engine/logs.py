@@ -1,5 +1,8 @@
 """Logging with PHI redaction.
 
+Every log file (the current one and the rotated ones) is created 0600, whatever the
+umask: opened with os.open(…, 0o600) and re-moded, so an older 0644 file is narrowed.
+
 Our own INFO+ messages carry only routing-safe identifiers by construction. Third-party
 libraries (pynetdicom, pydicom, warnings) are not trusted: their records pass a filter
 that removes quoted values and byte strings, which is where a patient name would appear
@@ -11,11 +14,17 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import sys
 from pathlib import Path
 
 from pynetdicom import _config as pynetdicom_config
+
+# Rotation: 10 MiB × 10 (module attributes, read at setup, so a test can make it small).
+MAX_BYTES = 10 * 1024 * 1024
+BACKUP_COUNT = 10
+FILE_MODE = 0o600
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*"|\(\d+ bytes?\)""")
@@ -49,6 +58,22 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose files are 0600 from their creation on. Rotation renames
+    (the mode travels with the file) and opens the new file through ``_open`` again."""
+
+    def _open(self):  # type: ignore[override]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                     FILE_MODE)
+        try:
+            if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)        # a file from before, or made by someone else
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
 def quiet_third_parties() -> None:
     """Turn off identifier logging and noisy third-party loggers."""
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
@@ -74,8 +99,13 @@ def setup(log_dir: Path, level: str = "INFO", *, stderr: bool = True) -> logging
             root.removeHandler(h)
             h.close()
     formatter = logging.Formatter(FORMAT)
-    file_handler = logging.handlers.RotatingFileHandler(
-        log_dir / "mfconsole.log", maxBytes=10 * 1024 * 1024, backupCount=10, encoding="utf-8")
+    base = log_dir / "mfconsole.log"
+    # Rotated files left by an older version may be 0644: narrow them too.
+    for old in log_dir.glob("mfconsole.log.*"):
+        if old.is_file() and not old.is_symlink() and old.stat().st_mode & 0o077:
+            old.chmod(FILE_MODE)
+    file_handler = PrivateRotatingFileHandler(base, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT,
+                                              encoding="utf-8")
     handlers: list[logging.Handler] = [file_handler]
     if stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
@@ -85,5 +115,4 @@ def setup(log_dir: Path, level: str = "INFO", *, stderr: bool = True) -> logging
         h.addFilter(RedactingFilter())
         h._mfconsole = True  # type: ignore[attr-defined]
         root.addHandler(h)
-    (log_dir / "mfconsole.log").chmod(0o600)
     return file_handler

@@ -93,15 +93,11 @@ def internal_error(exc: BaseException, step: str) -> Outcome:
 
 
 def raised_at(exc: BaseException) -> str:
-    """" in module.function" of the innermost frame of ``exc``'s traceback."""
-    tb = exc.__traceback__
-    if tb is None:
-        return ""
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    module = tb.tb_frame.f_globals.get("__name__", "?")
-    return f" in {module}.{code.co_name} line {tb.tb_lineno}"
+    """" in module.function line N" of the innermost frame of ``exc``'s traceback."""
+    from mfconsole.hardening import raised_at as site
+
+    where = site(exc.__traceback__)
+    return f" in {where}" if where else ""
 
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
@@ -144,9 +140,14 @@ def tls_failure(exc: BaseException, where: str) -> Outcome:
                    f"TLS handshake with {where} failed ({failure_reason(exc)})")
 
 
-def egress_refused(target: str, allowlist: str = "allowed_tcp") -> Outcome:
-    return Outcome(PERMANENT, DESTINATION, "egress",
-                   f"{target} is not in [egress].{allowlist}; nothing was sent")
+def egress_refused(target: str, allowlist: str = "allowed_tcp", resolved: tuple[str, ...] = (),
+                   why: str | None = None) -> Outcome:
+    """Nothing may go to ``target``: the destination pauses with the reason. With the
+    addresses its host resolved to (``resolved``) and ``why`` none of them may be
+    dialled (mfconsole.egress.Refusal carries both)."""
+    where = f"{target} (resolved to {', '.join(resolved)})" if resolved else target
+    why = why or f"is not in [egress].{allowlist}"
+    return Outcome(PERMANENT, DESTINATION, "egress", f"{where} {why}; nothing was sent")
 
 
 def context_refused(reason: str) -> Outcome:

@@ -86,6 +86,7 @@ class IngestRequest:
     size: int = 0
     digest: str = ""
     key_id: str = ""
+    digests: tuple[tuple[str, str], ...] = ()   # under every loaded key (vault.SealResult)
     association_id: str = ""
 
 
@@ -181,11 +182,39 @@ def create_schema(conn: sqlite3.Connection) -> None:
                  (str(SCHEMA_VERSION),))
 
 
+class StoreRefused(Exception):
+    """The store will not open as it is: the message says why and what to do."""
+
+
+DB_NAME = "mfconsole.db"
+QUARANTINE = "quarantine"
+
+
+def has_blob_files(blob_root: Path) -> bool:
+    return blob_root.is_dir() and any(p.is_file() for p in blob_root.rglob("*.blob"))
+
+
+def sealed_key_ids(db_path: Path) -> dict[str, int]:
+    """Key id -> number of objects whose blob it sealed (nothing when there is no
+    database yet). Read before the store opens, to check the keys a start needs."""
+    if not db_path.exists():
+        return {}
+    conn = connect(db_path, readonly=True)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone() is None:
+            return {}
+        return {r[0]: r[1] for r in conn.execute(
+            "SELECT key_id, COUNT(*) FROM objects WHERE purged_at IS NULL GROUP BY key_id")}
+    finally:
+        conn.close()
+
+
 class Store:
-    def __init__(self, data_dir: Path, vault: Vault):
+    def __init__(self, data_dir: Path, vault: Vault, *, accept_empty_store: bool = False):
         self.data_dir = data_dir
         self.vault = vault
-        self.db_path = data_dir / "mfconsole.db"
+        self.db_path = data_dir / DB_NAME
+        self.accept_empty_store = accept_empty_store
         self.blob_root = data_dir / "blobs"
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._writer: threading.Thread | None = None
@@ -197,6 +226,14 @@ class Store:
 
     def open(self) -> dict[str, int]:
         """Create or open the database, recover from a crash, start the writer."""
+        if not self.accept_empty_store and has_blob_files(self.blob_root) and not sealed_key_ids(self.db_path):
+            # A database that was lost or restored from before these blobs: opening it
+            # would orphan every blob. Refuse rather than guess.
+            raise StoreRefused(
+                f"{self.blob_root} holds encrypted objects but {self.db_path} is missing or "
+                "references none of them: restore the database from its backup (see README, "
+                "Backup and restore), or start with --accept-empty-store to begin a new "
+                f"database (the blobs are then moved to {self.data_dir / QUARANTINE}, never deleted)")
         self.blob_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.data_dir, 0o700)
         self._conn = connect(self.db_path)
@@ -216,7 +253,9 @@ class Store:
 
     def _recover(self) -> dict[str, int]:
         """After a crash: in-flight leases expire (we hold the data_dir lock, so no
-        other process owns them), and blobs no committed row references are removed."""
+        other process owns them), and blobs no committed row references are moved to
+        quarantine/ (a crash between blob and commit leaves one; so does a database
+        restored from before them: the engine never deletes what may be the only copy)."""
         now = time.time()
         with _transaction(self._conn):
             cur = self._conn.execute(
@@ -226,14 +265,22 @@ class Store:
         referenced = {row[0] for row in self._conn.execute(
             "SELECT blob FROM objects WHERE purged_at IS NULL")}
         orphans = 0
-        for path in self.blob_root.rglob("*"):
+        folder = self.data_dir / QUARANTINE / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for path in sorted(self.blob_root.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(self.blob_root).as_posix()
                 if rel not in referenced:
-                    path.unlink(missing_ok=True)
+                    target = folder / rel
+                    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    os.rename(path, target)
                     orphans += 1
+        if orphans:
+            fsync_dir(folder)
+            log.warning("%d blob(s) without a database row moved to %s (nothing deleted)",
+                        orphans, folder)
         if requeued or orphans:
-            self.audit("recovered", detail=f"requeued={requeued} orphan_blobs={orphans}")
+            self.audit("recovered", detail=f"requeued={requeued} quarantined_blobs={orphans}"
+                                           + (f" in {folder.relative_to(self.data_dir)}" if orphans else ""))
         return {"requeued": requeued, "orphan_blobs": orphans}
 
     # -- ingest (called from association threads) -----------------------------
@@ -251,6 +298,7 @@ class Store:
             result = self.vault.seal_to_file(data, path)
             request.blob = rel
         request.size, request.digest, request.key_id = result.size, result.digest, result.key_id
+        request.digests = result.digests
 
     def ingest(self, data: memoryview | bytes, request: IngestRequest) -> IngestResult:
         """Seal, then commit through the writer; returns only once committed."""
@@ -363,9 +411,10 @@ class Store:
     def _insert(self, conn: sqlite3.Connection, req: IngestRequest) -> IngestResult:
         now = time.time()
         latest = conn.execute(
-            "SELECT id, version, digest FROM objects WHERE sop_instance_uid = ? "
+            "SELECT id, version, digest, key_id FROM objects WHERE sop_instance_uid = ? "
             "ORDER BY version DESC LIMIT 1", (req.sop_instance_uid,)).fetchone()
-        if latest is not None and latest["digest"] == req.digest:
+        # Digests are keyed: compare under the key the stored one was made with.
+        if latest is not None and latest["digest"] == dict(req.digests).get(latest["key_id"], req.digest):
             _insert_audit(conn, {"ts": now, "event": "duplicate", "listener": req.listener,
                                  "object_id": latest["id"], "sop_instance_uid": req.sop_instance_uid,
                                  "calling_ae": req.calling_ae, "peer": req.peer,
@@ -414,6 +463,13 @@ class Store:
         return conn
 
     def read_object(self, object_id: int) -> bytes:
+        try:
+            return self._read_object(object_id)
+        except FileNotFoundError:
+            # `mfconsole rekey` may have moved it to a new blob since we read its row.
+            return self._read_object(object_id)
+
+    def _read_object(self, object_id: int) -> bytes:
         row = self.reader().execute("SELECT blob, purged_at FROM objects WHERE id = ?",
                                     (object_id,)).fetchone()
         if row is None or row["purged_at"] is not None:

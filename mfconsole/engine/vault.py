@@ -15,6 +15,12 @@ the object the association already holds and lets 200 MiB objects stream to disk
 The key id (first 8 bytes of SHA-256 of the store key) lets keys rotate: a blob names
 the key that sealed it.
 
+The digest that detects duplicates is keyed (HMAC-SHA256 under a key derived from the
+store key): an unkeyed hash of a small object whose unknown fields are low-entropy PHI
+would confirm guesses. A digest is meaningful only with its key id; while several keys
+are loaded every seal computes one per key, so a duplicate is recognised across a
+rotation.
+
 A sealed blob is the same bytes whether it is a file (large objects) or a value in
 the database (small ones); see store.py.
 """
@@ -22,6 +28,7 @@ the database (small ones); see store.py.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import os
 import stat
@@ -38,6 +45,7 @@ MAGIC = b"MFV1"
 HEADER = struct.Struct(">4s8sI16s")
 NONCE = struct.Struct(">8xI")       # 96-bit nonce: the chunk counter
 HKDF_INFO = b"mfconsole blob key v1"
+DIGEST_INFO = b"mfconsole digest key v1"
 CHUNK = 1024 * 1024
 TAG = 16
 KEY_BYTES = 32
@@ -53,21 +61,36 @@ class VaultError(Exception):
 @dataclass(frozen=True)
 class SealResult:
     size: int          # plaintext bytes
-    digest: str        # SHA-256 of the plaintext, hex
+    digest: str        # HMAC-SHA256 of the plaintext under the sealing key's digest key, hex
     key_id: str
+    digests: tuple[tuple[str, str], ...] = ()   # (key id, digest) under every loaded key
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """Read the store key; create 32 random bytes (mode 0600, folder 0700) on first
-    start. The key is written to a temporary file and linked into place, so a crash
-    never leaves an empty or short key file behind."""
+    """Read the store key, creating it first if there is none. Only for a store that
+    holds nothing (see engine start: keys are never made for a store with objects)."""
+    if not path.exists() and not path.is_symlink():
+        create_key(path)
+    return load_key(path)
+
+
+def create_key(path: Path) -> bytes:
+    """32 random bytes (mode 0600, folder 0700). The key is written to a temporary file
+    and linked into place, so a crash never leaves an empty or short key file behind,
+    and an existing key is never replaced (VaultError)."""
     parent = path.parent
     if not parent.is_dir():
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
         _fsync_dir(parent.parent)
-    if not path.exists() and not path.is_symlink():
-        _create_key(path)
+    if path.exists() or path.is_symlink():
+        raise VaultError(f"key file {path} already exists; a key is never overwritten")
+    _create_key(path)
+    return load_key(path)
+
+
+def load_key(path: Path) -> bytes:
+    """Read a store key file (regular, not readable by group or others, 32 bytes)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -127,10 +150,22 @@ class Vault:
         # The first key seals; every key can open what it sealed.
         self._active = key_id_of(keys[0])
         self._keys = {key_id_of(k): k for k in keys}
+        self._digest_keys = {kid.hex(): HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                                             info=DIGEST_INFO).derive(k)
+                             for kid, k in self._keys.items()}
 
     @property
     def key_id(self) -> str:
         return self._active.hex()
+
+    @property
+    def key_ids(self) -> list[str]:
+        """Every loaded key id, the sealing one first."""
+        return [self.key_id] + [k.hex() for k in self._keys if k != self._active]
+
+    def digest(self, data: memoryview | bytes, key_id: str | None = None) -> str:
+        """The keyed digest of ``data`` under ``key_id`` (default: the sealing key)."""
+        return hmac.new(self._digest_keys[key_id or self.key_id], data, hashlib.sha256).hexdigest()
 
     def seal_to_file(self, data: memoryview | bytes, path: Path) -> SealResult:
         """Encrypt ``data`` to ``path`` and fsync the file (not its directory: the
@@ -162,19 +197,22 @@ class Vault:
         salt = os.urandom(16)
         header = HEADER.pack(MAGIC, self._active, CHUNK, salt)
         cipher = AESGCM(self._blob_key(self._keys[self._active], salt))
-        digest = hashlib.sha256()
+        digests = {kid: hmac.new(k, digestmod=hashlib.sha256) for kid, k in self._digest_keys.items()}
         write(header)
         total = len(view)
         offset = counter = 0
         while True:
             chunk = view[offset:offset + CHUNK]
             last = offset + CHUNK >= total
-            digest.update(chunk)
+            for digest in digests.values():
+                digest.update(chunk)
             write(cipher.encrypt(NONCE.pack(counter), chunk, header + struct.pack(">I?", counter, last)))
             offset += CHUNK
             counter += 1
             if last:
-                return SealResult(size=total, digest=digest.hexdigest(), key_id=self._active.hex())
+                done = tuple((kid, d.hexdigest()) for kid, d in digests.items())
+                return SealResult(size=total, digest=dict(done)[self.key_id], key_id=self.key_id,
+                                  digests=done)
 
     @staticmethod
     def _blob_key(store_key: bytes, salt: bytes) -> bytes:

@@ -18,9 +18,9 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-from mfconsole import tls
+from mfconsole import egress, tls
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
 from mfconsole.engine.outcomes import Outcome
@@ -126,7 +126,7 @@ class MllpSender:
     max_batch = (1, 0)
     in_order = True
 
-    def __init__(self, destination: Any, egress_allows: Callable[[str, int], bool]):
+    def __init__(self, destination: Any, egress_dial: egress.TcpCheck):
         self.host: str = destination.host
         self.port: int = destination.port
         self.connect_timeout_s: float = destination.connect_timeout_s
@@ -134,7 +134,9 @@ class MllpSender:
         self.tls = destination.tls
         # Rebuilt at the next connection when a certificate file is renewed.
         self._tls = tls.Reloading(tls.client_context, self.tls) if self.tls is not None else None
-        self.egress_allows = egress_allows
+        # Cleartext without allow_cleartext: only a loopback address will do.
+        self.loopback_only = self.tls is None and not getattr(destination, "allow_cleartext", False)
+        self.egress_dial = egress_dial   # host, port → the address to dial, or a Refusal
         self.sock: socket.socket | None = None
         self.last_used = 0.0
         self._acked = 0      # messages this connection delivered (Outcome.others_delivered)
@@ -147,21 +149,25 @@ class MllpSender:
         if self.sock is not None and not _peer_closed(self.sock):
             return None
         self.close()
-        if not self.egress_allows(self.host, self.port):
-            return outcomes.egress_refused(self.address)
+        try:   # before every connect: the address the host resolves to now, if allowed
+            dial = self.egress_dial(self.host, self.port, loopback_only=self.loopback_only)
+        except OSError as exc:   # the host name does not resolve now
+            return outcomes.transport_failure(f"cannot connect to {self.address}: {exc}")
+        if isinstance(dial, egress.Refusal):
+            return outcomes.egress_refused(dial.target, dial.allowlist, dial.resolved, dial.why)
         try:
             ctx = self._tls.get() if self._tls is not None else None
         except tls.TLSSetupError as exc:   # a file changed since the config was loaded
             return Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration", str(exc))
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+        try:   # exactly the checked address (no second resolution of the name)
+            sock = socket.create_connection((dial.address, dial.port), timeout=self.connect_timeout_s)
         except OSError as exc:
             return outcomes.transport_failure(
                 f"cannot connect to {self.address}: {exc.__class__.__name__} "
                 f"(connect_timeout_s={self.connect_timeout_s:g})")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ctx is not None:
-            try:   # the handshake, within connect_timeout_s (the socket's timeout)
+            try:   # the handshake, within connect_timeout_s; it verifies the name, not the address
                 sock = ctx.wrap_socket(
                     sock, server_hostname=tls.server_hostname(self.tls, self.host))
             except OSError as exc:

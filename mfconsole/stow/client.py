@@ -1,9 +1,11 @@
 """STOW-RS sender: one httpx client per delivery worker, reused across requests.
 
 Each request carries one study's instances (the delivery framework cuts the groups),
-goes only where ``[egress].allowed_http`` allows (checked before every request), never
-follows a redirect, never takes a proxy or certificates from the environment, and
-reads the credentials from their files at each request so a rotation needs no
+goes only where ``[egress].allowed_http`` allows (checked before every request, on the
+address the url's host resolves to: the connection goes to exactly that address while
+the url, Host header, SNI and certificate check keep the name), never follows a
+redirect, never takes a proxy or certificates from the environment, and reads the
+credentials from their files at each request so a rotation needs no
 restart. Credentials and response bodies are never logged or put in a reason.
 
 A 413, or a refusal the body does not explain per instance, splits the batch in
@@ -20,12 +22,13 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
-from mfconsole import __version__, tls
+from mfconsole import __version__, egress, tls
 from mfconsole.config import TLSConfig
 from mfconsole.engine import outcomes
 from mfconsole.engine.delivery import Outbound
@@ -39,6 +42,9 @@ logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 MIB = 1024 * 1024
 ACCEPT = "application/dicom+json"
+# prepare()'s egress check serves the request that follows it (after the claim), if
+# that comes this soon; later requests are checked anew (one resolution per request).
+CHECK_REUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Target:
     idle_timeout_s: float = 30.0
     batch_max_objects: int = 10
     batch_max_mb: int = 16
+    allow_cleartext: bool = False
 
     @classmethod
     def from_destination(cls, d: Any) -> "Target":
@@ -62,7 +69,13 @@ class Target:
                    username=d.username, password_file=d.password_file,
                    connect_timeout_s=d.connect_timeout_s, response_timeout_s=d.response_timeout_s,
                    network_timeout_s=d.network_timeout_s, idle_timeout_s=d.idle_timeout_s,
-                   batch_max_objects=d.batch_max_objects, batch_max_mb=d.batch_max_mb)
+                   batch_max_objects=d.batch_max_objects, batch_max_mb=d.batch_max_mb,
+                   allow_cleartext=d.allow_cleartext)
+
+    @property
+    def loopback_only(self) -> bool:
+        """http:// without allow_cleartext: only a loopback address will do."""
+        return urlsplit(self.url).scheme.lower() == "http" and not self.allow_cleartext
 
     @property
     def extensions(self) -> dict[str, Any]:
@@ -133,6 +146,51 @@ def _configuration(problem: ConfigurationProblem) -> Outcome:
     return Outcome(PERMANENT, DESTINATION, "configuration", str(problem))
 
 
+# -- connecting to the checked address ------------------------------------------------
+
+class _PinnedBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, connecting to the address egress checked instead of
+    resolving the url's host again. Only the socket's destination changes: httpcore
+    still starts TLS with the url's host (or tls.server_name) as SNI and as the name
+    the certificate must carry, and httpx still sends it as Host."""
+
+    def __init__(self, dial: egress.Dial):
+        self.dial = dial
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options: Any = None
+                    ) -> httpcore.NetworkStream:
+        if egress.normal_name(host) != egress.normal_name(self.dial.host) or port != self.dial.port:
+            # Only the checked origin goes through this client (redirects are not followed).
+            raise httpcore.ConnectError("this connection was not checked against [egress]")
+        return self._backend.connect_tcp(self.dial.address, port, timeout=timeout,
+                                         local_address=local_address, socket_options=socket_options)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not used")
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _PinnedTransport(httpx.HTTPTransport):
+    """httpx's transport over an httpcore pool whose connections all go to one checked
+    address (httpx has no network-backend option; its transport keeps everything in
+    ``_pool``, which is replaced by a pool built the same way plus the backend)."""
+
+    def __init__(self, dial: egress.Dial, ssl_context: ssl.SSLContext | None, limits: httpx.Limits):
+        super().__init__(verify=ssl_context if ssl_context is not None else True,
+                         trust_env=False, limits=limits)
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
+            raise RuntimeError("httpx.HTTPTransport changed: cannot pin the connection address")
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context, max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry, network_backend=_PinnedBackend(dial))
+
+
 # -- failures without an HTTP answer ---------------------------------------------------
 
 def _cause(exc: BaseException, kind: type) -> BaseException | None:
@@ -188,39 +246,56 @@ class StowSender:
 
     in_order = False     # instances are independent: a failed one holds up nothing
 
-    def __init__(self, target: Target, egress_allows: Callable[[str], bool]):
+    def __init__(self, target: Target, egress_dial: egress.HttpCheck):
         self.target = target
-        self.egress_allows = egress_allows
+        self.egress_dial = egress_dial   # url → the address to dial, or a Refusal
         self.max_batch = (target.batch_max_objects, target.batch_max_mb * MIB)
         self._client: httpx.Client | None = None
+        self._dialled: str | None = None   # the address self._client connects to
+        self._checked: tuple[egress.Dial, float] | None = None   # prepare()'s, for _post
         self.last_used = 0.0
         self._answered = 0   # requests of this worker that stored something
 
     # -- connection -------------------------------------------------------------------
 
-    def _http(self) -> httpx.Client:
+    def _http(self, dial: egress.Dial) -> httpx.Client:
+        """The client for ``dial``: a kept-alive connection is reused only while the
+        check keeps answering the same address; another address gets a new client."""
+        if self._client is not None and self._dialled != dial.address:
+            self.close()
         if self._client is None:
             t = self.target
-            verify: Any = tls_context(t) if urlsplit(t.url).scheme.lower() == "https" else True
+            ctx = tls_context(t) if urlsplit(t.url).scheme.lower() == "https" else None
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                  keepalive_expiry=t.idle_timeout_s)
             self._client = httpx.Client(
-                verify=verify, trust_env=False, follow_redirects=False,
+                transport=_PinnedTransport(dial, ctx, limits), trust_env=False,
+                follow_redirects=False,
                 timeout=httpx.Timeout(connect=t.connect_timeout_s, read=t.response_timeout_s,
                                       write=t.network_timeout_s, pool=t.connect_timeout_s),
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
-                                    keepalive_expiry=t.idle_timeout_s),
                 headers={"User-Agent": f"mfconsole/{__version__}", "Accept-Encoding": "identity"})
+            self._dialled = dial.address
         return self._client
 
-    def _egress_refused(self) -> Outcome | None:
-        if self.egress_allows(self.target.studies_url):
-            return None
-        return outcomes.egress_refused(self.target.origin + urlsplit(self.target.url).path,
-                                       "allowed_http")
+    def _dial(self) -> egress.Dial | Outcome:
+        """The address the url's host resolves to now, if [egress].allowed_http allows it;
+        else the refusal (permanent, nothing sent) or, when the host does not resolve,
+        a transport failure."""
+        try:
+            verdict = self.egress_dial(self.target.studies_url, loopback_only=self.target.loopback_only)
+        except OSError as exc:   # the host name does not resolve now
+            return outcomes.transport_failure(f"cannot connect to {self.target.origin}: {exc}")
+        if isinstance(verdict, egress.Refusal):
+            return outcomes.egress_refused(verdict.target, verdict.allowlist, verdict.resolved,
+                                           verdict.why)
+        return verdict
 
     def prepare(self, items: Any = ()) -> Outcome | None:
         """Whether a request may go at all: egress and credentials. HTTP connects per
         request, so there is nothing to open ahead of time."""
-        refused = self._egress_refused()
+        dial = self._dial()
+        refused = dial if isinstance(dial, Outcome) else None
+        self._checked = (dial, time.monotonic()) if isinstance(dial, egress.Dial) else None
         if refused is None:
             try:
                 authorization(self.target)
@@ -229,7 +304,7 @@ class StowSender:
         return refused
 
     def close(self) -> None:
-        client, self._client = self._client, None
+        client, self._client, self._dialled = self._client, None, None
         if client is not None:
             client.close()
 
@@ -277,12 +352,17 @@ class StowSender:
         return first + self.send_many(objs[half:])
 
     def _post(self, objs: list[Outbound]) -> Reply | Outcome:
-        refused = self._egress_refused()      # before every request: a reload may have
-        if refused is not None:               # narrowed [egress].allowed_http
-            return refused
+        # Before every request: a reload may have narrowed [egress].allowed_http, DNS may
+        # have moved the host. The check prepare() just made counts for the first one.
+        checked, self._checked = self._checked, None
+        fresh = checked is not None and time.monotonic() - checked[1] < CHECK_REUSE_S
+        dial = checked[0] if fresh and checked is not None else self._dial()
+        if isinstance(dial, Outcome):
+            self.close()
+            return dial
         try:
             auth = authorization(self.target)
-            client = self._http()
+            client = self._http(dial)
         except ConfigurationProblem as exc:
             return _configuration(exc)
         body = multipart.build(objs)
@@ -327,10 +407,10 @@ class EchoResult:
     detail: str
 
 
-def echo(target: Target, egress_allows: Callable[[str], bool]) -> EchoResult:
+def echo(target: Target, egress_dial: egress.HttpCheck) -> EchoResult:
     """An empty STOW-RS request (a multipart body without parts): it reaches the very
     endpoint deliveries use, with the same TLS and credentials, and stores nothing."""
-    sender = StowSender(target, egress_allows)
+    sender = StowSender(target, egress_dial)
     t0 = time.perf_counter()
     try:
         reply = sender._post([])

@@ -16,7 +16,7 @@ import httpx
 from pydicom import dcmread
 
 import dicomgen
-from harness import mfconsole, poll, write_config
+from harness import mfconsole, poll, stored_sha256, write_config
 from peers import require_tool
 
 FAST_RETRY = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "down_after": 3,
@@ -40,8 +40,8 @@ def deliveries(engine) -> dict[str, int]:
 
 
 def stored_digests(engine) -> dict[str, str]:
-    return {r[0]: r[1] for r in engine.store.reader().execute(
-        "SELECT sop_instance_uid, digest FROM objects")}
+    """SOP Instance UID -> SHA-256 of the stored object (the database's digest is keyed)."""
+    return stored_sha256(engine.data_dir, engine.config.store.key_file)
 
 
 def received_by_storescp(scp) -> dict[str, str]:

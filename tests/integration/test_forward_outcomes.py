@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import holds, poll, store_files
+from harness import holds, poll, store_files, stored_sha256
 from mfconsole import ops
 from peers import StoreSCP, free_port
 
@@ -223,8 +223,7 @@ def test_0000_success_delivers_once(peer, engine_factory, storescp_factory, answ
         assert poll(lambda: storescp_uids(scp)) == [uid]
         assert stores_seen(scp) == 1
     else:
-        digest = engine.store.reader().execute(
-            "SELECT digest FROM objects WHERE sop_instance_uid = ?", (uid,)).fetchone()[0]
+        digest = stored_sha256(engine.data_dir, engine.config.store.key_file)[uid]
         assert [(r["status"], r["sha256"]) for r in stores_seen(scp, uid)] == [(0, digest)]
 
 
@@ -383,6 +382,7 @@ def test_rj_2_2_1_failed_user_identity_is_bounded_then_pauses(engine_factory, fa
     scp = fault_scp("--require-user", "alice:secret")
     passcode = tmp_path / "passcode"
     passcode.write_text("wrong\n")
+    passcode.chmod(0o600)                # a passcode file others can read is a config error
     engine = engine_factory(destinations=[dest(scp.port, username="alice", passcode_file=str(passcode),
                                                down_after=10)])
     uid, = send(engine, sr(tmp_path))

@@ -12,7 +12,7 @@ from pydicom import dcmread
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import holds, mfconsole, poll
+from harness import holds, mfconsole, poll, stored_sha256
 from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
 
 from mfconsole.engine import outbox
@@ -84,7 +84,7 @@ def test_kill9_while_forwarding_loses_nothing(serve_factory, tmp_path):
     with serve.db() as db:
         poll(lambda: db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
                                 ).fetchone()[0] == len(files), timeout=120, message="all delivered")
-        digests = dict(db.execute("SELECT sop_instance_uid, digest FROM objects").fetchall())
+        digests = stored_sha256(serve.data_dir)
         assert db.execute("SELECT COUNT(*) FROM deliveries WHERE state != 'delivered'").fetchone()[0] == 0
     assert {_uid(f) for f in files} == set(digests)
     assert _delivered_uids(scp) == digests   # every object, byte for byte as received

@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 import dicomgen
-from harness import holds, mfconsole, poll, write_config
+from harness import holds, mfconsole, poll, stored_sha256, write_config
 from mfconsole.config import EgressConfig
 from mfconsole.engine import outbox
 from peers import require_tool
@@ -83,8 +83,8 @@ def dest_state(engine) -> outbox.DestinationState:
 
 
 def digests(engine) -> dict[str, str]:
-    return {r[0]: r[1] for r in engine.store.reader().execute(
-        "SELECT sop_instance_uid, digest FROM objects")}
+    """SOP Instance UID -> SHA-256 of the stored object (the database's digest is keyed)."""
+    return stored_sha256(engine.data_dir, engine.config.store.key_file)
 
 
 def uids_of(files: list[Path]) -> list[str]:

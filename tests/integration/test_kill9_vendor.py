@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import poll
+from harness import poll, stored_sha256
 from test_forward_dimse import dimse_dest
 
 # Real objects from several vendors and in many transfer syntaxes. Several share a SOP
@@ -199,7 +199,9 @@ def test_kill9_cycles_while_forwarding_vendor_objects(serve_factory, tmp_path):
         poll(lambda: _active(db) == 0 and db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
              == len(expected), timeout=60, interval=0.05, message="every delivery settled")
         objects = {r["sop_instance_uid"]: dict(r) for r in db.execute(
-            "SELECT id, sop_instance_uid, version, digest, size FROM objects")}
+            "SELECT id, sop_instance_uid, version, size FROM objects")}
+        for uid, sha in stored_sha256(serve.data_dir).items():   # the stored plaintext's
+            objects[uid]["digest"] = sha
         rows_per_uid = db.execute("SELECT sop_instance_uid, COUNT(*) FROM objects "
                                   "GROUP BY sop_instance_uid HAVING COUNT(*) > 1").fetchall()
         outcome = {r["sop_instance_uid"]: dict(r) for r in db.execute(

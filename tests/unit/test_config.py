@@ -267,11 +267,21 @@ def test_mllp_destination_rules(tmp_path):
     assert "handler" in problems["routes[0].handler"]
 
 
-def test_default_key_file_is_under_data_dir(tmp_path):
+def test_default_key_file_is_beside_the_config_not_in_data_dir(tmp_path):
+    # A copy of data_dir must not carry its own key.
     path = write_config(tmp_path)
     path.write_text(path.read_text().replace('key_file = "var/keys/store.key"\n', ""))
     cfg = load(path)
-    assert cfg.store.key_file == tmp_path.resolve() / "var" / "keys" / "store.key"
+    assert cfg.store.key_file == tmp_path.resolve() / "keys" / "store.key"
+    assert not cfg.store.key_file.is_relative_to(cfg.engine.data_dir)
+    assert cfg.store.previous_key_files == ()
+
+
+def test_previous_key_files_resolve_beside_the_config(tmp_path):
+    path = write_config(tmp_path, store={"previous_key_files": ["keys/old.key", "/abs/older.key"]})
+    cfg = load(path)
+    assert cfg.store.previous_key_files == (tmp_path.resolve() / "keys" / "old.key",
+                                           Path("/abs/older.key"))
 
 
 def test_syntax_error_names_the_line(tmp_path):
@@ -412,3 +422,59 @@ def test_accepted_keys_cover_what_the_parser_reads():
 def test_bad_destination_does_not_cascade_into_routes(tmp_path, case_id):
     case = next(c for c in ERROR_CASES if c.id == case_id)
     assert [k for k, _ in problems_of(case.make(tmp_path))] == [case.key]
+
+
+# -- DIMSE passcode_file: checked like STOW secrets, never sent in clear --------------------
+
+
+def passcode_config(folder: Path, *, mode: int | None = 0o600, host: str = "127.0.0.1",
+                    name: str = "secrets/pacs.passcode", **extra: Any) -> Path:
+    """A DIMSE destination with username + passcode_file (made with ``mode``; None: not
+    made), to ``host``, relative to the config's folder."""
+    if mode is not None:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("s3cret\n")
+        path.chmod(mode)
+    return write_config(folder, destinations=[dict(
+        DIMSE, host=host, username="mf", passcode_file=name, **extra)])
+
+
+def test_passcode_file_0600_on_loopback_without_tls_loads(tmp_path):
+    cfg = load(passcode_config(tmp_path))
+    assert cfg.destinations[0].passcode_file == tmp_path.resolve() / "secrets" / "pacs.passcode"
+
+
+@pytest.mark.parametrize("mode,why", [(0o644, "readable by every user (mode 0644)"),
+                                      (0o640, "readable by its group (mode 0640)"),
+                                      (0o604, "readable by every user")])
+def test_passcode_file_readable_by_others_is_refused(tmp_path, mode, why):
+    found = dict(problems_of(passcode_config(tmp_path, mode=mode)))
+    assert why in found["destinations[0].passcode_file"], found
+    assert "chmod 600" in found["destinations[0].passcode_file"]
+
+
+def test_passcode_file_missing_or_not_a_file_is_refused(tmp_path):
+    found = dict(problems_of(passcode_config(tmp_path / "a", mode=None)))
+    assert "does not exist" in found["destinations[0].passcode_file"], found
+    (tmp_path / "b" / "secrets" / "pacs.passcode").mkdir(parents=True)
+    found = dict(problems_of(passcode_config(tmp_path / "b", mode=None)))
+    assert "is not a regular file" in found["destinations[0].passcode_file"], found
+
+
+def test_passcode_never_travels_in_clear(tmp_path):
+    # Off loopback without TLS the destination is refused anyway (cleartext PHI)…
+    found = dict(problems_of(passcode_config(tmp_path / "a", host="10.1.2.3")))
+    assert "allow_cleartext" in found["destinations[0].host"], found
+    # …and accepting cleartext PHI does not extend to the passcode.
+    found = dict(problems_of(passcode_config(tmp_path / "b", host="10.1.2.3", allow_cleartext=True)))
+    assert "would travel in clear to '10.1.2.3'" in found["destinations[0].passcode_file"], found
+    assert "tls" in found["destinations[0].passcode_file"]
+
+
+def test_passcode_over_tls_off_loopback_loads(tmp_path):
+    from tlsgen import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    cfg = load(passcode_config(tmp_path, host="10.1.2.3", tls={"ca_file": str(pki["ca.crt"])}))
+    assert cfg.destinations[0].tls is not None and cfg.destinations[0].passcode_file is not None

@@ -146,10 +146,12 @@ def test_policy_is_tls12_plus_with_aead_suites_only(pki):
     assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname
 
 
-def test_identities_are_cn_and_san_lower_case():
+def test_identities_are_san_else_cn_lower_case():
+    # With a subjectAltName the CN is not an identity (RFC 6125); see test_cert_binding.py.
     cert = {"subject": ((("commonName", "CT1.Example"),),),
-            "subjectAltName": (("DNS", "ct1-alt.example"), ("IP Address", "10.0.0.7"), ("email", "x@y"))}
-    assert tls.identities(cert) == {"ct1.example", "ct1-alt.example", "10.0.0.7"}
+            "subjectAltName": (("DNS", "CT1-alt.example"), ("IP Address", "10.0.0.7"), ("email", "x@y"))}
+    assert tls.identities(cert) == {"ct1-alt.example", "10.0.0.7"}
+    assert tls.identities({"subject": cert["subject"]}) == {"ct1.example"}
     assert tls.identities(None) == set()
 
 

@@ -59,7 +59,13 @@ def test_round_trip(tmp_path, size):
     assert result.size == size
     assert result.key_id == key_id_of(KEY_A).hex() == v.key_id
     import hashlib
-    assert result.digest == hashlib.sha256(data).hexdigest()
+    import hmac
+    # Keyed: no plain SHA-256 of the plaintext is stored (it would confirm guesses).
+    assert result.digest != hashlib.sha256(data).hexdigest()
+    assert result.digest == v.digest(data)
+    assert result.digests == ((v.key_id, result.digest),)
+    assert result.digest != Vault([KEY_B]).digest(data)
+    assert len(result.digest) == 64 and hmac.compare_digest(result.digest, v.digest(data))
     assert v.open_bytes(path) == data
     chunks = list(v.open_chunks(path))
     assert all(len(c) <= CHUNK for c in chunks)
@@ -289,3 +295,13 @@ def test_key_file_wrong_size_refused(tmp_path, size):
     assert "32" in str(info.value)
     # The existing file is never replaced by a fresh key (old blobs would be lost).
     assert path.read_bytes() == b"k" * size
+
+
+def test_a_vault_with_previous_keys_digests_under_each(tmp_path):
+    data = payload(1000)
+    rotated = Vault([KEY_B, KEY_A])
+    _, result = rotated.seal_bytes(data)
+    assert result.key_id == key_id_of(KEY_B).hex()
+    assert dict(result.digests) == {key_id_of(KEY_B).hex(): Vault([KEY_B]).digest(data),
+                                    key_id_of(KEY_A).hex(): Vault([KEY_A]).digest(data)}
+    assert rotated.key_ids == [key_id_of(KEY_B).hex(), key_id_of(KEY_A).hex()]
