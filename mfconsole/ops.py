@@ -1,5 +1,6 @@
 """Operator commands over a configuration and its data directory: echo, test,
-dead letters, pause/resume. The CLI prints; the console will call the same functions.
+dead letters, pause/resume, keys. The CLI prints; the control socket (the console)
+calls the same functions.
 
 Queue changes go straight to the database (SQLite serialises them with a running
 engine, whose workers pick them up on their next round) and are audited.
@@ -245,8 +246,8 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
     from pydicom import config as pydicom_config, dcmread
     from pydicom.errors import InvalidDicomError
 
+    from mfconsole.contract import Outbound
     from mfconsole.dicomfile import dataset_bytes
-    from mfconsole.engine.delivery import Outbound
     from mfconsole.engine.handlers import HandlerError, load as load_handler
 
     # As in the engine: pydicom's value validation warnings would quote values (PHI).
@@ -267,8 +268,8 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
 
 def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
     """What a loaded handler version emits for one object, as text. Sends nothing."""
+    from mfconsole.contract import Outcome
     from mfconsole.engine.handlers import Handlers
-    from mfconsole.engine.outcomes import Outcome
     from mfconsole.engine.transform import Transformer
 
     name = handler.name

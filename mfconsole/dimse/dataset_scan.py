@@ -27,7 +27,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["DatasetRejected", "HeaderSummary", "scan_dataset", "is_valid_uid"]
+__all__ = ["DatasetRejected", "HeaderSummary", "scan_dataset", "is_valid_uid", "inflate"]
 
 # DIMSE statuses we answer with.  0xC000 is "Error: cannot understand" (the
 # bytes are not a well-formed dataset); 0xA900 is "Error: data set does not
@@ -184,13 +184,15 @@ _INFLATE_OUT_CHUNK = 256 * 1024
 _MAX_DEFLATE_TRAILER = 9
 
 
-def _inflate(data: memoryview, limit: int) -> bytearray:
+def inflate(data: memoryview, limit: int) -> bytearray:
     """Inflate a Deflated Explicit VR LE dataset, refusing more than ``limit`` bytes.
 
     The dataset is raw deflate (no zlib header), hence wbits=-15.  Every
     decompress call is capped with max_length so a bomb is refused as soon
     as it produces limit + 1 bytes: the output never grows past the bound
-    (plus bytearray over-allocation and one output slice).
+    (plus bytearray over-allocation and one output slice). Raises DatasetRejected
+    (0xC000) for a bomb, a broken stream or trailing data; handlers/api.py inflates a
+    stored deflated data set with it too.
     """
     inflater = zlib.decompressobj(-15)
     out = bytearray()
@@ -264,7 +266,7 @@ def scan_dataset(
         if ts == DEFLATED_EXPLICIT_VR_LE:
             if not allow_deflate:
                 raise _bad("deflated transfer syntax not accepted")
-            inflated = memoryview(_inflate(view, max_inflated_bytes))
+            inflated = memoryview(inflate(view, max_inflated_bytes))
             try:
                 return _scan(inflated, _MODE_EXPLICIT_LE, max_depth)
             finally:

@@ -30,13 +30,12 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from mfconsole import egress, tls
+from mfconsole import contract, egress, tls
 from mfconsole.config import PRIORITIES, TLSConfig
+from mfconsole.contract import Outbound, Outcome
 from mfconsole.dimse import cstore, sockets  # (TCP_NODELAY/QUICKACK on our sockets)
 from mfconsole.dimse.odd_length import even_length
-from mfconsole.engine import outcomes
-from mfconsole.engine.delivery import Outbound
-from mfconsole.engine.outcomes import Outcome
+from mfconsole.dimse.status import association_rejected, context_refused, cstore_status
 
 log = logging.getLogger("mfconsole.sender")
 
@@ -89,9 +88,9 @@ def _dial(check: egress.TcpCheck | None, peer: Peer, loopback_only: bool = False
         verdict = (check(peer.host, peer.port, loopback_only=loopback_only) if check is not None
                    else egress.unchecked(peer.host, peer.port))
     except OSError as exc:   # the host name does not resolve now
-        return outcomes.transport_failure(f"cannot connect to {peer.address}: {exc}")
+        return contract.transport_failure(f"cannot connect to {peer.address}: {exc}")
     if isinstance(verdict, egress.Refusal):
-        return outcomes.egress_refused(verdict.target, verdict.allowlist, verdict.resolved, verdict.why)
+        return contract.egress_refused(verdict.target, verdict.allowlist, verdict.resolved, verdict.why)
     return verdict
 
 
@@ -116,7 +115,7 @@ def tls_context(peer: Peer) -> ssl.SSLContext | None:
 
 def _tls_unusable(exc: tls.TLSSetupError) -> Outcome:
     """A certificate file changed since the config was loaded: fix it, then resume."""
-    return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration", str(exc))
+    return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration", str(exc))
 
 
 def ts_name(uid: str) -> str:
@@ -189,21 +188,21 @@ def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
     """Why ``ae.associate`` did not give an established association."""
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
-        return outcomes.association_rejected(int(rj.result), int(rj.result_source), int(rj.diagnostic))
+        return association_rejected(int(rj.result), int(rj.result_source), int(rj.diagnostic))
     if seen.tls_error is not None:   # an untrusted certificate pauses; the rest is retried
-        return outcomes.tls_failure(seen.tls_error, peer.address)
+        return contract.tls_failure(seen.tls_error, peer.address)
     if not seen.connected:
-        return outcomes.transport_failure(
+        return contract.transport_failure(
             f"cannot connect to {peer.address}: refused, unreachable or no answer within "
             f"connect_timeout_s={peer.connect_timeout_s:g}")
     if seen.accepted:
-        return outcomes.context_refused(f"{peer.address} accepted none of the presentation "
-                                        "contexts we proposed")
+        return context_refused(f"{peer.address} accepted none of the presentation "
+                               "contexts we proposed")
     if not seen.answered:
-        return outcomes.transport_failure(
+        return contract.transport_failure(
             f"{peer.address} did not answer the association request within "
             f"acse_timeout_s={peer.acse_timeout_s:g}")
-    return outcomes.transport_failure(f"{peer.address} aborted the association request")
+    return contract.transport_failure(f"{peer.address} aborted the association request")
 
 
 def _pause_reactor(assoc: Any) -> bool:
@@ -305,12 +304,12 @@ class DimseSender:
         try:
             ext_neg = _user_identity(p)
         except OSError as exc:   # e.g. the passcode file vanished
-            return outcomes.Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration",
-                                    f"cannot read passcode_file: {exc.strerror}")
+            return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration",
+                           f"cannot read passcode_file: {exc.strerror}")
         try:
             assoc, seen = _associate(self._ae(), p, dial, ext_neg, ctx, contexts=self._contexts())
         except OSError as exc:
-            return outcomes.transport_failure(f"cannot connect to {p.address}: "
+            return contract.transport_failure(f"cannot connect to {p.address}: "
                                               f"{exc.strerror or exc.__class__.__name__}")
         if not assoc.is_established:
             return _association_failure(assoc, p, seen)
@@ -318,7 +317,7 @@ class DimseSender:
         self._stored = 0
         if not _pause_reactor(assoc):
             self.close()
-            return outcomes.transport_failure(f"{p.address} dropped the association at once")
+            return contract.transport_failure(f"{p.address} dropped the association at once")
         self.last_used = time.monotonic()
         return None
 
@@ -365,7 +364,7 @@ class DimseSender:
         done: list[Outcome] = []
         for obj in objs:
             done.append(self.send(obj))
-            if not done[-1].is_success and done[-1].scope == outcomes.DESTINATION:
+            if not done[-1].is_success and done[-1].scope == contract.DESTINATION:
                 break
         return done
 
@@ -376,15 +375,15 @@ class DimseSender:
         try:
             data, context = self._choose(obj)
         except Exception as exc:   # e.g. a value pydicom cannot write back (3-byte US)
-            return outcomes.internal_error(
+            return contract.internal_error(
                 exc, f"re-encoding {ts_name(obj.transfer_syntax)} for the peer "
                      "(it does not accept the object's own transfer syntax)")
         if context is None:
             return self._refused(obj)
         data, padded = even_length(data, str(context.transfer_syntax[0]))
         if data is None:
-            return outcomes.Outcome(
-                outcomes.PERMANENT, outcomes.MESSAGE, "odd length",
+            return Outcome(
+                contract.PERMANENT, contract.MESSAGE, "odd length",
                 f"the data set has an odd length ({padded} bytes) that mfconsole cannot pad: "
                 "DICOM requires even lengths and the peer would abort the association")
         self.last_used = time.monotonic()
@@ -413,9 +412,9 @@ class DimseSender:
     def _refused(self, obj: Outbound) -> Outcome:
         klass = sop_name(obj.sop_class_uid)
         if obj.transfer_syntax in UNCOMPRESSED:
-            return outcomes.context_refused(f"peer does not accept {klass} in any uncompressed "
-                                            "transfer syntax")
-        return outcomes.context_refused(
+            return context_refused(f"peer does not accept {klass} in any uncompressed "
+                                   "transfer syntax")
+        return context_refused(
             f"peer does not accept {ts_name(obj.transfer_syntax)} for {klass}; "
             "mfconsole does not transcode")
 
@@ -433,7 +432,7 @@ class DimseSender:
             _, rsp = assoc.dimse.get_msg(block=True)
         except OSError as exc:
             self.drop()
-            return outcomes.no_response(f"connection to {self.peer.address} lost during the "
+            return contract.no_response(f"connection to {self.peer.address} lost during the "
                                         f"C-STORE ({exc.__class__.__name__})", others_delivered=others)
         if rsp is None:
             # DIMSE timeout, the peer aborted, or the connection went silent mid-PDU:
@@ -442,7 +441,7 @@ class DimseSender:
             closed = (assoc.acse.is_aborted("a-p-abort") or not assoc.dul.is_alive()
                       or assoc.dul.state_machine.current_state == "Sta1")
             self.drop()
-            return outcomes.no_response(
+            return contract.no_response(
                 "peer aborted the association during the C-STORE" if aborted else
                 f"connection to {self.peer.address} closed during the C-STORE (silent beyond "
                 f"network_timeout_s={self.peer.network_timeout_s:g}, or dropped)" if closed else
@@ -450,9 +449,9 @@ class DimseSender:
                 others_delivered=others)
         status = rsp.Status
         if status is None:
-            return outcomes.Outcome(outcomes.BOUNDED, outcomes.MESSAGE, "invalid response",
-                                    "C-STORE response without a status")
-        return outcomes.cstore_status(int(status))
+            return Outcome(contract.BOUNDED, contract.MESSAGE, "invalid response",
+                           "C-STORE response without a status")
+        return cstore_status(int(status))
 
 
 def reencode(data: bytes, source_ts: str, target_ts: str) -> bytes:
@@ -528,7 +527,7 @@ def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
         assoc, seen = _associate(ae, peer, dial, _user_identity(peer), ctx,
                                  contexts=contexts or [build_context(Verification)])
     except OSError as exc:
-        return outcomes.transport_failure(f"cannot connect to {peer.address}: "
+        return contract.transport_failure(f"cannot connect to {peer.address}: "
                                           f"{exc.strerror or exc.__class__.__name__}"), []
     if not assoc.is_established:
         return _association_failure(assoc, peer, seen), []

@@ -416,7 +416,7 @@ class ControlService:
         recent one routed through it, or a given delivery). Sends nothing. The output
         may quote patient data, so it is an audited reveal."""
         from mfconsole import ops
-        from mfconsole.engine.delivery import Outbound
+        from mfconsole.contract import Outbound
         from mfconsole.engine.handlers import HandlerError
 
         try:

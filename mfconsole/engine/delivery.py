@@ -24,11 +24,11 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from mfconsole.engine import outbox, outcomes
-from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, Outcome
+from mfconsole import contract
+from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome, Sender
+from mfconsole.engine import outbox
 from mfconsole.engine.store import Store
 from mfconsole.engine.vault import VaultError
 
@@ -40,36 +40,6 @@ BATCH = 32    # deliveries claimed per round (more when one request takes more)
 # that window short without a commit per object.
 FLUSH_S = 0.5
 IDLE_POLL_S = 0.25
-
-
-@dataclass(frozen=True)
-class Outbound:
-    """One object to send: routing-safe UIDs and the plaintext data set bytes."""
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    data: bytes
-    study_uid: str = ""
-
-
-class Sender(Protocol):
-    # (objects, bytes) per request; (1, 0) sends one object at a time.
-    max_batch: tuple[int, int]
-    # In arrival order (HL7): nothing overtakes a message that failed or waits to retry.
-    in_order: bool
-
-    def prepare(self, items: list[outbox.Claimed]) -> Outcome | None:
-        """Get a connection ready for these items (not yet claimed); an Outcome when
-        the peer will not have us. Extra workers call it before they claim anything."""
-        ...
-
-    def send_many(self, objs: list[Outbound]) -> list[Outcome]:
-        """One outcome per object, in order; shorter than ``objs`` when a
-        destination-scope failure stopped the batch (that failure is the last one)."""
-        ...
-
-    def close(self) -> None: ...
-    def close_if_idle(self, idle_s: float) -> None: ...
 
 
 def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int) -> list[list[outbox.Claimed]]:
@@ -135,7 +105,7 @@ class DestinationWorkers:
                     busy = self._round(sender, index)
                 except Exception as exc:   # never let a worker die silently
                     log.error("destination %s: worker error %s%s; retrying in 1 s",
-                              self.name, exc.__class__.__name__, outcomes.raised_at(exc))
+                              self.name, exc.__class__.__name__, contract.raised_at(exc))
                     sender.close()
                     self._stop.wait(1.0)
                     continue
@@ -175,8 +145,8 @@ class DestinationWorkers:
         except Exception as exc:   # a fault of ours while connecting: attributed like a drop
             sender.close()
             refused = dataclasses.replace(
-                outcomes.no_response(f"internal error while connecting: {exc.__class__.__name__}"
-                                     f"{outcomes.raised_at(exc)}"), status="internal error")
+                contract.no_response(f"internal error while connecting: {exc.__class__.__name__}"
+                                     f"{contract.raised_at(exc)}"), status="internal error")
             log.error("destination %s: %s", self.name, refused.reason)
         if refused is not None and index > 0:
             # An extra association the peer would not give is not held against it.
@@ -269,7 +239,7 @@ class DestinationWorkers:
                                       f"({exc.__class__.__name__})"), None)
                 continue
             except Exception as exc:
-                settled[i] = (outcomes.internal_error(exc, "reading the stored object"), None)
+                settled[i] = (contract.internal_error(exc, "reading the stored object"), None)
                 continue
             obj: Any = Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
                                 data, item.study_uid)
@@ -278,7 +248,7 @@ class DestinationWorkers:
                     obj, stamps[i] = self.transform(item.handler, f"{item.listener}->{self.name}",
                                                     item.delivery_id, obj)
                 except Exception as exc:
-                    settled[i] = (outcomes.internal_error(exc, f"running handler {item.handler}"),
+                    settled[i] = (contract.internal_error(exc, f"running handler {item.handler}"),
                                   None)
                     continue
                 if isinstance(obj, Outcome):
@@ -308,7 +278,7 @@ class DestinationWorkers:
         except Exception as exc:
             sender.close()   # the connection is in an unknown state
             if len(objs) == 1:
-                outcome = outcomes.internal_error(exc, f"sending to {self.name}")
+                outcome = contract.internal_error(exc, f"sending to {self.name}")
                 log.error("destination %s: %s", self.name, outcome.reason)
                 return [outcome]
         out: list[Outcome] = []

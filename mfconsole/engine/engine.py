@@ -1,4 +1,4 @@
-"""The engine: owns the store, the listeners and (later) the delivery workers.
+"""The engine: owns the store, the listeners, the delivery workers and housekeeping.
 
 Start order matters: lock the data directory, open the store (which recovers from a
 crash) and only then open listener sockets, so nothing is accepted before the store
@@ -246,8 +246,7 @@ class Engine:
     def _dry_run(self, new: Any, old: Any) -> str | None:
         """Run a new handler version on a few recent objects of its routes, sending
         nothing; refuse it if it raises where the running version did not."""
-        from mfconsole.engine.delivery import Outbound
-        from mfconsole.engine.outcomes import Outcome
+        from mfconsole.contract import Outbound, Outcome
 
         assert self.store is not None
         rows = self.store.reader().execute(

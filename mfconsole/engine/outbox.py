@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mfconsole.engine.outcomes import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANENT,
-                                       TRANSIENT, WARNING, Outcome)
+from mfconsole.contract import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANENT, TRANSIENT,
+                                WARNING, Outcome)
 from mfconsole.engine.store import (DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED,
                                     _insert_audit)
 from mfconsole.engine.store import FILTERED as FILTERED_STATE
@@ -241,8 +241,10 @@ def record(conn: sqlite3.Connection, destination: str, item: Claimed, outcome: O
         new_state, retry_at, attempts = PENDING, now, item.attempts
         pause(conn, destination, outcome.reason, status=outcome.status)
         event = None
-    elif outcome.persistence == PERMANENT or (outcome.persistence == BOUNDED
-                                              and attempts >= policy.bounded_attempts):
+    elif outcome.scope == MESSAGE and (outcome.persistence == PERMANENT or (
+            outcome.persistence == BOUNDED and attempts >= policy.bounded_attempts)):
+        # Only the object's own failures end it: a destination-scope bounded outcome
+        # (RJ 2/2/1) below its bound is retried like a transient one, never dead.
         new_state, retry_at, event = DEAD, None, "dead_lettered"
     else:   # transient, or bounded with tries left
         failures = dest.failures + 1 if outcome.scope == DESTINATION else dest.failures

@@ -12,8 +12,8 @@ WAL fsync is their only durability barrier. Larger ones are sealed to a file (fs
 by the association thread) whose directory the writer fsyncs once per group before
 committing; files are grouped by the hour they arrived, so a group usually shares one
 directory. Blob files are named by a random id, never by a UID. A file that is
-written but never committed (crash between the two) is an orphan and is removed at
-the next start. The store knows nothing of the network.
+written but never committed (crash between the two) is an orphan and is moved to
+quarantine/ at the next start (never deleted: it may be the only copy). The store knows nothing of the network.
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
-from mfconsole.engine.delivery import Outbound
+from mfconsole.contract import FILTERED, MESSAGE, PERMANENT, Outbound, Outcome
 from mfconsole.engine.handlers import Handlers, HandlerError, LoadedHandler
-from mfconsole.engine.outcomes import FILTERED, MESSAGE, PERMANENT, Outcome
 
 HL7_ENCODING = "utf-8"
 

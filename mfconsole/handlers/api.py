@@ -27,8 +27,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
+from mfconsole.dicomvalues import text_of
+from mfconsole.dimse.dataset_scan import DatasetRejected, inflate
 from mfconsole.handlers.sr import SRDocument, is_sr_sop_class
-from mfconsole.handlers.values import text_of
 from mfconsole.hl7.header import MappingError
 from mfconsole.hl7.message import HL7Message
 
@@ -156,9 +157,7 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
 
 
 def _inflate(data: bytes) -> bytes:
-    from mfconsole.dimse.dataset_scan import DatasetRejected, _inflate as bounded_inflate
-
     try:
-        return bytes(bounded_inflate(memoryview(data), MAX_INFLATED_BYTES))
+        return bytes(inflate(memoryview(data), MAX_INFLATED_BYTES))
     except DatasetRejected as exc:
         raise DicomParseError(str(exc)) from None

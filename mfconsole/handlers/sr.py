@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator
 
-from mfconsole.handlers.values import (Code, code_from, first_item, parse_da, parse_dt, parse_tm,
-                                       text_of, value_of)
+from mfconsole.dicomvalues import (Code, code_from, first_item, parse_da, parse_dt, parse_tm,
+                                   text_of, value_of)
 
 __all__ = ["SRDocument", "ContentItem", "Measurement", "Reference", "Coordinates",
            "TemporalCoordinates", "Code", "BY_REFERENCE", "UNKNOWN", "VALUE_TYPES",

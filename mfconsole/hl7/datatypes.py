@@ -23,7 +23,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from mfconsole.handlers.values import Code, parse_da, parse_dt, parse_tm, person_name_parts
+from mfconsole.dicomvalues import Code, parse_da, parse_dt, parse_tm, person_name_parts
 from mfconsole.hl7.escape import BR, escape, split_lines
 from mfconsole.hl7.message import Escaped, Repeat
 

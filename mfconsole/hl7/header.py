@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 from pydicom.uid import UID
 
-from mfconsole.handlers.values import code_from, first_item, text_of, value_of
+from mfconsole.dicomvalues import code_from, first_item, text_of, value_of
 from mfconsole.hl7.datatypes import ce, cnn, dt, dtm, dtm_of, sex, ts_now, xcn, xpn
 from mfconsole.hl7.message import NULL, HL7Error, HL7Message, Repeat, Segment, msh_segment, segment
 

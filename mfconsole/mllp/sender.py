@@ -20,10 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mfconsole import egress, tls
-from mfconsole.engine import outcomes
-from mfconsole.engine.delivery import Outbound
-from mfconsole.engine.outcomes import Outcome
+from mfconsole import contract, egress, tls
+from mfconsole.contract import Outbound, Outcome
+from mfconsole.mllp.status import hl7_ack
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 MAX_ACK_BYTES = 64 * 1024     # an ACK is a few hundred bytes; more is not an ACK
@@ -116,7 +115,7 @@ def _silent(what: str, others_delivered: bool) -> Outcome:
     (retried, "down" in time), unless this connection had delivered earlier messages
     and then failed on this one. An ACK that is garbled, oversized or for another
     MSH-10 is an answer, and stays ambiguous (see outbox.attribute)."""
-    outcome = outcomes.no_response(what, others_delivered=others_delivered)
+    outcome = contract.no_response(what, others_delivered=others_delivered)
     return outcome if others_delivered else dataclasses.replace(outcome, ambiguous=False)
 
 
@@ -152,17 +151,17 @@ class MllpSender:
         try:   # before every connect: the address the host resolves to now, if allowed
             dial = self.egress_dial(self.host, self.port, loopback_only=self.loopback_only)
         except OSError as exc:   # the host name does not resolve now
-            return outcomes.transport_failure(f"cannot connect to {self.address}: {exc}")
+            return contract.transport_failure(f"cannot connect to {self.address}: {exc}")
         if isinstance(dial, egress.Refusal):
-            return outcomes.egress_refused(dial.target, dial.allowlist, dial.resolved, dial.why)
+            return contract.egress_refused(dial.target, dial.allowlist, dial.resolved, dial.why)
         try:
             ctx = self._tls.get() if self._tls is not None else None
         except tls.TLSSetupError as exc:   # a file changed since the config was loaded
-            return Outcome(outcomes.PERMANENT, outcomes.DESTINATION, "configuration", str(exc))
+            return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration", str(exc))
         try:   # exactly the checked address (no second resolution of the name)
             sock = socket.create_connection((dial.address, dial.port), timeout=self.connect_timeout_s)
         except OSError as exc:
-            return outcomes.transport_failure(
+            return contract.transport_failure(
                 f"cannot connect to {self.address}: {exc.__class__.__name__} "
                 f"(connect_timeout_s={self.connect_timeout_s:g})")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -172,7 +171,7 @@ class MllpSender:
                     sock, server_hostname=tls.server_hostname(self.tls, self.host))
             except OSError as exc:
                 sock.close()
-                return outcomes.tls_failure(exc, self.address)
+                return contract.tls_failure(exc, self.address)
         self.sock, self.last_used, self._acked = sock, time.monotonic(), 0
         return None
 
@@ -200,7 +199,7 @@ class MllpSender:
         try:
             ours = control_id(message)
         except ValueError as exc:
-            return Outcome(outcomes.PERMANENT, outcomes.MESSAGE, "not HL7", str(exc))
+            return Outcome(contract.PERMANENT, contract.MESSAGE, "not HL7", str(exc))
         reused = self.sock is not None
         failed = self.prepare()
         if failed is not None:
@@ -226,7 +225,7 @@ class MllpSender:
                            f"MSH-10 {ours} will be sent again", others)
         except AckError as exc:
             self.close()
-            return outcomes.no_response(f"{exc}; MSH-10 {ours} will be sent again",
+            return contract.no_response(f"{exc}; MSH-10 {ours} will be sent again",
                                         others_delivered=others)
         except OSError as exc:
             self.close()
@@ -235,9 +234,9 @@ class MllpSender:
         self.last_used = time.monotonic()
         if ack.control_id != ours:
             self.close()
-            return outcomes.no_response(f"ACK for MSH-10 {ack.control_id!r}, not ours ({ours}); "
+            return contract.no_response(f"ACK for MSH-10 {ack.control_id!r}, not ours ({ours}); "
                                         "sent again", others_delivered=others)
-        outcome = outcomes.hl7_ack(ack.code)
+        outcome = hl7_ack(ack.code)
         if outcome.is_success:
             self._acked += 1
         return outcome

@@ -28,12 +28,11 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from mfconsole import __version__, egress, tls
+from mfconsole import __version__, contract, egress, tls
 from mfconsole.config import TLSConfig
-from mfconsole.engine import outcomes
-from mfconsole.engine.delivery import Outbound
-from mfconsole.engine.outcomes import DESTINATION, MESSAGE, PERMANENT, Outcome
+from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome
 from mfconsole.stow import multipart, response
+from mfconsole.stow.status import stow_http
 
 # httpx logs every request at INFO and httpcore traces at DEBUG; neither may ever
 # carry a header of ours (Authorization) or a body into the log.
@@ -208,27 +207,27 @@ def network_failure(exc: httpx.HTTPError, target: Target) -> Outcome:
     where = target.origin
     bad_cert = _cause(exc, ssl.SSLCertVerificationError)
     if bad_cert is not None:
-        return outcomes.tls_failure(bad_cert, where)
+        return contract.tls_failure(bad_cert, where)
     if isinstance(exc, httpx.ConnectTimeout):
-        return outcomes.transport_failure(
+        return contract.transport_failure(
             f"no connection to {where} within connect_timeout_s={target.connect_timeout_s:g}")
     if isinstance(exc, httpx.ConnectError):
         handshake = _cause(exc, ssl.SSLError)
         if handshake is not None:
-            return outcomes.tls_failure(handshake, where)
-        return outcomes.transport_failure(f"cannot connect to {where}: refused, unreachable or "
+            return contract.tls_failure(handshake, where)
+        return contract.transport_failure(f"cannot connect to {where}: refused, unreachable or "
                                           "unknown host")
     if isinstance(exc, httpx.ReadTimeout):
-        return outcomes.no_response(
+        return contract.no_response(
             f"no answer from {where} within response_timeout_s={target.response_timeout_s:g}; "
             "the objects may be stored: they are sent again (STOW is idempotent)")
     if isinstance(exc, httpx.WriteTimeout):
-        return outcomes.transport_failure(
+        return contract.transport_failure(
             f"{where} stopped reading the request for network_timeout_s={target.network_timeout_s:g}")
     if isinstance(exc, httpx.RemoteProtocolError):
-        return outcomes.no_response(f"{where} closed the connection without a complete answer; "
+        return contract.no_response(f"{where} closed the connection without a complete answer; "
                                     "the objects may be stored: they are sent again (STOW is idempotent)")
-    return outcomes.transport_failure(f"connection to {where} lost ({exc.__class__.__name__})")
+    return contract.transport_failure(f"connection to {where} lost ({exc.__class__.__name__})")
 
 
 # -- the sender ---------------------------------------------------------------------------
@@ -284,9 +283,9 @@ class StowSender:
         try:
             verdict = self.egress_dial(self.target.studies_url, loopback_only=self.target.loopback_only)
         except OSError as exc:   # the host name does not resolve now
-            return outcomes.transport_failure(f"cannot connect to {self.target.origin}: {exc}")
+            return contract.transport_failure(f"cannot connect to {self.target.origin}: {exc}")
         if isinstance(verdict, egress.Refusal):
-            return outcomes.egress_refused(verdict.target, verdict.allowlist, verdict.resolved,
+            return contract.egress_refused(verdict.target, verdict.allowlist, verdict.resolved,
                                            verdict.why)
         return verdict
 
@@ -332,7 +331,7 @@ class StowSender:
         results = response.per_instance(reply.status, reply.answer, uids, reply.retry_after_s)
         if any(o.is_success for o in results):
             self._answered += 1
-        whole = outcomes.stow_http(reply.status, reply.retry_after_s)
+        whole = stow_http(reply.status, reply.retry_after_s)
         if len(objs) > 1 and not whole.is_success and whole.scope == MESSAGE \
                 and not response.explains(reply.answer, uids):
             # 413, or a refusal that names no instance: halve until it does, or until
@@ -419,7 +418,7 @@ def echo(target: Target, egress_dial: egress.HttpCheck) -> EchoResult:
     rtt = (time.perf_counter() - t0) * 1000
     if isinstance(reply, Outcome):
         return EchoResult(False, rtt, reply.reason)
-    verdict = outcomes.stow_http(reply.status)
+    verdict = stow_http(reply.status)
     if verdict.is_success or (verdict.scope == MESSAGE and 400 <= reply.status < 500):
         # A 4xx about the (empty) content still proves the endpoint and our credentials.
         return EchoResult(True, rtt, f"HTTP {reply.status} to an empty STOW-RS request (nothing stored)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
 from mfconsole import __version__
-from mfconsole.engine.delivery import Outbound
+from mfconsole.contract import Outbound
 
 PART_TYPE = "application/dicom"
 # The listener identifies itself with pynetdicom's implementation class UID; files we

@@ -20,8 +20,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from mfconsole.engine import outcomes
-from mfconsole.engine.outcomes import Outcome
+from mfconsole.contract import Outcome
+from mfconsole.stow.status import stow_http, stow_instance
 
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -187,13 +187,13 @@ def per_instance(http_status: int, answer: Answer | None, uids: list[str],
     """One Outcome per instance: what the body says about it, else what the status
     line says about the whole request (for a 2xx: stored, since an instance absent
     from FailedSOPSequence did not fail)."""
-    whole = outcomes.stow_http(http_status, retry_after_s)
+    whole = stow_http(http_status, retry_after_s)
     out: list[Outcome] = []
     for uid in uids:
         if answer is not None and uid in answer.failed:
-            out.append(outcomes.stow_instance(answer.failed[uid], http_status, stored=False))
+            out.append(stow_instance(answer.failed[uid], http_status, stored=False))
         elif answer is not None and uid in answer.stored:
-            out.append(outcomes.stow_instance(answer.stored[uid], http_status, stored=True))
+            out.append(stow_instance(answer.stored[uid], http_status, stored=True))
         else:
             out.append(whole)
     return out

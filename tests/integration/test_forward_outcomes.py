@@ -1,6 +1,5 @@
 """Outbound DIMSE delivery against real peers: one test case per row of the two DIMSE
-tables of ../shared/reference/status-classes.md ("C-STORE response status" and
-"Association").
+tables of docs/outcomes.md ("C-STORE response status" and "Association").
 
 Peers: tests/fault_scp.py (a pynetdicom SCP that answers chosen statuses, rejects
 associations with chosen A-ASSOCIATE-RJ triples, never answers, or aborts) and DCMTK

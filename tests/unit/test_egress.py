@@ -10,10 +10,9 @@ import pytest
 
 from fake_dns import FakeDNS
 from harness import write_config
-from mfconsole import egress
+from mfconsole import contract, egress
 from mfconsole.config import ConfigError, load
 from mfconsole.egress import Dial, Refusal, Unresolved, check_http, check_tcp, parse_entry, pin
-from mfconsole.engine import outcomes
 
 
 @pytest.fixture
@@ -203,11 +202,11 @@ def test_an_address_prefix_allows_a_name_resolving_to_it(dns):
 def test_the_refusal_outcome_names_the_resolved_address(dns):
     dns.set("pacs.test", "127.0.0.2")
     r = check_tcp(["127.0.0.1:104"], pin(["127.0.0.1:104"]), "pacs.test", 104)
-    out = outcomes.egress_refused(r.target, r.allowlist, r.resolved, r.why)
-    assert (out.status, out.scope, out.persistence) == ("egress", outcomes.DESTINATION, outcomes.PERMANENT)
+    out = contract.egress_refused(r.target, r.allowlist, r.resolved, r.why)
+    assert (out.status, out.scope, out.persistence) == ("egress", contract.DESTINATION, contract.PERMANENT)
     assert out.reason == ("pacs.test:104 (resolved to 127.0.0.2) is not in [egress].allowed_tcp; "
                           "nothing was sent")
-    assert outcomes.egress_refused("h:1").reason == "h:1 is not in [egress].allowed_tcp; nothing was sent"
+    assert contract.egress_refused("h:1").reason == "h:1 is not in [egress].allowed_tcp; nothing was sent"
 
 
 def mllp(host: str, port: int = 2575, **extra) -> dict:

@@ -10,7 +10,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 import dicomgen
-from mfconsole.engine.delivery import Outbound
+from mfconsole.contract import Outbound
 from mfconsole.stow import multipart
 from stow_server import split_multipart
 

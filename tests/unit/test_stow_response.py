@@ -6,10 +6,9 @@ import email.utils
 
 import pytest
 
-from mfconsole.engine import outcomes
-from mfconsole.engine.outcomes import (BOUNDED, DELIVERED, DESTINATION, MESSAGE, PERMANENT, TRANSIENT,
-                                       WARNING)
+from mfconsole.contract import BOUNDED, DELIVERED, DESTINATION, MESSAGE, PERMANENT, TRANSIENT, WARNING
 from mfconsole.stow import response
+from mfconsole.stow.status import stow_http, stow_instance
 from stow_server import Request, dicom_json, dicom_xml
 
 UIDS = ["1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4"]
@@ -64,13 +63,13 @@ def test_400_names_the_failed_one_and_the_others_are_stored():
     (0x0000, (BOUNDED, MESSAGE)), (0x1234, (BOUNDED, MESSAGE)),
 ])
 def test_failure_reasons_follow_the_cstore_table(code, expected):
-    got = outcomes.stow_instance(code, 409, stored=False)
+    got = stow_instance(code, 409, stored=False)
     assert (got.persistence, got.scope) == expected
 
 
 @pytest.mark.parametrize("code", [0xB000, 0xB006, 0xB007, 0xB123])
 def test_any_warning_reason_is_delivered(code):
-    got = outcomes.stow_instance(code, 202, stored=True)
+    got = stow_instance(code, 202, stored=True)
     assert got.is_success and got.persistence == WARNING and got.status == f"0x{code:04X}"
 
 
@@ -85,13 +84,13 @@ def test_any_warning_reason_is_delivered(code):
     (507, (TRANSIENT, DESTINATION)), (422, (PERMANENT, MESSAGE)), (100, (BOUNDED, MESSAGE)),
 ])
 def test_http_status_table(status, expected):
-    got = outcomes.stow_http(status)
+    got = stow_http(status)
     assert (got.persistence, got.scope) == expected
     assert got.status == f"HTTP {status}"
 
 
 def test_transient_answer_carries_retry_after():
-    assert outcomes.stow_http(429, 7.0).retry_after_s == 7.0
+    assert stow_http(429, 7.0).retry_after_s == 7.0
     got = response.per_instance(503, None, UIDS[:2], retry_after_s=3.0)
     assert [o.retry_after_s for o in got] == [3.0, 3.0]
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness import write_config
-from mfconsole import tls
+from mfconsole import contract, tls
 from mfconsole.config import load
-from mfconsole.engine import outcomes
 from test_stow_config import problems
 from tlsgen import make_pki
 
@@ -156,15 +155,15 @@ def test_identities_are_san_else_cn_lower_case():
 
 
 @pytest.mark.parametrize("exc,persistence", [
-    (ssl.SSLCertVerificationError(1, "certificate verify failed"), outcomes.PERMANENT),
-    (ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION]"), outcomes.TRANSIENT),
-    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), outcomes.TRANSIENT),
-    (ConnectionResetError(104, "reset"), outcomes.TRANSIENT),
-    (TimeoutError("timed out"), outcomes.TRANSIENT),
+    (ssl.SSLCertVerificationError(1, "certificate verify failed"), contract.PERMANENT),
+    (ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION]"), contract.TRANSIENT),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), contract.TRANSIENT),
+    (ConnectionResetError(104, "reset"), contract.TRANSIENT),
+    (TimeoutError("timed out"), contract.TRANSIENT),
 ])
 def test_handshake_failures_are_classified(exc, persistence):
-    outcome = outcomes.tls_failure(exc, "127.0.0.1:11113")
-    assert outcome.persistence == persistence and outcome.scope == outcomes.DESTINATION
+    outcome = contract.tls_failure(exc, "127.0.0.1:11113")
+    assert outcome.persistence == persistence and outcome.scope == contract.DESTINATION
     assert "127.0.0.1:11113" in outcome.reason
 
 

@@ -1,4 +1,6 @@
-"""DICOM values as handlers need them: codes, person names, dates and times.
+"""DICOM values as handlers and the HL7 mapping need them: codes, person names, dates
+and times. Used by mfconsole/handlers (the SR tree, the handler contract) and
+mfconsole/hl7 (data types from DICOM values); it imports neither.
 
 Tolerant by design: vendor data carries empty, partial, legacy (``1999.12.31``,
 ``12:30:00``) and plain wrong values. Every function here returns an empty/None result

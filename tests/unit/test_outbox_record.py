@@ -1,0 +1,102 @@
+"""outbox.record and outbox.attribute on a real schema (in-memory SQLite): which
+outcome ends a delivery, which pauses or marks the destination, and how a cut-short
+transfer is attributed. The integration tests drive the same paths against peers;
+these pin the edge cases."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from mfconsole.contract import BOUNDED, DESTINATION, MESSAGE, TRANSIENT, Outcome, no_response
+from mfconsole.engine import outbox
+from mfconsole.engine.store import create_schema
+
+POLICY = outbox.Policy(retry_initial_s=1, retry_max_s=2, down_after=5, bounded_attempts=3)
+
+
+@pytest.fixture
+def conn():
+    c = sqlite3.connect(":memory:", isolation_level=None)
+    c.row_factory = sqlite3.Row
+    create_schema(c)
+    return c
+
+
+def queued(conn, n: int = 1) -> list[outbox.Claimed]:
+    now = time.time()
+    for i in range(n):
+        cur = conn.execute("INSERT INTO objects (sop_instance_uid, version, digest, blob, received_at) "
+                           "VALUES (?, 1, 'd', 'inline', ?)", (f"1.2.{i}", now))
+        conn.execute("INSERT INTO deliveries (object_id, destination, state, attempts, retry_at, "
+                     "created_at, updated_at) VALUES (?, 'pacs', 'pending', 0, 0, ?, ?)",
+                     (cur.lastrowid, now, now))
+    return outbox.claim(conn, "pacs", n)
+
+
+def state_of(conn, item: outbox.Claimed) -> dict:
+    return dict(conn.execute("SELECT state, attempts, suspect FROM deliveries WHERE id = ?",
+                             (item.delivery_id,)).fetchone())
+
+
+def test_a_destination_bounded_outcome_never_dead_letters_an_object_with_many_attempts(conn):
+    item, = queued(conn)
+    item = outbox.Claimed(**{**item.__dict__, "attempts": 7})   # earlier transient failures
+    rj = Outcome(BOUNDED, DESTINATION, "A-ASSOCIATE-RJ 2/2/1", "user identity")
+    outbox.record(conn, "pacs", item, rj, POLICY)
+    assert state_of(conn, item)["state"] == "pending"
+    assert not outbox.state(conn, "pacs").paused          # below the destination's bound
+
+
+def test_a_message_bounded_outcome_ends_after_bounded_attempts(conn):
+    item, = queued(conn)
+    item = outbox.Claimed(**{**item.__dict__, "attempts": 2})
+    outbox.record(conn, "pacs", item, Outcome(BOUNDED, MESSAGE, "0x0110", "processing failure"), POLICY)
+    assert state_of(conn, item)["state"] == "dead"
+
+
+def test_a_first_cut_short_transfer_on_a_fresh_association_counts_against_the_peer(conn):
+    item, = queued(conn)
+    recorded = outbox.record(conn, "pacs", item, no_response("aborted"), POLICY)
+    assert recorded.scope == DESTINATION
+    assert state_of(conn, item) == {"state": "pending", "attempts": 1, "suspect": 1}
+    assert outbox.state(conn, "pacs").failures == 1
+
+
+def test_after_others_were_delivered_it_counts_against_the_object(conn):
+    item, = queued(conn)
+    recorded = outbox.record(conn, "pacs", item, no_response("aborted", others_delivered=True), POLICY)
+    assert (recorded.persistence, recorded.scope) == (TRANSIENT, MESSAGE)
+    assert outbox.state(conn, "pacs").failures == 0
+
+
+def test_the_same_object_cut_short_again_and_again_is_dead_after_bounded_attempts(conn):
+    item, = queued(conn)
+    for n in range(3):
+        if n:
+            item, = outbox.claim(conn, "pacs", 1, now=time.time() + 3600)
+        recorded = outbox.record(conn, "pacs", item, no_response("aborted"), POLICY)
+    assert state_of(conn, item) == {"state": "dead", "attempts": 3, "suspect": 3}
+    assert "3 times with this object in flight" in recorded.reason
+
+
+def test_two_different_objects_cut_short_in_a_row_is_the_peer(conn):
+    a, b = queued(conn, 2)
+    outbox.record(conn, "pacs", a, no_response("aborted"), POLICY)
+    recorded = outbox.record(conn, "pacs", b, no_response("aborted"), POLICY)
+    assert recorded.scope == DESTINATION and outbox.state(conn, "pacs").failures == 2
+    # And the first one, cut short again now, is not blamed either: another failed since.
+    a = outbox.claim(conn, "pacs", 2, now=time.time() + 3600)
+    again = [x for x in a if x.suspect][0]
+    assert outbox.record(conn, "pacs", again, no_response("aborted"), POLICY).scope == DESTINATION
+
+
+def test_suspects_are_claimed_last_and_never_probe_first(conn):
+    a, b = queued(conn, 2)
+    outbox.record(conn, "pacs", a, no_response("aborted"), POLICY)
+    outbox.release(conn, [b.delivery_id])
+    due = outbox.due(conn, "pacs", 2, now=time.time() + 3600)
+    assert [d.delivery_id for d in due] == [b.delivery_id, a.delivery_id]
+    assert outbox.due(conn, "pacs", 1, now=time.time() + 3600)[0].delivery_id == b.delivery_id
