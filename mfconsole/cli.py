@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -33,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                     "hosting one).")
     p.add_argument("--version", action="version", version=f"mfconsole {__version__}")
     p.add_argument("--read-only", action="store_true",
-                   help="console: show everything, change nothing (no replay, pause, reload, edit)")
+                   help="console: show everything routing-safe, change nothing (no replay, pause, reload, "
+                        "edit, reveal); the engine enforces it (control-ro.sock)")
     p.add_argument("--no-mouse", action="store_true", help="console: leave the mouse to the terminal (tmux)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sv = sub.add_parser("serve", parents=[common], help="run the engine headless in the foreground")
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--destination", help="every dead letter of this destination")
     dc.add_argument("--reason", help="every dead letter whose reason contains TEXT")
     sub.add_parser("reload", parents=[common],
-                   help="ask the running engine to reload config.toml and handlers (SIGHUP)")
+                   help="ask the running engine to reload config.toml and handlers (over its "
+                        "control socket)")
     ks = sub.add_parser("keys", parents=[common], help="store keys: which seal what, make a new one")
     kss = ks.add_subparsers(dest="action", required=True, metavar="ACTION")
     kss.add_parser("list", parents=[common], help="configured key files, their key ids and objects")
@@ -123,12 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "console":
         return cmd_console(config, read_only=args.read_only, mouse=not args.no_mouse)
     from mfconsole import ops
+    from mfconsole.engine.control import ControlError
+    from mfconsole.engine.engine_lock import EngineError
 
     try:
         return OPERATIONS[command](config, args)
     except ops.OpsError as exc:
         print(f"mfconsole {command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (ControlError, EngineError) as exc:      # the running engine refused or failed
+        print(f"mfconsole {command}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 def cmd_echo(config: Config, args: Any) -> int:
@@ -167,10 +173,44 @@ def cmd_test(config: Config, args: Any) -> int:
     return EXIT_OK
 
 
+# -- actions: through the running engine when there is one --------------------------
+
+def _engine_socket(config: Config) -> Path | None:
+    """The control socket of the engine serving this data directory, or None when no
+    engine runs. With one running, actions go through it (a single writer, audited
+    with the actor the engine reads from the socket's peer credentials)."""
+    from mfconsole.client import engine_socket
+
+    served = engine_socket(config)
+    return served[1] if served is not None else None
+
+
+def _ask(sock: Path, op: str, **args: Any) -> Any:
+    from mfconsole.engine.control import ControlError, request
+
+    try:
+        return request(sock, op, args, timeout=3600.0)      # bulk actions may take a while
+    except (OSError, ValueError) as exc:
+        raise ControlError(f"the engine's control socket ({sock}) did not answer "
+                           f"({exc.__class__.__name__})") from None
+
+
+def _me() -> str:
+    """Who acts when no engine runs and the CLI writes the database itself."""
+    from mfconsole.actor import local
+
+    return local(via="CLI")
+
+
 def cmd_pause(config: Config, args: Any) -> int:
     from mfconsole import ops
 
-    ops.pause(config, args.destination)
+    ops.check_destination(config, args.destination)
+    sock = _engine_socket(config)
+    if sock is not None:
+        _ask(sock, "pause", destination=args.destination)
+    else:
+        ops.pause(config, args.destination, actor=_me())
     print(f"destination {args.destination}: paused (items stay queued; resume with "
           f"`mfconsole resume {args.destination}`)")
     return EXIT_OK
@@ -179,7 +219,12 @@ def cmd_pause(config: Config, args: Any) -> int:
 def cmd_resume(config: Config, args: Any) -> int:
     from mfconsole import ops
 
-    ops.resume(config, args.destination)
+    ops.check_destination(config, args.destination)
+    sock = _engine_socket(config)
+    if sock is not None:
+        _ask(sock, "resume", destination=args.destination)
+    else:
+        ops.resume(config, args.destination, actor=_me())
     print(f"destination {args.destination}: resumed; queued items are due now")
     return EXIT_OK
 
@@ -212,17 +257,31 @@ def cmd_dead_letters(config: Config, args: Any) -> int:
             print(f"  {when} {h['event']:<16} {h['status'] or '':<12} {h['detail'] or ''}")
         return EXIT_OK
     if args.action == "replay":
+        ops.check_replay(config, args.ids, all_=args.all, destination=args.destination, to=args.to)
+        sock = _engine_socket(config)
         notes: list[str] = []
-        queued = ops.replay(config, args.ids, all_=args.all, destination=args.destination,
-                            reason=args.reason, to=args.to, as_stored=args.as_stored, notes=notes,
-                            progress=_progress("replayed"))
+        if sock is not None:
+            reply = _ask(sock, "replay", ids=args.ids or None, all_=args.all,
+                         destination=args.destination, reason=args.reason, to=args.to,
+                         as_stored=args.as_stored)
+            queued, notes = reply["queued"], reply.get("notes") or []
+        else:
+            queued = len(ops.replay(config, args.ids, all_=args.all, destination=args.destination,
+                                    reason=args.reason, to=args.to, as_stored=args.as_stored,
+                                    notes=notes, progress=_progress("replayed"), actor=_me()))
         for note in notes:
             print(note)
-        print(f"{len(queued)} dead letter(s) queued again"
+        print(f"{queued} dead letter(s) queued again"
               + (f" for {args.to}" if args.to else ""))
         return EXIT_OK if queued or not args.ids else EXIT_FAIL
-    n = ops.discard(config, args.ids, destination=args.destination, reason=args.reason,
-                    progress=_progress("discarded"))
+    ops.check_discard(config, args.ids, destination=args.destination, reason=args.reason)
+    sock = _engine_socket(config)
+    if sock is not None:
+        n = _ask(sock, "discard", ids=args.ids or None, destination=args.destination,
+                 reason=args.reason)["discarded"]
+    else:
+        n = ops.discard(config, args.ids, destination=args.destination, reason=args.reason,
+                        progress=_progress("discarded"), actor=_me())
     print(f"{n} dead letter(s) discarded")
     return EXIT_OK if n == len(set(args.ids)) or not args.ids else EXIT_FAIL
 
@@ -353,32 +412,21 @@ def cmd_console(config: Config, *, read_only: bool, mouse: bool) -> int:
 
 
 def cmd_reload(config: Config) -> int:
-    """SIGHUP to the engine serving this data_dir, then its report (from the audit)."""
-    from mfconsole.engine.engine_lock import holder_pid
-    from mfconsole.engine.store import connect
+    """Ask the engine serving this data_dir to reload, over its control socket, and
+    print the report it returns. (SIGHUP still reloads too: systemd's ExecReload.)"""
+    from mfconsole.client import engine_socket
 
-    pid = holder_pid(config.engine.data_dir)
-    if not pid or pid < 0:
+    served = engine_socket(config)
+    if served is None:
         print(f"mfconsole: no engine is serving {config.engine.data_dir}", file=sys.stderr)
         return EXIT_FAIL
-    conn = connect(config.engine.data_dir / "mfconsole.db", readonly=True)
-    try:
-        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
-        os.kill(pid, signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT event, status, detail FROM audit WHERE id > ? AND event IN "
-                               "('reloaded', 'reload_refused') ORDER BY id LIMIT 1", (last,)).fetchone()
-            if row is not None:
-                ok = row["status"] == "ok"
-                word = "REFUSED" if row["event"] == "reload_refused" else "done" if ok else "done with errors"
-                print(f"reload {word} (pid {pid}): {row['detail']}", file=sys.stdout if ok else sys.stderr)
-                return EXIT_OK if ok else EXIT_FAIL
-            time.sleep(0.1)
-    finally:
-        conn.close()
-    print(f"mfconsole: engine {pid} did not report a reload within 60 s", file=sys.stderr)
-    return EXIT_FAIL
+    pid, sock = served
+    result = _ask(sock, "reload")
+    ok = not result.get("errors")
+    word = "REFUSED" if result.get("refused") else "done" if ok else "done with errors"
+    said = "; ".join(result.get("report") or []) or "no change"
+    print(f"reload {word} (pid {pid}): {said}", file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def cmd_status(config: Config, *, as_json: bool) -> int:

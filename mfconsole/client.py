@@ -6,7 +6,9 @@
   e.g. under systemd); requests go over its control socket and closing the console
   leaves routing running.
 
-Both end in ``engine.control.ControlService`` and both hand back plain JSON values
+A read-only console attaches through ``control-ro.sock``, whose connections the
+engine serves as read-only whatever they send; a hosted one is read-only for the
+console's lifetime. Both end in ``engine.control.ControlService`` and both hand back plain JSON values
 (the in-process one round-trips them through JSON too), so screens cannot tell them
 apart. Every method blocks: the console calls them from thread workers.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mfconsole.config import Config
-from mfconsole.engine.control import SOCKET_NAME, ControlError, request
+from mfconsole.engine.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request
 
 
 class ClientError(Exception):
@@ -112,8 +114,11 @@ class InProcessClient(Client):
     hosts_engine = True
 
     def __init__(self, engine: Any, *, read_only: bool = False):
+        from mfconsole.actor import local
+
         self.engine = engine
-        self.read_only = read_only
+        self.read_only = read_only        # fixed for the console's lifetime
+        self.actor = local(via="in-process console")
         self.description = "in-process engine"
         self._closing = threading.Lock()
         self._closed = False
@@ -123,8 +128,7 @@ class InProcessClient(Client):
         if control is None:
             raise ClientError("the engine is not running")
         try:
-            result = control.service.call(op, args, actor="console (in-process)",
-                                          read_only=self.read_only)
+            result = control.service.call(op, args, actor=self.actor, read_only=self.read_only)
         except ControlError as exc:
             raise ClientError(str(exc)) from None
         # The same values an attached console would get.
@@ -139,16 +143,20 @@ class InProcessClient(Client):
 
 
 class AttachedClient(Client):
-    """Talks to the engine serving the data directory over its control socket."""
+    """Talks to the engine serving the data directory over its control socket: the
+    operator's, or the read-only one (then the engine refuses every change and every
+    reveal, whatever this client sends)."""
 
     def __init__(self, socket_path: Path, pid: int | None = None, *, read_only: bool = False):
+        if read_only and socket_path.name != RO_SOCKET_NAME:
+            socket_path = socket_path.with_name(RO_SOCKET_NAME)
         self.socket_path = socket_path
         self.read_only = read_only
         self.description = f"attached to pid {pid}" if pid else "attached"
 
     def call(self, op: str, **args: Any) -> Any:
         try:
-            return request(self.socket_path, op, args, read_only=self.read_only)
+            return request(self.socket_path, op, args)
         except ControlError as exc:
             raise ClientError(str(exc)) from None
         except (OSError, ValueError) as exc:
@@ -160,19 +168,30 @@ def open_client(config: Config, *, read_only: bool = False) -> Client:
     """Attach to the engine serving ``config``'s data directory, or host one here.
     Raises EngineError when neither is possible (the message says why)."""
     from mfconsole.engine.engine import Engine
+
+    served = engine_socket(config, read_only=read_only)
+    if served is not None:
+        pid, sock = served
+        return AttachedClient(sock, pid, read_only=read_only)
+    engine = Engine(config, log_to_stderr=False)   # stderr is the console's screen
+    engine.start()
+    return InProcessClient(engine, read_only=read_only)
+
+
+def engine_socket(config: Config, *, read_only: bool = False) -> tuple[int | None, Path] | None:
+    """(pid, control socket) of the engine serving ``config``'s data directory, or None
+    when none does. Raises EngineError when one does but offers no socket."""
     from mfconsole.engine.engine_lock import EngineError, holder_pid
 
     data_dir = config.engine.data_dir
     pid = holder_pid(data_dir)
-    if pid is not None:
-        sock = data_dir / SOCKET_NAME
-        deadline = time.monotonic() + 10      # an engine starting up opens it last
-        while not sock.exists() and time.monotonic() < deadline and holder_pid(data_dir):
-            time.sleep(0.1)
-        if not sock.exists():
-            raise EngineError(f"an engine (pid {pid}) serves {data_dir} but offers no control "
-                              f"socket ({sock}); see its log")
-        return AttachedClient(sock, pid if pid > 0 else None, read_only=read_only)
-    engine = Engine(config, log_to_stderr=False)   # stderr is the console's screen
-    engine.start()
-    return InProcessClient(engine, read_only=read_only)
+    if pid is None:
+        return None
+    sock = data_dir / (RO_SOCKET_NAME if read_only else SOCKET_NAME)
+    deadline = time.monotonic() + 10      # an engine starting up opens it last
+    while not sock.exists() and time.monotonic() < deadline and holder_pid(data_dir):
+        time.sleep(0.1)
+    if not sock.exists():
+        raise EngineError(f"an engine (pid {pid}) serves {data_dir} but offers no control "
+                          f"socket ({sock}); see its log")
+    return (pid if pid > 0 else None), sock

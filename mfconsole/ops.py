@@ -2,8 +2,10 @@
 dead letters, pause/resume, keys. The CLI prints; the control socket (the console)
 calls the same functions.
 
-Queue changes go straight to the database (SQLite serialises them with a running
-engine, whose workers pick them up on their next round) and are audited.
+Queue changes go straight to the database and are audited with their ``actor``
+(mfconsole.actor: who, and through what). Against a running engine the CLI does not
+call them itself: it asks the engine over the control socket (one writer), and the
+engine calls them with the actor it read from the socket's peer credentials.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from mfconsole import egress as egress_mod
 from mfconsole.config import Config, DestinationConfig, ae_title_problem
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
-from mfconsole.engine.store import ACTIVE_STATES, DEAD, connect
+from mfconsole.actor import local as local_actor
+from mfconsole.engine.store import ACTIVE_STATES, DEAD, connect, create_schema
 from mfconsole.stow import client as stow
 
 
@@ -121,7 +124,15 @@ def open_db(config: Config) -> Any:
     db = config.engine.data_dir / "mfconsole.db"
     if not db.exists():
         raise OpsError(f"no database at {db}: the engine has never run with this data_dir")
-    return connect(db)
+    conn = connect(db)
+    if "actor" not in {r[1] for r in conn.execute("PRAGMA table_info(audit)")}:
+        create_schema(conn)        # a data dir no engine of this version has opened yet
+    return conn
+
+
+def _who(actor: str | None) -> str:
+    """Callers name the actor; without one it is this process's user, writing directly."""
+    return actor or local_actor(via="direct database write")
 
 
 def _write(config: Config, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -170,53 +181,73 @@ def show_dead(config: Config, delivery_id: int) -> dict[str, Any]:
 
 def replay(config: Config, ids: list[int] | None, *, all_: bool = False, destination: str | None = None,
            reason: str | None = None, to: str | None = None, as_stored: bool = False,
-           notes: list[str] | None = None, progress: Callable[[int, int], None] | None = None
-           ) -> list[int]:
+           notes: list[str] | None = None, progress: Callable[[int, int], None] | None = None,
+           actor: str | None = None) -> list[int]:
     """Queue dead letters again, in transactions of outbox.BULK_BATCH (a filter that
     matches a million rows never holds the writer for long); ``progress(done, total)``
     after each."""
+    check_replay(config, ids, all_=all_, destination=destination, to=to)
+    actor = _who(actor)
+    chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
+    queued: list[int] = []
+    for n, batch in enumerate(outbox.batches(chosen), 1):
+        queued += _write(config, outbox.replay, batch, to=to, as_stored=as_stored, notes=notes,
+                         actor=actor)
+        if progress is not None:
+            progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
+    return queued
+
+
+def check_replay(config: Config, ids: list[int] | None, *, all_: bool = False,
+                 destination: str | None = None, to: str | None = None) -> None:
+    """Refuse a replay asked wrongly, before anything is done (the CLI checks here
+    before it asks a running engine)."""
     if to is not None:
         _destination(config, to)
     if destination is not None:
         _destination(config, destination)
     if not ids and not all_:
         raise OpsError("name dead letter ids, or --all (optionally with --destination/--reason)")
-    chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
-    queued: list[int] = []
-    for n, batch in enumerate(outbox.batches(chosen), 1):
-        queued += _write(config, outbox.replay, batch, to=to, as_stored=as_stored, notes=notes)
-        if progress is not None:
-            progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
-    return queued
 
 
-def discard(config: Config, ids: list[int], *, destination: str | None = None,
-            reason: str | None = None, progress: Callable[[int, int], None] | None = None) -> int:
-    """Dead letters are dropped only when named: by id, or by a filter (never "all").
-    In batches, like ``replay``."""
+def check_discard(config: Config, ids: list[int] | None, *, destination: str | None = None,
+                  reason: str | None = None) -> None:
     if destination is not None:
         _destination(config, destination)
     if not ids and destination is None and not reason:
         raise OpsError("discard needs dead letter ids, or --destination and/or --reason")
     if ids and (destination is not None or reason):
         raise OpsError("give dead letter ids or a filter, not both")
+
+
+def discard(config: Config, ids: list[int], *, destination: str | None = None,
+            reason: str | None = None, progress: Callable[[int, int], None] | None = None,
+            actor: str | None = None) -> int:
+    """Dead letters are dropped only when named: by id, or by a filter (never "all").
+    In batches, like ``replay``."""
+    check_discard(config, ids, destination=destination, reason=reason)
+    actor = _who(actor)
     chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
     done = 0
     for n, batch in enumerate(outbox.batches(chosen), 1):
-        done += _write(config, outbox.discard, batch)
+        done += _write(config, outbox.discard, batch, actor=actor)
         if progress is not None:
             progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
     return done
 
 
-def pause(config: Config, destination: str) -> None:
-    _destination(config, destination)
-    _write(config, outbox.pause, destination, "paused by operator", actor="operator")
+def check_destination(config: Config, name: str) -> None:
+    _destination(config, name)
 
 
-def resume(config: Config, destination: str) -> None:
+def pause(config: Config, destination: str, *, actor: str | None = None) -> None:
     _destination(config, destination)
-    _write(config, outbox.resume, destination)
+    _write(config, outbox.pause, destination, "paused by operator", actor=_who(actor))
+
+
+def resume(config: Config, destination: str, *, actor: str | None = None) -> None:
+    _destination(config, destination)
+    _write(config, outbox.resume, destination, actor=_who(actor))
 
 
 # -- handlers ---------------------------------------------------------------------

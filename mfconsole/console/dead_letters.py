@@ -36,7 +36,7 @@ class DeadLettersScreen(ConsoleScreen):
                 Binding("v", "reveal", "Reveal patient", show=False, id="dead.reveal"),
                 Binding("slash", "filter", "Filter", show=False, id="dead.filter"),
                 Binding("escape", "all_groups", "All groups", show=False, id="dead.all")]
-    MUTATING = frozenset({"replay", "replay_group", "replay_to", "discard"})
+    MUTATING = frozenset({"replay", "replay_group", "replay_to", "discard", "reveal"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -206,6 +206,9 @@ class DeadLettersScreen(ConsoleScreen):
     def action_reveal(self, delivery: int | None = None, screen: Any = None) -> None:
         delivery = delivery if delivery is not None else self.cursor_id
         if delivery is None:
+            return
+        if self.app.read_only:           # the engine would refuse it anyway
+            self.app.notify("a read-only console cannot reveal patient fields", severity="warning")
             return
 
         def show(result: dict[str, Any]) -> None:

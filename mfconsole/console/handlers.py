@@ -25,7 +25,7 @@ class HandlersScreen(ConsoleScreen):
     BINDINGS = [Binding("r", "reload_one", "Reload", id="handlers.reload"),
                 Binding("a", "reload_all", "Reload all", id="handlers.reload_all"),
                 Binding("v", "preview", "Preview", id="handlers.preview")]
-    MUTATING = frozenset({"reload_one", "reload_all"})
+    MUTATING = frozenset({"reload_one", "reload_all", "preview"})    # preview: patient data
 
     def __init__(self) -> None:
         super().__init__()

@@ -164,7 +164,7 @@ class ConsoleScreen(Screen):
 
     NUMBER = 0
     TITLE_TEXT = ""
-    # Actions that change something: hidden in a read-only console.
+    # Actions that change something or show patient data: hidden in a read-only console.
     MUTATING: frozenset[str] = frozenset()
 
     def compose(self) -> ComposeResult:

@@ -3,9 +3,14 @@
 ``ControlService`` answers operations by name with JSON-safe, routing-safe values;
 patient fields leave it only through ``reveal`` and ``preview_handler``, both audited.
 The console calls it directly when it hosts the engine, and through ``ControlServer``
-when it attaches to one (``mfconsole serve``): a Unix socket in the data directory,
+when it attaches to one (``mfconsole serve``): Unix sockets in the data directory,
 mode 0600 inside a 0700 directory, so file permissions are the access control and
 there is no TCP control port. One request per connection, one JSON line each way.
+
+Roles are fixed per connection by the socket it came in on, never by the request:
+``control.sock`` is the operator's, ``control-ro.sock`` is read-only (observation
+only: no change, and no patient data). Who asked (SO_PEERCRED → mfconsole.actor) is
+written in every audit row of an action.
 
 This module never imports Textual.
 """
@@ -29,7 +34,9 @@ from mfconsole.engine.store import DEAD, connect
 
 log = logging.getLogger("mfconsole.control")
 
-SOCKET_NAME = "control.sock"
+SOCKET_NAME = "control.sock"            # operator: everything
+RO_SOCKET_NAME = "control-ro.sock"      # read-only: observation, no patient data
+OPERATOR, READ_ONLY = "operator", "read-only"
 MAX_REQUEST = 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 16
@@ -44,9 +51,15 @@ PHI_FIELDS = (("PatientName", "patient name"), ("PatientID", "patient ID"),
               ("PatientBirthDate", "birth date"), ("PatientSex", "sex"),
               ("AccessionNumber", "accession number"), ("StudyDescription", "study description"))
 
-# Operations that change something; a read-only console may not call them.
+# Operations that change something.
 MUTATING = frozenset({"replay", "discard", "pause", "resume", "reload", "reload_handler",
                       "edit_config"})
+# What a read-only connection may call: observation, routing-safe. An allow-list, so an
+# operation added later is the operator's until it is listed here. Not: MUTATING, and
+# reveal / preview_handler (they show patient data).
+READ_ONLY_OPS = frozenset({"snapshot", "destination", "dead_letter_groups", "dead_letters",
+                           "dead_letter_count", "dead_letter", "echo", "test", "handlers",
+                           "log_tail", "config_fields"})
 
 
 class ControlError(Exception):
@@ -135,15 +148,19 @@ class ControlService:
     def config(self) -> Any:
         return self.engine.config      # follows reloads
 
-    def call(self, op: str, args: dict[str, Any] | None = None, *, actor: str = "console",
+    def call(self, op: str, args: dict[str, Any] | None = None, *, actor: str | None = None,
              read_only: bool = False) -> Any:
+        """``actor`` and ``read_only`` come from whoever holds the connection (the socket
+        the request came in on, or the in-process console), never from the request."""
+        from mfconsole.actor import local
         from mfconsole.ops import OpsError
 
         method: Callable[..., Any] | None = getattr(self, f"op_{op}", None)
         if method is None:
             raise ControlError(f"unknown operation {op!r}")
-        if read_only and op in MUTATING:
-            raise ControlError(f"{op} is not available in a read-only console")
+        if read_only and op not in READ_ONLY_OPS:
+            raise ControlError(f"{op} is not available on a read-only connection")
+        actor = actor or local(via="in-process console")
         try:
             return method(actor=actor, **(args or {}))
         except (ControlError, OpsError) as exc:
@@ -282,37 +299,61 @@ class ControlService:
             conn.close()
 
     def op_replay(self, actor: str, ids: list[int] | None = None, group: dict[str, Any] | None = None,
-                  text: str | None = None, to: str | None = None) -> dict[str, Any]:
+                  text: str | None = None, to: str | None = None, all_: bool = False,
+                  destination: str | None = None, reason: str | None = None,
+                  as_stored: bool = False) -> dict[str, Any]:
+        """The console names ids, a group or a filter text; the CLI names ids or
+        ``all_`` with its ``destination``/``reason`` filter (as `dead-letters replay`)."""
         from mfconsole import ops
 
-        chosen = self._ids(ids, group, text)
-        queued = ops.replay(self.config, chosen, to=to) if chosen else []
+        notes: list[str] = []
+        if all_ or destination is not None or reason:
+            queued = ops.replay(self.config, ids, all_=bool(all_), destination=destination,
+                                reason=reason, to=to, as_stored=bool(as_stored), notes=notes,
+                                actor=actor)
+            asked = len(ids) if ids else len(queued)
+        else:
+            chosen = self._ids(ids, group, text)
+            queued = ops.replay(self.config, chosen, to=to, as_stored=bool(as_stored), notes=notes,
+                                actor=actor) if chosen else []
+            asked = len(chosen)
         self._wake(to)
-        return {"queued": len(queued), "asked": len(chosen)}
+        return {"queued": len(queued), "asked": asked, "notes": notes}
 
     def op_discard(self, actor: str, ids: list[int] | None = None, group: dict[str, Any] | None = None,
-                   text: str | None = None) -> dict[str, Any]:
+                   text: str | None = None, destination: str | None = None,
+                   reason: str | None = None) -> dict[str, Any]:
+        """Ids, a group or a filter text (the console); or the CLI's destination/reason."""
         from mfconsole import ops
 
+        if destination is not None or reason:
+            done = ops.discard(self.config, ids or [], destination=destination, reason=reason,
+                               actor=actor)
+            return {"discarded": done, "asked": len(ids) if ids else done}
         chosen = self._ids(ids, group, text)
-        return {"discarded": ops.discard(self.config, chosen) if chosen else 0, "asked": len(chosen)}
+        done = ops.discard(self.config, chosen, actor=actor) if chosen else 0
+        return {"discarded": done, "asked": len(chosen)}
 
     def op_reveal(self, actor: str, id: int) -> dict[str, Any]:
         """Patient fields of one dead letter's object, for an operator who asked for
-        them explicitly. Audited (who and which delivery, never the values)."""
+        them explicitly. Audited (who and which delivery, never the values). Only dead
+        letters: what is queued or delivered has no reason to be looked into."""
         conn = self._db()
         try:
-            row = conn.execute("SELECT d.id, d.destination, d.object_id, o.sop_instance_uid, "
+            row = conn.execute("SELECT d.id, d.destination, d.object_id, d.state, o.sop_instance_uid, "
                                "o.transfer_syntax, o.sop_class_uid FROM deliveries d JOIN objects o "
                                "ON o.id = d.object_id WHERE d.id = ?", (int(id),)).fetchone()
         finally:
             conn.close()
         if row is None:
             raise ControlError(f"no delivery with id {id}")
+        if row["state"] != DEAD:
+            raise ControlError(f"delivery {row['id']} is {row['state']}, not a dead letter: "
+                               "only a dead letter's patient fields can be revealed")
         dataset = self._dataset(row)
         self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
                           delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
-                          detail=f"patient fields shown to {actor}")
+                          detail=f"patient fields shown to {actor}", actor=actor)
         fields = []
         for keyword, label in PHI_FIELDS:
             value = dataset.get(keyword)
@@ -355,19 +396,18 @@ class ControlService:
     def op_pause(self, actor: str, destination: str) -> None:
         from mfconsole import ops
 
-        ops.pause(self.config, destination)
+        ops.pause(self.config, destination, actor=actor)
 
     def op_resume(self, actor: str, destination: str) -> None:
         from mfconsole import ops
 
-        ops.resume(self.config, destination)
+        ops.resume(self.config, destination, actor=actor)
         self._wake(destination)
 
     # -- reload and handlers ------------------------------------------------------------
 
     def op_reload(self, actor: str) -> dict[str, Any]:
-        report = self.engine.reload()
-        return _reload_result(report)
+        return _reload_result(self.engine.reload(actor=actor))
 
     def op_handlers(self, actor: str) -> list[dict[str, Any]]:
         """Each handler: the running version, the file on disk (loaded in isolation, so
@@ -408,7 +448,7 @@ class ControlService:
         report = [str(r) for r in mine]
         refused = any(r.outcome == "kept" for r in mine)
         engine.audit("handler_reloaded", status="errors" if refused else "ok",
-                     detail=f"by {actor}: " + ("; ".join(report) or "no change"))
+                     detail=f"by {actor}: " + ("; ".join(report) or "no change"), actor=actor)
         return {"report": report, "refused": False, "errors": refused}
 
     def op_preview_handler(self, actor: str, name: str, delivery_id: int | None = None) -> dict[str, Any]:
@@ -441,7 +481,7 @@ class ControlService:
         text = ops.preview_handler(self.config, handler, obj, row["destination"])
         self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
                           delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
-                          detail=f"handler {handler.label} preview shown to {actor}")
+                          detail=f"handler {handler.label} preview shown to {actor}", actor=actor)
         return {"delivery_id": row["id"], "text": text}
 
     # -- logs ----------------------------------------------------------------------------
@@ -487,9 +527,9 @@ class ControlService:
             problems = config_edit.apply(self.config, changes)
         if problems:
             return {"ok": False, "problems": problems, "report": []}
-        self.engine.audit("config_edited", status="ok", detail=f"by {actor}: " + "; ".join(
+        self.engine.audit("config_edited", status="ok", actor=actor, detail=f"by {actor}: " + "; ".join(
             f"{key} = {_plain(value)}" for key, value in changes.items()))
-        result = _reload_result(self.engine.reload())
+        result = _reload_result(self.engine.reload(actor=actor))
         return {"ok": not result["refused"], "problems": [], **result}
 
 
@@ -512,58 +552,64 @@ def _version() -> str:
 # -- the socket --------------------------------------------------------------------
 
 class ControlServer:
-    """``data_dir/control.sock``: one thread accepts, one short-lived thread per
-    request. The engine holds the data directory lock, so a socket file left by a
-    crashed engine is stale and replaced."""
+    """``data_dir/control.sock`` (operator) and ``data_dir/control-ro.sock`` (read-only):
+    one thread accepts on each, one short-lived thread per request. A connection's role
+    is the socket it came in on; nothing in a request can raise it. The engine holds
+    the data directory lock, so socket files left by a crashed engine are stale and
+    replaced."""
 
-    def __init__(self, service: ControlService, path: Path):
+    def __init__(self, service: ControlService, path: Path, ro_path: Path | None = None):
         self.service = service
         self.path = path
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self.ro_path = ro_path if ro_path is not None else path.with_name(RO_SOCKET_NAME)
+        self._socks: dict[str, socket.socket] = {}
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
+    def _paths(self) -> dict[str, Path]:
+        return {OPERATOR: self.path, READ_ONLY: self.ro_path}
+
     def start(self) -> None:
-        if len(os.fsencode(self.path)) >= 104:     # sun_path is 108 bytes on Linux, less elsewhere
-            raise OSError(f"control socket path too long ({self.path})")
-        self.path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(self.path))
-            os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
-            sock.listen(MAX_CONNECTIONS)
-            sock.settimeout(1.0)
+            for role, path in self._paths().items():
+                self._socks[role] = _listen(path)
         except BaseException:
-            sock.close()
+            self._close()
             raise
-        self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
-        self._thread.start()
+        for role, sock in self._socks.items():
+            thread = threading.Thread(target=self._accept_loop, args=(sock, role),
+                                      name=f"control-{role}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        try:     # wake accept() now rather than at its next timeout
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
-                wake.settimeout(1.0)
-                wake.connect(str(self.path))
-        except OSError:
-            pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self.path.unlink(missing_ok=True)
+        for role in self._socks:
+            try:     # wake accept() now rather than at its next timeout
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
+                    wake.settimeout(1.0)
+                    wake.connect(str(self._paths()[role]))
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+        self._close()
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
+    def _close(self) -> None:
+        for role, sock in self._socks.items():
+            sock.close()
+            self._paths()[role].unlink(missing_ok=True)
+        self._socks = {}
+
+    def _accept_loop(self, sock: socket.socket, role: str) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except socket.timeout:
-                self._tick()
+                if role == OPERATOR:
+                    self._tick()
                 continue
             except OSError:
                 if self._stop.is_set():
@@ -576,7 +622,7 @@ class ControlServer:
             if not self._slots.acquire(blocking=False):
                 conn.close()          # a runaway client must not pile up threads
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-request",
+            threading.Thread(target=self._serve, args=(conn, role), name="control-request",
                              daemon=True).start()
 
     def _tick(self) -> None:
@@ -585,12 +631,12 @@ class ControlServer:
         except Exception as exc:
             log.warning("control: counters update failed (%s)", exc.__class__.__name__)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, role: str) -> None:
         try:
             conn.settimeout(REQUEST_TIMEOUT_S)
-            uid = _peer_uid(conn)
+            actor = _peer_actor(conn)
             line = _read_line(conn)
-            reply = self._answer(line, uid)
+            reply = self._answer(line, actor, role)
             conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
         except (OSError, ValueError):
             pass                      # the client went away or sent garbage: nothing to say
@@ -598,7 +644,7 @@ class ControlServer:
             conn.close()
             self._slots.release()
 
-    def _answer(self, line: bytes, uid: int | None) -> dict[str, Any]:
+    def _answer(self, line: bytes, actor: str, role: str) -> dict[str, Any]:
         try:
             request = json.loads(line)
             op, args = request["op"], request.get("args") or {}
@@ -606,15 +652,31 @@ class ControlServer:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": "malformed request"}
-        actor = f"console uid {uid}" if uid is not None else "console"
+        # Anything else in the request (a "read_only" or "actor" a client sends) is ignored.
         try:
-            result = self.service.call(op, args, actor=actor, read_only=bool(request.get("read_only")))
+            result = self.service.call(op, args, actor=actor, read_only=role != OPERATOR)
             return {"ok": True, "result": result}
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:      # never the exception's text: it may quote data
             log.error("control: %s failed with %s", op, exc.__class__.__name__)
             return {"ok": False, "error": f"{op} failed ({exc.__class__.__name__}); see the log"}
+
+
+def _listen(path: Path) -> socket.socket:
+    if len(os.fsencode(path)) >= 104:     # sun_path is 108 bytes on Linux, less elsewhere
+        raise OSError(f"control socket path too long ({path})")
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        sock.listen(MAX_CONNECTIONS)
+        sock.settimeout(1.0)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _read_line(conn: socket.socket) -> bytes:
@@ -629,23 +691,31 @@ def _read_line(conn: socket.socket) -> bytes:
     return bytes(buf.split(b"\n", 1)[0])
 
 
-def _peer_uid(conn: socket.socket) -> int | None:
-    """Who is asking (for the audit trail); the socket's mode already decided whether
-    they may."""
+def _peer_actor(conn: socket.socket) -> str:
+    """Who is asking, for the audit trail (the socket's mode already decided whether
+    they may): the peer's uid from the kernel, its login uid and SUDO_USER when
+    readable."""
+    from mfconsole.actor import of_process
+
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
+        pid, uid, _gid = struct.unpack("3i", creds)
     except (AttributeError, OSError):
-        return None
+        return "unknown peer via control socket"
+    try:
+        return of_process(pid, uid, via="control socket")
+    except Exception:            # best effort beyond the uid, never a refusal
+        return f"uid {uid} via control socket"
 
 
-def request(path: Path, op: str, args: dict[str, Any] | None = None, *, read_only: bool = False,
-            timeout: float = 120.0) -> Any:
-    """One request to an engine's control socket (what the attached console uses)."""
+def request(path: Path, op: str, args: dict[str, Any] | None = None, *,
+            timeout: float | None = 120.0) -> Any:
+    """One request to an engine's control socket (the attached console, the CLI). The
+    role is the socket's: ``control-ro.sock`` for a read-only console."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(json.dumps({"op": op, "args": args or {}, "read_only": read_only}).encode() + b"\n")
+        sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
         line = _read_line(sock)
     if not line:
         raise ControlError(f"the engine closed the control connection during {op}")

@@ -140,8 +140,9 @@ class Engine:
         self._lock.release()
 
     def _start_control(self) -> None:
-        """The console's way in (data_dir/control.sock). Routing does not need it: if
-        the socket cannot be made, the engine runs on and says why."""
+        """The console's way in (data_dir/control.sock, and control-ro.sock for a
+        read-only console). Routing does not need it: if the sockets cannot be made, the
+        engine runs on and says why."""
         server = ControlServer(ControlService(self), self.data_dir / SOCKET_NAME)
         try:
             server.start()
@@ -173,18 +174,20 @@ class Engine:
 
     # -- reload (SIGHUP, `mfconsole reload`, the console) ------------------------
 
-    def reload(self) -> list[str]:
+    def reload(self, actor: str | None = None) -> list[str]:
         """Re-read config.toml and the handlers and apply them without dropping live
         associations. A config that does not load, or a change only a restart can
-        make, leaves everything as it runs. Returns the report, also audited."""
+        make, leaves everything as it runs. Returns the report, also audited (with
+        ``actor`` when someone asked: a console, the CLI; SIGHUP names none)."""
         with self._reload_lock:
             report = self._reload()
         applied = not report or not report[0].startswith("refused")
         clean = applied and not any("new version refused" in line for line in report)
         for line in report:
             (log.info if clean else log.error)("reload: %s", line)
+        said = "; ".join(report) or "no change"
         self.audit("reloaded" if applied else "reload_refused", status="ok" if clean else "errors",
-                   detail="; ".join(report) or "no change")
+                   detail=f"by {actor}: {said}" if actor else said, actor=actor)
         return report
 
     def reload_handler(self, name: str) -> list[Any]:

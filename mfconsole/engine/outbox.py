@@ -290,7 +290,7 @@ def pause(conn: sqlite3.Connection, destination: str, reason: str, *, status: st
     conn.execute("UPDATE destination_state SET paused = 1, pause_reason = ?, updated_at = ? "
                  "WHERE name = ?", (reason, now, destination))
     _insert_audit(conn, {"ts": now, "event": "destination_paused", "destination": destination,
-                         "status": status, "detail": f"by {actor}: {reason}"})
+                         "status": status, "detail": f"by {actor}: {reason}", "actor": actor})
 
 
 def resume(conn: sqlite3.Connection, destination: str, *, actor: str = "operator") -> None:
@@ -302,7 +302,7 @@ def resume(conn: sqlite3.Connection, destination: str, *, actor: str = "operator
     conn.execute("UPDATE deliveries SET retry_at = ? WHERE destination = ? AND state = ?",
                  (now, destination, PENDING))
     _insert_audit(conn, {"ts": now, "event": "destination_resumed", "destination": destination,
-                         "detail": f"by {actor}"})
+                         "detail": f"by {actor}", "actor": actor})
 
 
 # -- dead letters -----------------------------------------------------------------
@@ -399,7 +399,7 @@ def _replay_audit(conn: sqlite3.Connection, now: float, row: dict[str, Any], tar
     _insert_audit(conn, {"ts": now, "event": "replayed", "destination": target,
                          "object_id": object_id, "delivery_id": delivery_id,
                          "sop_instance_uid": row["sop_instance_uid"],
-                         "detail": detail + (f"; {said}" if said else "")})
+                         "detail": detail + (f"; {said}" if said else ""), "actor": actor})
 
 
 def batches(ids: list[int], size: int = BULK_BATCH) -> Iterable[list[int]]:
@@ -416,5 +416,5 @@ def discard(conn: sqlite3.Connection, delivery_ids: Iterable[int], *, actor: str
         _insert_audit(conn, {"ts": now, "event": "discarded", "destination": row["destination"],
                              "object_id": row["object_id"], "delivery_id": row["id"],
                              "sop_instance_uid": row["sop_instance_uid"],
-                             "detail": f"by {actor}: dead letter discarded"})
+                             "detail": f"by {actor}: dead letter discarded", "actor": actor})
     return len(rows)

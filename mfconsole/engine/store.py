@@ -158,8 +158,11 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["audit"].create({
         "id": int, "ts": float, "event": str, "listener": str, "destination": str,
         "object_id": int, "delivery_id": int, "sop_instance_uid": str, "calling_ae": str,
-        "peer": str, "status": str, "detail": str,
+        "peer": str, "status": str, "detail": str, "actor": str,
     }, pk="id", if_not_exists=True)
+    if "actor" not in db["audit"].columns_dict:
+        # Who did an operator action (mfconsole.actor): data dirs from before it.
+        db["audit"].add_column("actor", str)
     db["audit"].create_index(["ts"], if_not_exists=True)
     db["audit"].create_index(["event"], if_not_exists=True)
     db["blob_data"].create({"object_id": int, "sealed": bytes}, pk="object_id",
@@ -534,7 +537,7 @@ class Store:
 
 def _insert_audit(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
     cols = ("ts", "event", "listener", "destination", "object_id", "delivery_id",
-            "sop_instance_uid", "calling_ae", "peer", "status", "detail")
+            "sop_instance_uid", "calling_ae", "peer", "status", "detail", "actor")
     conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                  tuple(row.get(c) for c in cols))
 

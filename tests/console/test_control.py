@@ -72,8 +72,11 @@ def test_the_control_socket(engine_factory):
     assert request(path, "snapshot")["engine"]["pid"] == os.getpid()
     with pytest.raises(ControlError, match="unknown operation"):
         request(path, "format_disk")
+    read_only = engine.data_dir / "control-ro.sock"
+    assert stat.S_IMODE(read_only.stat().st_mode) == 0o600
+    assert request(read_only, "snapshot")["engine"]["pid"] == os.getpid()
     with pytest.raises(ControlError, match="read-only"):
-        request(path, "reload", read_only=True)
+        request(read_only, "reload")
     with pytest.raises(ControlError, match="neither a DIMSE destination"):
         request(path, "echo", {"destination": "nowhere"})
     with socket.socket(socket.AF_UNIX) as sock:       # garbage gets an answer, not a crash
@@ -82,7 +85,7 @@ def test_the_control_socket(engine_factory):
         assert json.loads(sock.makefile().readline()) == {"ok": False, "error": "malformed request"}
     assert request(path, "snapshot")["listeners"][0]["state"] == "listening"
     engine.stop()
-    assert not path.exists()
+    assert not path.exists() and not read_only.exists()
 
 
 def test_session_counters_follow_the_audit(engine_factory):

@@ -261,7 +261,7 @@ def test_console_config_edit_works_in_the_units_file_system_layout(spawn, tmp_pa
                 conn.close()
 
         details = poll(edited, timeout=10, message="the config_edited audit row")
-        assert f"by console uid {os.geteuid()}" in details[-1], details
+        assert f"(uid {os.geteuid()}" in details[-1] and "via control socket" in details[-1], details
     finally:
         for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
             d.chmod(0o755)                      # so that tmp_path can be cleaned up
