@@ -203,30 +203,29 @@ def _me() -> str:
 
 
 def cmd_pause(config: Config, args: Any) -> int:
-    from mfconsole import ops
-
-    ops.check_destination(config, args.destination)
-    sock = _engine_socket(config)
-    if sock is not None:
-        _ask(sock, "pause", destination=args.destination)
-    else:
-        ops.pause(config, args.destination, actor=_me())
+    _pause_or_resume(config, args.destination, "pause")
     print(f"destination {args.destination}: paused (items stay queued; resume with "
           f"`mfconsole resume {args.destination}`)")
     return EXIT_OK
 
 
 def cmd_resume(config: Config, args: Any) -> int:
-    from mfconsole import ops
-
-    ops.check_destination(config, args.destination)
-    sock = _engine_socket(config)
-    if sock is not None:
-        _ask(sock, "resume", destination=args.destination)
-    else:
-        ops.resume(config, args.destination, actor=_me())
+    _pause_or_resume(config, args.destination, "resume")
     print(f"destination {args.destination}: resumed; queued items are due now")
     return EXIT_OK
+
+
+def _pause_or_resume(config: Config, destination: str, verb: str) -> None:
+    """Through the running engine's control socket when there is one (one writer),
+    else on the database directly."""
+    from mfconsole import ops
+
+    ops.check_destination(config, destination)
+    sock = _engine_socket(config)
+    if sock is not None:
+        _ask(sock, verb, destination=destination)
+    else:
+        getattr(ops, verb)(config, destination, actor=_me())
 
 
 def cmd_dead_letters(config: Config, args: Any) -> int:
