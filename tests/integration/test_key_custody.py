@@ -245,3 +245,29 @@ def test_backup_taken_while_ingesting_restores_whole(engines, tmp_path):
     assert known >= 9
     opened = stored_sha256(again.data_dir, again.config.store.key_file)   # every one decrypts
     assert len(opened) == known
+
+
+def test_rekey_stopped_midway_resumes_where_it_left_off(engines, tmp_path):
+    """A rekey interrupted after a batch (as a crash or Ctrl-C would) leaves a store
+    that opens with both keys; run again, it finishes the rest and nothing twice."""
+    from mfconsole.engine import rekey as rekeying
+    from mfconsole.engine.keys import open_vault
+
+    config, engine = queued(engines, tmp_path, 3)
+    send(engine, tmp_path / "sr", 40)
+    data_dir = engine.data_dir
+    plain = stored_sha256(data_dir, engine.config.store.key_file)
+    engine.stop()
+    assert mfconsole("--config", str(config), "keys", "new", str(config.parent / "keys" / "b.key")).returncode == 0
+    set_store_keys(config, "keys/b.key", ["var/keys/store.key"])
+    vault = open_vault(load(config).store, data_dir)
+    stop = threading.Event()
+    first = rekeying.rekey(data_dir / "mfconsole.db", data_dir / "blobs", vault, batch=10,
+                           progress=lambda done, total: stop.set(), stop=stop)
+    assert first == (10, 0)                     # stopped after one batch
+    done, failed = rekeying.rekey(data_dir / "mfconsole.db", data_dir / "blobs", vault, batch=10)
+    assert (done, failed) == (33, 0)            # the rest, nothing twice
+    engine = engines(config)
+    assert stored_sha256(data_dir, config.parent / "keys" / "b.key") == plain
+    assert {k: n for k, n in engine.store.reader().execute(
+        "SELECT key_id, COUNT(*) FROM objects GROUP BY key_id")} == {vault.key_id: 43}
