@@ -212,6 +212,20 @@ def sealed_key_ids(db_path: Path) -> dict[str, int]:
         conn.close()
 
 
+def object_rows(db_path: Path) -> int:
+    """How many objects the database has ever stored (purged ones too): 0 for a missing
+    or new database, which beside blob files means the database was lost."""
+    if not db_path.exists():
+        return 0
+    conn = connect(db_path, readonly=True)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone() is None:
+            return 0
+        return conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM objects LIMIT 1)").fetchone()[0]
+    finally:
+        conn.close()
+
+
 class Store:
     def __init__(self, data_dir: Path, vault: Vault, *, accept_empty_store: bool = False):
         self.data_dir = data_dir
@@ -229,7 +243,7 @@ class Store:
 
     def open(self) -> dict[str, int]:
         """Create or open the database, recover from a crash, start the writer."""
-        if not self.accept_empty_store and has_blob_files(self.blob_root) and not sealed_key_ids(self.db_path):
+        if not self.accept_empty_store and has_blob_files(self.blob_root) and not object_rows(self.db_path):
             # A database that was lost or restored from before these blobs: opening it
             # would orphan every blob. Refuse rather than guess.
             raise StoreRefused(

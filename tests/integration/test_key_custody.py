@@ -271,3 +271,19 @@ def test_rekey_stopped_midway_resumes_where_it_left_off(engines, tmp_path):
     assert stored_sha256(data_dir, config.parent / "keys" / "b.key") == plain
     assert {k: n for k, n in engine.store.reader().execute(
         "SELECT key_id, COUNT(*) FROM objects GROUP BY key_id")} == {vault.key_id: 43}
+
+
+def test_a_blob_left_by_an_interrupted_purge_is_quarantined_not_a_refusal(engines, tmp_path):
+    """Every object purged, one blob file left behind (a crash between the purge's
+    commit and its unlink): the database is not lost, so the start goes on and the
+    file is quarantined."""
+    config, engine = queued(engines, tmp_path, 1)
+    data_dir = engine.data_dir
+    leftover = next((data_dir / "blobs").rglob("*.blob"))
+    kept = leftover.read_bytes()
+    engine.store.call(lambda c: c.execute("UPDATE objects SET purged_at = 1"))
+    engine.stop()
+    again = engines(config)
+    assert not leftover.exists()
+    assert [p.read_bytes() for p in (data_dir / "quarantine").rglob("*.blob")] == [kept]
+    assert again.store is not None
