@@ -169,14 +169,15 @@ class DestinationWorkers:
         results: list[tuple[outbox.Claimed, Outcome, Any]] = []
         recorded: list[tuple[outbox.Claimed, Outcome]] = []
         done: set[int] = set()
-        flushed = [time.monotonic()]
+        flushed = time.monotonic()
 
         def flush() -> list[Outcome]:
-            flushed[0] = time.monotonic()
+            nonlocal flushed
+            flushed = time.monotonic()
             if not results:
                 return []
             batch, results[:] = list(results), []
-            attributed = self.store.call(self._record, batch, [])
+            attributed = self.store.call(self._record, batch)
             done.update(item.delivery_id for item, _, _ in batch)
             recorded.extend((item, outcome) for (item, _, _), outcome in zip(batch, attributed))
             return attributed
@@ -197,7 +198,7 @@ class DestinationWorkers:
                 if any(o.ambiguous for o in final):
                     # Whose fault a cut-short transfer is decides whether the batch goes on.
                     final = flush()[-len(final):]
-                elif time.monotonic() - flushed[0] > FLUSH_S:
+                elif time.monotonic() - flushed > FLUSH_S:
                     flush()
                 # A destination-scope failure stops the batch (one outage, one attempt);
                 # so does any failure on an in-order destination (nothing overtakes).
@@ -288,9 +289,6 @@ class DestinationWorkers:
                 break
         return out
 
-    def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome, Any]],
-                untouched: list[int]) -> list[Outcome]:
-        attributed = [outbox.record(conn, self.name, item, outcome, self.policy, stamp)
-                      for item, outcome, stamp in results]
-        outbox.release(conn, untouched)
-        return attributed
+    def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome, Any]]) -> list[Outcome]:
+        return [outbox.record(conn, self.name, item, outcome, self.policy, stamp)
+                for item, outcome, stamp in results]

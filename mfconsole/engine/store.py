@@ -200,28 +200,25 @@ def has_blob_files(blob_root: Path) -> bool:
 def sealed_key_ids(db_path: Path) -> dict[str, int]:
     """Key id -> number of objects whose blob it sealed (nothing when there is no
     database yet). Read before the store opens, to check the keys a start needs."""
+    return dict(_objects_query(db_path, "SELECT key_id, COUNT(*) FROM objects "
+                                        "WHERE purged_at IS NULL GROUP BY key_id"))
+
+
+def has_stored_objects(db_path: Path) -> bool:
+    """Whether the database has ever stored an object (purged ones too): not for a
+    missing or new database, which beside blob files means the database was lost."""
+    return bool(_objects_query(db_path, "SELECT 1 FROM objects LIMIT 1"))
+
+
+def _objects_query(db_path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` over the objects table of a database that may not exist yet."""
     if not db_path.exists():
-        return {}
+        return []
     conn = connect(db_path, readonly=True)
     try:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone() is None:
-            return {}
-        return {r[0]: r[1] for r in conn.execute(
-            "SELECT key_id, COUNT(*) FROM objects WHERE purged_at IS NULL GROUP BY key_id")}
-    finally:
-        conn.close()
-
-
-def object_rows(db_path: Path) -> int:
-    """How many objects the database has ever stored (purged ones too): 0 for a missing
-    or new database, which beside blob files means the database was lost."""
-    if not db_path.exists():
-        return 0
-    conn = connect(db_path, readonly=True)
-    try:
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone() is None:
-            return 0
-        return conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM objects LIMIT 1)").fetchone()[0]
+            return []
+        return [tuple(r) for r in conn.execute(sql)]
     finally:
         conn.close()
 
@@ -243,7 +240,7 @@ class Store:
 
     def open(self) -> dict[str, int]:
         """Create or open the database, recover from a crash, start the writer."""
-        if not self.accept_empty_store and has_blob_files(self.blob_root) and not object_rows(self.db_path):
+        if not self.accept_empty_store and has_blob_files(self.blob_root) and not has_stored_objects(self.db_path):
             # A database that was lost or restored from before these blobs: opening it
             # would orphan every blob. Refuse rather than guess.
             raise StoreRefused(
