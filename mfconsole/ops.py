@@ -2,10 +2,12 @@
 dead letters, pause/resume, keys. The CLI prints; the control socket (the console)
 calls the same functions.
 
-Queue changes go straight to the database and are audited with their ``actor``
-(mfconsole.actor: who, and through what). Against a running engine the CLI does not
-call them itself: it asks the engine over the control socket (one writer), and the
-engine calls them with the actor it read from the socket's peer credentials.
+Queue changes are audited with their ``actor`` (mfconsole.actor: who, and through
+what) and written by one writer: the running engine's (its control service passes
+``write=store.call``), or, only while no engine runs, one transaction of the CLI's own
+(``repository.writing``). Against a running engine the CLI does not call them itself:
+it asks the engine over the control socket, and the engine calls them with the actor
+it read from the socket's peer credentials.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +24,7 @@ from mfconsole.config import Config, DestinationConfig, ae_title_problem
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
 from mfconsole.actor import local as local_actor
-from mfconsole.engine.store import ACTIVE_STATES, DEAD, connect, create_schema
+from mfconsole.repository import DeadLetterFilter, db_path, reading, writing
 from mfconsole.stow import client as stow
 
 
@@ -93,19 +96,11 @@ DEFAULT_PAIRS = [(c, t) for c in ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.
 
 
 def queued_pairs(config: Config, destination: str, days: float = 7.0) -> list[tuple[str, str]]:
-    db = config.engine.data_dir / "mfconsole.db"
+    db = db_path(config.engine.data_dir)
     if not db.exists():
         return []
-    conn = connect(db, readonly=True)
-    try:
-        rows = conn.execute(
-            "SELECT o.sop_class_uid, o.transfer_syntax, COUNT(*) AS n FROM deliveries d "
-            "JOIN objects o ON o.id = d.object_id WHERE d.destination = ? AND "
-            "(d.state IN (?, ?, ?) OR d.updated_at > ?) GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
-            (destination, *ACTIVE_STATES, DEAD, time.time() - days * 86400, sender.MAX_CONTEXTS)).fetchall()
-    finally:
-        conn.close()
-    return [(r[0], r[1]) for r in rows]
+    with reading(db) as reads:
+        return reads.queued_pairs(destination, time.time() - days * 86400, sender.MAX_CONTEXTS)
 
 
 def test(config: Config, target: str) -> TestReport:
@@ -120,14 +115,17 @@ def test(config: Config, target: str) -> TestReport:
 
 # -- queue operations ------------------------------------------------------------
 
-def open_db(config: Config) -> Any:
-    db = config.engine.data_dir / "mfconsole.db"
+# How an operation writes: ``write(fn, *args)`` runs ``fn(tx, *args)`` in one
+# transaction of the one writer (the engine's Store.call); None: no engine runs, and
+# the operation opens the database for its own transaction.
+Write = Callable[..., Any]
+
+
+def _db(config: Config) -> Path:
+    db = db_path(config.engine.data_dir)
     if not db.exists():
         raise OpsError(f"no database at {db}: the engine has never run with this data_dir")
-    conn = connect(db)
-    if "actor" not in {r[1] for r in conn.execute("PRAGMA table_info(audit)")}:
-        create_schema(conn)        # a data dir no engine of this version has opened yet
-    return conn
+    return db
 
 
 def _who(actor: str | None) -> str:
@@ -135,19 +133,11 @@ def _who(actor: str | None) -> str:
     return actor or local_actor(via="direct database write")
 
 
-def _write(config: Config, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    conn = open_db(config)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args, **kwargs)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return result
-    finally:
-        conn.close()
+def _write(config: Config, write: Write | None, fn: Callable[..., Any], *args: Any) -> Any:
+    if write is not None:
+        return write(fn, *args)
+    with writing(_db(config)) as run:
+        return run(fn, *args)
 
 
 def _destination(config: Config, name: str) -> None:
@@ -157,32 +147,24 @@ def _destination(config: Config, name: str) -> None:
 
 def list_dead(config: Config, destination: str | None = None, reason: str | None = None
               ) -> list[dict[str, Any]]:
-    conn = open_db(config)
-    try:
-        return outbox.dead_letters(conn, destination, reason)
-    finally:
-        conn.close()
+    with reading(_db(config)) as reads:
+        return outbox.dead_letters(reads, destination, reason)
 
 
 def show_dead(config: Config, delivery_id: int) -> dict[str, Any]:
-    conn = open_db(config)
-    try:
-        rows = outbox.dead_letters(conn, ids=[delivery_id])
+    with reading(_db(config)) as reads:
+        rows = reads.dead_letters(DeadLetterFilter(ids=(int(delivery_id),)))
         if not rows:
             raise OpsError(f"no dead letter with id {delivery_id}")
         row = rows[0]
-        row["history"] = [dict(r) for r in conn.execute(
-            "SELECT ts, event, destination, status, detail FROM audit WHERE delivery_id = ? "
-            "ORDER BY id", (delivery_id,))]
+        row["history"] = reads.delivery_history(delivery_id)
         return row
-    finally:
-        conn.close()
 
 
 def replay(config: Config, ids: list[int] | None, *, all_: bool = False, destination: str | None = None,
            reason: str | None = None, to: str | None = None, as_stored: bool = False,
            notes: list[str] | None = None, progress: Callable[[int, int], None] | None = None,
-           actor: str | None = None) -> list[int]:
+           actor: str | None = None, write: Write | None = None) -> list[int]:
     """Queue dead letters again, in transactions of outbox.BULK_BATCH (a filter that
     matches a million rows never holds the writer for long); ``progress(done, total)``
     after each."""
@@ -191,8 +173,8 @@ def replay(config: Config, ids: list[int] | None, *, all_: bool = False, destina
     chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
     queued: list[int] = []
     for n, batch in enumerate(outbox.batches(chosen), 1):
-        queued += _write(config, outbox.replay, batch, to=to, as_stored=as_stored, notes=notes,
-                         actor=actor)
+        queued += _write(config, write, partial(outbox.replay, to=to, as_stored=as_stored,
+                                                notes=notes, actor=actor), batch)
         if progress is not None:
             progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
     return queued
@@ -222,7 +204,7 @@ def check_discard(config: Config, ids: list[int] | None, *, destination: str | N
 
 def discard(config: Config, ids: list[int], *, destination: str | None = None,
             reason: str | None = None, progress: Callable[[int, int], None] | None = None,
-            actor: str | None = None) -> int:
+            actor: str | None = None, write: Write | None = None) -> int:
     """Dead letters are dropped only when named: by id, or by a filter (never "all").
     In batches, like ``replay``."""
     check_discard(config, ids, destination=destination, reason=reason)
@@ -230,7 +212,7 @@ def discard(config: Config, ids: list[int], *, destination: str | None = None,
     chosen = list(dict.fromkeys(ids)) if ids else [r["id"] for r in list_dead(config, destination, reason)]
     done = 0
     for n, batch in enumerate(outbox.batches(chosen), 1):
-        done += _write(config, outbox.discard, batch, actor=actor)
+        done += _write(config, write, partial(outbox.discard, actor=actor), batch)
         if progress is not None:
             progress(min(len(chosen), n * outbox.BULK_BATCH), len(chosen))
     return done
@@ -240,14 +222,16 @@ def check_destination(config: Config, name: str) -> None:
     _destination(config, name)
 
 
-def pause(config: Config, destination: str, *, actor: str | None = None) -> None:
+def pause(config: Config, destination: str, *, actor: str | None = None,
+          write: Write | None = None) -> None:
     _destination(config, destination)
-    _write(config, outbox.pause, destination, "paused by operator", actor=_who(actor))
+    _write(config, write, partial(outbox.pause, actor=_who(actor)), destination, "paused by operator")
 
 
-def resume(config: Config, destination: str, *, actor: str | None = None) -> None:
+def resume(config: Config, destination: str, *, actor: str | None = None,
+           write: Write | None = None) -> None:
     _destination(config, destination)
-    _write(config, outbox.resume, destination, actor=_who(actor))
+    _write(config, write, partial(outbox.resume, actor=_who(actor)), destination)
 
 
 # -- handlers ---------------------------------------------------------------------
@@ -336,10 +320,10 @@ def new_key(path: Path) -> str:
 def key_report(config: Config) -> list[dict[str, Any]]:
     """Each configured key file (current, previous) with its key id and how many stored
     objects it sealed; key ids the store uses that no configured file provides."""
-    from mfconsole.engine.store import DB_NAME, sealed_key_ids
+    from mfconsole.engine.store import sealed_key_ids
     from mfconsole.engine.vault import VaultError, key_id_of, load_key
 
-    counts = sealed_key_ids(config.engine.data_dir / DB_NAME)
+    counts = sealed_key_ids(db_path(config.engine.data_dir))
     rows: list[dict[str, Any]] = []
     files = [("current", config.store.key_file)] + [("previous", p) for p in config.store.previous_key_files]
     for role, path in files:
@@ -360,25 +344,19 @@ def rekey(config: Config, progress: Callable[[int, int], None] | None = None) ->
     from mfconsole.engine import rekey as rekeying
     from mfconsole.engine.engine_lock import holder_pid
     from mfconsole.engine.keys import KeyCustodyError, open_vault
-    from mfconsole.engine.store import DB_NAME
 
     data_dir = config.engine.data_dir
     try:
         vault = open_vault(config.store, data_dir)
     except KeyCustodyError as exc:
         raise OpsError(str(exc)) from None
-    conn = open_db(config)
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'sealing_key_id'").fetchone()
-    finally:
-        conn.close()
-    if holder_pid(data_dir) is not None and row is not None and row[0] != vault.key_id:
-        raise OpsError(f"the running engine seals with key {row[0]}, not [store].key_file's "
+    db = _db(config)
+    with reading(db) as reads:
+        sealing = reads.meta("sealing_key_id")
+    if holder_pid(data_dir) is not None and sealing is not None and sealing != vault.key_id:
+        raise OpsError(f"the running engine seals with key {sealing}, not [store].key_file's "
                        f"{vault.key_id}: restart it on this configuration first, then run rekey")
-    done, failed = rekeying.rekey(data_dir / DB_NAME, data_dir / "blobs", vault, progress=progress)
-    conn = open_db(config)
-    try:
-        left = rekeying.remaining(conn, vault.key_id)
-    finally:
-        conn.close()
+    done, failed = rekeying.rekey(db, data_dir / "blobs", vault, progress=progress)
+    with reading(db) as reads:
+        left = rekeying.remaining(reads, vault.key_id)
     return done, failed, left

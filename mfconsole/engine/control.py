@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mfconsole.engine import status
-from mfconsole.engine.store import DEAD, connect
+from mfconsole.repository import DeadLetterFilter, db_path, reading
+from mfconsole.repository.states import DEAD
 
 log = logging.getLogger("mfconsole.control")
 
@@ -91,22 +92,13 @@ class SessionCounters:
         self.updated = time.monotonic()
 
     def _max_id(self) -> int:
-        conn = connect(self.db_path, readonly=True)
-        try:
-            return conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
-        finally:
-            conn.close()
+        with reading(self.db_path) as reads:
+            return reads.last_audit_id()
 
     def update(self) -> None:
         with self._lock:
-            conn = connect(self.db_path, readonly=True)
-            try:
-                rows = conn.execute(
-                    "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, COUNT(*) AS n, "
-                    "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4",
-                    (self.last_id,)).fetchall()
-            finally:
-                conn.close()
+            with reading(self.db_path) as reads:
+                rows = reads.audit_counts_since(self.last_id)
             horizon = int(time.time()) - HISTORY_S - 1
             for row in rows:
                 self.last_id = max(self.last_id, row["last"])
@@ -142,7 +134,7 @@ class ControlService:
 
     def __init__(self, engine: Any):
         self.engine = engine
-        self.counters = SessionCounters(engine.data_dir / "mfconsole.db")
+        self.counters = SessionCounters(db_path(engine.data_dir))
 
     @property
     def config(self) -> Any:
@@ -168,8 +160,12 @@ class ControlService:
         except TypeError as exc:
             raise ControlError(f"{op}: wrong arguments") from exc
 
-    def _db(self) -> Any:
-        return connect(self.engine.data_dir / "mfconsole.db", readonly=True)
+    def _reading(self) -> Any:
+        return reading(db_path(self.engine.data_dir))
+
+    def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Operator actions go through the engine's one writer, like everything else."""
+        return self.engine.store.call(fn, *args)
 
     def _wake(self, destination: str | None = None) -> None:
         """Workers poll about once a second; an operator's action should not wait."""
@@ -202,19 +198,10 @@ class ControlService:
     def op_destination(self, actor: str, name: str) -> dict[str, Any]:
         """One destination's queue by state, backoff and last outcomes."""
         dest = self._destination(name)
-        conn = self._db()
-        try:
-            counts = {r["state"]: r["n"] for r in conn.execute(
-                "SELECT state, COUNT(*) AS n FROM deliveries WHERE destination = ? GROUP BY state",
-                (name,))}
-            row = conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone()
-            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
-            outcomes = [dict(r) for r in conn.execute(
-                "SELECT ts, event, status, detail, delivery_id FROM audit WHERE id > ? AND "
-                "destination = ? AND event NOT IN ('replayed', 'discarded') ORDER BY id DESC LIMIT 10",
-                (top - OUTCOMES_SCAN, name))]
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            counts = reads.delivery_counts(name).get(name, {})
+            row = reads.destination_state(name)
+            outcomes = reads.last_outcomes(name, 10, OUTCOMES_SCAN)
         out = {"name": name, "kind": dest.kind, "target": status.target(dest), "counts": counts,
                "outcomes": outcomes, "max_associations": dest.max_associations,
                "retry_initial_s": dest.retry_initial_s, "retry_max_s": dest.retry_max_s,
@@ -225,59 +212,25 @@ class ControlService:
     # -- dead letters -------------------------------------------------------------
 
     @staticmethod
-    def _dead_filter(text: str | None, group: dict[str, Any] | None) -> tuple[str, list[Any]]:
-        sql, params = "d.state = ?", [DEAD]
-        if group:
-            sql += " AND d.destination = ? AND COALESCE(d.last_status, '') = ? AND COALESCE(d.last_reason, '') = ?"
-            params += [group["destination"], group.get("status") or "", group.get("reason") or ""]
-        if text:
-            sql += (" AND instr(lower(d.destination || ' ' || COALESCE(d.last_status, '') || ' ' || "
-                    "COALESCE(d.last_reason, '') || ' ' || o.sop_instance_uid || ' ' || "
-                    "COALESCE(o.study_uid, '') || ' ' || COALESCE(o.calling_ae, '') || ' ' || d.id), "
-                    "lower(?)) > 0")
-            params.append(text)
-        return sql, params
+    def _dead_filter(text: str | None, group: dict[str, Any] | None) -> DeadLetterFilter:
+        return DeadLetterFilter(text=text or None, group=group or None)
 
     def op_dead_letter_groups(self, actor: str, text: str | None = None) -> list[dict[str, Any]]:
         """Dead letters grouped by cause: destination, status and reason."""
-        where, params = self._dead_filter(text, None)
-        conn = self._db()
-        try:
-            return [dict(r) for r in conn.execute(
-                "SELECT d.destination, COALESCE(d.last_status, '') AS status, "
-                "COALESCE(d.last_reason, '') AS reason, COUNT(*) AS count, MAX(d.updated_at) AS latest "
-                f"FROM deliveries d JOIN objects o ON o.id = d.object_id WHERE {where} "
-                "GROUP BY 1, 2, 3 ORDER BY count DESC, latest DESC", params)]
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            return reads.dead_letter_groups(self._dead_filter(text, None))
 
     def op_dead_letters(self, actor: str, text: str | None = None, group: dict[str, Any] | None = None,
                         before_id: int | None = None, limit: int = DEAD_PAGE) -> list[dict[str, Any]]:
         """One page, newest first; the next page starts before the last id of this one."""
-        where, params = self._dead_filter(text, group)
-        if before_id is not None:
-            where += " AND d.id < ?"
-            params.append(before_id)
-        conn = self._db()
-        try:
-            return [dict(r) for r in conn.execute(
-                "SELECT d.id, d.destination, d.attempts, d.last_status, d.last_class, d.last_reason, "
-                "d.handler, d.handler_version, d.updated_at, o.sop_instance_uid, o.sop_class_uid, "
-                "o.study_uid, o.calling_ae, o.listener, o.size FROM deliveries d "
-                f"JOIN objects o ON o.id = d.object_id WHERE {where} ORDER BY d.id DESC LIMIT ?",
-                params + [max(1, min(int(limit), 1000))])]
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            return reads.dead_letter_page(self._dead_filter(text, group), before_id,
+                                          max(1, min(int(limit), 1000)))
 
     def op_dead_letter_count(self, actor: str, text: str | None = None,
                              group: dict[str, Any] | None = None) -> int:
-        where, params = self._dead_filter(text, group)
-        conn = self._db()
-        try:
-            return conn.execute(f"SELECT COUNT(*) FROM deliveries d JOIN objects o ON o.id = d.object_id "
-                                f"WHERE {where}", params).fetchone()[0]
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            return reads.dead_letter_count(self._dead_filter(text, group))
 
     def op_dead_letter(self, actor: str, id: int) -> dict[str, Any]:
         from mfconsole import ops
@@ -289,14 +242,8 @@ class ControlService:
             return [int(i) for i in ids]
         if not group and not text:
             raise ControlError("name dead letters: ids, a group or a filter")
-        where, params = self._dead_filter(text, group)
-        conn = self._db()
-        try:
-            return [r[0] for r in conn.execute(
-                f"SELECT d.id FROM deliveries d JOIN objects o ON o.id = d.object_id WHERE {where}",
-                params)]
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            return reads.dead_letter_ids(self._dead_filter(text, group))
 
     def op_replay(self, actor: str, ids: list[int] | None = None, group: dict[str, Any] | None = None,
                   text: str | None = None, to: str | None = None, all_: bool = False,
@@ -310,12 +257,12 @@ class ControlService:
         if all_ or destination is not None or reason:
             queued = ops.replay(self.config, ids, all_=bool(all_), destination=destination,
                                 reason=reason, to=to, as_stored=bool(as_stored), notes=notes,
-                                actor=actor)
+                                actor=actor, write=self._write)
             asked = len(ids) if ids else len(queued)
         else:
             chosen = self._ids(ids, group, text)
             queued = ops.replay(self.config, chosen, to=to, as_stored=bool(as_stored), notes=notes,
-                                actor=actor) if chosen else []
+                                actor=actor, write=self._write) if chosen else []
             asked = len(chosen)
         self._wake(to)
         return {"queued": len(queued), "asked": asked, "notes": notes}
@@ -328,23 +275,18 @@ class ControlService:
 
         if destination is not None or reason:
             done = ops.discard(self.config, ids or [], destination=destination, reason=reason,
-                               actor=actor)
+                               actor=actor, write=self._write)
             return {"discarded": done, "asked": len(ids) if ids else done}
         chosen = self._ids(ids, group, text)
-        done = ops.discard(self.config, chosen, actor=actor) if chosen else 0
+        done = ops.discard(self.config, chosen, actor=actor, write=self._write) if chosen else 0
         return {"discarded": done, "asked": len(chosen)}
 
     def op_reveal(self, actor: str, id: int) -> dict[str, Any]:
         """Patient fields of one dead letter's object, for an operator who asked for
         them explicitly. Audited (who and which delivery, never the values). Only dead
         letters: what is queued or delivered has no reason to be looked into."""
-        conn = self._db()
-        try:
-            row = conn.execute("SELECT d.id, d.destination, d.object_id, d.state, o.sop_instance_uid, "
-                               "o.transfer_syntax, o.sop_class_uid FROM deliveries d JOIN objects o "
-                               "ON o.id = d.object_id WHERE d.id = ?", (int(id),)).fetchone()
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            row = reads.delivery(int(id))
         if row is None:
             raise ControlError(f"no delivery with id {id}")
         if row["state"] != DEAD:
@@ -396,12 +338,12 @@ class ControlService:
     def op_pause(self, actor: str, destination: str) -> None:
         from mfconsole import ops
 
-        ops.pause(self.config, destination, actor=actor)
+        ops.pause(self.config, destination, actor=actor, write=self._write)
 
     def op_resume(self, actor: str, destination: str) -> None:
         from mfconsole import ops
 
-        ops.resume(self.config, destination, actor=actor)
+        ops.resume(self.config, destination, actor=actor, write=self._write)
         self._wake(destination)
 
     # -- reload and handlers ------------------------------------------------------------
@@ -463,15 +405,12 @@ class ControlService:
             handler = self.engine.handlers.get(name)
         except HandlerError as exc:
             raise ControlError(str(exc)) from None
-        conn = self._db()
-        try:
-            sql = ("SELECT d.id, d.destination, d.object_id, o.sop_instance_uid, o.sop_class_uid, "
-                   "o.transfer_syntax, o.study_uid FROM deliveries d JOIN objects o ON o.id = d.object_id "
-                   "WHERE o.purged_at IS NULL AND ")
-            row = (conn.execute(sql + "d.id = ?", (int(delivery_id),)) if delivery_id is not None else
-                   conn.execute(sql + "d.handler = ? ORDER BY d.id DESC LIMIT 1", (name,))).fetchone()
-        finally:
-            conn.close()
+        with self._reading() as reads:
+            if delivery_id is not None:
+                row = reads.delivery(int(delivery_id))
+                row = row if row is not None and row["purged_at"] is None else None
+            else:
+                row = next(iter(reads.recent_for_handler(name, 1)), None)
         if row is None:
             raise ControlError(f"no stored object for handler {name}"
                                + (f" with delivery {delivery_id}" if delivery_id is not None else ""))

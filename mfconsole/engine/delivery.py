@@ -31,6 +31,7 @@ from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcom
 from mfconsole.engine import outbox
 from mfconsole.engine.store import Store
 from mfconsole.engine.vault import VaultError
+from mfconsole.repository import Tx
 
 log = logging.getLogger("mfconsole.delivery")
 
@@ -289,6 +290,6 @@ class DestinationWorkers:
                 break
         return out
 
-    def _record(self, conn: Any, results: list[tuple[outbox.Claimed, Outcome, Any]]) -> list[Outcome]:
-        return [outbox.record(conn, self.name, item, outcome, self.policy, stamp)
+    def _record(self, tx: Tx, results: list[tuple[outbox.Claimed, Outcome, Any]]) -> list[Outcome]:
+        return [outbox.record(tx, self.name, item, outcome, self.policy, stamp)
                 for item, outcome, stamp in results]

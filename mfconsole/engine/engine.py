@@ -33,6 +33,7 @@ from mfconsole.engine.store import IngestRequest, Store, StoreRefused
 from mfconsole.engine.vault import VaultError
 from mfconsole.mllp.sender import MllpSender
 from mfconsole.stow.client import StowSender, Target
+from mfconsole.repository import Tx
 
 log = logging.getLogger("mfconsole.engine")
 
@@ -86,8 +87,7 @@ class Engine:
             except StoreRefused as exc:
                 self.store = None
                 raise EngineError(str(exc)) from None
-            self.store.call(lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealing_key_id', ?)", (vault.key_id,)))
+            self.store.call(Tx.set_meta, "sealing_key_id", vault.key_id)
             if any(recovered.values()):
                 log.warning("recovered after an unclean stop: %d in-flight deliveries requeued, "
                             "%d blobs without a row quarantined", recovered["requeued"],
@@ -252,11 +252,7 @@ class Engine:
         from mfconsole.contract import Outbound, Outcome
 
         assert self.store is not None
-        rows = self.store.reader().execute(
-            "SELECT d.id, d.destination, d.listener, o.id AS object_id, o.sop_class_uid, "
-            "o.sop_instance_uid, o.transfer_syntax, o.study_uid FROM deliveries d "
-            "JOIN objects o ON o.id = d.object_id WHERE d.handler = ? AND o.purged_at IS NULL "
-            "ORDER BY d.id DESC LIMIT ?", (new.name, DRY_RUN_OBJECTS)).fetchall()
+        rows = self.store.reader().recent_for_handler(new.name, DRY_RUN_OBJECTS)
         config_dests = {d.name: d for d in self.config.destinations}
         for row in rows:
             dest = config_dests.get(row["destination"])

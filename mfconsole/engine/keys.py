@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mfconsole.engine.store import DB_NAME, has_blob_files, sealed_key_ids
+from mfconsole.engine.store import has_blob_files, sealed_key_ids
+from mfconsole.repository import db_path
 from mfconsole.engine.vault import Vault, VaultError, create_key, key_id_of, load_key
 
 
@@ -27,7 +28,7 @@ def _describe(ids: dict[str, int]) -> str:
 def open_vault(store_cfg, data_dir: Path) -> Vault:
     """The vault for this data directory: the sealing key first, then the previous
     keys. Creates the sealing key only when the store holds nothing at all."""
-    needed = sealed_key_ids(data_dir / DB_NAME)
+    needed = sealed_key_ids(db_path(data_dir))
     holds_objects = bool(needed) or has_blob_files(data_dir / "blobs")
     key_file = store_cfg.key_file
     if not key_file.exists() and not key_file.is_symlink():

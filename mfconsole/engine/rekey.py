@@ -21,7 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from mfconsole.engine.store import INLINE, _insert_audit, connect
+from mfconsole.repository import Reads, connect, migrate, transaction
+from mfconsole.repository.states import INLINE
 from mfconsole.engine.vault import Vault, VaultError, fsync_dir
 
 log = logging.getLogger("mfconsole.rekey")
@@ -29,9 +30,8 @@ log = logging.getLogger("mfconsole.rekey")
 BATCH = 100
 
 
-def remaining(conn, key_id: str) -> int:
-    return conn.execute("SELECT COUNT(*) FROM objects WHERE purged_at IS NULL AND key_id != ?",
-                        (key_id,)).fetchone()[0]
+def remaining(reads: Reads, key_id: str) -> int:
+    return reads.not_sealed_with(key_id)
 
 
 def rekey(db_path: Path, blob_root: Path, vault: Vault, *, batch: int = BATCH,
@@ -41,19 +41,17 @@ def rekey(db_path: Path, blob_root: Path, vault: Vault, *, batch: int = BATCH,
     an object that cannot be opened (its key is not loaded, or the blob is damaged) is
     left as it is and counted, never lost."""
     conn = connect(db_path)
+    migrate(conn)      # a data directory no engine of this version opened yet
     target = vault.key_id
     done = failed = 0
     cursor = 0
     try:
-        total = remaining(conn, target)
+        reads = Reads(conn)
+        total = remaining(reads, target)
         if total:
             _audit(conn, "rekey_started", f"by {actor}: {total} object(s) to re-seal under key {target}")
         while stop is None or not stop.is_set():
-            rows = conn.execute(
-                "SELECT o.id, o.blob, o.key_id, b.sealed FROM objects o "
-                "LEFT JOIN blob_data b ON b.object_id = o.id "
-                "WHERE o.purged_at IS NULL AND o.key_id != ? AND o.id > ? ORDER BY o.id LIMIT ?",
-                (target, cursor, batch)).fetchall()
+            rows = reads.to_reseal(target, cursor, batch)
             if not rows:
                 break
             cursor = rows[-1]["id"]
@@ -92,32 +90,21 @@ def rekey(db_path: Path, blob_root: Path, vault: Vault, *, batch: int = BATCH,
 
 def _swap(conn, resealed: list) -> tuple[list[str], list[str]]:
     """One transaction: point each row at its new blob, where it still points at the
-    one that was read. Returns (old blob files to remove, new ones that lost a race)."""
+    one that was read. Returns (old blob files to remove, new ones that lost a race).
+    A rollback leaves new blob files behind: they are quarantined at the next start."""
     old_files: list[str] = []
     stale: list[str] = []
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn) as tx:
         for row, rel, sealed, result in resealed:
-            cur = conn.execute(
-                "UPDATE objects SET blob = ?, key_id = ?, digest = ? WHERE id = ? AND blob = ? "
-                "AND key_id = ? AND purged_at IS NULL",
-                (rel, result.key_id, result.digest, row["id"], row["blob"], row["key_id"]))
-            if cur.rowcount == 0:
+            if not tx.reseal(row["id"], row["blob"], row["key_id"], rel, result.key_id,
+                             result.digest, sealed):
                 if rel != INLINE:
                     stale.append(rel)
-                continue
-            if rel == INLINE:
-                conn.execute("UPDATE blob_data SET sealed = ? WHERE object_id = ?", (sealed, row["id"]))
-            else:
+            elif rel != INLINE:
                 old_files.append(row["blob"])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")   # new blob files left behind are quarantined at next start
-        raise
     return old_files, stale
 
 
 def _audit(conn, event: str, detail: str) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    _insert_audit(conn, {"ts": time.time(), "event": event, "detail": detail})
-    conn.execute("COMMIT")
+    with transaction(conn) as tx:
+        tx.audit(event, detail=detail)

@@ -11,7 +11,7 @@ from typing import Any
 
 from mfconsole.config import Config
 from mfconsole.engine.engine_lock import holder_pid
-from mfconsole.engine.store import connect
+from mfconsole.repository import db_path, reading
 
 RECENT_ERRORS = 10
 
@@ -44,31 +44,17 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
         out["listeners"].append(entry)
     counts: dict[str, dict[str, int]] = {d.name: {} for d in config.destinations}
     states: dict[str, dict[str, Any]] = {}
-    db_path = data_dir / "mfconsole.db"
-    if db_path.exists():
-        conn = connect(db_path, readonly=True)
-        try:
-            for row in conn.execute("SELECT destination, state, COUNT(*) AS n FROM deliveries "
-                                    "GROUP BY destination, state"):
-                counts.setdefault(row["destination"], {})[row["state"]] = row["n"]
+    path = db_path(data_dir)
+    if path.exists():
+        with reading(path) as reads:
+            for name, by_state in reads.delivery_counts().items():
+                counts.setdefault(name, {}).update(by_state)
             for d in config.destinations:
-                row = conn.execute("SELECT * FROM destination_state WHERE name = ?", (d.name,)).fetchone()
-                states[d.name] = destination_state(row)
-                # Arrival order is id order: the first pending row is the oldest.
-                oldest = conn.execute(
-                    "SELECT MIN(id) FROM deliveries WHERE destination = ? AND state = 'pending'",
-                    (d.name,)).fetchone()[0]
-                states[d.name]["oldest_pending_at"] = oldest and conn.execute(
-                    "SELECT created_at FROM deliveries WHERE id = ?", (oldest,)).fetchone()[0]
-            out["dead_letters"] = conn.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'").fetchone()[0]
-            out["objects"] = conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
-            out["recent_errors"] = [dict(r) for r in conn.execute(
-                "SELECT ts, event, listener, destination, calling_ae, peer, status, detail "
-                "FROM audit WHERE event IN ('refused', 'association_rejected', 'dead_lettered', "
-                "'store_failed') ORDER BY id DESC LIMIT ?", (RECENT_ERRORS,))]
-        finally:
-            conn.close()
+                states[d.name] = destination_state(reads.destination_state(d.name))
+                states[d.name]["oldest_pending_at"] = reads.oldest_pending_at(d.name)
+            out["dead_letters"] = reads.dead_letter_count()
+            out["objects"] = reads.object_count()
+            out["recent_errors"] = reads.recent_errors(RECENT_ERRORS)
     for d in config.destinations:
         entry = {"name": d.name, "kind": d.kind, "target": target(d), "counts": counts.get(d.name, {})}
         entry.update(states.get(d.name) or destination_state(None))

@@ -18,44 +18,34 @@ quarantine/ at the next start (never deleted: it may be the only copy). The stor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-
-import sqlite_utils
+from typing import Any
 
 from mfconsole.engine.vault import Vault, fsync_dir
+from mfconsole.repository import Reads, SchemaError, Tx, connect, db_path, migrate
+from mfconsole.repository.writes import transaction
+from mfconsole.repository.reads import objects_table_exists, reading
+from mfconsole.repository.states import INLINE
 
 log = logging.getLogger("mfconsole.store")
 
-SCHEMA_VERSION = 1
 MAX_GROUP = 256
 # Objects up to this size live in the database (see the module docstring); measured
 # with bench/ingest.py: SQLite stores blobs of this size faster than the file system
 # when every write must be durable.
 INLINE_MAX = 256 * 1024
-INLINE = "inline"           # objects.blob for an object held in blob_data
 # Retention purge: objects per transaction, and the pause between two (bench/purge.py
 # measures the C-STORE response time while purging).
 PURGE_BATCH = 300
 PURGE_PAUSE_S = 0.01
-
-# Delivery states (DESIGN.md): pending → in_flight → delivered | filtered | dead; a dead
-# letter is then replayed (back to pending, or "replayed" when re-targeted to a new
-# delivery row) or discarded by an operator.
-PENDING, IN_FLIGHT, DELIVERED, FILTERED, DEAD = "pending", "in_flight", "delivered", "filtered", "dead"
-REPLAYED, DISCARDED = "replayed", "discarded"
-ACTIVE_STATES = (PENDING, IN_FLIGHT)
-FINISHED_STATES = (DELIVERED, FILTERED, REPLAYED, DISCARDED)
 
 
 class StoreError(Exception):
@@ -105,91 +95,10 @@ class _Job:
     future: Future | None = field(default=None)
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection with the settings every connection must have."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
-                               check_same_thread=False, isolation_level=None)
-    else:
-        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 30000")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-    # FULL on every connection: a commit is on disk (WAL fsynced) when it returns.
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
-
-
-def create_schema(conn: sqlite3.Connection) -> None:
-    db = sqlite_utils.Database(conn)
-    db["objects"].create({
-        "id": int, "sop_instance_uid": str, "version": int, "sop_class_uid": str,
-        "study_uid": str, "series_uid": str, "modality": str, "transfer_syntax": str,
-        "size": int, "digest": str, "blob": str, "key_id": str, "listener": str,
-        "calling_ae": str, "peer": str, "received_at": float, "superseded": int,
-        "purged_at": float,
-    }, pk="id", not_null={"sop_instance_uid", "version", "digest", "blob"},
-        defaults={"superseded": 0}, if_not_exists=True)
-    db["objects"].create_index(["sop_instance_uid", "version"], unique=True, if_not_exists=True)
-    db["objects"].create_index(["received_at"], if_not_exists=True)
-    # The retention purge walks only objects that still hold a blob; purged rows stay
-    # (audit trail) and would otherwise be rescanned at every batch.
-    conn.execute("CREATE INDEX IF NOT EXISTS objects_unpurged ON objects (received_at, id) "
-                 "WHERE purged_at IS NULL")
-    db["deliveries"].create({
-        "id": int, "object_id": int, "destination": str, "listener": str, "handler": str,
-        "state": str, "attempts": int, "retry_at": float, "lease_until": float,
-        "last_status": str, "last_class": str, "last_reason": str,
-        "handler_version": str, "handler_digest": str, "created_at": float, "updated_at": float,
-    }, pk="id", not_null={"object_id", "destination", "state"},
-        defaults={"attempts": 0}, foreign_keys=[("object_id", "objects", "id")],
-        if_not_exists=True)
-    if "handler_digest" not in db["deliveries"].columns_dict:   # data dirs from before handlers
-        db["deliveries"].add_column("handler_digest", str)
-    if "suspect" not in db["deliveries"].columns_dict:
-        # Transfers of this delivery that were cut short (abort, drop, no answer): see
-        # outbox.record. Suspects go last in a batch and never probe a down peer.
-        db["deliveries"].add_column("suspect", int, not_null_default=0)
-    db["deliveries"].create_index(["destination", "state", "retry_at"], if_not_exists=True)
-    db["deliveries"].create_index(["object_id"], if_not_exists=True)
-    db["deliveries"].create_index(["state"], if_not_exists=True)
-    db["audit"].create({
-        "id": int, "ts": float, "event": str, "listener": str, "destination": str,
-        "object_id": int, "delivery_id": int, "sop_instance_uid": str, "calling_ae": str,
-        "peer": str, "status": str, "detail": str, "actor": str,
-    }, pk="id", if_not_exists=True)
-    if "actor" not in db["audit"].columns_dict:
-        # Who did an operator action (mfconsole.actor): data dirs from before it.
-        db["audit"].add_column("actor", str)
-    db["audit"].create_index(["ts"], if_not_exists=True)
-    db["audit"].create_index(["event"], if_not_exists=True)
-    db["blob_data"].create({"object_id": int, "sealed": bytes}, pk="object_id",
-                           not_null={"sealed"}, foreign_keys=[("object_id", "objects", "id")],
-                           if_not_exists=True)
-    conn.execute("""CREATE TABLE IF NOT EXISTS destination_state (
-        name TEXT PRIMARY KEY, paused INTEGER NOT NULL DEFAULT 0, pause_reason TEXT,
-        down INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL DEFAULT 0, last_status TEXT, last_reason TEXT,
-        updated_at REAL)""")
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(destination_state)")}
-    if "suspect_delivery" not in columns:
-        # The delivery in flight at the last cut-short transfer, and whether anything
-        # was delivered since: how outbox.record tells a poison object from a bad peer.
-        conn.execute("ALTER TABLE destination_state ADD COLUMN suspect_delivery INTEGER")
-        conn.execute("ALTER TABLE destination_state ADD COLUMN delivered_since_suspect "
-                     "INTEGER NOT NULL DEFAULT 0")
-    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                 (str(SCHEMA_VERSION),))
-
-
 class StoreRefused(Exception):
     """The store will not open as it is: the message says why and what to do."""
 
 
-DB_NAME = "mfconsole.db"
 QUARANTINE = "quarantine"
 
 
@@ -200,34 +109,26 @@ def has_blob_files(blob_root: Path) -> bool:
 def sealed_key_ids(db_path: Path) -> dict[str, int]:
     """Key id -> number of objects whose blob it sealed (nothing when there is no
     database yet). Read before the store opens, to check the keys a start needs."""
-    return dict(_objects_query(db_path, "SELECT key_id, COUNT(*) FROM objects "
-                                        "WHERE purged_at IS NULL GROUP BY key_id"))
+    if not objects_table_exists(db_path):
+        return {}
+    with reading(db_path) as reads:
+        return reads.sealed_key_ids()
 
 
 def has_stored_objects(db_path: Path) -> bool:
     """Whether the database has ever stored an object (purged ones too): not for a
     missing or new database, which beside blob files means the database was lost."""
-    return bool(_objects_query(db_path, "SELECT 1 FROM objects LIMIT 1"))
-
-
-def _objects_query(db_path: Path, sql: str) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` over the objects table of a database that may not exist yet."""
-    if not db_path.exists():
-        return []
-    conn = connect(db_path, readonly=True)
-    try:
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone() is None:
-            return []
-        return [tuple(r) for r in conn.execute(sql)]
-    finally:
-        conn.close()
+    if not objects_table_exists(db_path):
+        return False
+    with reading(db_path) as reads:
+        return reads.has_objects()
 
 
 class Store:
     def __init__(self, data_dir: Path, vault: Vault, *, accept_empty_store: bool = False):
         self.data_dir = data_dir
         self.vault = vault
-        self.db_path = data_dir / DB_NAME
+        self.db_path = db_path(data_dir)
         self.accept_empty_store = accept_empty_store
         self.blob_root = data_dir / "blobs"
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -252,7 +153,11 @@ class Store:
         os.chmod(self.data_dir, 0o700)
         self._conn = connect(self.db_path)
         os.chmod(self.db_path, 0o600)
-        create_schema(self._conn)
+        try:
+            migrate(self._conn)
+        except SchemaError as exc:
+            self._conn.close()
+            raise StoreRefused(str(exc)) from None
         recovered = self._recover()
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
@@ -270,14 +175,9 @@ class Store:
         other process owns them), and blobs no committed row references are moved to
         quarantine/ (a crash between blob and commit leaves one; so does a database
         restored from before them: the engine never deletes what may be the only copy)."""
-        now = time.time()
-        with _transaction(self._conn):
-            cur = self._conn.execute(
-                "UPDATE deliveries SET state = ?, lease_until = NULL, updated_at = ? "
-                "WHERE state = ?", (PENDING, now, IN_FLIGHT))
-            requeued = cur.rowcount
-        referenced = {row[0] for row in self._conn.execute(
-            "SELECT blob FROM objects WHERE purged_at IS NULL")}
+        with transaction(self._conn) as tx:
+            requeued = tx.requeue_all_in_flight(time.time())
+        referenced = Reads(self._conn).referenced_blobs()
         orphans = 0
         folder = self.data_dir / QUARANTINE / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         for path in sorted(self.blob_root.rglob("*")):
@@ -337,7 +237,8 @@ class Store:
         self._queue.put(_Job("audit", fields))
 
     def call(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(conn, *args)`` on the writer thread inside a transaction."""
+        """Run ``fn(tx, *args)`` on the writer thread inside a transaction (``tx``: a
+        repository ``Tx``); the one way anything writes while the engine runs."""
         return self._submit("call", (fn, args))
 
     def _submit(self, kind: str, payload: Any) -> Any:
@@ -370,7 +271,6 @@ class Store:
                 return
 
     def _commit_group(self, batch: list[_Job]) -> None:
-        conn = self._conn
         results: list[tuple[_Job, Any]] = []
         redundant: list[str] = []
         try:
@@ -379,30 +279,21 @@ class Store:
                     if j.kind == "ingest" and j.payload.blob != INLINE}
             for d in dirs:
                 fsync_dir(d)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._conn) as tx:
                 for job in batch:
                     if job.kind == "ingest":
-                        result = self._insert(conn, job.payload)
+                        result = self._insert(tx, job.payload)
                         if result.outcome == "duplicate":
                             redundant.append(job.payload.blob)
                         results.append((job, result))
                     elif job.kind == "audit":
-                        _insert_audit(conn, job.payload)
+                        tx.audit(**job.payload)
                     else:
                         fn, args = job.payload
-                        conn.execute("SAVEPOINT call")
                         try:
-                            results.append((job, fn(conn, *args)))
-                            conn.execute("RELEASE call")
+                            results.append((job, tx.isolated(fn, *args)))
                         except Exception as exc:  # one bad call must not fail the group
-                            conn.execute("ROLLBACK TO call")
-                            conn.execute("RELEASE call")
                             results.append((job, exc))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         except Exception as exc:
             log.error("store commit failed (%s); %d request(s) answered with a failure",
                       exc.__class__.__name__, len(batch))
@@ -422,59 +313,46 @@ class Store:
             else:
                 job.future.set_result(result)
 
-    def _insert(self, conn: sqlite3.Connection, req: IngestRequest) -> IngestResult:
+    def _insert(self, tx: Tx, req: IngestRequest) -> IngestResult:
         now = time.time()
-        latest = conn.execute(
-            "SELECT id, version, digest, key_id FROM objects WHERE sop_instance_uid = ? "
-            "ORDER BY version DESC LIMIT 1", (req.sop_instance_uid,)).fetchone()
+        latest = tx.latest_version(req.sop_instance_uid)
+        who = {"listener": req.listener, "sop_instance_uid": req.sop_instance_uid,
+               "calling_ae": req.calling_ae, "peer": req.peer, "ts": now}
         # Digests are keyed: compare under the key the stored one was made with.
         if latest is not None and latest["digest"] == dict(req.digests).get(latest["key_id"], req.digest):
-            _insert_audit(conn, {"ts": now, "event": "duplicate", "listener": req.listener,
-                                 "object_id": latest["id"], "sop_instance_uid": req.sop_instance_uid,
-                                 "calling_ae": req.calling_ae, "peer": req.peer,
-                                 "detail": "same SOP Instance UID and bytes; nothing new routed"})
+            tx.audit("duplicate", object_id=latest["id"], **who,
+                     detail="same SOP Instance UID and bytes; nothing new routed")
             return IngestResult("duplicate", latest["id"], latest["version"], 0)
         version = 1 if latest is None else latest["version"] + 1
-        cur = conn.execute(
-            "INSERT INTO objects (sop_instance_uid, version, sop_class_uid, study_uid, series_uid, "
-            "modality, transfer_syntax, size, digest, blob, key_id, listener, calling_ae, peer, "
-            "received_at, superseded) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
-            (req.sop_instance_uid, version, req.sop_class_uid, req.study_uid, req.series_uid,
-             req.modality, req.transfer_syntax, req.size, req.digest, req.blob, req.key_id,
-             req.listener, req.calling_ae, req.peer, now))
-        object_id = cur.lastrowid
-        if req.blob == INLINE:
-            conn.execute("INSERT INTO blob_data (object_id, sealed) VALUES (?, ?)",
-                         (object_id, req.sealed))
+        object_id = tx.insert_object({
+            "sop_instance_uid": req.sop_instance_uid, "version": version,
+            "sop_class_uid": req.sop_class_uid, "study_uid": req.study_uid,
+            "series_uid": req.series_uid, "modality": req.modality,
+            "transfer_syntax": req.transfer_syntax, "size": req.size, "digest": req.digest,
+            "blob": req.blob, "key_id": req.key_id, "listener": req.listener,
+            "calling_ae": req.calling_ae, "peer": req.peer, "received_at": now, "superseded": 0,
+        }, req.sealed)
         outcome = "stored"
         if latest is not None:
             outcome = "new_version"
-            conn.execute("UPDATE objects SET superseded = 1 WHERE sop_instance_uid = ? AND id != ?",
-                         (req.sop_instance_uid, object_id))
-            _insert_audit(conn, {"ts": now, "event": "conflict", "listener": req.listener,
-                                 "object_id": object_id, "sop_instance_uid": req.sop_instance_uid,
-                                 "calling_ae": req.calling_ae, "peer": req.peer,
-                                 "detail": f"same SOP Instance UID, different bytes: stored as "
-                                           f"version {version} (previous object {latest['id']})"})
-        conn.executemany(
-            "INSERT INTO deliveries (object_id, destination, listener, handler, state, attempts, "
-            "retry_at, created_at, updated_at) VALUES (?,?,?,?,?,0,?,?,?)",
-            [(object_id, r.destination, req.listener, r.handler, PENDING, now, now, now)
-             for r in req.routes])
-        _insert_audit(conn, {"ts": now, "event": "stored", "listener": req.listener,
-                             "object_id": object_id, "sop_instance_uid": req.sop_instance_uid,
-                             "calling_ae": req.calling_ae, "peer": req.peer,
-                             "detail": f"version={version} size={req.size} routes={len(req.routes)}"})
+            tx.supersede_others(req.sop_instance_uid, object_id)
+            tx.audit("conflict", object_id=object_id, **who,
+                     detail=f"same SOP Instance UID, different bytes: stored as "
+                            f"version {version} (previous object {latest['id']})")
+        tx.add_deliveries(object_id, req.listener, ((r.destination, r.handler) for r in req.routes), now)
+        tx.audit("stored", object_id=object_id, **who,
+                 detail=f"version={version} size={req.size} routes={len(req.routes)}")
         return IngestResult(outcome, object_id, version, len(req.routes))
 
     # -- reads (any thread; one read connection per thread) ----------------------
 
-    def reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.db_path)
-            self._local.conn = conn
-        return conn
+    def reader(self) -> Reads:
+        """This thread's reads (one connection per thread, kept)."""
+        reads = getattr(self._local, "reads", None)
+        if reads is None:
+            reads = Reads(connect(self.db_path))
+            self._local.reads = reads
+        return reads
 
     def read_object(self, object_id: int) -> bytes:
         try:
@@ -484,15 +362,13 @@ class Store:
             return self._read_object(object_id)
 
     def _read_object(self, object_id: int) -> bytes:
-        row = self.reader().execute("SELECT blob, purged_at FROM objects WHERE id = ?",
-                                    (object_id,)).fetchone()
-        if row is None or row["purged_at"] is not None:
+        where = self.reader().object_blob(object_id)
+        if where is None:
             raise KeyError(object_id)
-        if row["blob"] == INLINE:
-            sealed = self.reader().execute("SELECT sealed FROM blob_data WHERE object_id = ?",
-                                           (object_id,)).fetchone()
-            return self.vault.open_sealed(sealed[0], f"of object {object_id}")
-        return self.vault.open_bytes(self.blob_root / row["blob"])
+        blob, sealed = where
+        if blob == INLINE:
+            return self.vault.open_sealed(sealed, f"of object {object_id}")
+        return self.vault.open_bytes(self.blob_root / blob)
 
     # -- retention ---------------------------------------------------------------
 
@@ -510,28 +386,8 @@ class Store:
         cursor: tuple[float, int] = (float("-inf"), 0)
         total = 0
 
-        def purge_batch(conn: sqlite3.Connection) -> tuple[list[str], tuple[float, int] | None]:
-            # The next candidates by (received_at, id), finished or not, so each batch
-            # costs the same however many kept objects (dead letters) lie before them.
-            rows = conn.execute(
-                "SELECT o.id, o.blob, o.received_at, NOT EXISTS (SELECT 1 FROM deliveries d "
-                "WHERE d.object_id = o.id "
-                f"AND d.state NOT IN ({','.join('?' * len(FINISHED_STATES))})) AS finished "
-                "FROM objects o INDEXED BY objects_unpurged "
-                "WHERE o.purged_at IS NULL AND o.received_at < ? AND (o.received_at, o.id) > (?, ?) "
-                "ORDER BY o.received_at, o.id LIMIT ?",
-                (*FINISHED_STATES, cutoff, *cursor, batch)).fetchall()
-            if not rows:
-                return [], None
-            done = [r for r in rows if r["finished"]]
-            stamp = time.time()
-            conn.executemany("UPDATE objects SET purged_at = ? WHERE id = ?",
-                             [(stamp, r["id"]) for r in done])
-            conn.executemany("DELETE FROM blob_data WHERE object_id = ?", [(r["id"],) for r in done])
-            return [r["blob"] for r in done], (rows[-1]["received_at"], rows[-1]["id"])
-
         while stop is None or not stop.is_set():
-            blobs, cursor_next = self.call(purge_batch)
+            blobs, cursor_next = self.call(Tx.purge_batch, cutoff, cursor, batch, time.time())
             for rel in blobs:
                 self._remove_file(rel)
             total += len(blobs)
@@ -544,30 +400,3 @@ class Store:
         if total:
             self.audit("purged", detail=f"{total} object(s) older than {retention_days} days")
         return total
-
-
-def _insert_audit(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
-    cols = ("ts", "event", "listener", "destination", "object_id", "delivery_id",
-            "sop_instance_uid", "calling_ae", "peer", "status", "detail", "actor")
-    conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                 tuple(row.get(c) for c in cols))
-
-
-class _transaction:
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-    return [dict(r) for r in conn.execute(sql, tuple(params))]
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)

@@ -5,40 +5,38 @@ these pin the edge cases."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import pytest
 
 from mfconsole.contract import BOUNDED, DESTINATION, MESSAGE, TRANSIENT, Outcome, no_response
 from mfconsole.engine import outbox
-from mfconsole.engine.store import create_schema
+from mfconsole.repository import Tx, connect, migrate
 
 POLICY = outbox.Policy(retry_initial_s=1, retry_max_s=2, down_after=5, bounded_attempts=3)
 
 
 @pytest.fixture
-def conn():
-    c = sqlite3.connect(":memory:", isolation_level=None)
-    c.row_factory = sqlite3.Row
-    create_schema(c)
-    return c
+def conn(tmp_path):
+    """A Tx over a migrated database (autocommit between calls: each call stands alone)."""
+    c = connect(tmp_path / "t.db")
+    migrate(c)
+    yield Tx(c)
+    c.close()
 
 
-def queued(conn, n: int = 1) -> list[outbox.Claimed]:
+def queued(tx: Tx, n: int = 1) -> list[outbox.Claimed]:
     now = time.time()
     for i in range(n):
-        cur = conn.execute("INSERT INTO objects (sop_instance_uid, version, digest, blob, received_at) "
-                           "VALUES (?, 1, 'd', 'inline', ?)", (f"1.2.{i}", now))
-        conn.execute("INSERT INTO deliveries (object_id, destination, state, attempts, retry_at, "
-                     "created_at, updated_at) VALUES (?, 'pacs', 'pending', 0, 0, ?, ?)",
-                     (cur.lastrowid, now, now))
-    return outbox.claim(conn, "pacs", n)
+        object_id = tx.insert_object({"sop_instance_uid": f"1.2.{i}", "version": 1, "digest": "d",
+                                      "blob": "file", "received_at": now}, None)
+        tx.add_deliveries(object_id, None, [("pacs", None)], 0)
+    return outbox.claim(tx, "pacs", n)
 
 
-def state_of(conn, item: outbox.Claimed) -> dict:
-    return dict(conn.execute("SELECT state, attempts, suspect FROM deliveries WHERE id = ?",
-                             (item.delivery_id,)).fetchone())
+def state_of(tx: Tx, item: outbox.Claimed) -> dict:
+    row = tx.delivery(item.delivery_id)
+    return {k: row[k] for k in ("state", "attempts", "suspect")}
 
 
 def test_a_destination_bounded_outcome_never_dead_letters_an_object_with_many_attempts(conn):

@@ -1,0 +1,306 @@
+"""Every read query, behind typed methods returning plain values and dicts.
+
+``Reads`` wraps one connection: the store's per-thread reader, a read-only
+connection of the control service or of ``status`` (which work whether an engine runs
+or not), or the writer's own connection (``writes.Tx`` is a ``Reads`` too, for what a
+write must read inside its transaction). Rows are routing-safe: the database holds no
+patient data, only UIDs, names of our own listeners/destinations, and statuses.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from mfconsole.repository.schema import connect
+from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, IN_FLIGHT, PENDING
+
+# The errors `status` lists.
+ERROR_EVENTS = ("refused", "association_rejected", "dead_lettered", "store_failed")
+
+_DEAD_COLUMNS = ("d.id, d.destination, d.object_id, d.attempts, d.last_status, d.last_class, "
+                 "d.last_reason, d.handler, d.handler_version, d.updated_at, o.sop_instance_uid, "
+                 "o.sop_class_uid, o.study_uid, o.transfer_syntax, o.size, o.calling_ae, o.listener, "
+                 "o.version, o.superseded")
+_DEAD_FROM = "FROM deliveries d JOIN objects o ON o.id = d.object_id"
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters an operator means: the one filter of the CLI (destination,
+    reason), the console (free text over what a row shows, a cause group) and ids."""
+    destination: str | None = None
+    reason: str | None = None          # substring of the last reason, any case
+    text: str | None = None            # substring of destination, status, reason, UIDs, AE, id
+    group: dict[str, Any] | None = None   # destination + status + reason, exactly
+    ids: tuple[int, ...] | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        sql, params = "d.state = ?", [DEAD]
+        if self.destination:
+            sql += " AND d.destination = ?"
+            params.append(self.destination)
+        if self.reason:
+            sql += " AND instr(lower(d.last_reason), lower(?)) > 0"
+            params.append(self.reason)
+        if self.group:
+            sql += (" AND d.destination = ? AND COALESCE(d.last_status, '') = ? "
+                    "AND COALESCE(d.last_reason, '') = ?")
+            params += [self.group["destination"], self.group.get("status") or "",
+                       self.group.get("reason") or ""]
+        if self.text:
+            sql += (" AND instr(lower(d.destination || ' ' || COALESCE(d.last_status, '') || ' ' || "
+                    "COALESCE(d.last_reason, '') || ' ' || o.sop_instance_uid || ' ' || "
+                    "COALESCE(o.study_uid, '') || ' ' || COALESCE(o.calling_ae, '') || ' ' || d.id), "
+                    "lower(?)) > 0")
+            params.append(self.text)
+        if self.ids is not None:
+            sql += f" AND d.id IN ({','.join('?' * len(self.ids))})"
+            params += list(self.ids)
+        return sql, params
+
+
+def _dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+    return [dict(r) for r in cur]
+
+
+class Reads:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    # -- objects ------------------------------------------------------------------
+
+    def latest_version(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT id, version, digest, key_id FROM objects WHERE sop_instance_uid = ? "
+            "ORDER BY version DESC LIMIT 1", (sop_instance_uid,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def object_blob(self, object_id: int) -> tuple[str, bytes | None] | None:
+        """Where an unpurged object's sealed bytes are: (file, None), or (INLINE,
+        sealed) for one held in the database; None when purged or unknown."""
+        row = self.conn.execute(
+            "SELECT o.blob, b.sealed FROM objects o LEFT JOIN blob_data b ON b.object_id = o.id "
+            "WHERE o.id = ? AND o.purged_at IS NULL", (object_id,)).fetchone()
+        return (row["blob"], row["sealed"]) if row is not None else None
+
+    def referenced_blobs(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT blob FROM objects WHERE purged_at IS NULL")}
+
+    def object_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+
+    def has_objects(self) -> bool:
+        """Whether any object was ever stored (purged ones too)."""
+        return self.conn.execute("SELECT 1 FROM objects LIMIT 1").fetchone() is not None
+
+    def sealed_key_ids(self) -> dict[str, int]:
+        """Key id -> number of unpurged objects it sealed."""
+        return {r[0]: r[1] for r in self.conn.execute(
+            "SELECT key_id, COUNT(*) FROM objects WHERE purged_at IS NULL GROUP BY key_id")}
+
+    def not_sealed_with(self, key_id: str) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM objects WHERE purged_at IS NULL AND key_id != ?",
+                                 (key_id,)).fetchone()[0]
+
+    def to_reseal(self, key_id: str, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """The next unpurged objects not under ``key_id``, by id, with inline bytes."""
+        return _dicts(self.conn.execute(
+            "SELECT o.id, o.blob, o.key_id, b.sealed FROM objects o "
+            "LEFT JOIN blob_data b ON b.object_id = o.id "
+            "WHERE o.purged_at IS NULL AND o.key_id != ? AND o.id > ? ORDER BY o.id LIMIT ?",
+            (key_id, after_id, limit)))
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row is not None else None
+
+    # -- deliveries -----------------------------------------------------------------
+
+    def destination_state(self, name: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def delivery_counts(self, destination: str | None = None) -> dict[str, dict[str, int]]:
+        """destination -> state -> deliveries."""
+        sql, params = "SELECT destination, state, COUNT(*) AS n FROM deliveries", ()
+        if destination is not None:
+            sql, params = sql + " WHERE destination = ?", (destination,)
+        out: dict[str, dict[str, int]] = {}
+        for r in self.conn.execute(sql + " GROUP BY destination, state", params):
+            out.setdefault(r["destination"], {})[r["state"]] = r["n"]
+        return out
+
+    def oldest_pending_at(self, destination: str) -> float | None:
+        # Arrival order is id order: the first pending row is the oldest.
+        oldest = self.conn.execute("SELECT MIN(id) FROM deliveries WHERE destination = ? AND state = ?",
+                                   (destination, PENDING)).fetchone()[0]
+        return oldest and self.conn.execute("SELECT created_at FROM deliveries WHERE id = ?",
+                                            (oldest,)).fetchone()[0]
+
+    def due(self, destination: str, *, ordered: bool, suspects: bool | None, now: float,
+            limit: int) -> list[dict[str, Any]]:
+        """Pending deliveries of a destination with what sending them needs: by retry
+        time (due first), or with ``ordered`` by arrival whatever their retry time;
+        ``suspects`` True/False for only/no cut-short deliveries, None for both."""
+        where = "" if suspects is None else ("AND d.suspect > 0" if suspects else "AND d.suspect = 0")
+        order = "d.id" if ordered else "d.retry_at, d.id"
+        return _dicts(self.conn.execute(
+            "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, d.suspect, "
+            "o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size "
+            "FROM deliveries d JOIN objects o ON o.id = d.object_id "
+            f"WHERE d.destination = ? AND d.state = ? AND (? OR d.retry_at <= ?) {where} "
+            f"ORDER BY {order} LIMIT ?", (destination, PENDING, ordered, now, limit)))
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        return _dicts(self.conn.execute(
+            "SELECT id, destination, object_id FROM deliveries WHERE state = ?", (IN_FLIGHT,)))
+
+    def delivered_other_than(self, destination: str, delivery_id: int) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM deliveries WHERE destination = ? AND state = ? AND id != ? LIMIT 1",
+            (destination, DELIVERED, delivery_id)).fetchone() is not None
+
+    def latest_delivery_of(self, object_id: int, destination: str,
+                           states: Iterable[str]) -> dict[str, Any] | None:
+        states = tuple(states)
+        row = self.conn.execute(
+            "SELECT id, state FROM deliveries WHERE object_id = ? AND destination = ? "
+            f"AND state IN ({','.join('?' * len(states))}) ORDER BY id DESC LIMIT 1",
+            (object_id, destination, *states)).fetchone()
+        return dict(row) if row is not None else None
+
+    def delivery(self, delivery_id: int) -> dict[str, Any] | None:
+        """One delivery with its object's routing fields (any state, purged or not)."""
+        row = self.conn.execute(
+            "SELECT d.id, d.destination, d.object_id, d.state, d.handler, d.attempts, d.suspect, "
+            "d.retry_at, d.last_status, d.last_class, d.last_reason, o.sop_instance_uid, "
+            "o.sop_class_uid, o.transfer_syntax, o.study_uid, o.purged_at "
+            f"{_DEAD_FROM} WHERE d.id = ?", (int(delivery_id),)).fetchone()
+        return dict(row) if row is not None else None
+
+    def recent_for_handler(self, handler: str, limit: int) -> list[dict[str, Any]]:
+        """The latest deliveries through a handler whose object is still stored."""
+        return _dicts(self.conn.execute(
+            "SELECT d.id, d.destination, d.listener, d.object_id, o.sop_class_uid, "
+            "o.sop_instance_uid, o.transfer_syntax, o.study_uid, o.purged_at "
+            f"{_DEAD_FROM} WHERE d.handler = ? AND o.purged_at IS NULL ORDER BY d.id DESC LIMIT ?",
+            (handler, limit)))
+
+    def queued_pairs(self, destination: str, since: float, limit: int) -> list[tuple[str, str]]:
+        """(SOP class, transfer syntax) queued for, dead at, or sent to a destination
+        since a time, most frequent first."""
+        return [(r[0], r[1]) for r in self.conn.execute(
+            "SELECT o.sop_class_uid, o.transfer_syntax, COUNT(*) AS n FROM deliveries d "
+            "JOIN objects o ON o.id = d.object_id WHERE d.destination = ? AND "
+            "(d.state IN (?, ?, ?) OR d.updated_at > ?) GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
+            (destination, *ACTIVE_STATES, DEAD, since, limit))]
+
+    # -- dead letters (one filter: DeadLetterFilter) ------------------------------------
+
+    def dead_letters(self, which: DeadLetterFilter = DeadLetterFilter()) -> list[dict[str, Any]]:
+        """Every matching dead letter, oldest first, with its object's routing fields."""
+        where, params = which.where()
+        return _dicts(self.conn.execute(f"SELECT {_DEAD_COLUMNS} {_DEAD_FROM} WHERE {where} "
+                                        "ORDER BY d.id", params))
+
+    def dead_letter_page(self, which: DeadLetterFilter, before_id: int | None,
+                         limit: int) -> list[dict[str, Any]]:
+        """One page, newest first; the next starts before the last id of this one."""
+        where, params = which.where()
+        if before_id is not None:
+            where += " AND d.id < ?"
+            params.append(before_id)
+        return _dicts(self.conn.execute(
+            f"SELECT {_DEAD_COLUMNS} {_DEAD_FROM} WHERE {where} ORDER BY d.id DESC LIMIT ?",
+            params + [limit]))
+
+    def dead_letter_count(self, which: DeadLetterFilter = DeadLetterFilter()) -> int:
+        where, params = which.where()
+        return self.conn.execute(f"SELECT COUNT(*) {_DEAD_FROM} WHERE {where}", params).fetchone()[0]
+
+    def dead_letter_ids(self, which: DeadLetterFilter) -> list[int]:
+        where, params = which.where()
+        return [r[0] for r in self.conn.execute(f"SELECT d.id {_DEAD_FROM} WHERE {where} ORDER BY d.id",
+                                                params)]
+
+    def dead_letter_groups(self, which: DeadLetterFilter = DeadLetterFilter()) -> list[dict[str, Any]]:
+        """Dead letters by cause: destination, status and reason, the largest first."""
+        where, params = which.where()
+        return _dicts(self.conn.execute(
+            "SELECT d.destination, COALESCE(d.last_status, '') AS status, "
+            "COALESCE(d.last_reason, '') AS reason, COUNT(*) AS count, MAX(d.updated_at) AS latest "
+            f"{_DEAD_FROM} WHERE {where} GROUP BY 1, 2, 3 ORDER BY count DESC, latest DESC", params))
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def last_audit_id(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+
+    def audit_counts_since(self, after_id: int) -> list[dict[str, Any]]:
+        """Audit rows after an id, counted by event, listener, destination and second,
+        with the last id of each group: what the session counters tail."""
+        return _dicts(self.conn.execute(
+            "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, COUNT(*) AS n, "
+            "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4", (after_id,)))
+
+    def last_outcomes(self, destination: str, limit: int, scan: int) -> list[dict[str, Any]]:
+        """A destination's latest outcomes among the last ``scan`` audit rows (a bound:
+        a destination quiet for a long time shows none rather than costing a full scan)."""
+        top = self.last_audit_id()
+        return _dicts(self.conn.execute(
+            "SELECT ts, event, status, detail, delivery_id FROM audit WHERE id > ? AND "
+            "destination = ? AND event NOT IN ('replayed', 'discarded') ORDER BY id DESC LIMIT ?",
+            (top - scan, destination, limit)))
+
+    def recent_errors(self, limit: int) -> list[dict[str, Any]]:
+        return _dicts(self.conn.execute(
+            "SELECT ts, event, listener, destination, calling_ae, peer, status, detail FROM audit "
+            f"WHERE event IN ({','.join('?' * len(ERROR_EVENTS))}) ORDER BY id DESC LIMIT ?",
+            (*ERROR_EVENTS, limit)))
+
+    def delivery_history(self, delivery_id: int) -> list[dict[str, Any]]:
+        return _dicts(self.conn.execute(
+            "SELECT ts, event, destination, status, detail FROM audit WHERE delivery_id = ? "
+            "ORDER BY id", (delivery_id,)))
+
+
+    # -- inspection: whole rows, for tests and diagnostics ---------------------------------
+
+    TABLES = ("objects", "deliveries", "audit", "destination_state", "meta", "blob_data")
+
+    def rows(self, table: str, *, order_by: str | None = None, **equals: Any) -> list[dict[str, Any]]:
+        """Every row of a table whose columns equal ``equals`` (None matches NULL), in
+        ``order_by`` order (default: the table's key). Names are checked against the
+        schema, never pasted from a caller."""
+        if table not in self.TABLES:
+            raise ValueError(f"no table {table!r}")
+        columns = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+        order_by = order_by or {"destination_state": "name", "meta": "key", "blob_data": "object_id"}.get(table, "id")
+        for name in [*equals, order_by.removesuffix(" DESC")]:
+            if name not in columns:
+                raise ValueError(f"no column {name!r} in {table}")
+        where = " AND ".join(f"{k} IS ?" for k in equals) or "1"
+        return _dicts(self.conn.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY {order_by}",
+                                        tuple(equals.values())))
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Reads]:
+    """A read-only connection for the length of a block (works beside a running engine)."""
+    conn = connect(path, readonly=True)
+    try:
+        yield Reads(conn)
+    finally:
+        conn.close()
+
+
+def objects_table_exists(path: Path) -> bool:
+    """Whether ``path`` is a database that has its objects table (not before the first start)."""
+    if not path.exists():
+        return False
+    with reading(path) as reads:
+        return reads.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'objects'").fetchone() is not None

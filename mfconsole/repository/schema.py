@@ -1,0 +1,162 @@
+"""The database file, its connections and its schema, versioned by ordered migrations.
+
+``meta.schema_version`` says which migrations a database has had. Opening it for
+writing (the engine's store, or an operator command while no engine runs) applies the
+missing ones in order, each in its own transaction with the version bump, so a crash
+between two leaves a database at a known version. A database written by a newer
+mfconsole (a version above the last one here) is refused, never guessed at.
+
+Migrations 2 to 6 were once applied ad hoc by a version that still wrote
+``schema_version = 1``: each of them checks what exists before it adds it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Callable
+
+DB_NAME = "mfconsole.db"
+
+
+class SchemaError(Exception):
+    """The database cannot be used by this version (the message says why and what to do)."""
+
+
+def db_path(data_dir: Path) -> Path:
+    return data_dir / DB_NAME
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the settings every connection must have."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
+                               check_same_thread=False, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    # FULL on every connection: a commit is on disk (WAL fsynced) when it returns.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_column(conn: sqlite3.Connection, table: str, column: str, decl: str) -> None:
+    if column not in _columns(conn, table):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    """Objects, their deliveries, the audit trail, small sealed objects, destination
+    state and meta: the schema as first released."""
+    # One statement at a time: executescript would commit the migration's transaction.
+    for statement in """
+        CREATE TABLE IF NOT EXISTS objects (
+            id INTEGER PRIMARY KEY, sop_instance_uid TEXT NOT NULL, version INTEGER NOT NULL,
+            sop_class_uid TEXT, study_uid TEXT, series_uid TEXT, modality TEXT,
+            transfer_syntax TEXT, size INTEGER, digest TEXT NOT NULL, blob TEXT NOT NULL,
+            key_id TEXT, listener TEXT, calling_ae TEXT, peer TEXT, received_at FLOAT,
+            superseded INTEGER DEFAULT 0, purged_at FLOAT);
+        CREATE UNIQUE INDEX IF NOT EXISTS idx_objects_sop_instance_uid_version
+            ON objects (sop_instance_uid, version);
+        CREATE INDEX IF NOT EXISTS idx_objects_received_at ON objects (received_at);
+        CREATE TABLE IF NOT EXISTS deliveries (
+            id INTEGER PRIMARY KEY, object_id INTEGER NOT NULL REFERENCES objects(id),
+            destination TEXT NOT NULL, listener TEXT, handler TEXT, state TEXT NOT NULL,
+            attempts INTEGER DEFAULT 0, retry_at FLOAT, lease_until FLOAT, last_status TEXT,
+            last_class TEXT, last_reason TEXT, handler_version TEXT, created_at FLOAT,
+            updated_at FLOAT);
+        CREATE INDEX IF NOT EXISTS idx_deliveries_destination_state_retry_at
+            ON deliveries (destination, state, retry_at);
+        CREATE INDEX IF NOT EXISTS idx_deliveries_object_id ON deliveries (object_id);
+        CREATE INDEX IF NOT EXISTS idx_deliveries_state ON deliveries (state);
+        CREATE TABLE IF NOT EXISTS audit (
+            id INTEGER PRIMARY KEY, ts FLOAT, event TEXT, listener TEXT, destination TEXT,
+            object_id INTEGER, delivery_id INTEGER, sop_instance_uid TEXT, calling_ae TEXT,
+            peer TEXT, status TEXT, detail TEXT);
+        CREATE INDEX IF NOT EXISTS idx_audit_ts ON audit (ts);
+        CREATE INDEX IF NOT EXISTS idx_audit_event ON audit (event);
+        CREATE TABLE IF NOT EXISTS blob_data (
+            object_id INTEGER PRIMARY KEY REFERENCES objects(id), sealed BLOB NOT NULL);
+        CREATE TABLE IF NOT EXISTS destination_state (
+            name TEXT PRIMARY KEY, paused INTEGER NOT NULL DEFAULT 0, pause_reason TEXT,
+            down INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL DEFAULT 0, last_status TEXT, last_reason TEXT,
+            updated_at REAL);
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+    """.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _v2_handler_digest(conn: sqlite3.Connection) -> None:
+    """Which handler file (by digest) produced what a delivery sent."""
+    _add_column(conn, "deliveries", "handler_digest", "TEXT")
+
+
+def _v3_suspect(conn: sqlite3.Connection) -> None:
+    """Transfers of a delivery that were cut short (abort, drop, no answer): the
+    delivery queue sends suspects last and never lets one probe a down peer."""
+    _add_column(conn, "deliveries", "suspect", "INTEGER NOT NULL DEFAULT 0")
+
+
+def _v4_actor(conn: sqlite3.Connection) -> None:
+    """Who did an operator action (uid and login name)."""
+    _add_column(conn, "audit", "actor", "TEXT")
+
+
+def _v5_destination_suspect(conn: sqlite3.Connection) -> None:
+    """The delivery in flight at a destination's last cut-short transfer, and whether
+    anything was delivered since: how a poison object is told from a bad peer."""
+    _add_column(conn, "destination_state", "suspect_delivery", "INTEGER")
+    _add_column(conn, "destination_state", "delivered_since_suspect", "INTEGER NOT NULL DEFAULT 0")
+
+
+def _v6_unpurged_index(conn: sqlite3.Connection) -> None:
+    """The retention purge walks only objects that still hold a blob; purged rows stay
+    (audit trail) and would otherwise be rescanned at every batch."""
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_unpurged ON objects (received_at, id) "
+                 "WHERE purged_at IS NULL")
+
+
+# In order; a migration is never edited once released: a change is a new one.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
+    _v6_unpurged_index)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The version a database is at: 0 for a new (empty) one."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Bring a database opened for writing to SCHEMA_VERSION; (from, to)."""
+    start = schema_version(conn)
+    if start > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database is at schema version {start}, written by a newer mfconsole; this one "
+            f"knows versions up to {SCHEMA_VERSION}: run the newer version (or restore the "
+            "database from a backup made by this one)")
+    for version in range(start + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[version - 1](conn)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                         (str(version),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return start, SCHEMA_VERSION
