@@ -14,11 +14,9 @@ _BY_ID = re.compile(r"^\s*(replay|discard)\s+(\d+)\s*$", re.IGNORECASE)
 
 class ConsoleCommands(Provider):
     def commands(self) -> Iterator[tuple[str, Callable[[], Any], str]]:
-        from mfconsole.console.app import SCREENS
-
-        app: Any = self.app
+        app: Any = self.app     # the console app: its screens and actions, not imported (it imports us)
         writable = not app.read_only
-        for n, (mode, screen) in enumerate(SCREENS, start=1):
+        for n, (mode, screen) in enumerate(app.MODES.items(), start=1):
             yield (f"go to {screen.TITLE_TEXT.lower()}", partial(app.action_goto, mode), f"key {n}")
         snap = app.snap or {}
         for d in snap.get("destinations", []):

@@ -270,6 +270,13 @@ class Reads:
 
     # -- inspection: whole rows, for tests and diagnostics ---------------------------------
 
+    def unpurged_scan_plan(self) -> str:
+        """How SQLite plans the retention purge's walk over unpurged objects (the
+        details of EXPLAIN QUERY PLAN, joined): whether it goes by objects_unpurged."""
+        return " ".join(r[3] for r in self.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM objects INDEXED BY objects_unpurged "
+            "WHERE purged_at IS NULL AND received_at < 1 ORDER BY received_at, id LIMIT 5"))
+
     TABLES = ("objects", "deliveries", "audit", "destination_state", "meta", "blob_data")
 
     def rows(self, table: str, *, order_by: str | None = None, **equals: Any) -> list[dict[str, Any]]:
