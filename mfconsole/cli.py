@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "console":
         return cmd_console(config, read_only=args.read_only, mouse=not args.no_mouse)
     from mfconsole import ops
-    from mfconsole.engine.control import ControlError
+    from mfconsole.control import ControlError
     from mfconsole.engine.engine_lock import EngineError
 
     try:
@@ -186,7 +186,7 @@ def _engine_socket(config: Config) -> Path | None:
 
 
 def _ask(sock: Path, op: str, **args: Any) -> Any:
-    from mfconsole.engine.control import ControlError, request
+    from mfconsole.control import ControlError, request
 
     try:
         return request(sock, op, args, timeout=3600.0)      # bulk actions may take a while
@@ -347,10 +347,11 @@ OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": 
 
 
 def cmd_serve(config: Config, *, accept_empty_store: bool = False) -> int:
+    from mfconsole.control import serve_control
     from mfconsole.engine.engine import Engine
     from mfconsole.engine.engine_lock import EngineError
 
-    engine = Engine(config, accept_empty_store=accept_empty_store)
+    engine = Engine(config, accept_empty_store=accept_empty_store, control=serve_control)
     stop = threading.Event()
     reload = threading.Event()
 

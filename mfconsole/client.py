@@ -8,7 +8,7 @@
 
 A read-only console attaches through ``control-ro.sock``, whose connections the
 engine serves as read-only whatever they send; a hosted one is read-only for the
-console's lifetime. Both end in ``engine.control.ControlService`` and both hand back plain JSON values
+console's lifetime. Both end in ``mfconsole.control.ControlService`` and both hand back plain JSON values
 (the in-process one round-trips them through JSON too), so screens cannot tell them
 apart. Every method blocks: the console calls them from thread workers.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mfconsole.config import Config
-from mfconsole.engine.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request
+from mfconsole.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request, serve_control
 
 
 class ClientError(Exception):
@@ -173,7 +173,8 @@ def open_client(config: Config, *, read_only: bool = False) -> Client:
     if served is not None:
         pid, sock = served
         return AttachedClient(sock, pid, read_only=read_only)
-    engine = Engine(config, log_to_stderr=False)   # stderr is the console's screen
+    engine = Engine(config, log_to_stderr=False,   # stderr is the console's screen
+                    control=serve_control)
     engine.start()
     return InProcessClient(engine, read_only=read_only)
 

@@ -18,13 +18,14 @@ from peers import free_port  # noqa: E402
 def engine_factory(tmp_path):
     """Start in-process engines: ``engine = engine_factory(**write_config kwargs)``."""
     from mfconsole.config import load
+    from mfconsole.control import serve_control
     from mfconsole.engine.engine import Engine
 
     started = []
 
     def make(folder: str = "engine", **kwargs):
         path = write_config(tmp_path / folder, **kwargs)
-        engine = Engine(load(path), log_to_stderr=False)
+        engine = Engine(load(path), log_to_stderr=False, control=serve_control)
         engine.start()
         started.append(engine)
         return engine

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pydicom import config as pydicom_config
 
@@ -22,7 +22,6 @@ from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
 from mfconsole.dimse.sender import DimseSender, Peer
 from mfconsole.engine import logs, outbox
-from mfconsole.engine.control import SOCKET_NAME, ControlServer, ControlService
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
@@ -43,8 +42,13 @@ DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before
 
 
 class Engine:
-    def __init__(self, config: Config, *, log_to_stderr: bool = True, accept_empty_store: bool = False):
+    def __init__(self, config: Config, *, log_to_stderr: bool = True, accept_empty_store: bool = False,
+                 control: Callable[[Engine], Any] | None = None):
+        """``control(engine)`` makes the operators' way in (mfconsole.control.serve_control:
+        the control sockets), started last and stopped first; the operations layer
+        above the engine provides it, so the engine never imports that layer."""
         self.config = config
+        self._control_factory = control
         self.accept_empty_store = accept_empty_store
         self.data_dir = config.engine.data_dir
         self.log_to_stderr = log_to_stderr
@@ -60,7 +64,7 @@ class Engine:
         self.held = outbox.Held()     # in-flight deliveries live workers are working on
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
-        self.control: ControlServer | None = None
+        self.control: Any = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -143,7 +147,9 @@ class Engine:
         """The console's way in (data_dir/control.sock, and control-ro.sock for a
         read-only console). Routing does not need it: if the sockets cannot be made, the
         engine runs on and says why."""
-        server = ControlServer(ControlService(self), self.data_dir / SOCKET_NAME)
+        if self._control_factory is None:
+            return
+        server = self._control_factory(self)
         try:
             server.start()
         except OSError as exc:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mfconsole.engine.control import ControlService
+from mfconsole.control import ControlService
 from mfconsole.repository import Tx
 
 

@@ -34,6 +34,8 @@ ENGINE = "mfconsole.engine"
 CONTRACT = "mfconsole.contract"
 CONTRACT_MAY_IMPORT = {"mfconsole.hardening", "mfconsole.tls"}
 CONSOLE = "mfconsole.console"
+REPOSITORY = "mfconsole.repository"
+ABOVE_ENGINE = ("mfconsole.ops", "mfconsole.control", "mfconsole.cli", "mfconsole.client", CONSOLE)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,30 @@ def test_the_contract_stands_below_engine_and_protocols(graph):
     wrong = [show(chain) for target, chain in sorted(reach(CONTRACT, graph).items())
              if any(within(target, p) for p in above)]
     assert not wrong, "contract.py reaches the engine or a protocol:\n  " + "\n  ".join(wrong)
+
+
+def test_the_repository_stands_below_the_engine(graph):
+    """mfconsole/repository imports nothing of mfconsole but itself, at any level."""
+    wrong = [f"{name} -> {i.target} (line {i.line})" for name, imps in sorted(graph.items())
+             if within(name, REPOSITORY) for i in imps
+             if within(i.target, "mfconsole") and not within(i.target, REPOSITORY)]
+    assert not wrong, "the repository imports the rest of mfconsole:\n  " + "\n  ".join(wrong)
+
+
+def test_protocol_packages_never_reach_the_repository(graph):
+    wrong = [show(chain) for name in sorted(graph) if any(within(name, p) for p in PROTOCOLS)
+             for target, chain in sorted(reach(name, graph).items()) if within(target, REPOSITORY)]
+    assert not wrong, "a protocol package reaches the repository:\n  " + "\n  ".join(wrong)
+
+
+def test_the_engine_never_reaches_the_layers_above_it(graph):
+    """The operations layer (ops, control), the CLI, the client and the console drive
+    the engine; the engine is handed what it needs of them (``control=serve_control``)
+    and imports none of them, not even inside a function."""
+    wrong = [show(chain) for name in sorted(graph) if within(name, ENGINE)
+             for target, chain in sorted(reach(name, graph).items())
+             if any(within(target, above) for above in ABOVE_ENGINE)]
+    assert not wrong, "the engine imports a layer above it:\n  " + "\n  ".join(wrong)
 
 
 def test_no_import_cycle(graph):

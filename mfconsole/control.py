@@ -1,5 +1,9 @@
 """The engine's control surface: what the console asks of a running engine.
 
+Part of the operations layer (with ops.py), above the engine: the engine is handed
+``serve_control`` when it is made (``Engine(config, control=serve_control)``) and starts
+and stops the server, without importing this module.
+
 ``ControlService`` answers operations by name with JSON-safe, routing-safe values;
 patient fields leave it only through ``reveal`` and ``preview_handler``, both audited.
 The console calls it directly when it hosts the engine, and through ``ControlServer``
@@ -662,3 +666,8 @@ def request(path: Path, op: str, args: dict[str, Any] | None = None, *,
     if not reply.get("ok"):
         raise ControlError(reply.get("error") or f"{op} failed")
     return reply.get("result")
+
+
+def serve_control(engine: Any) -> ControlServer:
+    """The control sockets of an engine: what ``Engine(control=...)`` takes."""
+    return ControlServer(ControlService(engine), engine.data_dir / SOCKET_NAME)
