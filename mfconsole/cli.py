@@ -74,6 +74,34 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("ids", type=int, nargs="*", metavar="ID")
     dc.add_argument("--destination", help="every dead letter of this destination")
     dc.add_argument("--reason", help="every dead letter whose reason contains TEXT")
+    ob = sub.add_parser("objects", parents=[common], help="browse stored objects and their timeline")
+    obs = ob.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ol = obs.add_parser("list", parents=[common],
+                        help="stored objects, newest first, with each destination's state")
+    for flag, text in (("--since", "received at or after: 30m, 2h, 1d (ago), 2026-12-04, 2026-12-04T08:30"),
+                       ("--until", "received before (same forms)"), ("--listener", None),
+                       ("--calling-ae", None), ("--modality", None), ("--sop-class-uid", None),
+                       ("--sop-instance-uid", None), ("--study-uid", None),
+                       ("--destination", "has a delivery to this destination"),
+                       ("--state", "... (or to any) in this state: pending, in_flight, delivered, "
+                                   "filtered, dead, replayed, discarded"),
+                       ("--accession", "find by accession number (keyed hash; the search is audited)"),
+                       ("--patient-id", "find by patient ID (keyed hash; the search is audited)")):
+        ol.add_argument(flag, help=text)
+    ol.add_argument("--sort", default="id", help="column to sort by (default: id, i.e. arrival)")
+    ol.add_argument("--ascending", action="store_true", help="oldest / smallest first")
+    ol.add_argument("--limit", type=int, default=100)
+    ol.add_argument("--offset", type=int, default=0)
+    ol.add_argument("--json", action="store_true")
+    os_ = obs.add_parser("show", parents=[common], help="one object: deliveries and timeline")
+    os_.add_argument("id", type=int)
+    os_.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", parents=[common], help="the audit trail, newest first")
+    for flag in ("--event", "--destination", "--listener", "--actor", "--since", "--until", "--text"):
+        au.add_argument(flag)
+    au.add_argument("--object-id", type=int)
+    au.add_argument("--limit", type=int, default=100)
+    au.add_argument("--json", action="store_true")
     sub.add_parser("reload", parents=[common],
                    help="ask the running engine to reload config.toml and handlers (over its "
                         "control socket)")
@@ -341,9 +369,86 @@ def cmd_rekey(config: Config, args: Any) -> int:
     return EXIT_OK
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+OBJECT_FILTER_FLAGS = ("since", "until", "listener", "calling_ae", "modality", "sop_class_uid",
+                       "sop_instance_uid", "study_uid", "destination", "state")
+
+
+def cmd_objects(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    if args.action == "show":
+        t = ops.show_object(config, args.id)
+        if args.json:
+            print(json.dumps(t, indent=2, default=str))
+            return EXIT_OK
+        o = t["object"]
+        for key in ("id", "sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "modality",
+                    "transfer_syntax", "size", "version", "listener", "calling_ae", "peer"):
+            print(f"{key:>18}: {o.get(key) if o.get(key) is not None else ''}")
+        print(f"{'received':>18}: {_when(o['received_at'])}"
+              + ("  (superseded by a later version)" if o["superseded"] else "")
+              + (f"  (blob purged {_when(o['purged_at'])})" if o["purged_at"] else ""))
+        for d in t["deliveries"]:
+            print(f"  delivery {d['id']} to {d['destination']}: {d['state']} after {d['attempts']} "
+                  f"attempt(s)" + (f", last {d['last_status']}: {d['last_reason']}" if d["last_status"] else ""))
+        for e in t["events"]:
+            print(f"  {_when(e['ts'])} {e['event']:<22} {e['destination'] or e['listener'] or '':<12} "
+                  f"{e['status'] or '':<10} {e['detail'] or ''}")
+        return EXIT_OK
+    filters = {k: getattr(args, k) for k in OBJECT_FILTER_FLAGS}
+    page = {"sort": args.sort, "descending": not args.ascending, "offset": args.offset, "limit": args.limit}
+    if args.accession or args.patient_id:
+        sock = _engine_socket(config)
+        if sock is not None:
+            result = _ask(sock, "find_objects", accession=args.accession, patient_id=args.patient_id,
+                          filters=filters, **page)
+        else:
+            from mfconsole.engine.keys import KeyCustodyError, open_vault
+
+            try:
+                vault = open_vault(config.store, config.engine.data_dir)
+            except KeyCustodyError as exc:
+                raise ops.OpsError(str(exc)) from None
+            result = ops.find_objects(config, vault, accession=args.accession, patient_id=args.patient_id,
+                                      filters=filters, actor=_me(), **page)
+    else:
+        result = ops.list_objects(config, filters, **page)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return EXIT_OK
+    for r in result["rows"]:
+        print(f"{r['id']:>8}  {_when(r['received_at'])}  {r['calling_ae'] or '':<16} {r['modality'] or '':<6} "
+              f"{r['sop_instance_uid']}  {r['deliveries'] or '(not routed)'}")
+    shown = len(result["rows"])
+    print(f"{shown} of {result['total']} object(s)" + (f" (from {args.offset + 1})" if args.offset else ""))
+    return EXIT_OK
+
+
+def cmd_audit(config: Config, args: Any) -> int:
+    from mfconsole import ops
+
+    filters = {"event": args.event, "destination": args.destination, "listener": args.listener,
+               "actor": args.actor, "since": args.since, "until": args.until, "text": args.text,
+               "object_id": args.object_id}
+    rows = ops.list_audit(config, filters, None, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    for r in rows:
+        print(f"{r['id']:>8}  {_when(r['ts'])}  {r['event']:<22} {r['destination'] or r['listener'] or '':<12} "
+              f"{r['status'] or '':<10} {r['detail'] or ''}")
+    print(f"{len(rows)} audit row(s)")
+    return EXIT_OK
+
+
 OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,
               "dead-letters": cmd_dead_letters, "keys": cmd_keys, "rekey": cmd_rekey,
-              "reload": lambda config, args: cmd_reload(config), "handlers": cmd_handlers}
+              "reload": lambda config, args: cmd_reload(config), "handlers": cmd_handlers,
+              "objects": cmd_objects, "audit": cmd_audit}
 
 
 def cmd_serve(config: Config, *, accept_empty_store: bool = False) -> int:

@@ -75,6 +75,28 @@ class Client:
                 text: str | None = None) -> dict[str, Any]:
         return self.call("discard", ids=ids, group=group, text=text)
 
+    # -- objects and the audit trail
+    def objects(self, filters: dict[str, Any] | None = None, sort: str = "id", descending: bool = True,
+                offset: int = 0, limit: int = 200) -> dict[str, Any]:
+        return self.call("objects", filters=filters, sort=sort, descending=descending, offset=offset,
+                         limit=limit)
+
+    def object(self, id: int) -> dict[str, Any]:
+        return self.call("object", id=id)
+
+    def find_objects(self, accession: str | None = None, patient_id: str | None = None,
+                     filters: dict[str, Any] | None = None, sort: str = "id", descending: bool = True,
+                     offset: int = 0, limit: int = 200) -> dict[str, Any]:
+        return self.call("find_objects", accession=accession, patient_id=patient_id, filters=filters,
+                         sort=sort, descending=descending, offset=offset, limit=limit)
+
+    def audit(self, filters: dict[str, Any] | None = None, before_id: int | None = None,
+              limit: int = 200) -> list[dict[str, Any]]:
+        return self.call("audit", filters=filters, before_id=before_id, limit=limit)
+
+    def audit_events(self) -> list[str]:
+        return self.call("audit_events")
+
     # -- destinations
     def echo(self, destination: str) -> dict[str, Any]:
         return self.call("echo", destination=destination)

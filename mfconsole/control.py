@@ -64,7 +64,8 @@ MUTATING = frozenset({"replay", "discard", "pause", "resume", "reload", "reload_
 # reveal / preview_handler (they show patient data).
 READ_ONLY_OPS = frozenset({"snapshot", "destination", "dead_letter_groups", "dead_letters",
                            "dead_letter_count", "dead_letter", "echo", "test", "handlers",
-                           "log_tail", "config_fields"})
+                           "log_tail", "config_fields", "objects", "object", "audit",
+                           "audit_events"})
 
 
 class ControlError(Exception):
@@ -428,6 +429,44 @@ class ControlService:
         return {"delivery_id": row["id"], "text": text}
 
     # -- logs ----------------------------------------------------------------------------
+
+    # -- objects and the audit trail ----------------------------------------------------
+
+    def op_objects(self, actor: str, filters: dict[str, Any] | None = None, sort: str = "id",
+                   descending: bool = True, offset: int = 0, limit: int = 200) -> dict[str, Any]:
+        """One page of stored objects, each with its destinations' states."""
+        from mfconsole import ops
+
+        return ops.list_objects(self.config, filters, sort=sort, descending=descending,
+                                offset=offset, limit=limit)
+
+    def op_object(self, actor: str, id: int) -> dict[str, Any]:
+        """One object's timeline: received, stored, each delivery's attempts and outcomes,
+        replays and discards with their actor."""
+        from mfconsole import ops
+
+        return ops.show_object(self.config, int(id))
+
+    def op_find_objects(self, actor: str, accession: str | None = None, patient_id: str | None = None,
+                        filters: dict[str, Any] | None = None, sort: str = "id", descending: bool = True,
+                        offset: int = 0, limit: int = 200) -> dict[str, Any]:
+        """Objects by accession number or patient ID (keyed hashes; audited with the
+        actor, never the value). An operator's: it answers a patient-data question."""
+        from mfconsole import ops
+
+        return ops.find_objects(self.config, self.engine.store.vault, accession=accession,
+                                patient_id=patient_id, filters=filters, actor=actor, write=self._write,
+                                sort=sort, descending=descending, offset=offset, limit=limit)
+
+    def op_audit(self, actor: str, filters: dict[str, Any] | None = None, before_id: int | None = None,
+                 limit: int = 200) -> list[dict[str, Any]]:
+        from mfconsole import ops
+
+        return ops.list_audit(self.config, filters, before_id, limit)
+
+    def op_audit_events(self, actor: str) -> list[str]:
+        with self._reading() as reads:
+            return reads.audit_events()
 
     def op_log_tail(self, actor: str, cursor: dict[str, int] | None = None) -> dict[str, Any]:
         """New lines of the redacted log since ``cursor`` (the last ones when None).

@@ -24,7 +24,8 @@ from mfconsole.config import Config, DestinationConfig, ae_title_problem
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
 from mfconsole.actor import local as local_actor
-from mfconsole.repository import DeadLetterFilter, db_path, reading, writing
+from mfconsole.repository import AuditFilter, DeadLetterFilter, ObjectFilter, Tx, db_path, reading, writing
+from mfconsole.repository.reads import OBJECT_SORTS
 from mfconsole.stow import client as stow
 
 
@@ -232,6 +233,112 @@ def resume(config: Config, destination: str, *, actor: str | None = None,
            write: Write | None = None) -> None:
     _destination(config, destination)
     _write(config, write, partial(outbox.resume, actor=_who(actor)), destination)
+
+
+# -- the object browser and the audit trail ------------------------------------------
+
+OBJECT_PAGE_MAX = 1000
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str | float | None, now: float | None = None) -> float | None:
+    """A point in time as an operator writes it: ``30m``/``2h``/``1d`` ago, an ISO date
+    or date-time (local time), or seconds since the epoch."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    text = text.strip()
+    m = _RELATIVE.match(text)
+    if m:
+        return (now or time.time()) - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise OpsError(f"{text!r} is not a time: write 30m, 2h, 1d (ago), 2026-12-04 or "
+                       "2026-12-04T08:30") from None
+
+
+_OBJECT_FILTERS = {f for f in ObjectFilter.__dataclass_fields__ if f not in ("tokens",)}
+_AUDIT_FILTERS = set(AuditFilter.__dataclass_fields__)
+
+
+def object_filter(filters: dict[str, Any] | None, tokens: tuple[str, ...] | None = None) -> ObjectFilter:
+    """The browser's filter from names a request or the CLI gives; unknown names refused."""
+    filters = {k: v for k, v in (filters or {}).items() if v not in (None, "")}
+    unknown = sorted(set(filters) - _OBJECT_FILTERS)
+    if unknown:
+        raise OpsError(f"unknown object filter {', '.join(unknown)} (known: {', '.join(sorted(_OBJECT_FILTERS))})")
+    for key in ("since", "until"):
+        if key in filters:
+            filters[key] = parse_time(filters[key])
+    return ObjectFilter(**filters, tokens=tokens)
+
+
+def list_objects(config: Config, filters: dict[str, Any] | None = None, *, sort: str = "id",
+                 descending: bool = True, offset: int = 0, limit: int = 200,
+                 tokens: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """One page of stored objects (routing-safe fields, each destination's state) and
+    how many match in all."""
+    if sort not in OBJECT_SORTS:
+        raise OpsError(f"objects sort by one of {', '.join(OBJECT_SORTS)}, not {sort!r}")
+    which = object_filter(filters, tokens)
+    with reading(_db(config)) as reads:
+        rows = reads.objects_page(which, sort=sort, descending=bool(descending), offset=max(0, int(offset)),
+                                  limit=max(1, min(int(limit), OBJECT_PAGE_MAX)))
+        return {"rows": rows, "total": reads.object_count(which)}
+
+
+def show_object(config: Config, object_id: int) -> dict[str, Any]:
+    """An object, its deliveries and its timeline (every audit row about them)."""
+    with reading(_db(config)) as reads:
+        timeline = reads.object_timeline(int(object_id))
+    if timeline is None:
+        raise OpsError(f"no object with id {object_id}")
+    return timeline
+
+
+def find_objects(config: Config, vault: Any, *, accession: str | None = None,
+                 patient_id: str | None = None, filters: dict[str, Any] | None = None,
+                 actor: str | None = None, write: Write | None = None, **page: Any) -> dict[str, Any]:
+    """Objects by accession number or patient ID, matched on keyed hashes (the values
+    are never stored in clear). The search is audited with the actor, never the value."""
+    if not accession and not patient_id:
+        raise OpsError("name an accession number or a patient ID")
+    tokens: list[str] = []
+    if accession:
+        tokens += vault.search_tokens("accession", accession)
+    if patient_id:
+        tokens += vault.search_tokens("patient_id", patient_id)
+    result = list_objects(config, filters, tokens=tuple(tokens), **page)
+    what = " and ".join(w for w, v in (("accession number", accession), ("patient ID", patient_id)) if v)
+    who = _who(actor)
+    _write(config, write, partial(Tx.audit, actor=who,
+                                  detail=f"by {who}: objects searched by {what}: {result['total']} found"),
+           "identifier_search")
+    return result
+
+
+def list_audit(config: Config, filters: dict[str, Any] | None = None, before_id: int | None = None,
+               limit: int = 200) -> list[dict[str, Any]]:
+    """The audit trail, newest first, filtered (event, destination, listener, actor,
+    object_id, since, until, text)."""
+    filters = {k: v for k, v in (filters or {}).items() if v not in (None, "")}
+    unknown = sorted(set(filters) - _AUDIT_FILTERS)
+    if unknown:
+        raise OpsError(f"unknown audit filter {', '.join(unknown)} (known: {', '.join(sorted(_AUDIT_FILTERS))})")
+    for key in ("since", "until"):
+        if key in filters:
+            filters[key] = parse_time(filters[key])
+    with reading(_db(config)) as reads:
+        return reads.audit_page(AuditFilter(**filters), before_id, max(1, min(int(limit), OBJECT_PAGE_MAX)))
 
 
 # -- handlers ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["DatasetRejected", "HeaderSummary", "scan_dataset", "is_valid_uid", "inflate"]
 
@@ -56,6 +56,12 @@ _TAG_SERIES = 0x0020000E
 _WANTED = frozenset(
     (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_MODALITY, _TAG_STUDY, _TAG_SERIES)
 )
+# Patient identifiers read only to make search tokens (keyed hashes) at ingest: never
+# logged, never stored in clear, never part of a summary's repr.
+_TAG_ACCESSION = 0x00080050
+_TAG_PATIENT_ID = 0x00100020
+_IDENTIFIERS = frozenset((_TAG_ACCESSION, _TAG_PATIENT_ID))
+_MAX_ID_RAW = 64
 _TAG_NAMES = {
     _TAG_SOP_CLASS: "SOP Class UID",
     _TAG_SOP_INSTANCE: "SOP Instance UID",
@@ -143,6 +149,9 @@ class HeaderSummary:
     modality: str | None
     element_count: int  # data elements walked at all levels (not items/delimiters/fragments)
     max_depth: int  # deepest sequence item nesting seen (0 = no sequence items)
+    # Raw values (padding removed) for search tokens only: patient data, kept out of repr.
+    accession_number: bytes | None = field(default=None, repr=False, compare=False)
+    patient_id: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def _tag(tag: int) -> str:
@@ -284,6 +293,7 @@ def scan_dataset(
 def _scan(buf: memoryview, mode: _Mode, max_depth: int) -> HeaderSummary:
     size = len(buf)
     found: dict[int, tuple[int, int]] = {}
+    identifiers: dict[int, tuple[int, int]] = {}
     duplicates: set[int] = set()
     element_count = 0
     deepest = 0
@@ -398,12 +408,14 @@ def _scan(buf: memoryview, mode: _Mode, max_depth: int) -> HeaderSummary:
                     f"{_tag(group << 16 | elem)} declared length {length} at offset {pos} "
                     f"exceeds the {end - value_pos} bytes remaining in its container"
                 )
-            if depth == 0 and (group == 0x0008 or group == 0x0020):
+            if depth == 0 and (group == 0x0008 or group == 0x0020 or group == 0x0010):
                 tag = group << 16 | elem
                 if tag in _WANTED:
                     if tag in found:
                         duplicates.add(tag)
                     found[tag] = _NOT_A_VALUE if vr == vr_sq and not implicit else (value_pos, length)
+                elif tag in _IDENTIFIERS and length <= _MAX_ID_RAW and not (vr == vr_sq and not implicit):
+                    identifiers.setdefault(tag, (value_pos, length))
             if vr == vr_sq and not implicit:
                 # Defined-length sequence: walk its items, bounded by length.
                 # (Implicit VR defined-length sequences are indistinguishable
@@ -465,7 +477,7 @@ def _scan(buf: memoryview, mode: _Mode, max_depth: int) -> HeaderSummary:
         raise DatasetRejected(
             STATUS_DATASET_MISMATCH, f"{_tag(tag)} {_TAG_NAMES[tag]} present more than once"
         )
-    return _summarise(buf, found, element_count, deepest)
+    return _summarise(buf, found, element_count, deepest, identifiers)
 
 
 def _skip_fragments(buf: memoryview, pos: int, end: int, hdr) -> int:
@@ -532,7 +544,8 @@ def _uid(buf: memoryview, where: tuple[int, int], tag: int) -> str:
 
 
 def _summarise(
-    buf: memoryview, found: dict[int, tuple[int, int]], element_count: int, deepest: int
+    buf: memoryview, found: dict[int, tuple[int, int]], element_count: int, deepest: int,
+    identifiers: dict[int, tuple[int, int]] | None = None,
 ) -> HeaderSummary:
     sop_class = _required_uid(buf, found, _TAG_SOP_CLASS)
     sop_instance = _required_uid(buf, found, _TAG_SOP_INSTANCE)
@@ -555,4 +568,15 @@ def _summarise(
         modality=modality,
         element_count=element_count,
         max_depth=deepest,
+        accession_number=_identifier(buf, (identifiers or {}).get(_TAG_ACCESSION)),
+        patient_id=_identifier(buf, (identifiers or {}).get(_TAG_PATIENT_ID)),
     )
+
+
+def _identifier(buf: memoryview, where: tuple[int, int] | None) -> bytes | None:
+    """An identifier's bytes without padding (any character set: they are only hashed)."""
+    if where is None:
+        return None
+    start, length = where
+    value = bytes(buf[start:start + length]).strip(b"\x00 ")
+    return value or None

@@ -335,12 +335,18 @@ class Engine:
 
     def ingest(self, data: memoryview, summary: HeaderSummary, meta: dict[str, Any]) -> str:
         assert self.store is not None
+        vault = self.store.vault
         request = IngestRequest(
             sop_instance_uid=summary.sop_instance_uid, sop_class_uid=summary.sop_class_uid,
             study_uid=summary.study_instance_uid, series_uid=summary.series_instance_uid,
             modality=summary.modality, transfer_syntax=meta["transfer_syntax"],
             listener=meta["listener"], calling_ae=meta["calling_ae"], peer=meta["peer"],
-            routes=self._routes.get(meta["listener"], ()))
+            routes=self._routes.get(meta["listener"], ()), association_id=meta.get("association", ""),
+            # Keyed hashes only: the identifiers themselves stay in the sealed blob.
+            accession_token=(vault.search_token("accession", summary.accession_number)
+                             if summary.accession_number else None),
+            patient_token=(vault.search_token("patient_id", summary.patient_id)
+                           if summary.patient_id else None))
         result = self.store.ingest(data, request)
         if result.deliveries:
             for route in request.routes:

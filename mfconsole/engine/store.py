@@ -78,6 +78,9 @@ class IngestRequest:
     key_id: str = ""
     digests: tuple[tuple[str, str], ...] = ()   # under every loaded key (vault.SealResult)
     association_id: str = ""
+    # Search tokens (vault.search_token) of the accession number and patient ID.
+    accession_token: str | None = None
+    patient_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,8 @@ class Store:
             "transfer_syntax": req.transfer_syntax, "size": req.size, "digest": req.digest,
             "blob": req.blob, "key_id": req.key_id, "listener": req.listener,
             "calling_ae": req.calling_ae, "peer": req.peer, "received_at": now, "superseded": 0,
+            "accession_token": req.accession_token, "patient_token": req.patient_token,
+            "association": req.association_id or None,
         }, req.sealed)
         outcome = "stored"
         if latest is not None:

@@ -46,6 +46,10 @@ HEADER = struct.Struct(">4s8sI16s")
 NONCE = struct.Struct(">8xI")       # 96-bit nonce: the chunk counter
 HKDF_INFO = b"mfconsole blob key v1"
 DIGEST_INFO = b"mfconsole digest key v1"
+# Search tokens: keyed hashes of patient identifiers (accession number, patient ID)
+# that let an operator find objects by them while the values stay only in the sealed
+# blob. A key of their own, so a token reveals nothing about digests or blobs.
+SEARCH_INFO = b"mfconsole search token v1"
 CHUNK = 1024 * 1024
 TAG = 16
 KEY_BYTES = 32
@@ -153,6 +157,9 @@ class Vault:
         self._digest_keys = {kid.hex(): HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                                              info=DIGEST_INFO).derive(k)
                              for kid, k in self._keys.items()}
+        self._search_keys = {kid.hex(): HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                                             info=SEARCH_INFO).derive(k)
+                             for kid, k in self._keys.items()}
 
     @property
     def key_id(self) -> str:
@@ -166,6 +173,19 @@ class Vault:
     def digest(self, data: memoryview | bytes, key_id: str | None = None) -> str:
         """The keyed digest of ``data`` under ``key_id`` (default: the sealing key)."""
         return hmac.new(self._digest_keys[key_id or self.key_id], data, hashlib.sha256).hexdigest()
+
+    def search_token(self, kind: str, value: bytes | str, key_id: str | None = None) -> str:
+        """The keyed hash of an identifier (``kind``: "accession" or "patient_id")
+        under ``key_id`` (default: the sealing key). Padding and letter case do not
+        matter: ``acc 123`` typed by an operator finds ``ACC 123`` as sent."""
+        raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        message = kind.encode() + b"\0" + raw.strip(b"\x00 ").upper()
+        return hmac.new(self._search_keys[key_id or self.key_id], message, hashlib.sha256).hexdigest()[:32]
+
+    def search_tokens(self, kind: str, value: bytes | str) -> list[str]:
+        """The tokens of an identifier under every loaded key: objects stored before a
+        key rotation carry tokens of the key that sealed them."""
+        return [self.search_token(kind, value, kid) for kid in self.key_ids]
 
     def seal_to_file(self, data: memoryview | bytes, path: Path) -> SealResult:
         """Encrypt ``data`` to ``path`` and fsync the file (not its directory: the

@@ -16,9 +16,9 @@ since another engine must read what this one stored (see docs/architecture.md).
 Below the engine: this package imports nothing of mfconsole but itself.
 """
 
-from mfconsole.repository.reads import DeadLetterFilter, Reads, reading
+from mfconsole.repository.reads import AuditFilter, DeadLetterFilter, ObjectFilter, Reads, reading
 from mfconsole.repository.schema import DB_NAME, SCHEMA_VERSION, SchemaError, connect, db_path, migrate
 from mfconsole.repository.writes import Tx, transaction, writing
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "DeadLetterFilter", "Reads", "SchemaError", "Tx", "connect",
+__all__ = ["AuditFilter", "DB_NAME", "ObjectFilter", "SCHEMA_VERSION", "DeadLetterFilter", "Reads", "SchemaError", "Tx", "connect",
            "db_path", "migrate", "reading", "transaction", "writing"]

@@ -63,6 +63,102 @@ class DeadLetterFilter:
         return sql, params
 
 
+@dataclass(frozen=True)
+class ObjectFilter:
+    """Which stored objects the browser shows (every field optional, all must match)."""
+    since: float | None = None           # received at or after
+    until: float | None = None           # received before
+    listener: str | None = None
+    calling_ae: str | None = None
+    modality: str | None = None
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    association: str | None = None
+    destination: str | None = None       # has a delivery to it ...
+    state: str | None = None             # ... (or to any destination) in this state
+    tokens: tuple[str, ...] | None = None   # accession or patient ID search tokens (any)
+
+    def where(self) -> tuple[str, list[Any]]:
+        sql, params = ["1"], []
+        for column, value in (("o.listener", self.listener), ("o.calling_ae", self.calling_ae),
+                              ("o.modality", self.modality), ("o.sop_class_uid", self.sop_class_uid),
+                              ("o.sop_instance_uid", self.sop_instance_uid),
+                              ("o.study_uid", self.study_uid), ("o.association", self.association)):
+            if value:
+                sql.append(f"{column} = ?")
+                params.append(value)
+        if self.since is not None:
+            sql.append("o.received_at >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            sql.append("o.received_at < ?")
+            params.append(self.until)
+        if self.destination or self.state:
+            cond, more = ["x.object_id = o.id"], []
+            if self.destination:
+                cond.append("x.destination = ?")
+                more.append(self.destination)
+            if self.state:
+                cond.append("x.state = ?")
+                more.append(self.state)
+            sql.append(f"EXISTS (SELECT 1 FROM deliveries x WHERE {' AND '.join(cond)})")
+            params += more
+        if self.tokens is not None:
+            marks = ",".join("?" * len(self.tokens))
+            sql.append(f"(o.accession_token IN ({marks}) OR o.patient_token IN ({marks}))")
+            params += list(self.tokens) * 2
+        return " AND ".join(sql), params
+
+
+# Columns the browser may sort by (names checked here, never pasted from a request).
+OBJECT_SORTS = ("id", "received_at", "listener", "calling_ae", "modality", "sop_class_uid",
+                "sop_instance_uid", "study_uid", "series_uid", "size")
+_OBJECT_COLUMNS = ("o.id, o.received_at, o.listener, o.calling_ae, o.peer, o.association, o.modality, "
+                   "o.sop_class_uid, o.sop_instance_uid, o.study_uid, o.series_uid, o.transfer_syntax, "
+                   "o.size, o.version, o.superseded, o.purged_at, "
+                   "(SELECT group_concat(x.destination || '=' || x.state, ' ') FROM "
+                   "(SELECT destination, state FROM deliveries WHERE object_id = o.id ORDER BY id) x) "
+                   "AS deliveries")
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit rows the audit screen shows."""
+    event: str | None = None
+    destination: str | None = None
+    listener: str | None = None
+    actor: str | None = None          # substring, any case
+    object_id: int | None = None
+    since: float | None = None
+    until: float | None = None
+    text: str | None = None           # substring of event, names, status, detail, UID
+
+    def where(self) -> tuple[str, list[Any]]:
+        sql, params = ["1"], []
+        for column, value in (("event", self.event), ("destination", self.destination),
+                              ("listener", self.listener), ("object_id", self.object_id)):
+            if value is not None and value != "":
+                sql.append(f"{column} = ?")
+                params.append(value)
+        if self.actor:
+            sql.append("instr(lower(actor), lower(?)) > 0")
+            params.append(self.actor)
+        if self.since is not None:
+            sql.append("ts >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            sql.append("ts < ?")
+            params.append(self.until)
+        if self.text:
+            sql.append("instr(lower(COALESCE(event, '') || ' ' || COALESCE(listener, '') || ' ' || "
+                       "COALESCE(destination, '') || ' ' || COALESCE(status, '') || ' ' || "
+                       "COALESCE(detail, '') || ' ' || COALESCE(sop_instance_uid, '') || ' ' || "
+                       "COALESCE(calling_ae, '') || ' ' || COALESCE(actor, '')), lower(?)) > 0")
+            params.append(self.text)
+        return " AND ".join(sql), params
+
+
 def _dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(r) for r in cur]
 
@@ -89,9 +185,6 @@ class Reads:
 
     def referenced_blobs(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT blob FROM objects WHERE purged_at IS NULL")}
-
-    def object_count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
 
     def has_objects(self) -> bool:
         """Whether any object was ever stored (purged ones too)."""
@@ -235,7 +328,74 @@ class Reads:
             "COALESCE(d.last_reason, '') AS reason, COUNT(*) AS count, MAX(d.updated_at) AS latest "
             f"{_DEAD_FROM} WHERE {where} GROUP BY 1, 2, 3 ORDER BY count DESC, latest DESC", params))
 
+    # -- the object browser ------------------------------------------------------------------
+
+    def objects_page(self, which: ObjectFilter, *, sort: str = "id", descending: bool = True,
+                     offset: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        """One page of objects with each destination's state (``deliveries``:
+        "name=state ..."), newest first by default."""
+        if sort not in OBJECT_SORTS:
+            raise ValueError(f"objects cannot be sorted by {sort!r}")
+        where, params = which.where()
+        direction = "DESC" if descending else "ASC"
+        return _dicts(self.conn.execute(
+            f"SELECT {_OBJECT_COLUMNS} FROM objects o WHERE {where} "
+            f"ORDER BY o.{sort} {direction}, o.id {direction} LIMIT ? OFFSET ?",
+            params + [limit, offset]))
+
+    def object_count(self, which: ObjectFilter | None = None) -> int:
+        if which is None:
+            return self.conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+        where, params = which.where()
+        return self.conn.execute(f"SELECT COUNT(*) FROM objects o WHERE {where}", params).fetchone()[0]
+
+    def object_timeline(self, object_id: int) -> dict[str, Any] | None:
+        """An object, its deliveries, and every audit row about it or them, in order."""
+        row = self.conn.execute(f"SELECT {_OBJECT_COLUMNS} FROM objects o WHERE o.id = ?",
+                                (object_id,)).fetchone()
+        if row is None:
+            return None
+        deliveries = _dicts(self.conn.execute(
+            "SELECT id, destination, handler, state, attempts, last_status, last_class, last_reason, "
+            "handler_version, created_at, updated_at FROM deliveries WHERE object_id = ? ORDER BY id",
+            (object_id,)))
+        ids = [d["id"] for d in deliveries]
+        events = _dicts(self.conn.execute(
+            "SELECT id, ts, event, listener, destination, delivery_id, calling_ae, peer, status, detail, "
+            f"actor FROM audit WHERE object_id = ? OR delivery_id IN ({','.join('?' * len(ids))}) "
+            "ORDER BY id", (object_id, *ids)))
+        return {"object": dict(row), "deliveries": deliveries, "events": events}
+
     # -- audit ----------------------------------------------------------------------------
+
+    def audit_page(self, which: AuditFilter, before_id: int | None, limit: int) -> list[dict[str, Any]]:
+        """One page of the audit trail, newest first; the next starts before the last id."""
+        where, params = which.where()
+        if before_id is not None:
+            where += " AND id < ?"
+            params.append(before_id)
+        return _dicts(self.conn.execute(
+            "SELECT id, ts, event, listener, destination, object_id, delivery_id, sop_instance_uid, "
+            f"calling_ae, peer, status, detail, actor FROM audit WHERE {where} ORDER BY id DESC LIMIT ?",
+            params + [limit]))
+
+    def audit_events(self) -> list[str]:
+        """The event names the audit trail holds (for the audit screen's filter)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT event FROM audit ORDER BY event")]
+
+    def outcome_mix(self, destination: str, limit: int, scan: int) -> dict[str, Any]:
+        """A destination's last ``limit`` delivery outcomes (among the last ``scan``
+        audit rows): how many failed, and the most frequent failing status."""
+        top = self.last_audit_id()
+        rows = self.conn.execute(
+            "SELECT event, status FROM audit WHERE id > ? AND destination = ? AND event IN "
+            "('delivered', 'delivered_with_warning', 'filtered', 'dead_lettered', 'retry_scheduled') "
+            "ORDER BY id DESC LIMIT ?", (top - scan, destination, limit)).fetchall()
+        failed = [r["status"] or "" for r in rows if r["event"] in ("dead_lettered", "retry_scheduled")]
+        common = max(set(failed), key=failed.count) if failed else None
+        return {"outcomes": len(rows), "failed": len(failed), "dead": sum(r["event"] == "dead_lettered" for r in rows),
+                "status": common}
+
 
     def last_audit_id(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
@@ -269,6 +429,17 @@ class Reads:
 
 
     # -- inspection: whole rows, for tests and diagnostics ---------------------------------
+
+    def columns(self, table: str) -> set[str]:
+        """The column names of a table (empty if there is no such table)."""
+        return {r[1] for r in self.conn.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+
+    def indexes(self, table: str) -> set[str]:
+        """The index names of a table."""
+        return {r[1] for r in self.conn.execute("SELECT * FROM pragma_index_list(?)", (table,))}
+
+    def table_exists(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
     def unpurged_scan_plan(self) -> str:
         """How SQLite plans the retention purge's walk over unpurged objects (the

@@ -126,10 +126,31 @@ def _v6_unpurged_index(conn: sqlite3.Connection) -> None:
                  "WHERE purged_at IS NULL")
 
 
+def _v7_object_browser(conn: sqlite3.Connection) -> None:
+    """What the object browser filters on: search tokens (keyed hashes of the
+    accession number and patient ID: the values themselves stay in the sealed blob),
+    the association an object came on, and indexes for calling AE and study."""
+    _add_column(conn, "objects", "accession_token", "TEXT")
+    _add_column(conn, "objects", "patient_token", "TEXT")
+    _add_column(conn, "objects", "association", "TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_accession ON objects (accession_token) "
+                 "WHERE accession_token IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_patient ON objects (patient_token) "
+                 "WHERE patient_token IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_association ON objects (association) "
+                 "WHERE association IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_calling_ae ON objects (calling_ae, id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS objects_study ON objects (study_uid)")
+    conn.execute("CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor) WHERE actor IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id) WHERE object_id IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS audit_delivery ON audit (delivery_id) "
+                 "WHERE delivery_id IS NOT NULL")
+
+
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
-    _v6_unpurged_index)
+    _v6_unpurged_index, _v7_object_browser)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
