@@ -29,7 +29,7 @@ import stat
 import struct
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,37 +81,64 @@ COUNTED = {"stored": ("listener", "received"), "duplicate": ("listener", "duplic
            "filtered": ("destination", "filtered"), "dead_lettered": ("destination", "errored"),
            "retry_scheduled": ("destination", "retries")}
 RATED = ("received", "sent")
+# A destination's health: its last HEALTH_OUTCOMES delivery outcomes within
+# HEALTH_WINDOW_S; at least HEALTH_MINIMUM of them, at least this share failed: failing.
+OUTCOME_EVENTS = frozenset({"delivered", "delivered_with_warning", "filtered", "dead_lettered",
+                            "retry_scheduled"})
+FAILED_EVENTS = frozenset({"dead_lettered", "retry_scheduled"})
+HEALTH_OUTCOMES = 50
+HEALTH_WINDOW_S = 900
+HEALTH_MINIMUM = 5
+HEALTH_FAILING_SHARE = 0.5
 
 
 class SessionCounters:
-    """What happened since the engine started, per listener and destination, from the
-    audit rows the engine writes anyway. Tailed by id: each update reads only the rows
-    added since the previous one, so a long uptime costs nothing extra."""
+    """What happened since the engine started (and in the data directory's whole life),
+    per listener and destination, from the audit rows the engine writes anyway. Tailed
+    by id: each update reads only the rows added since the previous one, so a long
+    uptime costs nothing extra. Lifetime totals are counted once at start.
+
+    Also each destination's recent outcomes, for its health: a destination whose
+    deliveries mostly fail is flagged even while its transport is fine (a PACS that
+    refuses every CT answers every association)."""
 
     def __init__(self, db_path: Path):
         self.db_path = db_path
         self._lock = threading.Lock()
         self.totals: dict[tuple[str, str], int] = defaultdict(int)       # (name, counter)
+        self.lifetime: dict[tuple[str, str], int] = defaultdict(int)
         self.per_second: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
-        self.last_id = self._max_id()
+        # destination -> recent outcomes, oldest first: (second, failed, status, count)
+        self.recent: dict[str, deque[tuple[int, bool, str, int]]] = defaultdict(
+            lambda: deque(maxlen=HEALTH_OUTCOMES))
+        with reading(db_path) as reads:
+            self.last_id = reads.last_audit_id()
+            for row in reads.audit_totals(self.last_id):
+                what = COUNTED.get(row["event"])
+                if what is not None:
+                    self.lifetime[(row[what[0]] or "", what[1])] += row["n"]
+            for row in reversed(reads.recent_outcomes(self.last_id, OUTCOMES_SCAN, 20 * HEALTH_OUTCOMES)):
+                self._outcome(row["destination"] or "", row["event"], row["status"], row["sec"], 1)
         self.updated = time.monotonic()
 
-    def _max_id(self) -> int:
-        with reading(self.db_path) as reads:
-            return reads.last_audit_id()
+    def _outcome(self, destination: str, event: str, status: str | None, sec: int, n: int) -> None:
+        if event in OUTCOME_EVENTS:
+            self.recent[destination].append((sec, event in FAILED_EVENTS, status or "", n))
 
     def update(self) -> None:
         with self._lock:
             with reading(self.db_path) as reads:
                 rows = reads.audit_counts_since(self.last_id)
             horizon = int(time.time()) - HISTORY_S - 1
-            for row in rows:
+            for row in sorted(rows, key=lambda r: r["last"]):
                 self.last_id = max(self.last_id, row["last"])
                 what = COUNTED.get(row["event"])
                 if what is None:
                     continue
                 key = (row[what[0]] or "", what[1])
                 self.totals[key] += row["n"]
+                self.lifetime[key] += row["n"]
+                self._outcome(row["destination"] or "", row["event"], row["status"], row["sec"], row["n"])
                 if what[1] in RATED and row["sec"] > horizon:
                     seconds = self.per_second[key]
                     seconds[row["sec"]] = seconds.get(row["sec"], 0) + row["n"]
@@ -121,15 +148,32 @@ class SessionCounters:
             self.updated = time.monotonic()
 
     def view(self, name: str, counters: tuple[str, ...], rated: str) -> dict[str, Any]:
-        """Counters of one listener/destination, its rate and its sparkline."""
+        """Counters of one listener/destination (this run and lifetime), its rate, its
+        sparkline and, for a destination, its health."""
         with self._lock:
             now = int(time.time())
             seconds = self.per_second.get((name, rated), {})
             # Whole seconds only: the current one is still filling.
             series = [seconds.get(s, 0) for s in range(now - HISTORY_S, now)]
             return {"session": {c: self.totals.get((name, c), 0) for c in counters},
+                    "lifetime": {c: self.lifetime.get((name, c), 0) for c in counters},
                     "rate": sum(series[-RATE_WINDOW_S:]) / RATE_WINDOW_S,
-                    "history": series}
+                    "history": series, "health": self._health(name, now)}
+
+    def _health(self, name: str, now: int) -> dict[str, Any] | None:
+        """How the destination's recent outcomes went: None with too few to judge."""
+        recent = [o for o in self.recent.get(name, ()) if o[0] > now - HEALTH_WINDOW_S]
+        total = sum(n for *_, n in recent)
+        if total < HEALTH_MINIMUM:
+            return None
+        failed: dict[str, int] = defaultdict(int)
+        for _, bad, code, n in recent:
+            if bad:
+                failed[code] += n
+        share = sum(failed.values()) / total
+        return {"outcomes": total, "failed_share": round(share, 3),
+                "failing": share >= HEALTH_FAILING_SHARE,
+                "status": max(failed, key=failed.get) if failed else None}
 
 
 # -- the service ------------------------------------------------------------------

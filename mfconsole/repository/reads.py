@@ -401,11 +401,27 @@ class Reads:
         return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
 
     def audit_counts_since(self, after_id: int) -> list[dict[str, Any]]:
-        """Audit rows after an id, counted by event, listener, destination and second,
-        with the last id of each group: what the session counters tail."""
+        """Audit rows after an id, counted by event, listener, destination, second and
+        status, with the last id of each group: what the session counters tail."""
         return _dicts(self.conn.execute(
-            "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, COUNT(*) AS n, "
-            "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4", (after_id,)))
+            "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, status, COUNT(*) AS n, "
+            "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4, 5", (after_id,)))
+
+    def audit_totals(self, up_to_id: int) -> list[dict[str, Any]]:
+        """Audit rows up to an id counted by event, listener and destination: the
+        lifetime counters before the session's tail takes over."""
+        return _dicts(self.conn.execute(
+            "SELECT event, listener, destination, COUNT(*) AS n FROM audit WHERE id <= ? "
+            "GROUP BY 1, 2, 3", (up_to_id,)))
+
+    def recent_outcomes(self, up_to_id: int, scan: int, limit: int) -> list[dict[str, Any]]:
+        """The latest delivery outcomes (newest first) among the ``scan`` audit rows up
+        to an id: what a destination's health starts from."""
+        return _dicts(self.conn.execute(
+            "SELECT destination, event, status, CAST(ts AS INTEGER) AS sec FROM audit "
+            "WHERE id > ? AND id <= ? AND event IN ('delivered', 'delivered_with_warning', 'filtered', "
+            "'dead_lettered', 'retry_scheduled') ORDER BY id DESC LIMIT ?",
+            (up_to_id - scan, up_to_id, limit)))
 
     def last_outcomes(self, destination: str, limit: int, scan: int) -> list[dict[str, Any]]:
         """A destination's latest outcomes among the last ``scan`` audit rows (a bound:
