@@ -3,6 +3,11 @@
 Every problem is reported with the key path it concerns (``listeners[0].port``) and
 why, all at once, so an administrator fixes a file in one pass. Unknown keys are errors:
 a typo such as ``calling_aet`` must never silently fall back to a default.
+
+Destinations are read from their kind's declaration (DestinationKind, at the end of
+this module): each kind lives in its protocol package's kind.py and is listed in
+mfconsole/kinds.py, which this module imports only inside functions (the kinds import
+this module for the vocabulary they are declared with).
 """
 
 from __future__ import annotations

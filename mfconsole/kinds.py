@@ -91,7 +91,8 @@ def docs_markdown(registry: Registry | None = None) -> str:
              "docs/destinations.md`; do not edit by hand. -->", "",
              "Every `[[destinations]]` table has a `kind`, one of: "
              + ", ".join(f"`{k.name}` ({k.doc})" for k in registry.kinds()) + ". "
-             "config.toml shows each key in use, with a longer comment.", ""]
+             "config.toml shows each key in use, with a longer comment. Durations are in "
+             "seconds; paths are relative to the config file's folder.", ""]
 
     def table(fields: list[Any]) -> list[str]:
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -108,9 +109,10 @@ def docs_markdown(registry: Registry | None = None) -> str:
         lines += [f"## kind = \"{kind.name}\"", "", kind.doc[:1].upper() + kind.doc[1:] + ".", ""]
         lines += table(own)
         editable = ", ".join(f"`{key}`" for key, _, _ in kind.editable()) or "none"
-        lines += [f"Editable from the console: {editable}. A handler must return "
-                  + ("an HL7 message" if kind.produces == "hl7" else "None or a DICOM data set")
-                  + " for it.", ""]
+        made = ("an HL7 message (a route to it must name a handler)" if kind.produces == "hl7"
+                else "a DICOM data set")
+        lines += [f"Editable from the console: {editable}. A handler on a route to it returns "
+                  f"None (filtered) or {made}.", ""]
     return "\n".join(lines)
 
 
