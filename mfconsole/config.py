@@ -744,7 +744,7 @@ class DestinationConfig:
         False, doc="Accept cleartext to a host that is not a loopback address (PHI on the network).")
 
 
-def _no_encryption(found: "Found") -> bool:
+def _tls_table_given(found: "Found") -> bool:
     return "tls" in found.raw
 
 
@@ -766,7 +766,7 @@ class DestinationKind:
     echo: Callable[[Any, egress_mod.Checks], Any] | None = None   # .ok, .rtt_ms, .detail
     # Whether the connection is encrypted as configured (allow_cleartext then does not
     # apply): by default, a tls table is given.
-    encrypted: Callable[["Found"], bool] = _no_encryption
+    encrypted: Callable[["Found"], bool] = _tls_table_given
 
     def __post_init__(self) -> None:
         if not self.config.kind or not _HANDLER_NAME.match(self.config.kind):
