@@ -3,17 +3,23 @@
 Every problem is reported with the key path it concerns (``listeners[0].port``) and
 why, all at once, so an administrator fixes a file in one pass. Unknown keys are errors:
 a typo such as ``calling_aet`` must never silently fall back to a default.
+
+Destinations are read from their kind's declaration (DestinationKind, at the end of
+this module): each kind lives in its protocol package's kind.py and is listed in
+mfconsole/kinds.py, which this module imports only inside functions (the kinds import
+this module for the vocabulary they are declared with).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from urllib.parse import urlsplit
 
 from mfconsole import egress as egress_mod
@@ -21,8 +27,10 @@ from mfconsole.egress import http_prefix_allows, is_loopback, tcp_allows  # noqa
 from mfconsole.egress import path_problem as _path_problem
 from mfconsole.tls import TLSSetupError, client_context, server_context
 
+if TYPE_CHECKING:
+    from mfconsole.contract import Sender
+
 DEFAULT_CONFIG = "config.toml"
-KINDS = ("dimse", "stow", "mllp")
 _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -36,36 +44,31 @@ LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
     "dimse_timeout_s", "network_timeout_s"})
-_DESTINATION_COMMON = frozenset({
-    "name", "kind", "max_associations", "retry_initial_s", "retry_max_s", "down_after",
-    "bounded_attempts", "connect_timeout_s", "network_timeout_s", "tls", "allow_cleartext"})
 # One `tls` table everywhere; a key of the other side is an error, not ignored.
 LISTENER_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "require_client_cert",
                                "client_cert_aets"})
 DESTINATION_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "server_name"})
-DESTINATION_KEYS = {
-    "dimse": _DESTINATION_COMMON | {
-        "host", "port", "ae_title", "calling_ae_title", "acse_timeout_s", "dimse_timeout_s",
-        "idle_timeout_s", "priority", "username", "passcode_file"},
-    "stow": _DESTINATION_COMMON | {
-        "url", "bearer_token_file", "username", "password_file", "batch_max_objects", "batch_max_mb",
-        "response_timeout_s", "idle_timeout_s"},
-    "mllp": _DESTINATION_COMMON | {
-        "host", "port", "ack_timeout_s", "idle_timeout_s", "sending_application",
-        "sending_facility", "receiving_application", "receiving_facility"},
-}
 ROUTE_KEYS = frozenset({"from", "to", "handler"})
-ACCEPTED_KEYS: dict[str, frozenset[str]] = {
-    "": TOP_KEYS,
-    "engine": ENGINE_KEYS,
-    "store": STORE_KEYS,
-    "egress": EGRESS_KEYS,
-    "listeners": LISTENER_KEYS,
-    "destinations": frozenset().union(*DESTINATION_KEYS.values()),
-    "routes": ROUTE_KEYS,
-    "listeners.tls": LISTENER_TLS_KEYS,
-    "destinations.tls": DESTINATION_TLS_KEYS,
-}
+
+
+def accepted_keys() -> dict[str, frozenset[str]]:
+    """Every key each table accepts (section → keys). Destinations accept the keys of
+    every registered kind (each kind accepts only its own: see DestinationKind.keys)."""
+    from mfconsole.kinds import REGISTRY
+
+    return {
+        "": TOP_KEYS,
+        "engine": ENGINE_KEYS,
+        "store": STORE_KEYS,
+        "egress": EGRESS_KEYS,
+        "listeners": LISTENER_KEYS,
+        "destinations": frozenset().union(*(k.keys() for k in REGISTRY.kinds())),
+        "routes": ROUTE_KEYS,
+        "listeners.tls": LISTENER_TLS_KEYS,
+        "destinations.tls": DESTINATION_TLS_KEYS,
+    }
+
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -137,49 +140,6 @@ class ListenerConfig:
     @property
     def any_calling_aet(self) -> bool:
         return "*" in self.calling_aets
-
-
-@dataclass(frozen=True)
-class DestinationConfig:
-    name: str
-    kind: str
-    host: str | None = None
-    port: int | None = None
-    ae_title: str | None = None
-    calling_ae_title: str = "MFCONSOLE"
-    url: str | None = None
-    max_associations: int = 2
-    # Delivery policy (every kind): exponential backoff with jitter between these,
-    # "down" (probed at the backoff interval) after down_after transient failures in a
-    # row, and bounded outcomes dead-lettered after bounded_attempts tries.
-    retry_initial_s: float = 5.0
-    retry_max_s: float = 600.0
-    down_after: int = 5
-    bounded_attempts: int = 3
-    connect_timeout_s: float = 10.0
-    network_timeout_s: float = 60.0
-    # TLS (every kind; STOW-RS: with an https:// url), or cleartext off loopback by consent.
-    tls: TLSConfig | None = None
-    allow_cleartext: bool = False
-    # DIMSE only.
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 30.0
-    idle_timeout_s: float = 30.0
-    priority: str = "medium"
-    username: str | None = None      # DIMSE user identity; STOW basic authentication
-    passcode_file: Path | None = None
-    # STOW only.
-    bearer_token_file: Path | None = None
-    password_file: Path | None = None
-    batch_max_objects: int = 10
-    batch_max_mb: int = 16
-    response_timeout_s: float = 60.0
-    # MLLP only: MSH-3..6 of the messages handlers build, and the ACK deadline.
-    ack_timeout_s: float = 30.0
-    sending_application: str = "MFCONSOLE"
-    sending_facility: str = ""
-    receiving_application: str = ""
-    receiving_facility: str = ""
 
 
 @dataclass(frozen=True)
@@ -326,10 +286,6 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
-def _priority(value: str) -> str | None:
-    return None if value in PRIORITIES else "must be low, medium or high"
-
-
 PRIORITIES = {"low": 2, "medium": 0, "high": 1}   # DIMSE priority codes (PS3.7 9.1.1.1)
 
 
@@ -434,7 +390,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     # Routes are checked against every declared name, so a listener with a bad port
     # does not also produce a misleading "names no listener" for its routes.
     routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir,
-                     {d.name for d in destinations if d.kind == "mllp"})
+                     _hl7_destinations(destinations))
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
@@ -506,121 +462,6 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
     return out, set(seen_names)
 
 
-def _destinations(r: _Reader, raw: Any, egress: EgressConfig, pins: egress_mod.Pins,
-                  resolve: Callable[[str], Path]) -> tuple[list[DestinationConfig], set[str]]:
-    """Valid destinations, and every name declared (valid or not) for route checks."""
-    out: list[DestinationConfig] = []
-    seen: dict[str, int] = {}
-    for i, item in enumerate(_array(r, raw, "destinations")):
-        p = f"destinations[{i}]"
-        if not isinstance(item, dict):
-            r.fail(p, "must be a table")
-            continue
-        kind = item.get("kind")
-        if kind not in KINDS:
-            r.fail(f"{p}.kind", "is required (dimse, stow or mllp)" if kind is None else
-                   f"{kind!r} is not a destination kind (dimse, stow or mllp)")
-            # Still record the name, so routes to it are not reported twice.
-            if isinstance(item.get("name"), str) and item["name"] not in seen:
-                seen[item["name"]] = i
-            continue
-        t = r.table(item, p, DESTINATION_KEYS[kind])
-        name = r.get(t, p, "name", str, check=_name)
-        if name is not None:
-            if name in seen:
-                r.fail(f"{p}.name", f"'{name}' is already used by destinations[{seen[name]}]")
-            else:
-                seen[name] = i
-        max_assoc = r.get(t, p, "max_associations", int, 1 if kind == "mllp" else 2, _range(1, 64))
-        if kind == "mllp" and max_assoc is not None and max_assoc > 1:
-            r.fail(f"{p}.max_associations", "must be 1: HL7 messages are delivered in order, "
-                   "over one connection")
-            max_assoc = None
-        policy = {
-            "retry_initial_s": r.get(t, p, "retry_initial_s", float, 5.0, _positive),
-            "retry_max_s": r.get(t, p, "retry_max_s", float, 600.0, _positive),
-            "down_after": r.get(t, p, "down_after", int, 5, _range(1, 1000)),
-            "bounded_attempts": r.get(t, p, "bounded_attempts", int, 3, _range(1, 100)),
-            "connect_timeout_s": r.get(t, p, "connect_timeout_s", float, 10.0, _positive),
-            "network_timeout_s": r.get(t, p, "network_timeout_s", float, 60.0, _positive),
-        }
-        if (policy["retry_initial_s"] and policy["retry_max_s"]
-                and policy["retry_max_s"] < policy["retry_initial_s"]):
-            r.fail(f"{p}.retry_max_s", "must not be less than retry_initial_s")
-            policy["retry_max_s"] = None
-        if kind == "dimse":
-            policy |= {
-                "acse_timeout_s": r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
-                "dimse_timeout_s": r.get(t, p, "dimse_timeout_s", float, 30.0, _positive),
-                "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
-                "priority": r.get(t, p, "priority", str, "medium", _priority),
-                "username": r.get(t, p, "username", str, None, _not_empty),
-            }
-            passcode = r.get(t, p, "passcode_file", str, None, _not_empty)
-            if passcode is not None:
-                if policy["username"] is None:
-                    r.fail(f"{p}.passcode_file", "needs username (user identity is username + passcode)")
-                path_ = resolve(passcode)
-                why = _secret_file_problem(path_)
-                if why:
-                    r.fail(f"{p}.passcode_file", why)
-                policy["passcode_file"] = path_
-        if kind == "mllp":
-            policy |= {
-                "ack_timeout_s": r.get(t, p, "ack_timeout_s", float, 30.0, _positive),
-                "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
-            }
-            for key, default in (("sending_application", "MFCONSOLE"), ("sending_facility", ""),
-                                 ("receiving_application", ""), ("receiving_facility", "")):
-                policy[key] = r.get(t, p, key, str, default, _hl7_identity)
-        if any(v is None for k, v in policy.items() if k not in ("username", "passcode_file")):
-            continue   # the problem is recorded; the destination is not built
-        if kind in ("dimse", "mllp"):
-            host = r.get(t, p, "host", str, check=_host)
-            port = r.get(t, p, "port", int, check=_port)
-            ae = r.get(t, p, "ae_title", str, check=ae_title_problem) if kind == "dimse" else None
-            calling = (r.get(t, p, "calling_ae_title", str, "MFCONSOLE", ae_title_problem)
-                       if kind == "dimse" else "MFCONSOLE")
-            before = len(r.problems)
-            tls = _tls(r, t, p, "destination", resolve)
-            cleartext = _allow_cleartext(r, t, p, encrypted="tls" in t)
-            if len(r.problems) > before:
-                continue
-            why = _egress_tcp_problem(egress, pins, host, port) if None not in (host, port) else None
-            if why:
-                r.fail(f"{p}.host", why)
-                continue
-            if host is not None and tls is None and not cleartext and not is_loopback(host):
-                r.fail(f"{p}.host", f"'{host}' is not a loopback address and this destination has "
-                       "no TLS; PHI would cross the network in cleartext. Give it TLS (tls = { "
-                       'ca_file = "…" }, or tls = {} to trust the system store), or set '
-                       f"{p}.allow_cleartext = true to accept that risk")
-                continue
-            if (kind == "dimse" and policy.get("passcode_file") is not None and host is not None
-                    and tls is None and not is_loopback(host)):
-                r.fail(f"{p}.passcode_file", f"the passcode would travel in clear to '{host}' "
-                       "(allow_cleartext does not cover credentials); give this destination "
-                       "tls, or drop passcode_file")
-                continue
-            if None in (name, host, port, calling, max_assoc) or (kind == "dimse" and ae is None):
-                continue
-            out.append(DestinationConfig(name=name, kind=kind, host=host, port=port, ae_title=ae,
-                                         calling_ae_title=calling, max_associations=max_assoc,
-                                         tls=tls, allow_cleartext=cleartext, **policy))
-        else:
-            url = r.get(t, p, "url", str, check=_http_prefix)
-            why = _egress_http_problem(egress, pins, url) if url is not None else None
-            if why:
-                r.fail(f"{p}.url", why)
-                continue
-            stow = _stow_options(r, t, p, url, resolve)
-            if None in (name, url, max_assoc, stow):
-                continue
-            out.append(DestinationConfig(name=name, kind=kind, url=url, max_associations=max_assoc,
-                                         **policy, **stow))
-    return out, set(seen)
-
-
 def _egress_tcp_problem(egress: EgressConfig, pins: egress_mod.Pins, host: str, port: int
                         ) -> str | None:
     """Why ``host:port`` may not be a destination, judged on what ``host`` resolves to
@@ -657,12 +498,6 @@ def _egress_http_problem(egress: EgressConfig, pins: egress_mod.Pins, url: str) 
     if not verdict.resolved:
         return f"is not under any egress.allowed_http prefix; {add}"
     return f"{verdict.reason.replace('[egress].', 'egress.')}; {add}"
-
-
-def _hl7_identity(value: str) -> str | None:
-    if len(value) > 227 or any(c in value for c in "|^~\\&\r\n"):
-        return "must be plain text (no HL7 delimiters | ^ ~ \\ & or line breaks)"
-    return None
 
 
 def _tls(r: _Reader, t: dict[str, Any], p: str, side: str, resolve: Callable[[str], Path]
@@ -761,9 +596,6 @@ def _allow_cleartext(r: _Reader, t: dict[str, Any], p: str, *, encrypted: bool) 
     return value
 
 
-_SECRETS = ("bearer_token_file", "password_file")
-
-
 def _secret_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot hold a credential (a DIMSE passcode), or None: it must be an
     existing regular file that neither the group nor other users can read."""
@@ -784,60 +616,15 @@ def _secret_file_problem(path: Path) -> str | None:
     return None
 
 
-def _stow_options(r: _Reader, t: dict[str, Any], p: str, url: str | None,
-                  resolve: Callable[[str], Path]) -> dict[str, Any] | None:
-    """The STOW-only keys of destination ``p`` (None when one of them is wrong).
+def _hl7_destinations(destinations: list[DestinationConfig]) -> dict[str, str]:
+    """Destinations whose kind takes HL7 messages (which only a handler makes): name → kind."""
+    from mfconsole.kinds import REGISTRY
 
-    https:// is TLS (the tls table is optional: without ca_file the system trust store
-    decides). Over http, a non-loopback archive needs allow_cleartext (as a listener
-    does), and credentials never go there at all.
-    """
-    before = len(r.problems)
-    parts = urlsplit(url) if url is not None else None
-    https = parts is not None and parts.scheme.lower() == "https"
-    tls = _tls(r, t, p, "destination", resolve)
-    opts: dict[str, Any] = {
-        "tls": tls,
-        "allow_cleartext": _allow_cleartext(r, t, p, encrypted=https),
-        "username": r.get(t, p, "username", str, None, _not_empty),
-        "batch_max_objects": r.get(t, p, "batch_max_objects", int, 10, _range(1, 1000)),
-        "batch_max_mb": r.get(t, p, "batch_max_mb", int, 16, _range(1, 4096)),
-        "response_timeout_s": r.get(t, p, "response_timeout_s", float, 60.0, _positive),
-        "idle_timeout_s": r.get(t, p, "idle_timeout_s", float, 30.0, _positive),
-    }
-    for key in _SECRETS:
-        value = r.get(t, p, key, str, None, _not_empty)
-        path = resolve(value) if value is not None else None
-        if path is not None and not path.is_file():
-            r.fail(f"{p}.{key}", f"{path} is not a readable file")
-        elif path is not None and path.stat().st_mode & 0o004:
-            r.fail(f"{p}.{key}", f"{path} is readable by every user; chmod 600 it")
-        opts[key] = path
-    if opts["bearer_token_file"] is not None and (opts["username"] or opts["password_file"]):
-        r.fail(f"{p}.bearer_token_file", "use either bearer_token_file or username + password_file "
-               "(basic authentication), not both")
-    elif opts["password_file"] is not None and opts["username"] is None:
-        r.fail(f"{p}.password_file", "needs username (basic authentication is username + password)")
-    elif opts["username"] is not None and opts["password_file"] is None:
-        r.fail(f"{p}.username", "needs password_file (basic authentication is username + password)")
-    if parts is not None and parts.scheme.lower() == "http":
-        if "tls" in t:
-            r.fail(f"{p}.tls", "is only used with an https:// url")
-        host = parts.hostname or ""
-        if not is_loopback(host):
-            if opts["allow_cleartext"] is False:
-                r.fail(f"{p}.url", f"'{host}' is not a loopback address and the url is http://; "
-                       "PHI would cross the network in cleartext. Use https://, or set "
-                       f"{p}.allow_cleartext = true to accept that risk")
-            for key in ("bearer_token_file", "password_file"):
-                if opts[key] is not None:
-                    r.fail(f"{p}.{key}", "credentials are never sent in cleartext to a non-loopback "
-                           "host; use an https:// url")
-    return opts if len(r.problems) == before else None
+    return {d.name: d.kind for d in destinations if REGISTRY[d.kind].produces == "hl7"}
 
 
 def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str],
-            handlers_dir: Path, hl7_destinations: set[str]) -> list[RouteConfig]:
+            handlers_dir: Path, hl7_destinations: dict[str, str]) -> list[RouteConfig]:
     out: list[RouteConfig] = []
     for i, item in enumerate(_array(r, raw, "routes")):
         p = f"routes[{i}]"
@@ -873,9 +660,266 @@ def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str]
                 ok = False
         if handler is None and any(d in hl7_destinations for d in to or ()):
             names = ", ".join(d for d in to if d in hl7_destinations)
-            r.fail(f"{p}.handler", f"is required: {names} (mllp) takes HL7 messages, which a "
+            kinds = ", ".join(sorted({hl7_destinations[d] for d in to if d in hl7_destinations}))
+            r.fail(f"{p}.handler", f"is required: {names} ({kinds}) takes HL7 messages, which a "
                    "handler makes (e.g. handler = \"sr_to_oru\")")
             ok = False
         if ok:
             out.append(RouteConfig(from_listener=source, to=to, handler=handler))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Destinations: a common part, and one kind per protocol.
+#
+# Each key is declared once, as a field of a frozen dataclass (``setting``): its name,
+# its type (the annotation), its default (none: required), one line of documentation
+# and its check. The parser below, the accepted keys, the console's editable fields
+# (engine/config_edit.py) and docs/destinations.md all read that one declaration.
+# DestinationConfig holds the keys of every kind; each kind subclasses it with its own
+# keys (mfconsole/dimse/kind.py, stow/kind.py, mllp/kind.py) and is listed once in
+# mfconsole/kinds.py, the registry.
+
+# The checks kinds declare their keys with: None when fine, else why.
+port_problem, host_problem, positive, not_empty, in_range = _port, _host, _positive, _not_empty, _range
+http_prefix_problem = _http_prefix
+
+_TOML_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
+
+
+def setting(default: Any = MISSING, *, doc: str, check: Callable[[Any], str | None] | None = None,
+            label: str | None = None, read: Callable[..., Any] | None = None) -> Any:
+    """One destination key, as a dataclass field. ``doc``: one line for the docs;
+    ``check``: why a value is wrong (a Path key: checked once resolved against the
+    config's folder); ``label``: the console may edit it, under this label; ``read``:
+    a reader of its own, ``read(reader, table, path, resolve)`` (the tls table)."""
+    return field(default=default, metadata={"doc": doc, "check": check, "label": label,
+                                            "read": read})
+
+
+def value_type(f: dataclasses.Field) -> type:
+    """The TOML-facing type of a setting, from its annotation (``X`` or ``X | None``)."""
+    names = [n for n in str(f.type).replace(" ", "").split("|") if n != "None"]
+    if len(names) != 1 or names[0] not in _TOML_TYPES:
+        if f.metadata.get("read") is not None:
+            return object
+        raise TypeError(f"setting {f.name}: annotate it as one of {sorted(_TOML_TYPES)} "
+                        "(or X | None), or give it a read function")
+    return _TOML_TYPES[names[0]]
+
+
+def _read_tls(r: _Reader, t: dict[str, Any], p: str, resolve: Callable[[str], Path]) -> Any:
+    return _tls(r, t, p, "destination", resolve)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationConfig:
+    """The keys every destination has; a kind's subclass adds its own. ``kind`` is the
+    class's (the value of the table's ``kind`` key), not a field."""
+    kind: ClassVar[str] = ""
+    name: str = setting(doc="Used in routes, logs and the console.", check=_name)
+    max_associations: int = setting(
+        2, doc="Concurrent connections (associations, requests) to it, one worker thread each.",
+        check=_range(1, 64))
+    # Delivery policy: exponential backoff with jitter between these, "down" (probed at
+    # the backoff interval) after down_after transient failures in a row, and bounded
+    # outcomes dead-lettered after bounded_attempts tries.
+    retry_initial_s: float = setting(5.0, doc="First wait after a transient failure (seconds).",
+                                     check=_positive)
+    retry_max_s: float = setting(600.0, doc="Longest wait: the backoff doubles up to it.",
+                                 check=_positive)
+    down_after: int = setting(5, doc="Transient failures in a row that mark it down.",
+                              check=_range(1, 1000))
+    bounded_attempts: int = setting(3, doc="Tries of a 'bounded' outcome before it is dead-lettered.",
+                                    check=_range(1, 100))
+    connect_timeout_s: float = setting(10.0, doc="TCP (and TLS) connect timeout (seconds).",
+                                       check=_positive)
+    network_timeout_s: float = setting(60.0, doc="Socket silence while sending (seconds).",
+                                       check=_positive)
+    # TLS (every kind), or cleartext off loopback by consent.
+    tls: TLSConfig | None = setting(
+        None, doc="TLS table: ca_file, server_name, cert_file + key_file (mTLS); {} trusts the "
+        "system store.", read=_read_tls)
+    allow_cleartext: bool = setting(
+        False, doc="Accept cleartext to a host that is not a loopback address (PHI on the network).")
+
+
+def _tls_table_given(found: "Found") -> bool:
+    return "tls" in found.raw
+
+
+@dataclass(frozen=True)
+class DestinationKind:
+    """What a destination kind provides: its keys (``config``, a DestinationConfig
+    subclass), the Sender that delivers to it, the words for where it sends, what a
+    handler must make for it, and, optionally, an echo and rules across its keys.
+
+    The callables are called with a built destination (``config``) and the egress
+    checks (egress.Checks); they may import their protocol's code lazily, so loading
+    a configuration loads no sender."""
+    config: type[DestinationConfig]
+    doc: str                                         # one line: what it delivers to
+    sender: Callable[[Any, egress_mod.Checks], "Sender"]
+    target: Callable[[Any], str]                     # e.g. "AE@host:port", a URL
+    produces: str = "dicom"                          # a handler's result: "dicom" or "hl7"
+    check: Callable[["Found"], None] | None = None   # rules across keys (egress, credentials)
+    echo: Callable[[Any, egress_mod.Checks], Any] | None = None   # .ok, .rtt_ms, .detail
+    # Whether the connection is encrypted as configured (allow_cleartext then does not
+    # apply): by default, a tls table is given.
+    encrypted: Callable[["Found"], bool] = _tls_table_given
+
+    def __post_init__(self) -> None:
+        if not self.config.kind or not _HANDLER_NAME.match(self.config.kind):
+            raise TypeError(f"{self.config.__name__}.kind must name the kind (letters, digits, '_')")
+        if self.produces not in ("dicom", "hl7"):
+            raise TypeError(f"kind {self.config.kind}: produces is 'dicom' or 'hl7'")
+        for f in self.settings():
+            value_type(f)          # fails at declaration, not at the first load
+
+    @property
+    def name(self) -> str:
+        return self.config.kind
+
+    def settings(self) -> tuple[dataclasses.Field, ...]:
+        """Its keys, common ones first, in declaration order."""
+        return dataclasses.fields(self.config)
+
+    def keys(self) -> frozenset[str]:
+        return frozenset({"kind"} | {f.name for f in self.settings()})
+
+    def editable(self) -> tuple[tuple[str, str, str], ...]:
+        """(key, label, type) of the keys the console may change."""
+        return tuple((f.name, f.metadata["label"], value_type(f).__name__)
+                     for f in self.settings() if f.metadata.get("label"))
+
+
+@dataclass
+class Found:
+    """One [[destinations]] table as read, handed to its kind's ``check``: ``values``
+    holds every key (None where absent without default, or wrong: the problem is
+    recorded already)."""
+    path: str
+    raw: dict[str, Any]
+    values: dict[str, Any]
+    reader: _Reader
+    start: int                           # problems recorded before this destination
+    egress: EgressConfig
+    pins: egress_mod.Pins
+
+    def fail(self, key: str, why: str) -> None:
+        self.reader.fail(f"{self.path}.{key}", why)
+
+    def bad(self, *keys: str) -> bool:
+        """Whether a problem is recorded on one of ``keys`` (or inside it: tls.ca_file)."""
+        wheres = tuple(f"{self.path}.{k}" for k in keys)
+        return any(where in wheres or where.startswith(tuple(w + "." for w in wheres))
+                   for where, _ in self.reader.problems[self.start:])
+
+    @property
+    def failed(self) -> bool:
+        return len(self.reader.problems) > self.start
+
+    def tcp_problem(self, host: str, port: int) -> str | None:
+        return _egress_tcp_problem(self.egress, self.pins, host, port)
+
+    def http_problem(self, url: str) -> str | None:
+        return _egress_http_problem(self.egress, self.pins, url)
+
+
+def check_tcp_peer(found: Found) -> bool:
+    """The rules of a kind that connects to ``host`` and ``port``: [egress].allowed_tcp
+    allows it, and off loopback without TLS only with allow_cleartext. False when a
+    problem is recorded (or the keys they need are wrong already)."""
+    v = found.values
+    host, port = v["host"], v["port"]
+    if found.bad("tls", "allow_cleartext"):
+        return False
+    why = found.tcp_problem(host, port) if None not in (host, port) else None
+    if why:
+        found.fail("host", why)
+        return False
+    if host is not None and v["tls"] is None and not v["allow_cleartext"] and not is_loopback(host):
+        found.fail("host", f"'{host}' is not a loopback address and this destination has "
+                   "no TLS; PHI would cross the network in cleartext. Give it TLS (tls = { "
+                   'ca_file = "…" }, or tls = {} to trust the system store), or set '
+                   f"{found.path}.allow_cleartext = true to accept that risk")
+        return False
+    return True
+
+
+def readable_secret_problem(path: Path) -> str | None:
+    """A credential file read at every request: it must exist, not world-readable."""
+    if not path.is_file():
+        return f"{path} is not a readable file"
+    if path.stat().st_mode & 0o004:
+        return f"{path} is readable by every user; chmod 600 it"
+    return None
+
+
+secret_file_problem = _secret_file_problem
+
+
+def _read_setting(r: _Reader, t: dict[str, Any], p: str, f: dataclasses.Field,
+                  resolve: Callable[[str], Path]) -> Any:
+    meta = f.metadata
+    if meta.get("read") is not None:
+        return meta["read"](r, t, p, resolve)
+    default = ... if f.default is MISSING else f.default
+    kind, check = value_type(f), meta.get("check")
+    if kind is Path:     # a file named relative to the config's folder
+        value = r.get(t, p, f.name, str, default, _not_empty)
+        if value is None or f.name not in t:
+            return value
+        path = resolve(value)
+        why = check(path) if check else None
+        if why:
+            r.fail(f"{p}.{f.name}", why)
+        return path
+    return r.get(t, p, f.name, kind, default, check)
+
+
+def _choices(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _destinations(r: _Reader, raw: Any, egress: EgressConfig, pins: egress_mod.Pins,
+                  resolve: Callable[[str], Path]) -> tuple[list[DestinationConfig], set[str]]:
+    """Valid destinations, and every name declared (valid or not) for route checks."""
+    from mfconsole.kinds import REGISTRY      # its kinds import this module
+
+    out: list[DestinationConfig] = []
+    seen: dict[str, int] = {}
+    choices = _choices(REGISTRY.names())
+    for i, item in enumerate(_array(r, raw, "destinations")):
+        p = f"destinations[{i}]"
+        if not isinstance(item, dict):
+            r.fail(p, "must be a table")
+            continue
+        kind = REGISTRY.get(item.get("kind"))
+        if kind is None:
+            r.fail(f"{p}.kind", f"is required ({choices})" if item.get("kind") is None else
+                   f"{item['kind']!r} is not a destination kind ({choices})")
+            # Still record the name, so routes to it are not reported twice.
+            if isinstance(item.get("name"), str) and item["name"] not in seen:
+                seen[item["name"]] = i
+            continue
+        start = len(r.problems)
+        t = r.table(item, p, kind.keys())
+        values = {f.name: _read_setting(r, t, p, f, resolve) for f in kind.settings()}
+        name = values["name"]
+        if name is not None:
+            if name in seen:
+                r.fail(f"{p}.name", f"'{name}' is already used by destinations[{seen[name]}]")
+            else:
+                seen[name] = i
+        found = Found(p, t, values, r, start, egress, pins)
+        if values["retry_initial_s"] and values["retry_max_s"] \
+                and values["retry_max_s"] < values["retry_initial_s"]:
+            r.fail(f"{p}.retry_max_s", "must not be less than retry_initial_s")
+        if values["allow_cleartext"] and kind.encrypted(found):
+            r.fail(f"{p}.allow_cleartext", "does not apply: this connection uses TLS")
+        if kind.check is not None:
+            kind.check(found)
+        if not found.failed:
+            out.append(kind.config(**values))
+    return out, set(seen)

@@ -341,6 +341,14 @@ TcpCheck = Callable[..., Result]     # (host, port, *, loopback_only=False)
 HttpCheck = Callable[..., Result]    # (url, *, loopback_only=False)
 
 
+@dataclass(frozen=True)
+class Checks:
+    """Both allowlists as a destination kind's sender and echo get them: each call
+    checks anew (the engine's follow a reload)."""
+    tcp: TcpCheck
+    http: HttpCheck
+
+
 def check_tcp(allowed: Iterable[str], pins: Pins, host: str, port: int, *,
               loopback_only: bool = False) -> Result:
     """The address to dial for ``host:port`` under ``[egress].allowed_tcp``, or why not.

@@ -74,11 +74,14 @@ def stow_destination(config: Config, target: str) -> DestinationConfig | None:
 
 
 def echo(config: Config, target: str) -> sender.EchoResult | stow.EchoResult:
-    """C-ECHO for a DIMSE target; for a STOW-RS destination, an empty STOW request
-    (same endpoint, TLS and credentials as deliveries; nothing is stored)."""
-    dest = stow_destination(config, target)
-    if dest is not None:
-        return stow.echo(stow.Target.from_destination(dest), egress_http(config))
+    """A destination's echo, as its kind makes it (dimse: C-ECHO; stow: an empty STOW
+    request, same endpoint, TLS and credentials as deliveries, nothing stored), or a
+    C-ECHO to ``AET@host:port``."""
+    from mfconsole.kinds import kind_of
+
+    dest = next((d for d in config.destinations if d.name == target), None)
+    if dest is not None and kind_of(dest).echo is not None:
+        return kind_of(dest).echo(dest, egress_mod.Checks(egress(config), egress_http(config)))
     return sender.echo(resolve_peer(config, target), egress(config))
 
 
@@ -393,6 +396,7 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
     from mfconsole.contract import Outcome
     from mfconsole.engine.handlers import Handlers
     from mfconsole.engine.transform import Transformer
+    from mfconsole.kinds import kind_of
 
     name = handler.name
     if destination is None:
@@ -408,7 +412,7 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
         if out.status == "filtered":
             return label + "filtered: the handler returned None (nothing would be sent)\n"
         raise OpsError(out.reason)
-    if dest.kind == "mllp":
+    if kind_of(dest).produces == "hl7":
         return label + out.data.decode("utf-8").replace("\r", "\n")
     return label + f"a DICOM data set of {len(out.data)} bytes would be sent\n"
 

@@ -21,14 +21,8 @@ import tomlkit
 
 from mfconsole.config import Config, ConfigError, load
 from mfconsole.engine.vault import fsync_dir
+from mfconsole.kinds import kind_of
 
-# Per destination kind: (key, label, type) the console may change.
-DESTINATION_FIELDS = {
-    "dimse": (("host", "host", "str"), ("port", "port", "int"), ("ae_title", "called AE title", "str"),
-              ("calling_ae_title", "calling AE title", "str")),
-    "mllp": (("host", "host", "str"), ("port", "port", "int")),
-    "stow": (("url", "url", "str"),),
-}
 _STEP = re.compile(r"([A-Za-z_]+)(?:\[(\d+)\])?")
 
 
@@ -44,7 +38,7 @@ def fields(config: Config) -> list[dict[str, Any]]:
         out.append(_field(f"listeners[{i}].calling_aets", section, "calling AE allowlist", "list",
                           list(lc.calling_aets)))
     for i, d in enumerate(config.destinations):
-        for key, label, kind in DESTINATION_FIELDS.get(d.kind, ()):
+        for key, label, kind in kind_of(d).editable():     # the keys its kind labels
             out.append(_field(f"destinations[{i}].{key}", f"destination {d.name}", label, kind,
                               getattr(d, key)))
     return out

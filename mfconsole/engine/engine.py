@@ -20,7 +20,6 @@ from mfconsole import __version__, egress
 from mfconsole.config import Config
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
-from mfconsole.dimse.sender import DimseSender, Peer
 from mfconsole.engine import logs, outbox
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -30,8 +29,7 @@ from mfconsole.engine.router import routes_by_listener
 from mfconsole.engine.keys import KeyCustodyError, open_vault
 from mfconsole.engine.store import IngestRequest, Store, StoreRefused
 from mfconsole.engine.vault import VaultError
-from mfconsole.mllp.sender import MllpSender
-from mfconsole.stow.client import StowSender, Target
+from mfconsole.kinds import kind_of
 from mfconsole.repository import Tx
 
 log = logging.getLogger("mfconsole.engine")
@@ -164,14 +162,9 @@ class Engine:
 
     def _start_destination(self, dest: Any) -> None:
         assert self.store is not None
-        if dest.kind == "dimse":
-            peer = Peer.from_destination(dest)
-            make_sender: Any = lambda peer=peer: DimseSender(peer, self.egress_tcp_dial)
-        elif dest.kind == "stow":
-            target = Target.from_destination(dest)
-            make_sender = lambda target=target: StowSender(target, self.egress_http_dial)
-        else:
-            make_sender = lambda dest=dest: MllpSender(dest, self.egress_tcp_dial)
+        # The kind makes the sender; the checks are the engine's, so they follow a reload.
+        checks = egress.Checks(self.egress_tcp_dial, self.egress_http_dial)
+        make_sender: Any = lambda kind=kind_of(dest), dest=dest: kind.sender(dest, checks)
         assert self.handlers is not None
         workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest),
                                      self.held)

@@ -66,12 +66,10 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
 
 
 def target(d: Any) -> str:
-    """Where a destination sends, in the words an administrator uses."""
-    if d.kind == "stow":
-        return str(d.url)
-    if d.kind == "dimse":
-        return f"{d.ae_title}@{d.host}:{d.port}"
-    return f"{d.host}:{d.port}"
+    """Where a destination sends, in the words an administrator uses (its kind's)."""
+    from mfconsole.kinds import kind_of
+
+    return kind_of(d).target(d)
 
 
 def destination_state(row: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pydicom.uid import UID
 
 from mfconsole.contract import FILTERED, MESSAGE, PERMANENT, Outbound, Outcome
 from mfconsole.engine.handlers import Handlers, HandlerError, LoadedHandler
+from mfconsole.kinds import kind_of
 
 HL7_ENCODING = "utf-8"
 
@@ -82,20 +83,22 @@ class Transformer:
 
     def _outbound(self, handler: LoadedHandler, obj: Outbound, result: Any) -> Outbound | Outcome:
         kind = self.destination.kind
+        # What the destination's kind takes: DICOM data sets, or HL7 messages (mllp).
+        takes_hl7 = kind_of(self.destination).produces == "hl7"
         if result is None:
             return Outcome(FILTERED, MESSAGE, "filtered", f"handler {handler.name} {handler.version} "
                            "returned None")
         if isinstance(result, Dataset):
-            if kind == "mllp":
+            if takes_hl7:
                 raise HandlerError(f"handler {handler.name} {handler.version} returned a DICOM "
-                                   "data set for an MLLP destination")
+                                   f"data set for an {kind.upper()} destination")
             try:
                 return replace(obj, data=with_original_pixels(result, obj.data, obj.transfer_syntax))
             except Exception as exc:   # values pydicom cannot write in this syntax
                 raise HandlerError(f"handler {handler.name} {handler.version} returned a data set "
                                    f"that cannot be encoded ({exc.__class__.__name__})") from None
         if hasattr(result, "encode") and hasattr(result, "control_id"):
-            if kind != "mllp":
+            if not takes_hl7:
                 raise HandlerError(f"handler {handler.name} {handler.version} returned an HL7 "
                                    f"message for a {kind} destination")
             return replace(obj, data=result.encode().encode(HL7_ENCODING))

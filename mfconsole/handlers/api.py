@@ -19,7 +19,7 @@ import functools
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from os import PathLike
-from typing import Callable, Literal
+from typing import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -36,7 +36,9 @@ from mfconsole.hl7.message import HL7Message
 __all__ = ["Context", "DicomObject", "HL7Message", "MappingError", "DicomParseError",
            "SRDocument"]
 
-DestinationKind = Literal["dimse", "stow", "mllp"]
+# The kind of a destination: "dimse", "stow", "mllp", or another registered one
+# (mfconsole/kinds.py); the handler contract does not limit it.
+DestinationKind = str
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 # Elements larger than this are read only when a handler touches them (the bytes are

@@ -16,8 +16,8 @@ import pytest
 from harness import REPO, write_config
 from mfconsole import config as config_mod
 from mfconsole.config import (
-    ACCEPTED_KEYS,
     ConfigError,
+    accepted_keys,
     ae_title_problem,
     http_prefix_allows,
     is_loopback,
@@ -400,7 +400,7 @@ def _sections(text: str) -> dict[str, str]:
 def test_shipped_config_documents_every_accepted_key():
     sections = _sections(SHIPPED.read_text())
     missing = []
-    for section, keys in ACCEPTED_KEYS.items():
+    for section, keys in accepted_keys().items():
         if section == "":
             missing += [k for k in keys if k not in sections]
             continue
@@ -411,9 +411,12 @@ def test_shipped_config_documents_every_accepted_key():
 
 def test_accepted_keys_cover_what_the_parser_reads():
     """Every key a dataclass holds is accepted somewhere (a renamed key would show here)."""
-    accepted = set().union(*ACCEPTED_KEYS.values())
+    from mfconsole.kinds import REGISTRY
+
+    accepted = set().union(*accepted_keys().values())
     for cls in (config_mod.EngineConfig, config_mod.StoreConfig, config_mod.EgressConfig,
-                config_mod.ListenerConfig, config_mod.DestinationConfig):
+                config_mod.ListenerConfig, config_mod.DestinationConfig,
+                *(k.config for k in REGISTRY.kinds())):
         for name in cls.__dataclass_fields__:
             assert name in accepted, f"{cls.__name__}.{name}"
 

@@ -218,7 +218,7 @@ def test_the_graph_sees_the_tree(graph):
     assert {CONTRACT, "mfconsole.engine.delivery", "mfconsole.dimse.sender",
             "mfconsole.stow.client", "mfconsole.mllp.sender", "mfconsole.hl7.header"} <= set(graph)
     assert any(i.target == CONTRACT for i in graph["mfconsole.engine.delivery"])
-    assert any(i.target == "mfconsole.dimse.sender" for i in graph["mfconsole.engine.engine"])
+    assert any(i.target == "mfconsole.dimse.listener" for i in graph["mfconsole.engine.engine"])
 
 
 def test_protocol_packages_never_reach_the_engine(graph):
