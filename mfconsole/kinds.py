@@ -2,8 +2,9 @@
 
 A kind (mfconsole/config.py: DestinationKind) is declared in its protocol package's
 kind.py: its keys, its sender, its echo, the words for its target, what a handler
-must make for it. Adding a kind is its package and one line below; nothing else in
-the core names a kind. The order of the lines is the order messages list the kinds.
+must make for it. Adding a kind is its package plus its entry here (the import and
+its line in REGISTRY); nothing else in the core names a kind. The order of REGISTRY is
+the order messages list the kinds.
 
 ``python -m mfconsole.kinds docs/destinations.md`` writes the reference of every
 kind's keys from their declarations (tests/unit/test_kinds.py fails when it is stale).
@@ -19,10 +20,9 @@ from typing import Any, Iterator
 
 from mfconsole.config import DestinationConfig, DestinationKind, value_type
 
-# The kinds, one line each, in the order messages list them ("dimse, stow or mllp").
-from mfconsole.dimse.kind import KIND as DIMSE  # noqa: E402
-from mfconsole.stow.kind import KIND as STOW  # noqa: E402
-from mfconsole.mllp.kind import KIND as MLLP  # noqa: E402
+from mfconsole.dimse import kind as dimse
+from mfconsole.mllp import kind as mllp
+from mfconsole.stow import kind as stow
 
 
 class Registry:
@@ -58,8 +58,12 @@ class Registry:
         return iter(list(self._kinds.values()))
 
 
-# Every kind imported above, in that order: the import is the registration.
-REGISTRY = Registry(*(v for v in dict(globals()).values() if isinstance(v, DestinationKind)))
+# The kinds, one line each, in the order messages list them ("dimse, stow or mllp").
+REGISTRY = Registry(
+    dimse.KIND,
+    stow.KIND,
+    mllp.KIND,
+)
 
 
 def kind_of(destination: DestinationConfig) -> DestinationKind:
