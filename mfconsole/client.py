@@ -178,7 +178,13 @@ class AttachedClient(Client):
 
     def call(self, op: str, **args: Any) -> Any:
         try:
-            return request(self.socket_path, op, args)
+            result = request(self.socket_path, op, args)
+            if op == "snapshot":
+                # The engine behind the socket may have been restarted: name the one answering.
+                pid = (result.get("engine") or {}).get("pid")
+                if pid:
+                    self.description = f"attached to pid {pid}"
+            return result
         except ControlError as exc:
             raise ClientError(str(exc)) from None
         except (OSError, ValueError) as exc:

@@ -111,6 +111,7 @@ class SessionCounters:
         # destination -> recent outcomes, oldest first: (second, failed, status, count)
         self.recent: dict[str, deque[tuple[int, bool, str, int]]] = defaultdict(
             lambda: deque(maxlen=HEALTH_OUTCOMES))
+        self.last_failure: dict[str, str] = {}      # destination -> its newest failure, in words
         with reading(db_path) as reads:
             self.last_id = reads.last_audit_id()
             for row in reads.audit_totals(self.last_id):
@@ -119,6 +120,8 @@ class SessionCounters:
                     self.lifetime[(row[what[0]] or "", what[1])] += row["n"]
             for row in reversed(reads.recent_outcomes(self.last_id, OUTCOMES_SCAN, 20 * HEALTH_OUTCOMES)):
                 self._outcome(row["destination"] or "", row["event"], row["status"], row["sec"], 1)
+                if row["event"] in FAILED_EVENTS:
+                    self.last_failure[row["destination"] or ""] = row["detail"] or ""
         self.updated = time.monotonic()
 
     def _outcome(self, destination: str, event: str, status: str | None, sec: int, n: int) -> None:
@@ -129,6 +132,11 @@ class SessionCounters:
         with self._lock:
             with reading(self.db_path) as reads:
                 rows = reads.audit_counts_since(self.last_id)
+                failing = {r["destination"] for r in rows if r["event"] in FAILED_EVENTS}
+                for name in failing:
+                    row = reads.latest_failure(name, self.last_id)
+                    if row is not None:
+                        self.last_failure[name] = row["detail"] or ""
             horizon = int(time.time()) - HISTORY_S - 1
             for row in sorted(rows, key=lambda r: r["last"]):
                 self.last_id = max(self.last_id, row["last"])
@@ -160,6 +168,10 @@ class SessionCounters:
                     "rate": sum(series[-RATE_WINDOW_S:]) / RATE_WINDOW_S,
                     "history": series, "health": self._health(name, now)}
 
+    def health(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._health(name, int(time.time()))
+
     def _health(self, name: str, now: int) -> dict[str, Any] | None:
         """How the destination's recent outcomes went: None with too few to judge."""
         recent = [o for o in self.recent.get(name, ()) if o[0] > now - HEALTH_WINDOW_S]
@@ -173,7 +185,8 @@ class SessionCounters:
         share = sum(failed.values()) / total
         return {"outcomes": total, "failed_share": round(share, 3),
                 "failing": share >= HEALTH_FAILING_SHARE,
-                "status": max(failed, key=failed.get) if failed else None}
+                "status": max(failed, key=failed.get) if failed else None,
+                "last_failure": self.last_failure.get(name) if failed else None}
 
 
 # -- the service ------------------------------------------------------------------
@@ -256,6 +269,7 @@ class ControlService:
                "retry_initial_s": dest.retry_initial_s, "retry_max_s": dest.retry_max_s,
                "down_after": dest.down_after}
         out.update(status.destination_state(row))
+        out["health"] = self.counters.health(name)
         return out
 
     # -- dead letters -------------------------------------------------------------

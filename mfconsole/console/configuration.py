@@ -93,8 +93,8 @@ class ConfigurationScreen(ConsoleScreen):
             self.notify("nothing to save: edit a value with enter first")
             return
         changes = dict(self.staged)
-        listing = "\n".join(f"  {key}: {show(self._field(key)['value'])} → {show(value)}"  # type: ignore[index]
-                            for key, value in changes.items())
+        listing = "\n".join(f"  {self._field_name(key)}: {show(self._field(key)['value'])} → {show(value)}"  # type: ignore[index]
+                             for key, value in changes.items())
         self.app.confirm(f"Save {len(changes)} change(s) to config.toml and reload the engine?\n{listing}",
                          lambda: self.app.perform("save configuration", self.client.edit_config,
                                                   changes, done=self._saved),
@@ -104,7 +104,7 @@ class ConfigurationScreen(ConsoleScreen):
         if result.get("problems"):
             text = Text("✗ REFUSED — config.toml is unchanged:\n", style="bold")
             for key, why in result["problems"]:
-                text.append(f"  {key}: {why}\n")
+                text.append(f"  {self._field_name(key)}: {why}\n")
             self._say(text)
             self.notify(f"configuration refused: {result['problems'][0][0]}: {result['problems'][0][1]}",
                         severity="error", timeout=10)
@@ -117,6 +117,11 @@ class ConfigurationScreen(ConsoleScreen):
         self._say(text)
         self.notify(word.lstrip("✓✗ "), severity="error" if result.get("refused") else "information")
         self.action_reload_fields()
+
+    def _field_name(self, key: str) -> str:
+        """``destination pacs · port`` rather than ``destinations[2].port``."""
+        field = self._field(key)
+        return f"{field['section']} · {field['label']}" if field else key
 
     def _say(self, text: Text) -> None:
         self.query_one("#result", Static).update(text)

@@ -28,7 +28,7 @@ class DeadLettersScreen(ConsoleScreen):
     NUMBER, TITLE_TEXT = 4, "Dead letters"
     AUTO_FOCUS = "#letters"
     BINDINGS = [Binding("enter", "open", "Open", priority=True, id="dead.open"),
-                Binding("space", "mark", "Mark", id="dead.mark"),
+                Binding("space", "mark", "Mark (and down)", id="dead.mark"),
                 Binding("r", "replay", "Replay", id="dead.replay"),
                 Binding("g", "replay_group", "Replay group", id="dead.replay_group"),
                 Binding("t", "replay_to", "Replay to…", show=False, id="dead.replay_to"),
@@ -53,7 +53,8 @@ class DeadLettersScreen(ConsoleScreen):
         self._asked = PAGE
 
     def body(self) -> ComposeResult:
-        yield KeyedTable([("cause", "cause"), ("destination", "destination"), ("count", "count")],
+        # Count and destination first: at 80 columns a long cause is what gets cut.
+        yield KeyedTable([("count", "count"), ("destination", "destination"), ("cause", "cause")],
                          id="groups")
         yield Label("", id="dead-count")
         with Horizontal(classes="split"):
@@ -83,20 +84,22 @@ class DeadLettersScreen(ConsoleScreen):
             self.reload()
 
     def reload(self) -> None:
+        self.new_query()
         text = self.text or None
         self.app.perform("dead letter groups", self.client.dead_letter_groups, text,
-                         done=self._show_groups, refresh=False)
+                         done=self.latest(self._show_groups), refresh=False)
         self.loading = True
         self._asked = max(PAGE, len(self.rows))     # a refresh keeps what was scrolled to
         self.app.perform("dead letters", self.client.dead_letters, text, self.group, None,
-                         self._asked, done=self._show_first, failed=self._not_loaded, refresh=False)
+                         self._asked, done=self.latest(self._show_first),
+                         failed=self.latest(self._not_loaded), refresh=False)
 
     def _show_groups(self, groups: list[dict[str, Any]]) -> None:
         self.groups = {json.dumps([g["destination"], g["status"], g["reason"]]): g for g in groups}
         total = sum(g["count"] for g in groups)
-        rows = [(ALL, (Text("all dead letters" + (f" matching “{self.text}”" if self.text else ""),
-                            style="bold"), "", fmt.count(total)))]
-        rows += [(key, (fmt.cause(g), g["destination"], fmt.count(g["count"])))
+        rows = [(ALL, (fmt.count(total), "", Text("all dead letters" + (f" matching “{self.text}”"
+                                                                        if self.text else ""), style="bold")))]
+        rows += [(key, (fmt.count(g["count"]), g["destination"], fmt.cause(g)))
                  for key, g in self.groups.items()]
         self.query_one("#groups", KeyedTable).sync(rows)
 
@@ -108,15 +111,15 @@ class DeadLettersScreen(ConsoleScreen):
         self.total = None
         self._show_count()
         self.app.perform("count", self.client.dead_letter_count, self.text or None, self.group,
-                         done=self._counted, refresh=False)
+                         done=self.latest(self._counted), refresh=False)
 
     def _more(self) -> None:
         if self.loading or self.exhausted or not self.rows:
             return
         self.loading = True
         self.app.perform("dead letters", self.client.dead_letters, self.text or None, self.group,
-                         self.rows[-1]["id"], PAGE, done=self._show_more, failed=self._not_loaded,
-                         refresh=False)
+                         self.rows[-1]["id"], PAGE, done=self.latest(self._show_more),
+                         failed=self.latest(self._not_loaded), refresh=False)
 
     def _not_loaded(self, why: str) -> None:
         self.loading = False
@@ -176,7 +179,7 @@ class DeadLettersScreen(ConsoleScreen):
             self.action_detail()
 
     def _restart(self) -> None:
-        self.rows, self.marked, self.exhausted = [], set(), False
+        self.rows, self.marked, self.exhausted, self.loading = [], set(), False, False
         self.letters.reset()
         self.reload()
 
@@ -246,8 +249,15 @@ class DeadLettersScreen(ConsoleScreen):
     def action_replay_group(self) -> None:
         group = self.group
         groups = self.query_one("#groups", KeyedTable)
-        if group is None and groups.cursor_key not in (None, ALL):
+        if group is None and self.focused is groups and groups.cursor_key not in (None, ALL):
             group = self.groups.get(groups.cursor_key or "")
+        if group is None and not self.text and self.cursor_id is not None:
+            # From the list: the group of the dead letter under the cursor (same
+            # destination, status and reason).
+            row = next((r for r in self.rows if r["id"] == self.cursor_id), None)
+            if row is not None:
+                group = {"destination": row["destination"], "status": row.get("last_status") or "",
+                         "reason": row.get("last_reason") or ""}
         if group is None and not self.text:
             self.notify("choose a group (enter on it), or filter with /", severity="warning")
             return
@@ -355,7 +365,7 @@ FIELDS = (("destination", "destination"), ("sop_instance_uid", "SOP instance UID
 def letter_detail(row: dict[str, Any], revealed: list[list[str]] | None) -> Group:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")        # a UID is folded onto the next line, never cut
     grid.add_row("id", str(row.get("id")))
     for key, label in FIELDS:
         if row.get(key) not in (None, ""):

@@ -3,6 +3,7 @@ outcomes; C-ECHO, test connection, pause/resume."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Group
@@ -50,11 +51,13 @@ class DestinationsScreen(ConsoleScreen):
 
     def body(self) -> ComposeResult:
         with Horizontal(classes="split"):
-            yield KeyedTable([("name", "destination"), ("state", "state"), ("check", "echo"),
+            # What decides the next step first: state and queue; echo and target after.
+            yield KeyedTable([("name", "destination"), ("state", "state"),
                               ("pending", "pending"), ("in_flight", "in flight"),
                               ("oldest", "oldest pending"), ("next", "next attempt"),
                               ("failures", "failures"), ("delivered", "delivered"), ("dead", "dead"),
-                              ("kind", "kind"), ("target", "target")], id="destinations")
+                              ("check", "echo"), ("kind", "kind"), ("target", "target")],
+                             id="destinations")
             with VerticalScroll(id="detail-pane", classes="detail"):
                 yield Static(id="detail")
 
@@ -134,11 +137,12 @@ class DestinationsScreen(ConsoleScreen):
 def destination_row(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> tuple[Any, ...]:
     counts = d.get("counts") or {}
     nxt = d.get("next_attempt_at") if d.get("state") in ("retrying", "down") else None
-    return (d["name"], fmt.state(d.get("state", "")), fmt.echo_result(check),
-            fmt.count(counts.get("pending")), fmt.count(counts.get("in_flight")),
+    return (d["name"], fmt.destination_state(d, wide=False), fmt.count(counts.get("pending")),
+            fmt.count(counts.get("in_flight")),
             fmt.duration(now - d["oldest_pending_at"]) if d.get("oldest_pending_at") else "",
             fmt.until(nxt, now), str(d.get("failures") or 0), fmt.count(counts.get("delivered")),
-            fmt.count(counts.get("dead")), d.get("kind", ""), d.get("target", ""))
+            fmt.count(counts.get("dead")), fmt.echo_result(check, now=time.time()), d.get("kind", ""),
+            d.get("target", ""))
 
 
 def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group:
@@ -147,9 +151,11 @@ def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group
     head.append(f"{d['name']}", style="bold")
     head.append(f"  {d.get('kind')} → {d.get('target')}\n")
     head.append("state ")
-    head.append_text(fmt.state(d.get("state", "")))
-    if d.get("last_error"):
-        head.append(f"\n{d.get('last_status') or ''} {d['last_error']}".rstrip())
+    head.append_text(fmt.destination_state(d))
+    problem = fmt.problem(d, now)
+    if problem is not None:
+        head.append("\n")
+        head.append_text(problem)
     head.append(f"\nfailures in a row {d.get('failures') or 0} (down after {d.get('down_after')})")
     if d.get("state") in ("retrying", "down"):
         head.append(f"\nnext attempt {fmt.until(d.get('next_attempt_at'), now)}")
@@ -157,7 +163,7 @@ def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group
                 f"{d.get('max_associations')} association(s)")
     if check is not None:
         head.append("\necho ")
-        head.append_text(fmt.echo_result(check))
+        head.append_text(fmt.echo_result(check, now=time.time()))
     queue = Table.grid(padding=(0, 2))
     queue.add_column()
     queue.add_column(justify="right")

@@ -59,7 +59,7 @@ class TypeToConfirmScreen(ModalScreen[bool]):
             yield Label("", id="mismatch")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.value.strip() == self.phrase:
+        if event.value.strip().casefold() == self.phrase.casefold():   # "replay 12" is as meant as "REPLAY 12"
             self.dismiss(True)
         else:
             self.query_one("#mismatch", Label).update(f"✗ that is not {self.phrase}")

@@ -4,6 +4,7 @@ always renders the same way."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -77,9 +78,60 @@ def count(n: int | None) -> str:
     return f"{n or 0:,}".replace(",", " ")
 
 
-def now_and_lifetime(now: int | None, lifetime: int | None) -> str:
+def compact(n: int | None) -> str:
+    """A count in at most 5 characters: 1 204, 17.9k, 812k, 3.4M."""
+    n = n or 0
+    if n < 10_000:
+        return count(n)
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k" if n < 100_000 else f"{n // 1000}k"
+    return f"{n / 1_000_000:.1f}M"
+
+
+def now_and_lifetime(now: int | None, lifetime: int | None, *, narrow: bool = False) -> str:
     """Mirth's pair: this engine run / all time."""
+    if narrow:
+        return f"{compact(now)}/{compact(lifetime)}"
     return f"{count(now)} / {count(lifetime)}"
+
+
+def destination_state(item: dict[str, Any], *, wide: bool = True) -> Text:
+    """The transport state, or ⚠ failing when the transport is fine but most recent
+    deliveries are not (a peer that refuses every object of a kind answers every
+    association: "up" alone would hide it)."""
+    health = item.get("health") or {}
+    word = item.get("state", "")
+    if word == "up" and health.get("failing"):
+        label = f"⚠ failing {health['failed_share'] * 100:.0f} %"
+        if wide and health.get("status"):
+            label += f" ({health['status']})"
+        return Text(label, style="bold reverse")
+    return state(word)
+
+
+def problem(item: dict[str, Any], now: float) -> Text | None:
+    """A destination's problem in full, one paragraph: what, the last error, what next."""
+    health = item.get("health") or {}
+    word = item.get("state", "")
+    failing = word == "up" and health.get("failing")
+    if word == "up" and not failing:
+        return None
+    text = Text()
+    text.append(item["name"], style="bold")
+    text.append(" ")
+    text.append_text(destination_state(item, wide=False))
+    if failing:
+        text.append(f": {health['failed_share'] * 100:.0f} % of the last {health['outcomes']} "
+                    "outcomes failed" + (f", mostly {health['status']}" if health.get("status") else ""))
+    error = item.get("last_error") or ""
+    if error:
+        status = item.get("last_status") or ""
+        text.append(f": {status + ': ' if status else ''}{error}")
+    elif failing and health.get("last_failure"):
+        text.append(f"; last: {health['last_failure']}")
+    if word in ("retrying", "down") and item.get("next_attempt_at"):
+        text.append(f" · next attempt {until(item['next_attempt_at'], now)}")
+    return text
 
 
 def rate(value: float | None) -> str:
@@ -98,15 +150,22 @@ def spark(values: list[int] | None, width: int = 20) -> str:
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
-def echo_result(result: dict[str, Any] | None, frame: int = 0) -> Text:
-    """✓ 3.1 ms, or ✗ and why; a spinner while it runs."""
+ECHO_STALE_S = 300      # an echo older than this says how old it is, greyed
+
+
+def echo_result(result: dict[str, Any] | None, frame: int = 0, now: float | None = None) -> Text:
+    """✓ 3 ms, or ✗ and why, with when it was taken (an old result says its age and
+    is greyed: it says how the peer was, not how it is); a spinner while it runs."""
     if result is None:
         return Text("")
     if result.get("running"):
         return Text(f"{SPINNER[frame % len(SPINNER)]} echo…", style="italic")
+    at = result.get("at")
+    old = at is not None and now is not None and now - at > ECHO_STALE_S
+    when = f" {duration(now - at)} ago" if old else (f" at {clock(at)}" if at else "")
     if result.get("ok"):
-        return Text(f"✓ OK {result.get('rtt_ms', 0):.0f} ms")
-    return Text(f"✗ {result.get('detail') or 'failed'}", style="bold")
+        return Text(f"✓ OK {result.get('rtt_ms', 0):.0f} ms{when}", style="dim" if old else "")
+    return Text(f"✗ {result.get('detail') or 'failed'}{when}", style="dim" if old else "bold")
 
 
 def cause(group: dict[str, Any]) -> str:
@@ -128,6 +187,18 @@ def events(rows: list[dict[str, Any]], when: Any) -> Text:
             text.append(f"\n  {row['detail']}")
         text.append("\n")
     return text
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),\d{3} (\w+)\s+(?:mfconsole\.)?(\S+?): ")
+
+
+def short_log_line(line: str) -> str:
+    """A log line for a narrow terminal: the time without the date, the level's first
+    letter, the logger without its package — the message keeps the width."""
+    m = _LOG_LINE.match(line)
+    if m is None:
+        return line
+    return f"{m.group(1)} {m.group(2)[:1]} {m.group(3)}: {line[m.end():]}"
 
 
 def level_of(line: str) -> str:

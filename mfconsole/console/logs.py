@@ -83,10 +83,19 @@ class LogsScreen(ConsoleScreen):
         if not shown:
             return
         follow = self.following
-        self.log_view.write_lines(shown, scroll_end=follow)
+        self.log_view.write_lines(self._fit(shown), scroll_end=follow)
         if not follow:
             self.unseen += len(shown)
         self._show_badge()
+
+    def _fit(self, lines: list[str]) -> list[str]:
+        """Below 120 columns the date and package go: the message is what must show."""
+        self._wide_drawn = self.wide
+        return lines if self._wide_drawn else [fmt.short_log_line(line) for line in lines]
+
+    def on_resize(self) -> None:
+        if getattr(self, "_wide_drawn", None) not in (None, self.wide):
+            self._redraw()
 
     def _show_badge(self) -> None:
         badge = self.query_one("#new-badge", Label)
@@ -96,7 +105,7 @@ class LogsScreen(ConsoleScreen):
     def _redraw(self) -> None:
         view = self.log_view
         view.clear()
-        view.write_lines([line for line in self.lines if self.matches(line)], scroll_end=True)
+        view.write_lines(self._fit([line for line in self.lines if self.matches(line)]), scroll_end=True)
         self.unseen = 0
         self._show_badge()
         self._show_filter()

@@ -22,11 +22,21 @@ class KeyedTable(DataTable):
 
     def __init__(self, columns: Iterable[tuple[str, str]], **kwargs: Any):
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
+        self.column_keys: list[str] = []
+        self._cells: dict[str, Cells] = {}
+        self._order: list[str] = []
+        self.set_columns(columns)
+
+    def set_columns(self, columns: Iterable[tuple[str, str]]) -> None:
+        """Another set of columns (a narrower layout): rows are fed again by the next sync."""
+        columns = list(columns)
+        if [key for key, _ in columns] == self.column_keys:
+            return
+        self.clear(columns=True)
+        self._cells, self._order = {}, []
         self.column_keys = [key for key, _ in columns]
         for key, label in columns:
             self.add_column(label, key=key)
-        self._cells: dict[str, Cells] = {}
-        self._order: list[str] = []
 
     @property
     def cursor_key(self) -> str | None:
@@ -112,16 +122,20 @@ class StatusBar(Static):
 
 
 def status_line(app: Any, number: int, title: str) -> Text:
+    """Screen, engine, and what is wrong right now: the most important first, so a
+    narrow terminal cuts only the least important."""
     snap = app.snap or {}
     line = Text()
     line.append(f" {number} {title} ", style="bold reverse")
-    line.append(f" {app.client.description}", style="bold" if app.client.hosts_engine else "")
-    engine = snap.get("engine") or {}
-    if engine.get("uptime_s") is not None:
-        line.append(f" · up {fmt.duration(engine['uptime_s'])}")
     facts: list[tuple[str, str]] = []
     if app.lost:
-        facts.append((f"✗ ENGINE NOT ANSWERING: {app.lost}", "bold reverse"))
+        since = f" since {fmt.clock(app.lost_since)}" if getattr(app, "lost_since", None) else ""
+        facts.append((f"✗ ENGINE NOT ANSWERING{since}: {app.lost}", "bold reverse"))
+    else:
+        line.append(f" {app.client.description}", style="bold" if app.client.hosts_engine else "")
+        engine = snap.get("engine") or {}
+        if engine.get("uptime_s") is not None and app.size.width >= 120:
+            line.append(f" · up {fmt.duration(engine['uptime_s'])}")
     states = [d.get("state") for d in snap.get("destinations", [])]
     for word, label in (("down", "✗ {} DOWN"), ("paused", "⏸ {} PAUSED"), ("retrying", "↻ {} retrying")):
         if states.count(word):
@@ -133,8 +147,8 @@ def status_line(app: Any, number: int, title: str) -> Text:
         facts.append(("READ-ONLY", "bold"))
     if app.refresh_paused:
         facts.append(("⏸ refresh paused", "bold reverse"))
-    for text, style in facts:
-        line.append(" │ ")
+    for n, (text, style) in enumerate(facts):
+        line.append(" │ " if n or not app.lost else " ")
         line.append(text, style=style)
     return line
 
@@ -142,7 +156,15 @@ def status_line(app: Any, number: int, title: str) -> Text:
 class FilterBar(Input):
     """``/`` opens it under the table; typing filters in place, ``esc`` clears it."""
 
-    DEFAULT_CSS = "FilterBar { dock: bottom; display: none; height: 1; border: none; padding: 0 1; }"
+    # One line, no border, focused or not: Input's focus style brings back a tall border,
+    # which in one line leaves only its top edge (the text clipped away). In the flow
+    # under the table, not docked: docked at the bottom it lies under the footer.
+    DEFAULT_CSS = """
+    FilterBar, FilterBar:focus {
+        height: 1; border: none; padding: 0 1; background: $boost;
+    }
+    FilterBar { display: none; }
+    """
     BINDINGS = [Binding("escape", "clear_filter", "Clear filter", id="filter.clear")]
 
     def __init__(self, placeholder: str = "filter…"):
@@ -178,6 +200,23 @@ class ConsoleScreen(Screen):
     @property
     def client(self) -> Any:
         return self.app.client
+
+    # Answers arrive in any order (each request is a thread worker): a list shows only
+    # the answer to its latest query, never a slower answer to an earlier one.
+    _query = 0
+
+    def new_query(self) -> None:
+        """A new filter, group or sort: earlier answers no longer count."""
+        self._query += 1
+
+    def latest(self, fn: Any) -> Any:
+        """``fn`` as a callback that runs only if no new query began since it was made."""
+        query = self._query
+
+        def answer(*args: Any) -> None:
+            if query == self._query:
+                fn(*args)
+        return answer
 
     @property
     def now(self) -> float:

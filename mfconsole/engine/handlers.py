@@ -168,6 +168,11 @@ class Handlers:
                     new_active[name] = old
                     results.append(ReloadResult(name, "unchanged", old.label))
                     continue
+                if old is not None and new.version == old.version:
+                    # Two different codes under one version would make "which version
+                    # sent this" unanswerable (deliveries record the version).
+                    raise HandlerError(f"the file changed but VERSION is still {old.version!r}: "
+                                       "give the new code a new VERSION")
                 problem = dry_run(new, old)
                 if problem:
                     raise HandlerError(problem)

@@ -255,7 +255,8 @@ def pause(tx: Tx, destination: str, reason: str, *, status: str = "operator",
           actor: str = "engine") -> None:
     now = time.time()
     tx.ensure_destination(destination, now)
-    tx.pause_destination(destination, reason, now)
+    tx.pause_destination(destination, reason, now,
+                         status if actor == "engine" and status != "operator" else None)
     tx.audit("destination_paused", ts=now, destination=destination, status=status,
              detail=f"by {actor}: {reason}", actor=actor)
 

@@ -407,6 +407,14 @@ class Reads:
             "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, status, COUNT(*) AS n, "
             "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4, 5", (after_id,)))
 
+    def latest_failure(self, destination: str, after_id: int) -> dict[str, Any] | None:
+        """The newest failed delivery outcome of a destination after an audit id."""
+        row = self.conn.execute(
+            "SELECT status, detail FROM audit WHERE id > ? AND destination = ? AND event IN "
+            "('dead_lettered', 'retry_scheduled') ORDER BY id DESC LIMIT 1",
+            (after_id, destination)).fetchone()
+        return dict(row) if row is not None else None
+
     def audit_totals(self, up_to_id: int) -> list[dict[str, Any]]:
         """Audit rows up to an id counted by event, listener and destination: the
         lifetime counters before the session's tail takes over."""
@@ -418,7 +426,7 @@ class Reads:
         """The latest delivery outcomes (newest first) among the ``scan`` audit rows up
         to an id: what a destination's health starts from."""
         return _dicts(self.conn.execute(
-            "SELECT destination, event, status, CAST(ts AS INTEGER) AS sec FROM audit "
+            "SELECT destination, event, status, detail, CAST(ts AS INTEGER) AS sec FROM audit "
             "WHERE id > ? AND id <= ? AND event IN ('delivered', 'delivered_with_warning', 'filtered', "
             "'dead_lettered', 'retry_scheduled') ORDER BY id DESC LIMIT ?",
             (up_to_id - scan, up_to_id, limit)))

@@ -188,9 +188,11 @@ class Tx(Reads):
                           "last_status = ?, last_reason = ?, updated_at = ? WHERE name = ?",
                           (failures, int(down), next_attempt_at, status, reason, now, name))
 
-    def pause_destination(self, name: str, reason: str, now: float) -> None:
-        self.conn.execute("UPDATE destination_state SET paused = 1, pause_reason = ?, updated_at = ? "
-                          "WHERE name = ?", (reason, now, name))
+    def pause_destination(self, name: str, reason: str, now: float, status: str | None = None) -> None:
+        """Paused, and why; ``status`` the answer that made the engine pause it (None for
+        an operator's pause: an earlier delivery's status would read as its cause)."""
+        self.conn.execute("UPDATE destination_state SET paused = 1, pause_reason = ?, last_status = ?, "
+                          "updated_at = ? WHERE name = ?", (reason, status, now, name))
 
     def resume_destination(self, name: str, now: float) -> None:
         self.conn.execute("UPDATE destination_state SET paused = 0, pause_reason = NULL, down = 0, "

@@ -1,0 +1,42 @@
+"""The console's words for what the engine reports: echo results carry when they were
+taken and say their age once old; log lines fit a narrow terminal; counts fit a narrow
+column; a failing destination says so, with its last failure in full."""
+
+from __future__ import annotations
+
+from mfconsole.console import format as fmt
+
+NOW = 1_790_000_000.0
+
+
+def test_an_echo_result_says_when_and_greys_when_old():
+    fresh = fmt.echo_result({"ok": True, "rtt_ms": 3.2, "at": NOW - 10}, now=NOW)
+    assert fresh.plain.startswith("✓ OK 3 ms at ") and "dim" not in str(fresh.style)
+    old = fmt.echo_result({"ok": True, "rtt_ms": 3.2, "at": NOW - 3600}, now=NOW)
+    assert old.plain == "✓ OK 3 ms 1h00m ago" and "dim" in str(old.style)
+    failed = fmt.echo_result({"ok": False, "detail": "refused", "at": NOW - 5}, now=NOW)
+    assert failed.plain.startswith("✗ refused at ")
+
+
+def test_log_lines_keep_the_message_on_a_narrow_terminal():
+    line = "2026-09-21 14:02:02,000 WARNING mfconsole.listener: listener modalities: rejected"
+    assert fmt.short_log_line(line) == "14:02:02 W listener: listener modalities: rejected"
+    assert fmt.short_log_line("a continuation line") == "a continuation line"
+
+
+def test_compact_counts():
+    assert [fmt.compact(n) for n in (0, 9_999, 17_900, 812_345, 3_400_000)] == \
+        ["0", "9 999", "17.9k", "812k", "3.4M"]
+    assert fmt.now_and_lifetime(1180, 17900, narrow=True) == "1 180/17.9k"
+
+
+def test_a_destination_failing_behind_a_working_transport_is_named_with_its_last_failure():
+    item = {"name": "pacs", "state": "up", "health": {
+        "outcomes": 50, "failed_share": 1.0, "failing": True, "status": "0x0122",
+        "last_failure": "attempt 1: permanent/message: 0x0122 SOP class not supported"}}
+    assert fmt.destination_state(item).plain == "⚠ failing 100 % (0x0122)"
+    assert fmt.destination_state(item, wide=False).plain == "⚠ failing 100 %"
+    text = fmt.problem(item, NOW).plain
+    assert "100 % of the last 50 outcomes failed, mostly 0x0122" in text and "SOP class not supported" in text
+    healthy = {"name": "pacs", "state": "up", "health": {"failing": False, "failed_share": 0.1}}
+    assert fmt.problem(healthy, NOW) is None and fmt.destination_state(healthy).plain == "✓ up"
