@@ -120,8 +120,10 @@ class Client:
     def reload_handler(self, name: str) -> dict[str, Any]:
         return self.call("reload_handler", name=name)
 
-    def preview_handler(self, name: str, delivery_id: int | None = None) -> dict[str, Any]:
-        return self.call("preview_handler", name=name, delivery_id=delivery_id)
+    def preview_handler(self, name: str, delivery_id: int | None = None, object_id: int | None = None,
+                        reveal: bool = False) -> dict[str, Any]:
+        return self.call("preview_handler", name=name, delivery_id=delivery_id, object_id=object_id,
+                         reveal=reveal)
 
     def config_fields(self) -> list[dict[str, Any]]:
         return self.call("config_fields")

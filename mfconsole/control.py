@@ -456,10 +456,13 @@ class ControlService:
                      detail=f"by {actor}: " + ("; ".join(report) or "no change"), actor=actor)
         return {"report": report, "refused": False, "errors": refused}
 
-    def op_preview_handler(self, actor: str, name: str, delivery_id: int | None = None) -> dict[str, Any]:
-        """What the running version of a handler emits for a stored object (the most
-        recent one routed through it, or a given delivery). Sends nothing. The output
-        may quote patient data, so it is an audited reveal."""
+    def op_preview_handler(self, actor: str, name: str, delivery_id: int | None = None,
+                           object_id: int | None = None, reveal: bool = False) -> dict[str, Any]:
+        """What the running version of a handler would do to a stored object (a given
+        delivery, the latest delivery of a given object through it, or the most recent
+        object routed through it). Sends nothing. Without ``reveal``: the structure only
+        (attributes changed, HL7 segments), no value. With it: the output itself, which
+        may quote patient data: an audited reveal."""
         from mfconsole import ops
         from mfconsole.contract import Outbound
         from mfconsole.engine.handlers import HandlerError
@@ -472,19 +475,28 @@ class ControlService:
             if delivery_id is not None:
                 row = reads.delivery(int(delivery_id))
                 row = row if row is not None and row["purged_at"] is None else None
+            elif object_id is not None:
+                row = next((d for d in reversed(reads.rows("deliveries", object_id=int(object_id)))
+                            if d["handler"] == name), None)
+                row = reads.delivery(row["id"]) if row is not None else None
+                row = row if row is not None and row["purged_at"] is None else None
             else:
                 row = next(iter(reads.recent_for_handler(name, 1)), None)
         if row is None:
-            raise ControlError(f"no stored object for handler {name}"
-                               + (f" with delivery {delivery_id}" if delivery_id is not None else ""))
+            which = (f" with delivery {delivery_id}" if delivery_id is not None else
+                     f" routed with object {object_id}" if object_id is not None else "")
+            raise ControlError(f"no stored object for handler {name}{which}")
         self._dataset(row)       # readable at all? (a clear error instead of a handler one)
         obj = Outbound(row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],
                        self.engine.store.read_object(row["object_id"]), row["study_uid"] or "")
+        if not reveal:
+            return {"delivery_id": row["id"], "object_id": row["object_id"],
+                    **ops.preview_structure(self.config, handler, obj, row["destination"])}
         text = ops.preview_handler(self.config, handler, obj, row["destination"])
         self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
                           delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
                           detail=f"handler {handler.label} preview shown to {actor}", actor=actor)
-        return {"delivery_id": row["id"], "text": text}
+        return {"delivery_id": row["id"], "object_id": row["object_id"], "text": text}
 
     # -- logs ----------------------------------------------------------------------------
 

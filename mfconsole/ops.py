@@ -391,12 +391,11 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
     return preview_handler(config, handler, obj, destination)
 
 
-def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
-    """What a loaded handler version emits for one object, as text. Sends nothing."""
+def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None) -> tuple[str, Any, Any]:
+    """(label, what the handler made or None when it filtered, the destination)."""
     from mfconsole.contract import Outcome
     from mfconsole.engine.handlers import Handlers
     from mfconsole.engine.transform import Transformer
-    from mfconsole.kinds import kind_of
 
     name = handler.name
     if destination is None:
@@ -407,14 +406,83 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
         raise OpsError(f"name a destination with --destination (no route uses {name})"
                        if destination is None else f"no destination named {destination!r}")
     out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj)
-    label = f"# {handler.label} for {dest.name} ({dest.kind})\n"
+    label = f"{handler.label} for {dest.name} ({dest.kind})"
     if isinstance(out, Outcome):
         if out.status == "filtered":
-            return label + "filtered: the handler returned None (nothing would be sent)\n"
+            return label, None, dest
         raise OpsError(out.reason)
+    return label, out, dest
+
+
+def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
+    """What a loaded handler version emits for one object, as text, values included
+    (the caller decides whether that is a reveal). Sends nothing."""
+    from mfconsole.kinds import kind_of
+
+    label, out, dest = _run_handler(config, handler, obj, destination)
+    if out is None:
+        return f"# {label}\nfiltered: the handler returned None (nothing would be sent)\n"
     if kind_of(dest).produces == "hl7":
-        return label + out.data.decode("utf-8").replace("\r", "\n")
-    return label + f"a DICOM data set of {len(out.data)} bytes would be sent\n"
+        return f"# {label}\n" + out.data.decode("utf-8").replace("\r", "\n")
+    changes = dicom_changes(obj, out)
+    lines = [f"# {label}", f"a DICOM data set of {len(out.data)} bytes would be sent; "
+             f"{len(changes)} attribute(s) changed"]
+    for c in changes:
+        lines.append(f"  {c['change']:<8} {c['tag']} {c['keyword']}: {c.get('before', '')!s} → {c.get('after', '')!s}"
+                     if c["change"] == "changed" else
+                     f"  {c['change']:<8} {c['tag']} {c['keyword']}: {c.get('after', c.get('before', ''))!s}")
+    return "\n".join(lines) + "\n"
+
+
+def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None) -> dict[str, Any]:
+    """What a handler version would do to one object, without any value: for a DICOM
+    output the attributes it adds, removes or changes (tag and name); for HL7 the
+    segments and how many fields each carries. Routing-safe: no reveal needed."""
+    from mfconsole.kinds import kind_of
+
+    label, out, dest = _run_handler(config, handler, obj, destination)
+    if out is None:
+        return {"label": label, "kind": "filtered"}
+    if kind_of(dest).produces == "hl7":
+        segments = [seg for seg in out.data.decode("utf-8", "replace").split("\r") if seg]
+        return {"label": label, "kind": "hl7", "bytes": len(out.data),
+                "segments": [{"segment": seg[:3], "fields": seg.count("|")} for seg in segments]}
+    changes = [{k: v for k, v in c.items() if k not in ("before", "after")} for c in dicom_changes(obj, out)]
+    return {"label": label, "kind": "dicom", "bytes": len(out.data), "changes": changes}
+
+
+def dicom_changes(before: Any, after: Any) -> list[dict[str, Any]]:
+    """The top-level attributes that differ between two encoded data sets (objects with
+    ``data`` and ``transfer_syntax``): tag, keyword, added / removed / changed, and the
+    values as text (``before``/``after``: patient data — callers decide who sees them)."""
+    from pydicom.datadict import keyword_for_tag
+
+    from mfconsole.handlers.api import DicomObject
+
+    a = DicomObject.from_bytes(before.data, before.transfer_syntax).dataset
+    b = DicomObject.from_bytes(after.data, after.transfer_syntax).dataset
+    out = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):
+        old, new = a.get(tag), b.get(tag)
+        if old is not None and new is not None and old.VR == new.VR and old.value == new.value:
+            continue
+        change = "added" if old is None else "removed" if new is None else "changed"
+        row: dict[str, Any] = {"tag": f"({tag.group:04X},{tag.element:04X})", "change": change,
+                               "keyword": keyword_for_tag(tag) or ("private" if tag.is_private else "unknown")}
+        if old is not None:
+            row["before"] = _shown(old)
+        if new is not None:
+            row["after"] = _shown(new)
+        out.append(row)
+    return out
+
+
+def _shown(element: Any) -> str:
+    if element.VR == "SQ":
+        return f"({len(element.value)} item(s))"
+    if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        return f"({len(element.value or b'')} bytes)"
+    return str(element.value)[:200]
 
 
 # -- store keys ------------------------------------------------------------------

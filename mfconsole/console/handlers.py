@@ -1,6 +1,7 @@
 """7 Handlers: the running version of each, the file on disk, the last reload result;
-reload one or all; preview a handler on a stored object (an audited reveal: its
-output may carry patient data)."""
+reload one or all; preview a handler on a stored object: what it changes first (tags,
+HL7 segments: no value), the values on request (an audited reveal: they may be
+patient data)."""
 
 from __future__ import annotations
 
@@ -75,22 +76,64 @@ class HandlersScreen(ConsoleScreen):
         if not name:
             return
 
-        def run(delivery: str | None) -> None:
-            if delivery is None:
+        def run(which: str | None) -> None:
+            if which is None:
                 return
-            delivery_id = int(delivery) if delivery.strip().isdigit() else None
-            self.app.confirm(
-                f"Preview {name} on {'delivery ' + str(delivery_id) if delivery_id else 'its most recent object'}? "
-                "The output may show patient data; the preview is recorded in the audit log.",
-                lambda: self.app.perform(f"preview {name}", self.client.preview_handler, name,
-                                         delivery_id, done=self._previewed, refresh=False),
-                yes="Preview")
-        self.app.push_screen(PromptScreen(f"Preview {name} on which delivery id?", "",
-                                          "empty: the most recent object routed through it"), run)
+            which = which.strip().lower()
+            object_id = int(which[1:]) if which[:1] == "o" and which[1:].isdigit() else None
+            delivery_id = int(which) if which.isdigit() else None
+            preview(self.app, name, delivery_id=delivery_id, object_id=object_id)
+        self.app.push_screen(PromptScreen(f"Preview {name} on which object?", "",
+                                          "empty: the most recent one routed through it · a delivery "
+                                          "id · o and an object id (o1234)"), run)
 
-    def _previewed(self, result: dict[str, Any]) -> None:
-        self.app.push_screen(TextScreen(f"Preview (delivery {result['delivery_id']}) — nothing was sent",
-                                        Text(result["text"])))
+
+def preview(app: Any, name: str, *, delivery_id: int | None = None, object_id: int | None = None) -> None:
+    """What handler ``name`` would do to a stored object: the structure first (which
+    attributes it changes, which HL7 segments it makes: no value), the values only on
+    ``v``, after a confirmation, audited. Also used from the object browser."""
+    def shown(result: dict[str, Any]) -> None:
+        app.push_screen(PreviewScreen(app, name, result))
+    app.perform(f"preview {name}", app.client.preview_handler, name, delivery_id, object_id, False,
+                done=shown, refresh=False)
+
+
+class PreviewScreen(TextScreen):
+    BINDINGS = [Binding("v", "reveal", "Show values (audited)", id="preview.reveal")]
+
+    def __init__(self, app: Any, name: str, result: dict[str, Any]):
+        super().__init__(f"Preview {result.get('label', name)} · object {result['object_id']}, "
+                         f"delivery {result['delivery_id']} — nothing was sent", structure(result))
+        self.owner, self.handler, self.result = app, name, result
+
+    def action_reveal(self) -> None:
+        delivery = self.result["delivery_id"]
+        self.owner.confirm(
+            f"Show the values {self.handler} would send for delivery {delivery}? They may be patient "
+            "data; the preview is recorded in the audit log.",
+            lambda: self.owner.perform(f"preview {self.handler}", self.owner.client.preview_handler,
+                                       self.handler, delivery, None, True,
+                                       done=lambda r: self.set_body(Text(r["text"])), refresh=False),
+            yes="Show values")
+
+
+def structure(result: dict[str, Any]) -> Text:
+    text = Text()
+    kind = result.get("kind")
+    if kind == "filtered":
+        text.append("filtered: the handler returns None for this object (nothing would be sent)\n")
+    elif kind == "hl7":
+        text.append(f"an HL7 message of {result.get('bytes', 0)} bytes:\n")
+        for seg in result.get("segments") or []:
+            text.append(f"  {seg['segment']}  {seg['fields']} field(s)\n")
+    else:
+        changes = result.get("changes") or []
+        text.append(f"a DICOM data set of {result.get('bytes', 0)} bytes; "
+                    f"{len(changes)} attribute(s) changed by the handler:\n")
+        for c in changes:
+            text.append(f"  {c['change']:<8} {c['tag']} {c['keyword']}\n")
+    text.append("\nvalues hidden — v shows them (audited)", style="italic")
+    return text
 
 
 def handler_row(h: dict[str, Any]) -> tuple[Any, ...]:
