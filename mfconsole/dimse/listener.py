@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification

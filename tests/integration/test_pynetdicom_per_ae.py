@@ -10,6 +10,7 @@ without them, given the very same input.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import socket
 import sys
@@ -25,7 +26,6 @@ from pynetdicom.sop_class import Verification
 import dicomgen
 from mfconsole.config import ListenerConfig
 from mfconsole.dimse import pynetdicom_adapt as adapt
-from mfconsole.dimse import sender as _sender  # noqa: F401  (imported: nothing may change)
 from mfconsole.dimse import sockets
 from mfconsole.dimse.listener import AssociationBoard, Listener
 
@@ -117,6 +117,9 @@ def bind_certificate_to(aets: set[str]):
 def test_pynetdicom_is_as_shipped_with_mfconsole_loaded_and_listening(listener):
     import pynetdicom
     from pynetdicom import acse, presentation, transport
+
+    for name in ("mfconsole.dimse.sender", "mfconsole.engine.engine", "mfconsole.cli"):
+        importlib.import_module(name)   # all of mfconsole that could touch pynetdicom
 
     # What the adaptations used to replace, by name.
     assert acse.ACSE._negotiate_as_acceptor.__module__ == "pynetdicom.acse"
