@@ -59,4 +59,6 @@ def pdata(context_id: int, command: bytes, data: bytes, max_pdu: int) -> Iterato
 
 
 def send(assoc: Any, context_id: int, command: bytes, data: bytes) -> None:
-    adapt.send_pdata(assoc, pdata(context_id, command, data, adapt.max_pdu(assoc)))
+    # The peer's maximum PDU length, as it told us in the association negotiation.
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    adapt.send_pdata(assoc, pdata(context_id, command, data, int(peer.maximum_length or 0)))

@@ -450,9 +450,11 @@ def resume_reactor(assoc: Any) -> None:
 
 
 def peer_ended(assoc: Any) -> bool:
-    """The peer released or aborted (or the connection dropped). With the reactor
-    paused, only the ACSE's look at the DUL's queue tells (no event fires); a release
-    request is taken off the queue."""
+    """The peer released or aborted (or the connection dropped).
+
+    The public ``Association.is_released``/``is_aborted`` are set by the reactor, which
+    we keep paused, and no event fires; the association's ACSE looks at its DUL's
+    queue itself. A release request found there is taken off the queue."""
     return bool(assoc.acse.is_aborted() or assoc.acse.is_release_requested())
 
 
@@ -462,14 +464,9 @@ def usable(assoc: Any) -> bool:
 
 
 def idle_timer_expired(assoc: Any) -> bool:
-    """Nothing from the peer for network_timeout (the DUL's idle timer; the paused
-    reactor would otherwise have aborted on it)."""
+    """Nothing from the peer for network_timeout. The running reactor aborts on the
+    DUL's idle timer; paused, it cannot, and the timer has no public view."""
     return bool(assoc.dul.idle_timer_expired())
-
-
-def max_pdu(assoc: Any) -> int:
-    """The largest PDU the peer takes (0: unlimited), as the DIMSE provider knows it."""
-    return int(assoc.dimse.maximum_pdu_size)
 
 
 def send_pdata(assoc: Any, primitives: Iterable[P_DATA]) -> None:
@@ -482,14 +479,16 @@ def send_pdata(assoc: Any, primitives: Iterable[P_DATA]) -> None:
 def next_response(assoc: Any) -> Any:
     """The next DIMSE message from the peer (None at dimse_timeout or when the
     association ends), read from the DIMSE provider's queue: with the reactor
-    paused nothing else reads it."""
+    paused nothing else reads it. pynetdicom's public send_c_store reads its
+    response the same way, but only after encoding the data set itself."""
     _, rsp = assoc.dimse.get_msg(block=True)
     return rsp
 
 
 def why_no_response(assoc: Any) -> tuple[bool, bool]:
     """(the peer sent A-ABORT, the connection is closed or dropped), after
-    ``next_response`` gave None."""
+    ``next_response`` gave None. The public flags would be set by the (paused)
+    reactor; the ACSE, the DUL thread and its state machine know now."""
     aborted = assoc.acse.is_aborted("a-abort")
     closed = (assoc.acse.is_aborted("a-p-abort") or not assoc.dul.is_alive()
               or assoc.dul.state_machine.current_state == "Sta1")
