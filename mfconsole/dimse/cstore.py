@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 from pynetdicom.pdu_primitives import P_DATA
 
+from mfconsole.dimse import pynetdicom_adapt as adapt
+
 C_STORE_RQ = 0x0001
 DATA_SET_PRESENT = 0x0001      # CommandDataSetType as pynetdicom sends it (anything but 0x0101)
 
@@ -57,5 +59,6 @@ def pdata(context_id: int, command: bytes, data: bytes, max_pdu: int) -> Iterato
 
 
 def send(assoc: Any, context_id: int, command: bytes, data: bytes) -> None:
-    for primitive in pdata(context_id, command, data, assoc.dimse.maximum_pdu_size):
-        assoc.dul.send_pdu(primitive)
+    # The peer's maximum PDU length, as it told us in the association negotiation.
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    adapt.send_pdata(assoc, pdata(context_id, command, data, int(peer.maximum_length or 0)))

@@ -14,16 +14,14 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-from pydicom.uid import UID
-from pynetdicom import AE, AllStoragePresentationContexts, _config, acse, evt
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from mfconsole import tls
 from mfconsole.config import ListenerConfig, is_loopback
+from mfconsole.dimse import pynetdicom_adapt as adapt
 from mfconsole.dimse import sockets
 from mfconsole.dimse.dataset_scan import DatasetRejected, HeaderSummary, scan_dataset
 
@@ -73,193 +71,14 @@ class IngestSink(Protocol):
 
 
 # ---------------------------------------------------------------------------
-# Unrestricted storage, our way. Modalities send private SOP classes (vendor raw
-# data, private SRs); they must be stored, not refused. pynetdicom's own unrestricted
-# mode accepts *any* proposed transfer syntax (Deflate included), so instead we add a
-# context with our transfer syntaxes for each private/unknown abstract syntax proposed
-# and negotiate normally.
-
-def _storage_like(uid: UID) -> bool:
-    from pynetdicom import sop_class
-
-    return uid.is_private or not hasattr(sop_class, uid.keyword or "_none_")
-
-
-def _negotiate_unrestricted(rq_contexts: list[PresentationContext],
-                            ac_contexts: list[PresentationContext], roles: Any = None) -> Any:
-    known = {cx.abstract_syntax for cx in ac_contexts}
-    storage_ts = next((cx.transfer_syntax for cx in ac_contexts
-                       if cx.abstract_syntax != Verification), [IMPLICIT_LE])
-    extra = []
-    for rq in rq_contexts:
-        uid = UID(rq.abstract_syntax)
-        if uid not in known and _storage_like(uid):
-            cx = PresentationContext()
-            cx.abstract_syntax = uid
-            cx.transfer_syntax = list(storage_ts)
-            extra.append(cx)
-            known.add(uid)
-    return negotiate_as_acceptor(rq_contexts, list(ac_contexts) + extra, roles)
-
-
-_config.UNRESTRICTED_STORAGE_SERVICE = True
-acse.negotiate_unrestricted = _negotiate_unrestricted  # type: ignore[assignment]
-
-
-# Calling AE titles bound to a client certificate (tls.client_cert_aets): the listener
-# puts the titles the peer's certificate may use on the association (``cert_aets``);
-# any other calling AE title is refused the way pynetdicom refuses one that is not in
-# calling_aets, with A-ASSOCIATE-RJ 1/1/3, before anything else is negotiated.
-_negotiate_as_acceptor = acse.ACSE._negotiate_as_acceptor
-
-
-def _negotiate_cert_bound(self: acse.ACSE) -> None:
-    allowed = getattr(self.assoc, "cert_aets", None)
-    rq = self.requestor.primitive
-    if allowed is not None and rq is not None and str(rq.calling_ae_title).strip() not in allowed:
-        self.requestor.ae_title = rq.calling_ae_title
-        self.send_reject(0x01, 0x01, 0x03)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-        self.assoc.kill()
-        return
-    _negotiate_as_acceptor(self)
-
-
-acse.ACSE._negotiate_as_acceptor = _negotiate_cert_bound  # type: ignore[method-assign]
-
-
-# ---------------------------------------------------------------------------
-# Sockets: see sockets.py.
+# What the listener needs of pynetdicom beyond its public API (private SOP classes
+# stored, calling AE titles bound to client certificates, bounded reads, our socket
+# options, max_associations that ignores silent connections) is in
+# pynetdicom_adapt.py, installed on this listener's AE and associations only.
 
 
 def _server_context(cfg: Any) -> ssl.SSLContext:
     return sockets.dicom_context(tls.server_context(cfg))
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server with our socket options and a read deadline per socket."""
-
-    daemon_threads = True
-    network_timeout: float = 60.0
-    # socketserver's default listen backlog is 5: a burst of connections (modalities
-    # reconnecting after an outage, parallel senders, a few silent peers) overflows it
-    # and the kernel makes the rest retry their handshake a second or more later.
-    request_queue_size = socket.SOMAXCONN
-
-    # With TLS, the listener's handshake: it runs on the connection's own thread, never
-    # in get_request (the accept loop), and returns the TLS socket or None (refused).
-    handshake: Callable[[socket.socket, Any], ssl.SSLSocket | None] | None = None
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        raw, address = self.socket.accept()  # type: ignore[union-attr]
-        sock = sockets.adopt(raw)
-        # A peer that stops mid-PDU must not hold its thread forever.
-        sock.settimeout(self.network_timeout)
-        return sock, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.handshake is not None:
-            request = self.handshake(request, client_address)
-            if request is None:
-                return
-            request.settimeout(self.network_timeout)
-        super().process_request_thread(request, client_address)
-
-
-class _SharedContexts(list):
-    """The listener's supported presentation contexts, shared by every association.
-
-    pynetdicom deep-copies the server's contexts for each new association: with every
-    Storage SOP class times our transfer syntaxes that costs tens of milliseconds of
-    GIL per association, and modalities often open one association per object.
-    Negotiation only reads the acceptor's contexts (it builds new ones for the
-    result), so one read-only list serves all associations."""
-
-    def __deepcopy__(self, memo: dict) -> "_SharedContexts":
-        return self
-
-
-class _AE(AE):
-    """An AE whose ``max_associations`` counts only peers that asked for an association.
-
-    pynetdicom counts every accepted TCP connection, so a handful of silent or stalled
-    connections (each dropped only at its ARTIM/network deadline) would lock real
-    modalities out with "local limit exceeded". Connections that have not sent an
-    A-ASSOCIATE-RQ are bounded by those deadlines instead.
-    """
-
-    @property
-    def active_associations(self) -> list[Any]:
-        return [a for a in super().active_associations
-                if not a.is_acceptor or a.requestor.primitive is not None]
-
-
-# Largest non-P-DATA PDU we read (an A-ASSOCIATE-RQ with 128 contexts and user
-# identity is far below this). P-DATA-TF is bounded by the max PDU we advertise.
-_MAX_CONTROL_PDU = 1024 * 1024
-# Tolerance over the advertised max PDU for peers that count the PDU header in it.
-_PDU_SLACK = 1024
-_PDU_TYPES = frozenset(range(1, 8))
-
-
-def _bound_pdu_reads(asock: Any, max_pdata: int, deadline_s: float, on_refuse: Any) -> None:
-    """Replace ``asock.recv`` (pynetdicom's AssociationSocket) with a bounded reader.
-
-    pynetdicom reads a PDU as recv(6) for the header, then recv(length) for the body:
-    it would read (and hold) whatever length a peer declares, and each socket read
-    gets the full network timeout, so a peer dripping a byte at a time holds the
-    thread forever. Here a declared length over the limit closes the connection
-    before anything is read, and a whole PDU must arrive within ``deadline_s`` of
-    its first byte. An OSError is how pynetdicom's DUL learns the transport is gone.
-    """
-    state: dict[str, Any] = {"pdu_type": None, "deadline": 0.0}
-
-    def read(nr_bytes: int) -> bytearray:
-        # Into one buffer of the (already bounded) declared size: a P-DATA PDU of a
-        # large object arrives in a few big reads instead of many small copies.
-        raw = asock.socket
-        buf = bytearray(nr_bytes)
-        got = 0
-        shrunk = False
-        with memoryview(buf) as view:
-            try:
-                while got < nr_bytes:
-                    left = state["deadline"] - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError("PDU not received within the network timeout")
-                    if left < deadline_s:
-                        raw.settimeout(left)
-                        shrunk = True
-                    n = raw.recv_into(view[got:])
-                    if not n:
-                        break   # peer closed: pynetdicom sees the short read
-                    got += n
-            finally:
-                if shrunk:
-                    try:
-                        raw.settimeout(deadline_s)   # what get_request set: sends use it too
-                    except OSError:
-                        pass
-        if got < nr_bytes:
-            del buf[got:]
-        return buf
-
-    def recv(nr_bytes: int) -> bytearray:
-        pdu_type = state["pdu_type"]
-        if pdu_type is None:   # a PDU header
-            state["deadline"] = time.monotonic() + deadline_s
-            data = read(nr_bytes)
-            if len(data) == 6 and data[0] in _PDU_TYPES:
-                state["pdu_type"] = data[0]
-            return data
-        state["pdu_type"] = None   # the body of the PDU whose header we just read
-        limit = max_pdata + _PDU_SLACK if pdu_type == 0x04 else _MAX_CONTROL_PDU
-        if nr_bytes > limit:
-            on_refuse(pdu_type, nr_bytes, limit)
-            raise OSError(f"PDU length {nr_bytes} exceeds {limit}")
-        return read(nr_bytes)
-
-    asock.recv = recv
 
 
 # ---------------------------------------------------------------------------
@@ -334,7 +153,7 @@ class Listener:
         self.sink = sink
         self.board = board
         self.max_object_bytes = max_object_bytes
-        self.server: _Server | None = None
+        self.server: adapt.ListenerServer | None = None
         self._thread: threading.Thread | None = None
         self._received: dict[int, int] = {}   # bytes of the DIMSE message in progress
         self._received_lock = threading.Lock()
@@ -355,7 +174,7 @@ class Listener:
         self._tls = tls.Reloading(_server_context, cfg.tls) if cfg.tls else None
         if self._tls is not None:
             self._tls.get()
-        ae = _AE(ae_title=cfg.ae_title)
+        ae = adapt.ListenerAE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         ae.maximum_pdu_size = cfg.max_pdu_kb * 1024
         ae.acse_timeout = cfg.acse_timeout_s
@@ -378,12 +197,10 @@ class Listener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, server_class=_Server)
-        server.network_timeout = cfg.network_timeout_s
-        if self._tls is not None:
-            server.handshake = self._handshake
-        server.contexts = _SharedContexts(server.contexts)
-        ae._servers.append(server)   # shutdown() expects to find itself there
+        server = adapt.make_listener_server(
+            ae, (cfg.host, cfg.port), handlers, network_timeout_s=cfg.network_timeout_s,
+            max_pdata=cfg.max_pdu_kb * 1024, on_oversize=self._oversize_pdu,
+            handshake=self._handshake if self._tls is not None else None)
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"listener-{cfg.name}", daemon=True)
@@ -469,15 +286,10 @@ class Listener:
                         detail=f"TLS handshake failed: {why}")
 
     def _on_open(self, event: Any) -> None:
-        # ARTIM bounds the wait for A-ASSOCIATE-RQ: a silent client is dropped.
-        event.assoc.dul.artim_timer.timeout = self.cfg.acse_timeout_s
-        # Before the association's reactor starts: bound what and how slowly it reads.
-        peer = self._peer(event)
-        _bound_pdu_reads(event.assoc.dul.socket, self.cfg.max_pdu_kb * 1024,
-                         self.cfg.network_timeout_s,
-                         lambda pdu_type, length, limit: self._oversize_pdu(peer, pdu_type, length, limit))
-        info = self.board.open(id(event.assoc), self.cfg.name, peer)
-        conn = event.assoc.dul.socket.socket
+        # The server made the association ours already (pynetdicom_adapt.ListenerServer:
+        # a deadline for its A-ASSOCIATE-RQ, bounded reads, our negotiation).
+        info = self.board.open(id(event.assoc), self.cfg.name, self._peer(event))
+        conn = adapt.connection(event.assoc)
         if isinstance(conn, ssl.SSLSocket):
             info.tls = tls.describe(conn)
             if self.cfg.tls is not None and self.cfg.tls.client_cert_aets:
@@ -485,7 +297,9 @@ class Listener:
                 event.assoc.cert_aets = self.cfg.tls.aets_for(names)
                 event.assoc.cert_names = ", ".join(sorted(names)) or "no name"
 
-    def _oversize_pdu(self, peer: str, pdu_type: int, length: int, limit: int) -> None:
+    def _oversize_pdu(self, assoc: Any, pdu_type: int, length: int, limit: int) -> None:
+        addr = assoc.requestor.address_info
+        peer = f"{addr.address}:{addr.port}"
         log.warning("listener %s: closing connection from %s: PDU type 0x%02X declares %d "
                     "bytes (limit %d)", self.cfg.name, peer, pdu_type, length, limit)
         self.sink.audit("refused", listener=self.cfg.name, peer=peer, status="abort",
@@ -531,12 +345,7 @@ class Listener:
         self.board.close(id(event.assoc), "aborted")
 
     def _on_closed(self, event: Any) -> None:
-        assoc = event.assoc
-        if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
-            # pynetdicom's acceptor thread keeps waiting acse_timeout for an
-            # A-ASSOCIATE-RQ after the connection is gone (holding two threads, and
-            # making a stop wait); None is what it gets when that wait times out.
-            assoc.dul.to_user_queue.put(None)
+        adapt.release_waiting_acceptor(event.assoc)   # gone before its A-ASSOCIATE-RQ
         key = id(event.assoc)
         with self._received_lock:
             self._received.pop(key, None)

@@ -33,7 +33,8 @@ from pynetdicom.sop_class import Verification
 from mfconsole import contract, egress, tls
 from mfconsole.config import PRIORITIES, TLSConfig
 from mfconsole.contract import Outbound, Outcome
-from mfconsole.dimse import cstore, sockets  # (TCP_NODELAY/QUICKACK on our sockets)
+from mfconsole.dimse import cstore, sockets
+from mfconsole.dimse import pynetdicom_adapt as adapt
 from mfconsole.dimse.odd_length import even_length
 from mfconsole.dimse.status import association_rejected, context_refused, cstore_status
 
@@ -168,7 +169,9 @@ def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
         seen.connected = True
         # pynetdicom drops the socket timeout once connected; without it a peer that
         # stops in the middle of a PDU blocks the reader (and this worker) for good.
-        event.assoc.dul.socket.socket.settimeout(peer.network_timeout_s)
+        conn = adapt.connection(event.assoc)
+        if conn is not None:
+            conn.settimeout(peer.network_timeout_s)
 
     def on_accepted(event: Any) -> None:
         seen.accepted = True
@@ -205,31 +208,6 @@ def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
     return contract.transport_failure(f"{peer.address} aborted the association request")
 
 
-def _pause_reactor(assoc: Any) -> bool:
-    """Stop pynetdicom's reactor thread for as long as we use the association.
-
-    The reactor takes any DIMSE message it finds off the queue; pynetdicom pauses it
-    around each of its own send_c_*() calls, but between two back-to-back calls it
-    can wake up late and take the next response ("Received unexpected C-STORE
-    service message"; about 1 in 700 here), leaving us to wait out dimse_timeout_s.
-    Paused once, it cannot. Its other duties (answering a peer's release or abort)
-    are done by ``DimseSender.usable``/``close``. The confirm after a few
-    milliseconds catches a reactor that was just about to wake when we cleared."""
-    assoc._reactor_checkpoint.clear()
-    deadline = time.monotonic() + 5
-    confirmed = 0
-    while confirmed < 2:
-        if not assoc.is_established or time.monotonic() > deadline:
-            return False
-        if assoc._is_paused:
-            confirmed += 1
-            time.sleep(0.003)
-        else:
-            confirmed = 0
-            time.sleep(0.0001)
-    return True
-
-
 class DimseSender:
     """An association to one peer, opened on demand, reused, released when idle.
     Not thread-safe: one sender per delivery worker thread."""
@@ -250,9 +228,10 @@ class DimseSender:
 
     # -- association -------------------------------------------------------------
 
-    def _ae(self) -> AE:
+    def new_ae(self) -> AE:
+        """A fresh AE with this peer's calling AE title and timeouts."""
         p = self.peer
-        ae = AE(ae_title=p.calling_ae)
+        ae = adapt.SenderAE(ae_title=p.calling_ae)   # our socket options
         ae.connection_timeout = p.connect_timeout_s
         ae.acse_timeout = p.acse_timeout_s
         ae.dimse_timeout = p.dimse_timeout_s
@@ -278,9 +257,7 @@ class DimseSender:
 
     def usable(self) -> bool:
         """The association is up and the peer has not released or aborted it."""
-        assoc = self.assoc
-        return (assoc is not None and assoc.is_established and assoc.dul.is_alive()
-                and not assoc.acse.is_aborted() and not assoc.acse.is_release_requested())
+        return self.assoc is not None and adapt.usable(self.assoc)
 
     def open(self, pairs: Iterable[tuple[str, str]]) -> Outcome | None:
         """Make sure an association proposing ``pairs`` is up; an Outcome on failure."""
@@ -307,7 +284,7 @@ class DimseSender:
             return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration",
                            f"cannot read passcode_file: {exc.strerror}")
         try:
-            assoc, seen = _associate(self._ae(), p, dial, ext_neg, ctx, contexts=self._contexts())
+            assoc, seen = _associate(self.new_ae(), p, dial, ext_neg, ctx, contexts=self._contexts())
         except OSError as exc:
             return contract.transport_failure(f"cannot connect to {p.address}: "
                                               f"{exc.strerror or exc.__class__.__name__}")
@@ -315,7 +292,7 @@ class DimseSender:
             return _association_failure(assoc, p, seen)
         self.assoc = assoc
         self._stored = 0
-        if not _pause_reactor(assoc):
+        if not adapt.pause_reactor(assoc):
             self.close()
             return contract.transport_failure(f"{p.address} dropped the association at once")
         self.last_used = time.monotonic()
@@ -325,8 +302,8 @@ class DimseSender:
         assoc, self.assoc = self.assoc, None
         if assoc is None:
             return
-        assoc._reactor_checkpoint.set()   # the reactor answers a peer's release or abort
-        if assoc.is_established and not (assoc.acse.is_release_requested() or assoc.acse.is_aborted()):
+        adapt.resume_reactor(assoc)   # the reactor answers a peer's release or abort
+        if assoc.is_established and not adapt.peer_ended(assoc):
             try:
                 assoc.release()
             except Exception:   # the peer may already be gone
@@ -342,13 +319,13 @@ class DimseSender:
         """Abort at once (no release handshake with a peer that stopped answering)."""
         assoc, self.assoc = self.assoc, None
         if assoc is not None:
-            assoc._reactor_checkpoint.set()
+            adapt.resume_reactor(assoc)
             assoc.abort()
 
     def close_if_idle(self, idle_s: float) -> None:
         if self.assoc is None:
             return
-        if self.assoc.dul.idle_timer_expired():
+        if adapt.idle_timer_expired(self.assoc):
             # Nothing from the peer for network_timeout_s (the reactor, paused, would
             # have aborted too).
             self.drop()
@@ -425,11 +402,11 @@ class DimseSender:
         self._msg_id = self._msg_id % 65535 + 1
         command = cstore.command_set(self._msg_id, PRIORITIES.get(self.peer.priority, 0),
                                      obj.sop_class_uid, obj.sop_instance_uid)
-        # The reactor is paused (``_pause_reactor``): the response can only reach us.
+        # The reactor is paused (``adapt.pause_reactor``): the response can only reach us.
         others = self._stored > 0
         try:
             cstore.send(assoc, context.context_id, command, data)
-            _, rsp = assoc.dimse.get_msg(block=True)
+            rsp = adapt.next_response(assoc)
         except OSError as exc:
             self.drop()
             return contract.no_response(f"connection to {self.peer.address} lost during the "
@@ -437,9 +414,7 @@ class DimseSender:
         if rsp is None:
             # DIMSE timeout, the peer aborted, or the connection went silent mid-PDU:
             # the outcome is unknown, and a re-store is idempotent.
-            aborted = assoc.acse.is_aborted("a-abort")
-            closed = (assoc.acse.is_aborted("a-p-abort") or not assoc.dul.is_alive()
-                      or assoc.dul.state_machine.current_state == "Sta1")
+            aborted, closed = adapt.why_no_response(assoc)
             self.drop()
             return contract.no_response(
                 "peer aborted the association during the C-STORE" if aborted else
@@ -481,7 +456,7 @@ def echo(peer: Peer, egress_dial: egress.TcpCheck | None = None) -> EchoResult:
     if isinstance(dial, Outcome):
         return EchoResult(False, 0.0, dial.reason)
     sender = DimseSender(peer, egress_dial or egress.unchecked)
-    ae = sender._ae()
+    ae = sender.new_ae()
     ae.add_requested_context(Verification)
     t0 = time.perf_counter()
     try:
@@ -517,7 +492,7 @@ def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
     if isinstance(dial, Outcome):
         return dial, []
     pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
-    ae = DimseSender(peer, egress_dial or egress.unchecked)._ae()
+    ae = DimseSender(peer, egress_dial or egress.unchecked).new_ae()
     contexts = [build_context(c, [t]) for c, t in pairs]
     try:
         ctx = tls_context(peer)

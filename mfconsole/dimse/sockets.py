@@ -5,6 +5,9 @@ leave Nagle on (DCMTK since 3.6.2 unless TCP_NODELAY=1 is in its environment), a
 without an immediate ACK from us each of their small PDUs waits for the delayed-ACK
 timer (~40 ms): ~11 objects/s instead of hundreds, in both directions. The same holds
 over TLS (QuickAckSSLSocket, the class of every DICOM TLS context's sockets).
+
+The listener's server and the sender's AE (pynetdicom_adapt.py) put these on their
+own sockets; other pynetdicom AEs in the process keep pynetdicom's plain sockets.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from __future__ import annotations
 import socket
 import ssl
 from typing import Any
-
-from pynetdicom import transport
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
@@ -65,24 +66,8 @@ def dicom_context(ctx: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def adopt(raw: socket.socket) -> QuickAckSocket:
-    """An accepted socket as a QuickAckSocket with TCP_NODELAY."""
+    """``raw`` (accepted, or bound and not yet connected) as a QuickAckSocket with
+    TCP_NODELAY; ``raw`` is detached and must not be used again."""
     sock = QuickAckSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def _create_requestor_socket(self: Any, address: Any) -> socket.socket:
-    """pynetdicom's AssociationSocket._create_socket (SO_REUSEADDR, network timeout,
-    bind), with our socket class and options."""
-    family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
-    sock = QuickAckSocket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if self.assoc.network_timeout is not None:
-        sock.settimeout(self.assoc.network_timeout)
-    sock.bind(address.as_tuple)
-    self._is_connected = False
-    return sock
-
-
-transport.AssociationSocket._create_socket = _create_requestor_socket  # type: ignore[method-assign]

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from pynetdicom import _config as pynetdicom_config
+from mfconsole.dimse import pynetdicom_adapt
 
 # Rotation: 10 MiB × 10 (module attributes, read at setup, so a test can make it small).
 MAX_BYTES = 10 * 1024 * 1024
@@ -76,9 +76,7 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 def quiet_third_parties() -> None:
     """Turn off identifier logging and noisy third-party loggers."""
-    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
-    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    pynetdicom_adapt.quiet_logging()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.captureWarnings(True)
