@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 import pynetdicom
@@ -413,7 +414,20 @@ class SenderAE(AE):
         sock = sockets.adopt(raw)
         sock.settimeout(timeout)
         asock.socket = sock
+        # pynetdicom drops its socket when the connect fails: keep ours, so the sender
+        # can say why (connect_error).
+        _opened[assoc] = sock
         return asock
+
+
+_opened: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def connect_error(assoc: Any) -> OSError | None:
+    """Why the connect of a SenderAE association failed, if it did (plain TCP; over
+    TLS the context keeps it: sockets.QuickAckSSLSocket)."""
+    sock = _opened.get(assoc)
+    return getattr(sock, "connect_error", None)
 
 
 def pause_reactor(assoc: Any) -> bool:

@@ -12,6 +12,7 @@ Knows nothing of SQLite: it gets bytes and UIDs, and answers with an Outcome.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import socket
 import ssl
@@ -153,6 +154,7 @@ class _Attempt:
     answered: bool = False      # the peer sent at least one PDU
     accepted: bool = False      # ... and it was an A-ASSOCIATE-AC
     tls_error: OSError | None = None   # the TLS handshake failed (pynetdicom swallows it)
+    connect_error: OSError | None = None   # the TCP connect failed: how
 
 
 def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
@@ -163,6 +165,7 @@ def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
     if tls_ctx is not None:
         # The handshake runs within connect_timeout_s, as part of the connection.
         tls_ctx.handshake_error = None   # type: ignore[attr-defined]
+        tls_ctx.connect_error = None     # type: ignore[attr-defined]
         kwargs["tls_args"] = (tls_ctx, tls.server_hostname(peer.tls, peer.host))
 
     def on_open(event: Any) -> None:
@@ -184,7 +187,23 @@ def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
                                        (evt.EVT_PDU_RECV, on_pdu)],
                          **kwargs)
     seen.tls_error = getattr(tls_ctx, "handshake_error", None)
+    seen.connect_error = adapt.connect_error(assoc) or getattr(tls_ctx, "connect_error", None)
     return assoc, seen
+
+
+def connect_failure(exc: OSError | None, timeout_s: float) -> str:
+    """Why a TCP connect failed, in the words that send an administrator to the right
+    place: nothing listening (or a firewall that rejects), a host or network that cannot
+    be reached, or silence (a host that is down or a firewall that drops)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port, or a firewall rejects it)"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"no answer within connect_timeout_s={timeout_s:g} (host down, or a firewall drops)"
+    if exc is not None and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL):
+        return f"unreachable ({errno.errorcode.get(exc.errno, exc.errno)}: no route to that address)"
+    if exc is not None and exc.errno:
+        return f"connect failed ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return f"refused, unreachable or no answer within connect_timeout_s={timeout_s:g}"
 
 
 def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
@@ -195,9 +214,8 @@ def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
     if seen.tls_error is not None:   # an untrusted certificate pauses; the rest is retried
         return contract.tls_failure(seen.tls_error, peer.address)
     if not seen.connected:
-        return contract.transport_failure(
-            f"cannot connect to {peer.address}: refused, unreachable or no answer within "
-            f"connect_timeout_s={peer.connect_timeout_s:g}")
+        return contract.transport_failure(f"cannot connect to {peer.address}: "
+                                          + connect_failure(seen.connect_error, peer.connect_timeout_s))
     if seen.accepted:
         return context_refused(f"{peer.address} accepted none of the presentation "
                                "contexts we proposed")

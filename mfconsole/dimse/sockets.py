@@ -20,6 +20,17 @@ _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class QuickAckSocket(socket.socket):
+    # Why a connect failed (refused, unreachable, timed out): pynetdicom logs it and
+    # reports only "aborted"; the sender reads it here to say which.
+    connect_error: OSError | None = None
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except OSError as exc:
+            self.connect_error = exc
+            raise
+
     def _quickack(self) -> None:
         if _QUICKACK is not None:
             try:
@@ -47,6 +58,18 @@ class QuickAckSSLSocket(ssl.SSLSocket):
             super().do_handshake(block)
         except OSError as exc:
             self.context.handshake_error = exc   # type: ignore[attr-defined]
+            raise
+
+    def connect(self, address: Any) -> None:
+        """A failed TCP connect (before any handshake) is kept on the context as
+        ``connect_error``, like a failed handshake."""
+        try:
+            super().connect(address)
+        except ssl.SSLError:
+            raise
+        except OSError as exc:
+            if getattr(self.context, "handshake_error", None) is None:
+                self.context.connect_error = exc   # type: ignore[attr-defined]
             raise
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:  # type: ignore[override]

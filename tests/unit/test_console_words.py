@@ -40,3 +40,16 @@ def test_a_destination_failing_behind_a_working_transport_is_named_with_its_last
     assert "100 % of the last 50 outcomes failed, mostly 0x0122" in text and "SOP class not supported" in text
     healthy = {"name": "pacs", "state": "up", "health": {"failing": False, "failed_share": 0.1}}
     assert fmt.problem(healthy, NOW) is None and fmt.destination_state(healthy).plain == "✓ up"
+
+
+def test_a_failed_connect_says_which_way_it_failed():
+    import errno
+    import socket
+
+    from mfconsole.dimse.sender import connect_failure
+
+    assert connect_failure(ConnectionRefusedError(errno.ECONNREFUSED, "refused"), 10).startswith(
+        "connection refused")
+    assert connect_failure(socket.timeout("timed out"), 10).startswith("no answer within connect_timeout_s=10")
+    assert connect_failure(OSError(errno.EHOSTUNREACH, "no route"), 10).startswith("unreachable (EHOSTUNREACH")
+    assert "connect_timeout_s=10" in connect_failure(None, 10)
