@@ -99,22 +99,29 @@ class AssociationInfo:
     status: str = "negotiating"   # negotiating | active | released | aborted | rejected
     reason: str = ""
     tls: str = ""                 # protocol and suite, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    direction: str = "in"         # in: a peer sends to a listener; out: we send to a destination
+    key: str = ""                 # unique across engine runs: what stored objects record
 
 
 class AssociationBoard:
     """Live and recent associations, lock-protected, read by snapshots."""
 
-    def __init__(self, keep: int = 200):
+    def __init__(self, keep: int = 200, run: str = ""):
         self._lock = threading.Lock()
         self._live: dict[int, AssociationInfo] = {}
         self._recent: list[AssociationInfo] = []
+        # The ids restart at 1 with every engine run: the run makes each key unique.
+        self.run = run or time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self._keep = keep
         self._seq = 0
 
-    def open(self, key: int, listener: str, peer: str) -> AssociationInfo:
+    def open(self, key: int, listener: str, peer: str, *, direction: str = "in") -> AssociationInfo:
+        """``listener``: the listener it came in on, or (outbound) the destination."""
         with self._lock:
             self._seq += 1
-            info = AssociationInfo(id=f"{listener}-{self._seq}", listener=listener, peer=peer)
+            name = f"{listener}-{self._seq}"
+            info = AssociationInfo(id=name, listener=listener, peer=peer, direction=direction,
+                                   key=f"{name}@{self.run}")
             self._live[key] = info
             return info
 
@@ -396,7 +403,7 @@ class Listener:
         calling = info.calling_ae if info else ""
         peer = self._peer(event)
         try:
-            status, outcome = self._store(view, ts, request, calling, peer)
+            status, outcome = self._store(view, ts, request, calling, peer, info.key if info else "")
         finally:
             view.release()
         if info is not None:
@@ -409,7 +416,7 @@ class Listener:
         return status
 
     def _store(self, view: memoryview, ts: str, request: Any, calling: str,
-               peer: str) -> tuple[int, str]:
+               peer: str, association: str = "") -> tuple[int, str]:
         if len(view) > self.max_object_bytes:
             reason = "object exceeds store.max_object_mb"
             self._refused(STATUS_OUT_OF_RESOURCES, reason, calling, peer, None)
@@ -426,7 +433,7 @@ class Listener:
             self._refused(STATUS_MISMATCH, reason, calling, peer, summary.sop_instance_uid)
             return STATUS_MISMATCH, reason
         meta = {"transfer_syntax": ts, "listener": self.cfg.name, "calling_ae": calling,
-                "peer": peer}
+                "peer": peer, "association": association}
         try:
             outcome = self.sink.ingest(view, summary, meta)
         except Exception as exc:

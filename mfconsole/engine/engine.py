@@ -26,6 +26,7 @@ from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
 from mfconsole.engine.transform import Transformer
 from mfconsole.engine.router import routes_by_listener
+from mfconsole.engine.sessions import Watched
 from mfconsole.engine.keys import KeyCustodyError, open_vault
 from mfconsole.engine.store import IngestRequest, Store, StoreRefused
 from mfconsole.engine.vault import VaultError
@@ -164,7 +165,12 @@ class Engine:
         assert self.store is not None
         # The kind makes the sender; the checks are the engine's, so they follow a reload.
         checks = egress.Checks(self.egress_tcp_dial, self.egress_http_dial)
-        make_sender: Any = lambda kind=kind_of(dest), dest=dest: kind.sender(dest, checks)
+        kind = kind_of(dest)
+
+        def make_sender() -> Any:
+            # Its connections show on the associations board, beside the inbound ones.
+            return Watched(kind.sender(dest, checks), self.board, dest.name, kind.target(dest),
+                           getattr(dest, "calling_ae_title", ""), getattr(dest, "ae_title", "") or "")
         assert self.handlers is not None
         workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest),
                                      self.held)
