@@ -25,6 +25,11 @@ class ConsoleCommands(Provider):
             if writable:
                 yield f"pause {name}", partial(app.set_paused, name, True), "stop delivering; items stay queued"
                 yield f"resume {name}", partial(app.set_paused, name, False), "deliver again now"
+        screen = self.screen        # the screen the palette was opened on (not the palette)
+        if writable and getattr(screen, "NUMBER", None) == 4:       # the dead letters screen
+            yield "replay this group", screen.action_replay_group, "key g: the group of the row or the one open"
+            yield "replay all matching the filter", screen.action_replay_filter, "asks first, with the count"
+            yield "discard all matching the filter", screen.action_discard_filter, "asks first, with the count"
         if writable:
             yield "reload", app.reload, "re-read config.toml and the handlers"
             yield "reload handlers", app.reload, "re-read config.toml and the handlers"

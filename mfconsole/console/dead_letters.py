@@ -36,7 +36,8 @@ class DeadLettersScreen(ConsoleScreen):
                 Binding("v", "reveal", "Reveal patient", show=False, id="dead.reveal"),
                 Binding("slash", "filter", "Filter", show=False, id="dead.filter"),
                 Binding("escape", "all_groups", "All groups", show=False, id="dead.all")]
-    MUTATING = frozenset({"replay", "replay_group", "replay_to", "discard", "reveal"})
+    MUTATING = frozenset({"replay", "replay_group", "replay_to", "discard", "reveal", "replay_filter",
+                          "discard_filter"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -309,6 +310,37 @@ class DeadLettersScreen(ConsoleScreen):
         self.app.confirm(f"Discard {what}? It will never be delivered (audited).",
                          lambda: self.app.perform("discard", self.client.discard, ids, done=done),
                          count=len(ids), verb="discard", yes="Discard")
+
+    def action_replay_filter(self) -> None:
+        """Every dead letter the current filter (and group) matches."""
+        self._bulk("replay")
+
+    def action_discard_filter(self) -> None:
+        self._bulk("discard")
+
+    def _bulk(self, verb: str) -> None:
+        if not self.text and self.group is None:
+            self.notify(f"{verb} by filter: filter with / (or open a group) first", severity="warning")
+            return
+        text, group = self.text or None, self.group
+        label = " and ".join(x for x in (f"matching “{self.text}”" if self.text else "",
+                                         f"of “{fmt.cause(group)}”" if group else "") if x)
+
+        def counted(n: int) -> None:
+            if not n:
+                self.notify(f"no dead letter {label}")
+                return
+            if verb == "replay":
+                then = lambda: self._replay(group=group, text=text)   # noqa: E731
+            else:
+                then = lambda: self.app.perform(   # noqa: E731
+                    "discard", self.client.discard, None, group, text,
+                    done=lambda r: (self.notify(f"{r['discarded']} dead letter(s) discarded"),
+                                    self._after_action()))
+            self.app.confirm(f"{verb.capitalize()} all {n} dead letter(s) {label}?"
+                             + (" They will never be delivered (audited)." if verb == "discard" else ""),
+                             then, count=n, verb=verb, yes=verb.capitalize())
+        self.app.perform("count", self.client.dead_letter_count, text, group, done=counted, refresh=False)
 
     def _after_action(self) -> None:
         self.marked = set()

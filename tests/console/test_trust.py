@@ -164,3 +164,31 @@ def test_filter_lines_are_one_whole_line_above_the_footer(engine_factory, screen
             assert bar.region.bottom <= footer.region.y           # not under the footer
             assert "ab" in screen_text(app).splitlines()[bar.region.y]
     asyncio.run(run())
+
+
+def test_the_palette_discards_exactly_what_the_filter_matches(engine_factory):
+    from mfconsole.console.dialogs import TypeToConfirmScreen
+
+    engine = engine_factory()
+    engine.store.call(bury, 30)             # 10 of each of three causes
+
+    def dead_by_status() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in engine.store.reader().rows("deliveries", state="dead"):
+            out[r["last_status"]] = out.get(r["last_status"], 0) + 1
+        return out
+
+    async def run() -> None:
+        app = ConsoleApp(InProcessClient(engine), refresh_s=0.3)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("4", "slash", *"0xA900")
+            await wait_for(pilot, lambda: "matching “0xA900”" in screen_text(app), what="the filter")
+            await pilot.press("enter", "ctrl+p")
+            await pilot.press(*"discard all matching")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, TypeToConfirmScreen), what="the confirmation")
+            await pilot.press(*"discard 10", "enter")
+            await wait_for(pilot, lambda: "0xA900" not in dead_by_status(), what="the discard")
+    asyncio.run(run())
+    assert dead_by_status() == {"0x0122": 10, "handler error": 10}
