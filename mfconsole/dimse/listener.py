@@ -207,7 +207,8 @@ class Listener:
         server = adapt.make_listener_server(
             ae, (cfg.host, cfg.port), handlers, network_timeout_s=cfg.network_timeout_s,
             max_pdata=cfg.max_pdu_kb * 1024, on_oversize=self._oversize_pdu,
-            handshake=self._handshake if self._tls is not None else None)
+            handshake=self._handshake if self._tls is not None else None,
+            cert_binding=lambda: bool(self.cfg.tls is not None and self.cfg.tls.client_cert_aets))
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"listener-{cfg.name}", daemon=True)

@@ -135,6 +135,8 @@ class AcceptorACSE(acse.ACSE):
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
         allowed = getattr(self.assoc, "cert_aets", None)
+        if allowed is None and getattr(self.assoc, "cert_binding", False):
+            allowed = frozenset()    # bound titles required, none set (fail closed)
         if allowed is not None and rq is not None and str(rq.calling_ae_title).strip() not in allowed:
             # What pynetdicom does for a calling AE title not in require_calling_aet.
             self.requestor.ae_title = rq.calling_ae_title
@@ -314,6 +316,7 @@ class _AcceptorRequestHandler(RequestHandler):
                          lambda pdu_type, length, limit: server.on_oversize(assoc, pdu_type,
                                                                             length, limit))
         assoc.acse = AcceptorACSE(assoc)
+        assoc.cert_binding = server.cert_binding()
         _serve_any_cstore_as_storage(assoc)
         return assoc
 
@@ -379,14 +382,18 @@ class SharedContexts(list):
 def make_listener_server(ae: ListenerAE, address: tuple[str, int], handlers: list[Any], *,
                          network_timeout_s: float, max_pdata: int,
                          on_oversize: Callable[[Any, int, int, int], None],
-                         handshake: Callable[[socket.socket, Any], Any] | None) -> ListenerServer:
-    """A ListenerServer for ``ae``, not yet serving (the caller runs serve_forever)."""
+                         handshake: Callable[[socket.socket, Any], Any] | None,
+                         cert_binding: Callable[[], bool] = lambda: False) -> ListenerServer:
+    """A ListenerServer for ``ae``, not yet serving (the caller runs serve_forever).
+    ``cert_binding()``: whether calling AE titles are bound to client certificates now
+    (then an association the listener could not bind is refused, never let through)."""
     server = ae.make_server(address, evt_handlers=handlers, server_class=ListenerServer,
                             request_handler=_AcceptorRequestHandler)
     server.network_timeout = network_timeout_s
     server.max_pdata = max_pdata
     server.on_oversize = on_oversize
     server.handshake = handshake
+    server.cert_binding = cert_binding
     server.contexts = SharedContexts(server.contexts)
     # make_server(block=False) would start its own thread; we run serve_forever on
     # ours. pynetdicom's server.shutdown() removes the server from the AE's private

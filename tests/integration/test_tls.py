@@ -25,6 +25,7 @@ from test_forward_mllp import srs, with_handlers
 from tlsgen import make_pki
 
 from mfconsole.engine import outbox
+from mfconsole.repository import db_path
 
 FAST = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "down_after": 50, "bounded_attempts": 50,
         "connect_timeout_s": 2}
@@ -63,12 +64,12 @@ def dcmtk(tool: str, engine, pki, files=(), *, cert: str | None = None, aet: str
 
 
 def stored(engine) -> int:
-    return engine.store.reader().execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+    return engine.store.reader().object_count()
 
 
 def audit(engine, event: str = "refused") -> list[dict]:
-    return [dict(r) for r in engine.store.reader().execute(
-        "SELECT event, calling_ae, peer, status, detail FROM audit WHERE event = ? ORDER BY id", (event,))]
+    return [{k: r[k] for k in ("event", "calling_ae", "peer", "status", "detail")}
+            for r in engine.store.reader().rows("audit", event=event)]
 
 
 def tls_refusals(engine) -> list[dict]:
@@ -80,9 +81,7 @@ def state(engine, destination: str) -> outbox.DestinationState:
 
 
 def delivered(engine, destination: str) -> int:
-    return engine.store.reader().execute(
-        "SELECT COUNT(*) FROM deliveries WHERE destination = ? AND state = 'delivered'",
-        (destination,)).fetchone()[0]
+    return len(engine.store.reader().rows("deliveries", destination=destination, state="delivered"))
 
 
 # -- listeners ---------------------------------------------------------------------------
@@ -211,7 +210,7 @@ def test_cleartext_listener_off_loopback_refuses_to_start(tmp_path, host):
     assert "listeners[0].host" in message and "allow_cleartext = true" in message and "tls" in message
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=1).close()
-    assert not (tmp_path / "var" / "mfconsole.db").exists()
+    assert not db_path(tmp_path / "var").exists()
 
 
 def test_cleartext_override_starts_with_one_warning(engine_factory, tmp_path):
@@ -379,11 +378,27 @@ def test_a_handshake_cut_short_is_retried_not_paused(engine_factory, pki, tmp_pa
         for name in ("pacs", "ehr"):
             poll(lambda: state(engine, name).failures >= 3, timeout=30, message=f"{name} retried")
             assert not state(engine, name).paused and delivered(engine, name) == 0
-            row = engine.store.reader().execute(
-                "SELECT last_class, last_reason FROM deliveries WHERE destination = ?", (name,)).fetchone()
+            row = engine.store.reader().rows("deliveries", destination=name)[0]
             assert row["last_class"] == "transient/destination", dict(row)
             assert "TLS handshake with 127.0.0.1" in row["last_reason"], dict(row)
         # (counted after the close the engine reacted to: polled for)
         poll(lambda: len(cuts) >= 6, timeout=5, message="six handshakes cut")
     finally:
         server.close()
+
+
+def test_cert_binding_fails_closed_when_the_listener_could_not_bind(engine_factory, pki, tmp_path,
+                                                                     monkeypatch):
+    """If reading the client certificate's names fails (the listener's own fault), the
+    association is refused: bound AE titles are never silently unbound."""
+    from mfconsole import tls as tls_mod
+
+    engine = engine_factory(listener=mtls(pki, client_cert_aets={"mfconsole": ["MODALITY"]}))
+
+    def broken(_cert):
+        raise ValueError("cannot read the certificate's names")
+    monkeypatch.setattr(tls_mod, "identities", broken)
+    f = dicomgen.write_corpus(tmp_path / "sr", 1)
+    res = dcmtk("storescu", engine, pki, f, cert="client")
+    assert res.returncode != 0 and "Rejected" in res.stdout + res.stderr
+    assert stored(engine) == 0
