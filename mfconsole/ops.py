@@ -273,16 +273,22 @@ _OBJECT_FILTERS = {f for f in ObjectFilter.__dataclass_fields__ if f not in ("to
 _AUDIT_FILTERS = set(AuditFilter.__dataclass_fields__)
 
 
-def object_filter(filters: dict[str, Any] | None, tokens: tuple[str, ...] | None = None) -> ObjectFilter:
-    """The browser's filter from names a request or the CLI gives; unknown names refused."""
+def _filters(filters: dict[str, Any] | None, known: set[str], what: str) -> dict[str, Any]:
+    """A filter as a request or the CLI names it: empty values dropped, unknown names
+    refused (naming the known ones), times as an operator writes them parsed."""
     filters = {k: v for k, v in (filters or {}).items() if v not in (None, "")}
-    unknown = sorted(set(filters) - _OBJECT_FILTERS)
+    unknown = sorted(set(filters) - known)
     if unknown:
-        raise OpsError(f"unknown object filter {', '.join(unknown)} (known: {', '.join(sorted(_OBJECT_FILTERS))})")
+        raise OpsError(f"unknown {what} filter {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     for key in ("since", "until"):
         if key in filters:
             filters[key] = parse_time(filters[key])
-    return ObjectFilter(**filters, tokens=tokens)
+    return filters
+
+
+def object_filter(filters: dict[str, Any] | None, tokens: tuple[str, ...] | None = None) -> ObjectFilter:
+    """The browser's filter from names a request or the CLI gives."""
+    return ObjectFilter(**_filters(filters, _OBJECT_FILTERS, "object"), tokens=tokens)
 
 
 def list_objects(config: Config, filters: dict[str, Any] | None = None, *, sort: str = "id",
@@ -333,15 +339,9 @@ def list_audit(config: Config, filters: dict[str, Any] | None = None, before_id:
                limit: int = 200) -> list[dict[str, Any]]:
     """The audit trail, newest first, filtered (event, destination, listener, actor,
     object_id, since, until, text)."""
-    filters = {k: v for k, v in (filters or {}).items() if v not in (None, "")}
-    unknown = sorted(set(filters) - _AUDIT_FILTERS)
-    if unknown:
-        raise OpsError(f"unknown audit filter {', '.join(unknown)} (known: {', '.join(sorted(_AUDIT_FILTERS))})")
-    for key in ("since", "until"):
-        if key in filters:
-            filters[key] = parse_time(filters[key])
+    which = AuditFilter(**_filters(filters, _AUDIT_FILTERS, "audit"))
     with reading(_db(config)) as reads:
-        return reads.audit_page(AuditFilter(**filters), before_id, max(1, min(int(limit), OBJECT_PAGE_MAX)))
+        return reads.audit_page(which, before_id, max(1, min(int(limit), OBJECT_PAGE_MAX)))
 
 
 # -- handlers ---------------------------------------------------------------------
