@@ -52,7 +52,6 @@ import os
 import platform
 import resource
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -71,8 +70,10 @@ from ingest import (CLK_TCK, SENDER_TIMEOUT_S, busy_cpu_seconds, cpu_seconds, dc
                     kernel_thread_cpu_seconds, own_cpu_seconds, save_results)
 
 import dicomgen  # noqa: E402
-from harness import write_config  # noqa: E402
+from harness import delivery_states, write_config  # noqa: E402
 from peers import LOOPBACK, StoreSCP, free_port, require_tool  # noqa: E402
+
+from mfconsole.repository import Reads, connect, db_path  # noqa: E402
 
 SCP_AET = "STORESCP"
 MF_AET = "MF_SCP"
@@ -197,12 +198,9 @@ class ForwardEngine(ingest._PopenReceiver):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mfconsole", "--config", str(self.config), "serve"]
 
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.data_dir / 'mfconsole.db'}?mode=ro", uri=True, timeout=30)
-
-
-def delivery_states(conn: sqlite3.Connection) -> dict[str, int]:
-    return dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+    def db(self) -> Reads:
+        """A read-only ``Reads`` on the database (close with ``.conn.close()``)."""
+        return Reads(connect(db_path(self.data_dir), readonly=True))
 
 
 # ---------------------------------------------------------------------------
@@ -425,10 +423,10 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
             problems.append(f"last object not accepted by mfconsole: {status}")
         if states.get("delivered", 0) != n:
             problems.append(f"deliveries after {elapsed:.0f} s: {states}")
-        delivered_at = [r[0] for r in conn.execute("SELECT ts FROM audit WHERE event = 'delivered' ORDER BY ts")]
+        delivered_at = sorted(r["ts"] for r in conn.rows("audit", event="delivered"))
         first = delivered_at[0] if delivered_at else None
-        retries = [r[0] for r in conn.execute("SELECT detail FROM audit WHERE event = 'retry_scheduled'")]
-        conn.close()
+        retries = [r["detail"] for r in conn.rows("audit", event="retry_scheduled")]
+        conn.conn.close()
         if retries:
             problems.append(f"{len(retries)} retried: {retries[0]}")
         # The workers keep their association up to idle_timeout_s: stop the engine (it

@@ -35,7 +35,6 @@ import platform
 import resource
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ import dicomgen  # noqa: E402
 import httpx  # noqa: E402
 from harness import CANARY_NAME, write_config  # noqa: E402
 from peers import LOOPBACK, Orthanc, StoreSCP, _pdeathsig_prefix, free_port, require_tool  # noqa: E402
+
+from mfconsole.repository import db_path, reading  # noqa: E402
 
 MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -222,12 +223,8 @@ class MfconsoleReceiver(_PopenReceiver):
         return [sys.executable, "-m", "mfconsole", "--config", str(self.config), "serve"]
 
     def count(self) -> int:
-        conn = sqlite3.connect(f"file:{self.data_dir / 'mfconsole.db'}?mode=ro", uri=True,
-                               timeout=30)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
-        finally:
-            conn.close()
+        with reading(db_path(self.data_dir)) as reads:
+            return reads.object_count()
 
 
 class BareReceiver(_PopenReceiver):

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = time.process_time()
         elapsed, problems = ingest.send(target, use, nodelay=True)
         cpu = time.process_time() - cpu0
-        rows = engine.store.reader().execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+        rows = engine.store.reader().object_count()
     finally:
         if engine is not None:
             engine.stop()

@@ -7,9 +7,9 @@ with no purge, in the same run.
 
 mfconsole runs in this process (Engine, as tests/conftest.py starts it) with a data
 directory on disk. N "finished" objects are written straight into the store on its
-writer thread (``store.call``, chunks of 5000 rows): ``objects`` rows received 40 days
-ago with an inline blob, the same small sealed blob in ``blob_data`` for each, and one
-``delivered`` row in ``deliveries``. Nothing of that goes over DICOM.
+writer thread (``store.call`` with the repository's ``Tx`` writes, chunks of 5000
+rows): ``objects`` rows received 40 days ago with an inline blob, the same small sealed
+blob in ``blob_data`` for each, and one ``delivered`` row in ``deliveries``. Nothing of that goes over DICOM.
 
 A pynetdicom SCU in a child process (one association, TCP_NODELAY on its socket, as
 tests/harness.py store_files does) C-STOREs small generated objects (tests/dicomgen.py,
@@ -65,7 +65,7 @@ sys.path.insert(0, str(BENCH))
 from ingest import busy_cpu_seconds, cpu_seconds, kernel_thread_cpu_seconds, save_results  # noqa: E402  (puts tests/ on sys.path)
 
 import dicomgen  # noqa: E402
-from harness import write_config  # noqa: E402
+from harness import plant, write_config  # noqa: E402
 from peers import LOOPBACK, _pdeathsig_prefix, free_port  # noqa: E402
 
 AET = "MF_SCP"
@@ -255,33 +255,28 @@ class Scu:
 def seed(store: Any, n: int) -> float:
     """Write n finished objects, received AGE_DAYS ago, straight into the store (on its
     writer thread, SEED_CHUNK rows per transaction). Returns seconds taken."""
-    from mfconsole.engine.store import DELIVERED, INLINE
+    from mfconsole.repository import Tx
+    from mfconsole.repository.states import DELIVERED, INLINE
 
     sealed, sealed_meta = store.vault.seal_bytes(SEED_BLOB)
     received0 = time.time() - AGE_DAYS * 86400
     t0 = time.perf_counter()
 
-    def insert(conn: Any, start: int, count: int) -> None:
-        base = conn.execute("SELECT COALESCE(MAX(id), 0) FROM objects").fetchone()[0]
+    def insert(tx: Tx, start: int, count: int) -> None:
         study = f"2.25.{uuid.uuid4().int}"
-        objects, blobs, deliveries = [], [], []
         for i in range(count):
-            oid = base + 1 + i
             received = received0 + (start + i) * 0.001
-            objects.append((oid, f"2.25.{uuid.uuid4().int}", dicomgen.BASIC_TEXT_SR, study,
-                            f"{study}.{(start + i) // 100}", "SR", "1.2.840.10008.1.2.1",
-                            sealed_meta.size, sealed_meta.digest, INLINE, sealed_meta.key_id,
-                            LISTENER, "SEED", LOOPBACK, received))
-            blobs.append((oid, sealed))
-            deliveries.append((oid, DEST, LISTENER, DELIVERED, received, received + 1))
-        conn.executemany(
-            "INSERT INTO objects (id, sop_instance_uid, version, sop_class_uid, study_uid, series_uid, "
-            "modality, transfer_syntax, size, digest, blob, key_id, listener, calling_ae, peer, "
-            "received_at, superseded) VALUES (?,?,1,?,?,?,?,?,?,?,?,?,?,?,?,?,0)", objects)
-        conn.executemany("INSERT INTO blob_data (object_id, sealed) VALUES (?, ?)", blobs)
-        conn.executemany(
-            "INSERT INTO deliveries (object_id, destination, listener, state, attempts, "
-            "created_at, updated_at) VALUES (?,?,?,?,1,?,?)", deliveries)
+            oid = tx.insert_object(
+                {"sop_instance_uid": f"2.25.{uuid.uuid4().int}", "version": 1,
+                 "sop_class_uid": dicomgen.BASIC_TEXT_SR, "study_uid": study,
+                 "series_uid": f"{study}.{(start + i) // 100}", "modality": "SR",
+                 "transfer_syntax": "1.2.840.10008.1.2.1", "size": sealed_meta.size,
+                 "digest": sealed_meta.digest, "blob": INLINE, "key_id": sealed_meta.key_id,
+                 "listener": LISTENER, "calling_ae": "SEED", "peer": LOOPBACK, "received_at": received,
+                 "superseded": 0}, sealed)
+            [delivery_id] = tx.add_deliveries(oid, LISTENER, [(DEST, None)], received)
+            tx.set_outcome(delivery_id, state=DELIVERED, attempts=1, retry_at=None, status=None,
+                           label=None, reason=None, now=received + 1)
 
     for start in range(0, n, SEED_CHUNK):
         store.call(insert, start, min(SEED_CHUNK, n - start))
@@ -291,17 +286,18 @@ def seed(store: Any, n: int) -> float:
 
 def checkpoint(store: Any) -> None:
     """Fold the WAL into the database, so every phase starts from a short WAL."""
-    store.reader().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    plant(store.reader(), "PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def expired(store: Any) -> tuple[int, int]:
     """(objects past the retention not yet purged, blob_data rows of purged objects)."""
-    conn = store.reader()
+    reads = store.reader()
     cutoff = time.time() - RETENTION_DAYS * 86400
-    left = conn.execute("SELECT COUNT(*) FROM objects WHERE purged_at IS NULL AND received_at < ?",
-                        (cutoff,)).fetchone()[0]
-    blobs = conn.execute("SELECT COUNT(*) FROM blob_data b JOIN objects o ON o.id = b.object_id "
-                         "WHERE o.purged_at IS NOT NULL").fetchone()[0]
+    objects = reads.rows("objects")
+    left = sum(1 for o in objects if o["purged_at"] is None and o["received_at"] is not None
+               and o["received_at"] < cutoff)
+    purged = {o["id"] for o in objects if o["purged_at"] is not None}
+    blobs = sum(1 for b in reads.rows("blob_data") if b["object_id"] in purged)
     return left, blobs
 
 
@@ -510,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(cfg, log_to_stderr=False)
         engine.start()
         store = engine.store
-        store.call(lambda conn: outbox.pause(conn, DEST, "bench/purge.py", actor="bench"))
+        store.call(lambda tx: outbox.pause(tx, DEST, "bench/purge.py", actor="bench"))
 
         seeding.append(seed(store, args.objects))
         left, _ = expired(store)

@@ -106,7 +106,7 @@ def main() -> int:
         from mfconsole import ops
         result: dict = {}
 
-        stored = lambda: engine.store.reader().execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+        stored = lambda: engine.store.reader().object_count()
         before = stored()
 
         def rekey() -> None:

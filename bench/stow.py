@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from pynetdicom import AE  # noqa: E402
 from mfconsole import ops  # noqa: E402
 from mfconsole.config import load  # noqa: E402
 from mfconsole.engine.delivery import BATCH  # noqa: E402
+from mfconsole.repository import db_path, reading  # noqa: E402
 
 DEST = "archive"
 DELIVERY_TIMEOUT_S = 900
@@ -108,21 +108,20 @@ def destination(lane: str, orthanc: Orthanc, workers: int) -> dict:
 
 
 def delivered(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'").fetchone()[0]
-    finally:
-        conn.close()
+    with reading(db) as reads:
+        return sum(by_state.get("delivered", 0) for by_state in reads.delivery_counts().values())
 
 
 def problems_in(db: Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = conn.execute("SELECT state, COUNT(*), MAX(last_reason) FROM deliveries "
-                            "WHERE state != 'delivered' GROUP BY state").fetchall()
-        retries = conn.execute("SELECT COUNT(*) FROM deliveries WHERE attempts > 1").fetchone()[0]
-    finally:
-        conn.close()
+    with reading(db) as reads:
+        deliveries = reads.rows("deliveries")
+    by_state: dict[str, list[dict]] = {}
+    for d in deliveries:
+        if d["state"] != "delivered":
+            by_state.setdefault(d["state"], []).append(d)
+    rows = [(state, len(ds), max((d["last_reason"] for d in ds if d["last_reason"] is not None), default=None))
+            for state, ds in sorted(by_state.items())]
+    retries = len([d for d in deliveries if d["attempts"] > 1])
     out = [f"{n} {state} ({reason})" for state, n, reason in rows]
     return out + ([f"{retries} needed retries"] if retries else [])
 
@@ -153,7 +152,7 @@ def run_case(corpus: str, files: list[Path], lane: str, workers: int, scratch: P
             tail = serve.log_path.read_text(errors="replace")[-800:] if serve.log_path.exists() else ""
             raise RuntimeError(f"mfconsole serve did not listen: {tail}") from None
         cfg = load(config)
-        db = serve.data_dir / "mfconsole.db"
+        db = db_path(serve.data_dir)
         ops.pause(cfg, DEST)
         res = ingest.subprocess.run([require_tool("storescu"), "-aec", "MF_SCP", LOOPBACK, str(port),
                                      *map(str, files[:-1])], capture_output=True, text=True,

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Any, Callable
+
+from mfconsole.repository import Reads, db_path, reading
 
 from peers import free_port, wait_for_port
 
@@ -110,10 +112,10 @@ class ServeProcess:
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.data_dir / "mfconsole.db", timeout=30)
-        conn.row_factory = sqlite3.Row
-        return conn
+    def db(self) -> AbstractContextManager[Reads]:
+        """The database for the length of a block: a read-only ``Reads`` (works beside
+        the running process)."""
+        return reading(db_path(self.data_dir))
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
@@ -181,22 +183,41 @@ def stored_sha256(data_dir: Path, key_file: Path | None = None) -> dict[str, str
     (The database's own digest is keyed and cannot be compared with a plain hash.)"""
     import hashlib
 
-    from mfconsole.engine.store import INLINE
     from mfconsole.engine.vault import Vault, load_key
+    from mfconsole.repository.states import INLINE
 
     vault = Vault([load_key(key_file or data_dir / "keys" / "store.key")])
-    conn = sqlite3.connect(f"file:{data_dir / 'mfconsole.db'}?mode=ro", uri=True, timeout=30)
-    try:
+    with reading(db_path(data_dir)) as reads:
         out = {}
-        for uid, object_id, blob in conn.execute(
-                "SELECT sop_instance_uid, id, blob FROM objects WHERE purged_at IS NULL ORDER BY version"):
-            if blob == INLINE:
-                sealed = conn.execute("SELECT sealed FROM blob_data WHERE object_id = ?",
-                                      (object_id,)).fetchone()[0]
+        for row in reads.rows("objects", order_by="version", purged_at=None):
+            if row["blob"] == INLINE:
+                sealed = reads.rows("blob_data", object_id=row["id"])[0]["sealed"]
                 plain = vault.open_sealed(sealed)
             else:
-                plain = vault.open_bytes(data_dir / "blobs" / blob)
-            out[uid] = hashlib.sha256(plain).hexdigest()
+                plain = vault.open_bytes(data_dir / "blobs" / row["blob"])
+            out[row["sop_instance_uid"]] = hashlib.sha256(plain).hexdigest()
         return out
-    finally:
-        conn.close()
+
+
+def delivery_states(reads: Reads) -> dict[str, int]:
+    """State -> deliveries, every destination together."""
+    counts: dict[str, int] = {}
+    for by_state in reads.delivery_counts().values():
+        for state, n in by_state.items():
+            counts[state] = counts.get(state, 0) + n
+    return counts
+
+
+def plant(conn: Any, sql: str, params: tuple | list = ()) -> Any:
+    """FOR FAULT PLANTING ONLY: run one raw SQL statement that no product write
+    expresses (a corrupted row, a forced ``purged_at``, a store made read-only, bulk
+    rows seeded straight into the tables; for bench/, a WAL checkpoint between phases).
+    ``conn`` is a ``Tx`` (the engine's
+    writer, through ``store.call``), a ``Reads`` or an sqlite3 connection. This is the
+    one place outside mfconsole/repository that holds SQL text: tests and benches read
+    through ``Reads`` (``rows(...)`` and the typed methods) and write through ``Tx``.
+    A list of parameter tuples runs the statement once per tuple."""
+    conn = getattr(conn, "conn", conn)
+    if params and isinstance(params, list) and isinstance(params[0], (tuple, list)):
+        return conn.executemany(sql, params)
+    return conn.execute(sql, params)

@@ -19,7 +19,8 @@ from harness import CANARY_NAME, mfconsole, poll, store_files
 from mfconsole import actor
 from mfconsole.client import ClientError, InProcessClient, open_client
 from mfconsole.config import load
-from mfconsole.engine.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request
+from mfconsole.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request
+from mfconsole.repository import Tx, db_path, writing
 
 ME = f"{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()}"      # "root (uid 0" as root
 
@@ -35,15 +36,15 @@ def raw(path: Path, message: dict) -> dict:
 
 def state(db) -> dict:
     """Everything an action could change."""
-    return {"deliveries": [tuple(r) for r in db.execute("SELECT id, state, destination, retry_at "
-                                                         "FROM deliveries ORDER BY id")],
-            "destinations": [tuple(r) for r in db.execute("SELECT * FROM destination_state ORDER BY name")],
-            "audit": db.execute("SELECT COUNT(*) FROM audit WHERE event NOT IN ('retry_scheduled', "
-                                "'destination_down', 'requeued')").fetchone()[0]}
+    return {"deliveries": [(r["id"], r["state"], r["destination"], r["retry_at"])
+                           for r in db.rows("deliveries")],
+            "destinations": [tuple(r.values()) for r in db.rows("destination_state")],
+            "audit": len([r for r in db.rows("audit")
+                          if r["event"] not in ("retry_scheduled", "destination_down", "requeued")])}
 
 
 def audit_rows(db, event: str) -> list[dict]:
-    return [dict(r) for r in db.execute("SELECT * FROM audit WHERE event = ? ORDER BY id", (event,))]
+    return db.rows("audit", event=event)
 
 
 @pytest.fixture
@@ -56,12 +57,21 @@ def served(serve_factory, tmp_path):
     poll(operator.exists, timeout=20, message="the control socket")
     request(operator, "pause", {"destination": "pacs"})
     with serve.db() as db:
-        poll(lambda: db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0] == 3,
+        poll(lambda: len(db.rows("deliveries", state="pending")) == 3,
              timeout=20, message="three deliveries pending, none in flight")
-        ids = [r[0] for r in db.execute("SELECT id FROM deliveries ORDER BY id")]
-        db.execute("UPDATE deliveries SET state = 'dead', last_status = '0xC000', last_reason = "
-                   "'test: cannot understand' WHERE id IN (?, ?)", ids[:2])
-        db.commit()
+        ids = [r["id"] for r in db.rows("deliveries")]
+
+    def bury(tx: Tx, delivery_id: int) -> None:
+        """Dead-letter one delivery beside the running engine (its queue is paused),
+        keeping what it had: only state, status and reason change."""
+        [d] = tx.rows("deliveries", id=delivery_id)
+        tx.set_outcome(delivery_id, state="dead", attempts=d["attempts"], retry_at=d["retry_at"],
+                       status="0xC000", label=d["last_class"], reason="test: cannot understand",
+                       now=d["updated_at"])
+
+    with writing(db_path(serve.data_dir)) as run:
+        for delivery_id in ids[:2]:
+            run(bury, delivery_id)
     serve.ids = ids
     return serve
 
@@ -152,7 +162,7 @@ def test_the_cli_acts_through_a_running_engine_and_reload_prints_its_report(serv
         for event in ("destination_resumed", "destination_paused", "replayed", "discarded", "reloaded"):
             row = audit_rows(db, event)[-1]
             assert row["actor"].startswith(ME) and "via control socket" in row["detail"], row
-        assert db.execute("SELECT paused FROM destination_state WHERE name = 'pacs'").fetchone()[0] == 1
+        assert db.destination_state("pacs")["paused"] == 1
 
 
 def test_without_an_engine_the_cli_writes_itself_and_names_its_user(serve_factory):
@@ -177,9 +187,8 @@ def test_an_in_process_read_only_console_is_read_only_for_its_lifetime(engine):
             act()
     assert client.snapshot()["destinations"][0]["name"] == "pacs"
     InProcessClient(engine).pause("pacs")
-    row = poll(lambda: engine.store.reader().execute(
-        "SELECT actor FROM audit WHERE event = 'destination_paused'").fetchone(), timeout=10)
-    assert row[0].startswith(ME) and row[0].endswith("via in-process console")
+    row = poll(lambda: engine.store.reader().rows("audit", event="destination_paused"), timeout=10)[0]
+    assert row["actor"].startswith(ME) and row["actor"].endswith("via in-process console")
 
 
 def test_the_actor_in_words():
@@ -197,7 +206,7 @@ def test_the_actor_in_words():
 
 
 def test_read_only_is_an_allow_list_of_observations():
-    from mfconsole.engine.control import MUTATING, READ_ONLY_OPS, ControlService
+    from mfconsole.control import MUTATING, READ_ONLY_OPS, ControlService
 
     ops = {name[3:] for name in dir(ControlService) if name.startswith("op_")}
     assert READ_ONLY_OPS < ops

@@ -65,10 +65,10 @@ def test_attach_act_close_and_routing_never_stopped(serve_factory, storescp_fact
     # Routing never stopped: objects are still received and queued for the paused PACS.
     assert storescu(serve.port, dicomgen.write_corpus(tmp_path / "b", 3)) == 0
     with serve.db() as db:
-        poll(lambda: db.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == 8, timeout=10)
-        assert db.execute("SELECT paused FROM destination_state WHERE name = 'pacs'").fetchone()[0] == 1
-        assert db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0] == 3
-        audit = [r[0] for r in db.execute("SELECT event FROM audit ORDER BY id")]
+        poll(lambda: db.object_count() == 8, timeout=10)
+        assert db.destination_state("pacs")["paused"] == 1
+        assert len(db.rows("deliveries", state="pending")) == 3
+        audit = [r["event"] for r in db.rows("audit")]
     assert "destination_paused" in audit and "engine_stopped" not in audit
     assert holds(lambda: len(scp.received_files()) == 5, 0.5), scp.received_files()
 
@@ -100,4 +100,4 @@ def test_a_read_only_console_cannot_change_anything(serve_factory):
             assert not [c for c in commands if c.startswith(("pause pacs", "resume", "reload"))]
     asyncio.run(main())
     with serve.db() as db:
-        assert db.execute("SELECT COUNT(*) FROM destination_state WHERE paused = 1").fetchone()[0] == 0
+        assert len(db.rows("destination_state", paused=1)) == 0

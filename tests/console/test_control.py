@@ -15,7 +15,7 @@ import pytest
 
 from mfconsole.config import load
 from mfconsole.engine import config_edit
-from mfconsole.engine.control import ControlError, request
+from mfconsole.control import ControlError, request
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_session_counters_follow_the_audit(engine_factory):
         engine.audit("stored", listener="modalities")
     engine.audit("delivered", destination="pacs")
     engine.audit("dead_lettered", destination="pacs")
-    engine.store.call(lambda conn: None)        # the audit rows are committed
+    engine.store.call(lambda tx: None)        # the audit rows are committed
     snap = service.call("snapshot")
     listener = snap["listeners"][0]
     assert listener["session"]["received"] == 3 and sum(listener["history"]) <= 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from harness import plant
 from support import rows, wait_for
 
 from mfconsole.client import InProcessClient
@@ -17,14 +18,16 @@ CAUSES = [("0x0122", "peer does not support this SOP class"), ("0xA900", "peer s
           "does not match the SOP class"), ("handler error", "handler sr_to_oru 1.0.0 raised KeyError")]
 
 
-def bury(conn, count: int) -> None:
+def bury(tx, count: int) -> None:
+    """Dead letters seeded straight into the tables (objects marked inline with no
+    sealed bytes: nothing here opens them), grouped by cause: fault planting."""
     now = time.time()
-    conn.executemany(
+    plant(tx, 
         "INSERT INTO objects (sop_instance_uid, version, sop_class_uid, study_uid, transfer_syntax, "
         "size, digest, blob, listener, calling_ae, peer, received_at) VALUES (?,1,?,?,?,?,?,?,?,?,?,?)",
         [(f"1.2.826.0.1.3680043.8.498.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1",
           1024, f"{i:064x}", "inline", "modalities", "CT01", "127.0.0.1:1", now) for i in range(count)])
-    conn.executemany(
+    plant(tx, 
         "INSERT INTO deliveries (object_id, destination, listener, state, attempts, retry_at, "
         "last_status, last_class, last_reason, created_at, updated_at) "
         "SELECT id, 'pacs', 'modalities', 'dead', 1, ?, ?, 'permanent', ?, ?, ? FROM objects "

@@ -163,10 +163,9 @@ def test_a_dead_letter_replayed_from_the_console_is_delivered_once_the_peer_is_b
         await wait_for(pilot, lambda: "CompressedSamples^MR1" in screen_text(app),
                        what="the revealed patient name")
         # (the audit row is queued, committed with the store's next group: polled for)
-        reveal = poll(lambda: engine.store.reader().execute(
-            "SELECT detail FROM audit WHERE event = 'phi_revealed'").fetchone(), timeout=10,
-                      message="the phi_revealed audit row")
-        assert "CompressedSamples" not in reveal[0] and "console" in reveal[0]
+        reveal = poll(lambda: engine.store.reader().rows("audit", event="phi_revealed"), timeout=10,
+                      message="the phi_revealed audit row")[0]["detail"]
+        assert "CompressedSamples" not in reveal and "console" in reveal
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.screen.query("#letters"), what="back to the list")
         # The PACS comes back, taking every syntax.
@@ -179,9 +178,8 @@ def test_a_dead_letter_replayed_from_the_console_is_delivered_once_the_peer_is_b
             await pilot.press("y")
             await wait_for(pilot, lambda: not rows(app, "letters"), timeout=20, what="the list emptied")
             await asyncio.to_thread(back.wait_for_files, 1, 20)
-            poll(lambda: engine.store.reader().execute(
-                "SELECT state FROM deliveries").fetchone()[0] == "delivered", timeout=10)
-            events = [r[0] for r in engine.store.reader().execute("SELECT event FROM audit ORDER BY id")]
+            poll(lambda: engine.store.reader().rows("deliveries")[0]["state"] == "delivered", timeout=10)
+            events = [r["event"] for r in engine.store.reader().rows("audit")]
             assert "replayed" in events and events.index("replayed") < len(events) - 1
         finally:
             back.stop()
@@ -220,7 +218,7 @@ def test_a_configuration_edit_lands_in_config_toml_with_comments_and_the_engine_
         await pilot.press("y")
         result = app.screen.query_one("#result")
         await wait_for(pilot, lambda: "REFUSED" in str(result.render()), what="the refusal")
-        assert "listeners[0].ae_title" in str(result.render()) and "16" in str(result.render())
+        assert "listener modalities · AE title" in str(result.render()) and "16" in str(result.render())
         assert path.read_bytes() == before
         # A valid one.
         await edit(pilot, "listeners[0].ae_title", "NEW_SCP")

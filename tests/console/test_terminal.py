@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from harness import poll, write_config
 
 from mfconsole.engine.engine_lock import holder_pid
+from mfconsole.repository import db_path, reading
 
 
 class Tmux:
@@ -102,10 +102,7 @@ def test_a_hang_up_stops_the_hosted_engine_cleanly(tmux, tmp_path):
     tmux.kill()                            # the SSH session drops: SIGHUP to the pane
     poll(lambda: holder_pid(data_dir) is None, timeout=20, message="the engine lock released")
     poll(lambda: not Path(f"/proc/{pid}").exists(), timeout=20, message="the console process gone")
-    conn = sqlite3.connect(data_dir / "mfconsole.db")
-    try:
-        last = conn.execute("SELECT event FROM audit ORDER BY id DESC LIMIT 1").fetchone()[0]
-    finally:
-        conn.close()
+    with reading(db_path(data_dir)) as reads:
+        last = reads.rows("audit", order_by="id DESC")[0]["event"]
     assert last == "engine_stopped"
     assert not (data_dir / "control.sock").exists()

@@ -17,11 +17,13 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import holds, mfconsole, poll, store_files, stored_sha256
+from harness import delivery_states, holds, mfconsole, plant, poll, store_files, stored_sha256
 from test_forward_dimse import deliveries, dimse_dest
 
 from mfconsole.engine import engine as engine_module
 from mfconsole.engine import outbox
+from mfconsole.repository import Tx, db_path, reading
+from mfconsole.repository.states import INLINE
 
 EXPLICIT_LE, EXPLICIT_BE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2"
 
@@ -81,21 +83,19 @@ def uid_of(path: Path) -> str:
 # -- reading the store -------------------------------------------------------------------
 
 def delivery(engine, uid: str) -> dict:
-    row = engine.store.reader().execute(
-        "SELECT d.* FROM deliveries d JOIN objects o ON o.id = d.object_id "
-        "WHERE o.sop_instance_uid = ? ORDER BY d.id DESC LIMIT 1", (uid,)).fetchone()
-    return dict(row) if row else {}
+    reads = engine.store.reader()
+    rows = [d for o in reads.rows("objects", sop_instance_uid=uid)
+            for d in reads.rows("deliveries", object_id=o["id"])]
+    return max(rows, key=lambda d: d["id"]) if rows else {}
 
 
 def destination(engine, name: str = "pacs") -> dict:
-    row = engine.store.reader().execute("SELECT * FROM destination_state WHERE name = ?",
-                                        (name,)).fetchone()
-    return dict(row) if row else {"down": 0, "paused": 0, "failures": 0}
+    row = engine.store.reader().destination_state(name)
+    return row if row else {"down": 0, "paused": 0, "failures": 0}
 
 
 def audit_events(engine, event: str) -> list[dict]:
-    return [dict(r) for r in engine.store.reader().execute(
-        "SELECT * FROM audit WHERE event = ? ORDER BY id", (event,))]
+    return engine.store.reader().rows("audit", event=event)
 
 
 def queue_then_send(engine, name: str, files: list[Path]) -> None:
@@ -272,7 +272,7 @@ def read_only(engine, on: bool) -> None:
     """Make the store's writer refuse every write, as a full or read-only disk would
     (even BEGIN fails), or not. Set on its connection directly: with it on, nothing
     can go through the writer."""
-    engine.store._conn.execute(f"PRAGMA query_only = {int(on)}")
+    plant(engine.store._conn, f"PRAGMA query_only = {int(on)}")
 
 
 # -- bulk work in bounded batches ----------------------------------------------------------
@@ -283,17 +283,16 @@ def _finished_objects(engine, count: int, *, dead: int = 0, days_old: float = 40
     sealed, result = engine.store.vault.seal_bytes(b"x" * 100)
     when = time.time() - days_old * 86400
 
-    def fill(conn, start: int, n: int, state: str) -> None:
+    def fill(tx: Tx, start: int, n: int, state: str) -> None:
         for i in range(start, start + n):
-            cur = conn.execute(
-                "INSERT INTO objects (sop_instance_uid, version, sop_class_uid, study_uid, size, "
-                "digest, blob, key_id, listener, received_at, superseded) "
-                "VALUES (?, 1, '1.2.840.10008.5.1.4.1.1.88.11', '1.2.3', ?, ?, 'inline', ?, "
-                "'modalities', ?, 0)", (f"1.2.3.{i}", result.size, f"d{i}", result.key_id, when + i))
-            conn.execute("INSERT INTO blob_data (object_id, sealed) VALUES (?, ?)", (cur.lastrowid, sealed))
-            conn.execute("INSERT INTO deliveries (object_id, destination, state, attempts, retry_at, "
-                         "created_at, updated_at, last_reason) VALUES (?, 'pacs', ?, 1, ?, ?, ?, "
-                         "'test')", (cur.lastrowid, state, when, when, when))
+            object_id = tx.insert_object(
+                {"sop_instance_uid": f"1.2.3.{i}", "version": 1,
+                 "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.11", "study_uid": "1.2.3",
+                 "size": result.size, "digest": f"d{i}", "blob": INLINE, "key_id": result.key_id,
+                 "listener": "modalities", "received_at": when + i, "superseded": 0}, sealed)
+            [delivery_id] = tx.add_deliveries(object_id, None, [("pacs", None)], when)
+            tx.set_outcome(delivery_id, state=state, attempts=1, retry_at=when, status=None,
+                           label=None, reason="test", now=when)
 
     for start in range(0, count, 2000):
         engine.store.call(fill, start, min(2000, count - start), "delivered")
@@ -311,13 +310,10 @@ def test_purge_runs_in_bounded_batches_and_keeps_dead_letters(engine_factory, tm
     assert purged == 1000
     assert len(seen) >= 10 and seen[-1] == 1000      # one transaction per batch
     assert engine.store.commits - commits >= 10
-    left = engine.store.reader().execute(
-        "SELECT COUNT(*) FROM objects WHERE purged_at IS NULL").fetchone()[0]
+    left = len(engine.store.reader().rows("objects", purged_at=None))
     assert left == 5                                  # the dead letters' objects stay
-    assert engine.store.reader().execute("SELECT COUNT(*) FROM blob_data").fetchone()[0] == 5
-    plan = " ".join(r[3] for r in engine.store.reader().execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM objects INDEXED BY objects_unpurged "
-        "WHERE purged_at IS NULL AND received_at < 1 ORDER BY received_at, id LIMIT 5"))
+    assert len(engine.store.reader().rows("blob_data")) == 5
+    plan = engine.store.reader().unpurged_scan_plan()
     assert "objects_unpurged" in plan
     poll(lambda: audit_events(engine, "purged"), message="the purge audited")
 
@@ -334,11 +330,9 @@ def test_replay_all_past_sqlites_variable_limit_in_batches(engine_factory, tmp_p
     assert result.returncode == 0, result.stderr
     assert "40000 dead letter(s) queued again" in result.stdout
     assert "replayed 500 of 40000" in result.stderr and "replayed 40000 of 40000" in result.stderr
-    import sqlite3
-    conn = sqlite3.connect(config.parent / "var" / "mfconsole.db")
-    states = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
-    assert states == {"pending": 40_000}
-    assert conn.execute("SELECT COUNT(*) FROM audit WHERE event = 'replayed'").fetchone()[0] == 40_000
+    with reading(db_path(config.parent / "var")) as reads:
+        assert delivery_states(reads) == {"pending": 40_000}
+        assert len(reads.rows("audit", event="replayed")) == 40_000
 
 
 def test_replaying_a_superseded_version_sends_the_current_one_and_says_so(engine_factory, tmp_path):
@@ -352,26 +346,23 @@ def test_replaying_a_superseded_version_sends_the_current_one_and_says_so(engine
         store_files(port, [v1])
         uid = str(ds.SOPInstanceUID)
         first = delivery(engine, uid)
-        engine.store.call(lambda c: c.execute("UPDATE deliveries SET state = 'dead', last_reason = "
-                                              "'test' WHERE id = ?", (first["id"],)))
+        engine.store.call(lambda tx: tx.set_outcome(
+            first["id"], state="dead", attempts=first["attempts"], retry_at=first["retry_at"],
+            status=first["last_status"], label=first["last_class"], reason="test", now=time.time()))
         ds.ContentSequence[0].TextValue = "second version"
         v2 = part10(tmp_path / "v2.dcm", ds, encode(ds, EXPLICIT_LE), EXPLICIT_LE)
         store_files(port, [v2])
-        versions = engine.store.reader().execute(
-            "SELECT id, version, digest FROM objects WHERE sop_instance_uid = ? ORDER BY version",
-            (uid,)).fetchall()
+        versions = engine.store.reader().rows("objects", order_by="version", sop_instance_uid=uid)
         assert [v["version"] for v in versions] == [1, 2]
         second = delivery(engine, uid)
         # The current version's own delivery is dead-lettered too, then discarded: the
         # replay of version 1 must queue version 2, not re-send stale bytes.
-        engine.store.call(lambda c: c.execute("UPDATE deliveries SET state = 'discarded' WHERE id = ?",
-                                              (second["id"],)))
+        engine.store.call(Tx.set_state, second["id"], "discarded", time.time())
         notes: list[str] = []
-        queued = engine.store.call(lambda c: outbox.replay(c, [first["id"]], notes=notes))
+        queued = engine.store.call(lambda tx: outbox.replay(tx, [first["id"]], notes=notes))
         assert len(queued) == 1 and queued[0] != first["id"]
         assert "superseded by version 2" in notes[0] and "version 2 queued instead" in notes[0]
-        new = engine.store.reader().execute("SELECT object_id, state FROM deliveries WHERE id = ?",
-                                            (queued[0],)).fetchone()
+        new = engine.store.reader().delivery(queued[0])
         assert new["object_id"] == versions[1]["id"]
         engine.store.call(outbox.resume, "pacs")
         engine.deliveries["pacs"].wake.set()
@@ -380,10 +371,9 @@ def test_replaying_a_superseded_version_sends_the_current_one_and_says_so(engine
             stored_sha256(engine.data_dir, engine.config.store.key_file)[uid]]   # version 2's
         # Replaying again: version 2 is now delivered there, so nothing is queued.
         poll(lambda: delivery(engine, uid)["state"] == "delivered", message="delivered")
-        engine.store.call(lambda c: c.execute("UPDATE deliveries SET state = 'dead' WHERE id = ?",
-                                              (first["id"],)))
+        engine.store.call(Tx.set_state, first["id"], "dead", time.time())
         notes.clear()
-        assert engine.store.call(lambda c: outbox.replay(c, [first["id"]], notes=notes)) == []
+        assert engine.store.call(lambda tx: outbox.replay(tx, [first["id"]], notes=notes)) == []
         assert "is delivered: nothing queued" in notes[0]
         detail = audit_events(engine, "replayed")[-1]["detail"]
         assert "superseded by version 2" in detail
@@ -444,11 +434,10 @@ def test_mllp_message_answered_with_garbage_is_dead_lettered_and_the_rest_go_in_
         store_files(engine.listeners[0].address[1], dicomgen.write_corpus(tmp_path / "sr", 3))
         poll(lambda: deliveries(engine) == {"delivered": 2, "dead": 1}, timeout=30,
              message="2 delivered, 1 dead")
-        ids = [r[0] for r in engine.store.reader().execute("SELECT id FROM deliveries ORDER BY id")]
+        ids = [r["id"] for r in engine.store.reader().rows("deliveries")]
         got = [g["control_id"] for g in peer.received()]
         assert got == [f"MF{i:012d}" for i in (ids[0], ids[1], ids[1], ids[1], ids[2])]
-        dead = engine.store.reader().execute(
-            "SELECT id, suspect, last_reason FROM deliveries WHERE state = 'dead'").fetchone()
+        dead = engine.store.reader().rows("deliveries", state="dead")[0]
         assert dead["id"] == ids[1] and dead["suspect"] == 3
     finally:
         peer.stop()

@@ -52,8 +52,7 @@ def fault_scp(tmp_path):
 
 
 def states(engine, destination: str) -> dict[str, int]:
-    return {r[0]: r[1] for r in engine.store.reader().execute(
-        "SELECT state, COUNT(*) FROM deliveries WHERE destination = ? GROUP BY state", (destination,))}
+    return engine.store.reader().delivery_counts(destination).get(destination, {})
 
 
 def paused(engine, destination: str) -> outbox.DestinationState | None:

@@ -42,9 +42,8 @@ def msh(message: str, field: int) -> str:
 
 
 def rows(engine, destination: str = "ehr") -> list[tuple]:
-    return [tuple(r) for r in engine.store.reader().execute(
-        "SELECT d.id, d.state, d.attempts, d.last_status, d.handler_version FROM deliveries d "
-        "WHERE d.destination = ? ORDER BY d.id", (destination,))]
+    return [(r["id"], r["state"], r["attempts"], r["last_status"], r["handler_version"])
+            for r in engine.store.reader().rows("deliveries", destination=destination)]
 
 
 def srs(tmp_path: Path, n: int) -> list[Path]:
@@ -81,8 +80,8 @@ def test_sr_to_oru_reaches_the_ehr_in_order_and_the_pacs_too(engine_factory, sto
             parse_message(message.replace("\n", "\r"), find_groups=False)
         # The CT is not an SR: filtered for the EHR, delivered to the PACS (whose workers
         # are not the EHR's: polled for on its own, not taken from the EHR's progress).
-        states = lambda: dict(engine.store.reader().execute(
-            "SELECT destination || ':' || state, COUNT(*) FROM deliveries GROUP BY 1").fetchall())
+        states = lambda: {f"{d}:{s}": n for d, by_state in engine.store.reader().delivery_counts().items()
+                          for s, n in by_state.items()}
         expected = {"ehr:delivered": 8, "ehr:filtered": 1, "pacs:delivered": 9}
         poll(lambda: states() == expected, timeout=30, message=f"{expected}")
         versions = {r[4] for r in rows(engine)}
@@ -131,9 +130,8 @@ def test_commit_reject_pauses_the_destination(engine_factory, tmp_path):
                             routes=[{"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
     try:
         assert storescu(engine.listeners[0].address[1], srs(tmp_path, 3)).returncode == 0
-        conn = engine.store.reader()
-        paused = lambda: (conn.execute("SELECT paused FROM destination_state WHERE name = 'ehr'")
-                          .fetchone() or [0])[0] == 1
+        reads = engine.store.reader()
+        paused = lambda: (reads.destination_state("ehr") or {"paused": 0})["paused"] == 1
         poll(paused, timeout=30, message="ehr paused")
         # The messages claimed behind the refused one go back after the pause is written.
         pending = lambda: [r[1] for r in rows(engine)] == ["pending"] * 3   # nothing dead, nothing lost
@@ -190,9 +188,8 @@ def test_reload_keeps_the_running_version_on_bad_code_and_activates_a_good_one(s
         assert res.returncode == 0 and "activated" in res.stdout and "2.0.0" in res.stdout
         assert "2.0.0" in send_and_wait("good")
         with serve.db() as db:
-            poll(lambda: db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
-                                    ).fetchone()[0] == 5, timeout=10)
-            versions = [r[0] for r in db.execute("SELECT handler_version FROM deliveries ORDER BY id")]
+            poll(lambda: len(db.rows("deliveries", state="delivered")) == 5, timeout=10)
+            versions = [r["handler_version"] for r in db.rows("deliveries")]
         assert versions == ["1.0.0"] * 4 + ["2.0.0"]
         listed = mfconsole("--config", str(config), "handlers", "list")
         assert "2.0.0" in listed.stdout
@@ -211,8 +208,9 @@ def test_handler_that_raises_dead_letters_with_name_version_and_no_phi(engine_fa
     try:
         assert storescu(engine.listeners[0].address[1], srs(tmp_path, 2)).returncode == 0
         poll(lambda: [r[1] for r in rows(engine)] == ["dead", "dead"], timeout=30)
-        reasons = [r[0] for r in engine.store.reader().execute(
-            "SELECT last_reason FROM deliveries UNION ALL SELECT detail FROM audit")]
+        reads = engine.store.reader()
+        reasons = ([r["last_reason"] for r in reads.rows("deliveries")]
+                   + [r["detail"] for r in reads.rows("audit")])
         assert any("handler sr_to_oru 1.0.0 raised ValueError at sr_to_oru.py line" in (r or "")
                    for r in reasons)
         assert not any(dicomgen.CANARY_NAME in (r or "") for r in reasons)

@@ -215,10 +215,9 @@ def srs(folder: Path, count: int = 1) -> list[Path]:
 
 
 def delivery(engine, uid: str, destination: str = "pacs") -> dict:
-    row = engine.store.reader().execute(
-        "SELECT d.* FROM deliveries d JOIN objects o ON o.id = d.object_id "
-        "WHERE o.sop_instance_uid = ? AND d.destination = ?", (uid, destination)).fetchone()
-    return dict(row)
+    reads = engine.store.reader()
+    return [d for o in reads.rows("objects", sop_instance_uid=uid)
+            for d in reads.rows("deliveries", object_id=o["id"], destination=destination)][0]
 
 
 def settled(engine, uid: str, state: str, destination: str = "pacs", timeout: float = 15) -> dict:
@@ -227,14 +226,12 @@ def settled(engine, uid: str, state: str, destination: str = "pacs", timeout: fl
 
 
 def dest_state(engine, name: str = "pacs") -> dict:
-    row = engine.store.reader().execute("SELECT * FROM destination_state WHERE name = ?",
-                                        (name,)).fetchone()
-    return dict(row) if row else {"paused": 0, "down": 0, "failures": 0, "pause_reason": None}
+    row = engine.store.reader().destination_state(name)
+    return row if row else {"paused": 0, "down": 0, "failures": 0, "pause_reason": None}
 
 
 def audit(engine, destination: str, event: str) -> list[dict]:
-    return [dict(r) for r in engine.store.reader().execute(
-        "SELECT * FROM audit WHERE destination = ? AND event = ? ORDER BY id", (destination, event))]
+    return engine.store.reader().rows("audit", destination=destination, event=event)
 
 
 def first_failure(engine, uid: str, destination: str = "pacs", timeout: float = 15) -> tuple[float, dict]:
@@ -264,8 +261,7 @@ def decode(data: bytes, transfer_syntax: str) -> Dataset:
 
 
 def stored_bytes(engine, uid: str) -> bytes:
-    oid = engine.store.reader().execute("SELECT id FROM objects WHERE sop_instance_uid = ?",
-                                        (uid,)).fetchone()[0]
+    oid = engine.store.reader().rows("objects", sop_instance_uid=uid)[0]["id"]
     return engine.store.read_object(oid)
 
 
@@ -466,8 +462,7 @@ def test_uncompressed_fallback_reencodes_without_changing_an_element(engine_fact
     uids = send(engine, *files)
     for uid in uids:
         assert settled(engine, uid, "delivered")["attempts"] == 1
-        held = engine.store.reader().execute("SELECT transfer_syntax FROM objects WHERE sop_instance_uid = ?",
-                                             (uid,)).fetchone()[0]
+        held = engine.store.reader().rows("objects", sop_instance_uid=uid)[0]["transfer_syntax"]
         assert held == EXPLICIT_LE
         [row] = [r for r in scp.received() if r["sop_instance_uid"] == uid]
         assert (row["transfer_syntax"], row["status"]) == (IMPLICIT_LE, 0)

@@ -145,31 +145,24 @@ def send(engine, *paths: Path) -> list[str]:
 
 
 def delivery(engine, uid: str) -> dict:
-    return dict(engine.store.reader().execute(
-        "SELECT d.* FROM deliveries d JOIN objects o ON o.id = d.object_id "
-        "WHERE o.sop_instance_uid = ?", (uid,)).fetchone())
+    reads = engine.store.reader()
+    return [d for o in reads.rows("objects", sop_instance_uid=uid)
+            for d in reads.rows("deliveries", object_id=o["id"])][0]
 
 
 def destination(engine) -> dict:
-    row = engine.store.reader().execute("SELECT * FROM destination_state WHERE name = 'pacs'").fetchone()
-    return dict(row) if row else {"paused": 0, "down": 0, "failures": 0, "pause_reason": None}
+    row = engine.store.reader().destination_state("pacs")
+    return row if row else {"paused": 0, "down": 0, "failures": 0, "pause_reason": None}
 
 
 def events(engine, uid: str | None = None) -> list[str]:
     """Audit event names of one object's delivery, or of the destination itself."""
-    conn = engine.store.reader()
-    if uid is None:
-        rows = conn.execute("SELECT event FROM audit WHERE destination = 'pacs' "
-                            "AND sop_instance_uid IS NULL ORDER BY id")
-    else:
-        rows = conn.execute("SELECT event FROM audit WHERE destination = 'pacs' "
-                            "AND sop_instance_uid = ? ORDER BY id", (uid,))
-    return [r[0] for r in rows]
+    return [r["event"] for r in engine.store.reader().rows("audit", destination="pacs",
+                                                            sop_instance_uid=uid)]
 
 
 def dead_count(engine) -> int:
-    return engine.store.reader().execute(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'").fetchone()[0]
+    return len(engine.store.reader().rows("deliveries", state="dead"))
 
 
 def settled(engine, uid: str, state: str, max_attempts: int | None = None, timeout: float = 10) -> dict:
@@ -250,8 +243,7 @@ def test_a700_a7ff_0213_out_of_resources_retry_mark_down_then_deliver(engine_fac
     assert (d["attempts"], d["last_status"]) == (4, "0x0000")
     assert [r["status_hex"] for r in stores_seen(scp, uid)] == ["0xA700", "0xA7FF", "0x0213", "0x0000"]
     assert events(engine, uid) == ["retry_scheduled"] * 3 + ["delivered"]
-    details = [r[0] for r in engine.store.reader().execute(
-        "SELECT detail FROM audit WHERE event = 'retry_scheduled' ORDER BY id")]
+    details = [r["detail"] for r in engine.store.reader().rows("audit", event="retry_scheduled")]
     assert all("transient/destination" in x for x in details), details
     assert events(engine) == ["destination_down", "destination_up"]
     state = destination(engine)

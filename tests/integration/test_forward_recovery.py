@@ -56,14 +56,11 @@ def test_poison_object_does_not_hold_up_the_rest(engine_factory, tmp_path):
     assert deliveries(engine) == {"delivered": 99, "dead": 1}
     delivered = _delivered_uids(scp)
     assert len(delivered) == 99 and poison not in delivered
-    row = engine.store.reader().execute(
-        "SELECT d.attempts, d.last_status, d.last_class FROM deliveries d JOIN objects o "
-        "ON o.id = d.object_id WHERE d.state = 'dead'").fetchone()
-    assert tuple(row) == (1, "0xA900", "permanent/message")
+    row = engine.store.reader().rows("deliveries", state="dead")[0]
+    assert (row["attempts"], row["last_status"], row["last_class"]) == (1, "0xA900", "permanent/message")
     # Objects behind the poison went on at once: no retry pause, no destination failure.
-    state = engine.store.reader().execute(
-        "SELECT failures, down, paused FROM destination_state WHERE name = 'pacs'").fetchone()
-    assert tuple(state) == (0, 0, 0)
+    state = engine.store.reader().destination_state("pacs")
+    assert (state["failures"], state["down"], state["paused"]) == (0, 0, 0)
     assert poisoned_s < clean_s * 2 + 1.0, (clean_s, poisoned_s)
 
 
@@ -82,10 +79,10 @@ def test_kill9_while_forwarding_loses_nothing(serve_factory, tmp_path):
 
     serve.start()
     with serve.db() as db:
-        poll(lambda: db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
-                                ).fetchone()[0] == len(files), timeout=120, message="all delivered")
+        poll(lambda: len(db.rows("deliveries", state="delivered")) == len(files), timeout=120,
+             message="all delivered")
         digests = stored_sha256(serve.data_dir)
-        assert db.execute("SELECT COUNT(*) FROM deliveries WHERE state != 'delivered'").fetchone()[0] == 0
+        assert len([r for r in db.rows("deliveries") if r["state"] != "delivered"]) == 0
     assert {_uid(f) for f in files} == set(digests)
     assert _delivered_uids(scp) == digests   # every object, byte for byte as received
 
@@ -136,11 +133,11 @@ def test_dead_letters_replay_after_fix_replay_to_and_discard(engine_factory, tmp
     res = _run_cli(config, "dead-letters", "discard", "--destination", "pacs", "--reason", "understand")
     assert res.returncode == 0 and "1 dead letter(s) discarded" in res.stdout
     assert bad[3] not in _delivered_uids(fixed)
-    states = dict(engine.store.reader().execute(
-        "SELECT o.sop_instance_uid, d.state FROM deliveries d JOIN objects o ON o.id = d.object_id "
-        "WHERE d.destination = 'pacs'").fetchall())
+    reads = engine.store.reader()
+    uid_of = {r["id"]: r["sop_instance_uid"] for r in reads.rows("objects")}
+    states = {uid_of[d["object_id"]]: d["state"] for d in reads.rows("deliveries", destination="pacs")}
     assert states[bad[3]] == "discarded" and states[bad[2]] == "replayed"
-    events = [r[0] for r in engine.store.reader().execute("SELECT event FROM audit ORDER BY id")]
+    events = [r["event"] for r in engine.store.reader().rows("audit")]
     assert events.count("replayed") == 3 and events.count("discarded") == 1
     assert stored_digests(engine)[bad[0]] == _delivered_uids(fixed)[bad[0]]
 
@@ -170,10 +167,8 @@ def test_backoff_schedule_survives_a_restart(engine_factory, tmp_path):
     engine = engine_factory("first", destinations=[dest])
     assert storescu(engine.listeners[0].address[1], dicomgen.write_corpus(tmp_path / "sr", 3)
                     ).returncode == 0
-    poll(lambda: engine.store.reader().execute(
-        "SELECT next_attempt_at FROM destination_state WHERE name = 'pacs'").fetchone(), timeout=30)
-    scheduled = engine.store.reader().execute(
-        "SELECT next_attempt_at FROM destination_state WHERE name = 'pacs'").fetchone()[0]
+    poll(lambda: engine.store.reader().destination_state("pacs"), timeout=30)
+    scheduled = engine.store.reader().destination_state("pacs")["next_attempt_at"]
     assert scheduled - time.time() > 15        # equal jitter: at least half of 40 s
     engine.stop()
     attempts = len(accepted)
@@ -190,8 +185,7 @@ def test_backoff_schedule_survives_a_restart(engine_factory, tmp_path):
         # A negative check: an early retry would have happened within these 2 s.
         assert holds(lambda: len(accepted) == attempts
                      and all(w.sent == 0 for w in again.deliveries.values()), 2)
-        assert again.store.reader().execute(
-            "SELECT next_attempt_at FROM destination_state WHERE name = 'pacs'").fetchone()[0] == scheduled
+        assert again.store.reader().destination_state("pacs")["next_attempt_at"] == scheduled
         assert deliveries(again) == {"pending": 3}
     finally:
         again.stop()

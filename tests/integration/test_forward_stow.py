@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 import dicomgen
-from harness import holds, mfconsole, poll, stored_sha256, write_config
+from harness import delivery_states, holds, mfconsole, poll, stored_sha256, write_config
 from mfconsole.config import EgressConfig
 from mfconsole.engine import outbox
 from peers import require_tool
@@ -64,13 +64,14 @@ def held_back(engine, files: list[Path], *extra: str) -> None:
 
 def rows(engine) -> dict[str, dict]:
     """SOP Instance UID -> its delivery row."""
-    return {r["sop_instance_uid"]: dict(r) for r in engine.store.reader().execute(
-        "SELECT o.sop_instance_uid, d.* FROM deliveries d JOIN objects o ON o.id = d.object_id")}
+    reads = engine.store.reader()
+    uid_of = {o["id"]: o["sop_instance_uid"] for o in reads.rows("objects")}
+    return {uid_of[d["object_id"]]: {"sop_instance_uid": uid_of[d["object_id"]], **d}
+            for d in reads.rows("deliveries")}
 
 
 def states(engine) -> dict[str, int]:
-    return {r[0]: r[1] for r in engine.store.reader().execute(
-        "SELECT state, COUNT(*) FROM deliveries GROUP BY state")}
+    return delivery_states(engine.store.reader())
 
 
 def settled(engine, count: int) -> bool:
@@ -122,8 +123,7 @@ def test_every_object_lands_in_orthanc_byte_identical(engine_factory, orthanc, t
     total = len(files) + 1 + len(paths)
     poll(lambda: states(engine).get("delivered") == total, timeout=120)
     expected = digests(engine)
-    syntaxes = {r[0]: r[1] for r in engine.store.reader().execute(
-        "SELECT sop_instance_uid, transfer_syntax FROM objects")}
+    syntaxes = {r["sop_instance_uid"]: r["transfer_syntax"] for r in engine.store.reader().rows("objects")}
     held: dict[str, str] = {}
     for oid in orthanc.instances():
         data, ts = part10_dataset(orthanc.instance_file(oid), tmp_path / "held.dcm")
@@ -150,7 +150,7 @@ def test_orthanc_stopped_and_restarted_mid_run_loses_nothing(engine_factory, ort
     poll(lambda: states(engine).get("delivered") == 50, timeout=60)
     assert states(engine).get("dead", 0) == 0
     assert sorted(orthanc.sop_instance_uids()) == sorted(uids_of(first + second))
-    attempts = engine.store.reader().execute("SELECT MAX(attempts) FROM deliveries").fetchone()[0]
+    attempts = max((r["attempts"] for r in engine.store.reader().rows("deliveries")), default=None)
     assert attempts >= 2, "the outage must have cost retries"
 
 
@@ -205,8 +205,7 @@ def test_request_is_multipart_of_part10_files_with_the_stored_bytes(engine_facto
     posts = server.posts()
     assert sorted(len(r.uids) for r in posts) == [1, 2, 4], "6 of one study in 4 + 2, then 1"
     expected = digests(engine)
-    syntaxes = {r[0]: r[1] for r in engine.store.reader().execute(
-        "SELECT sop_instance_uid, transfer_syntax FROM objects")}
+    syntaxes = {r["sop_instance_uid"]: r["transfer_syntax"] for r in engine.store.reader().rows("objects")}
     for req in posts:
         ctype = req.headers["Content-Type"]
         assert ctype.startswith('multipart/related; type="application/dicom"; boundary=')
@@ -249,7 +248,7 @@ def test_mixed_per_instance_results(engine_factory, stow_server, tmp_path, xml):
     assert len(posts[0].uids) == 6
     assert sorted(x for p in posts[1:] for x in p.uids) == sorted(u[1:3]), "only those two again"
     assert not dest_state(engine).paused
-    events = [e[0] for e in engine.store.reader().execute("SELECT event FROM audit WHERE destination = 'web'")]
+    events = [e["event"] for e in engine.store.reader().rows("audit", destination="web")]
     assert "delivered_with_warning" in events and "dead_lettered" in events
 
 
@@ -521,6 +520,5 @@ def test_dead_letter_replayed_once_the_archive_takes_it(engine_factory, stow_ser
     assert res.returncode == 0 and "1 dead letter(s) queued again" in res.stdout
     poll(lambda: states(engine).get("delivered") == 1, timeout=30)
     assert [r.behaviour for r in server.posts()] == ["answer(422)", "stored()"]
-    events = [e[0] for e in engine.store.reader().execute(
-        "SELECT event FROM audit WHERE destination = 'web' ORDER BY id")]
+    events = [e["event"] for e in engine.store.reader().rows("audit", destination="web")]
     assert events[-3:] == ["dead_lettered", "replayed", "delivered"]

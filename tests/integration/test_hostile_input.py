@@ -167,21 +167,20 @@ def c_echo_and_store(scp, tmp_path: Path) -> tuple[float, str]:
 # --------------------------------------------------------------------------
 
 def objects(engine) -> list[dict]:
-    return [dict(r) for r in engine.store.reader().execute("SELECT * FROM objects ORDER BY id")]
+    return engine.store.reader().rows("objects")
 
 
 def blob_files(engine) -> list:
     """Every stored blob: files (large objects) and blob_data rows (small ones)."""
     files = [p for p in engine.store.blob_root.rglob("*") if p.is_file()]
-    inline = [r[0] for r in engine.store.reader().execute("SELECT object_id FROM blob_data")]
+    inline = [r["object_id"] for r in engine.store.reader().rows("blob_data")]
     return files + inline
 
 
 def refused_rows(engine, expected: int, timeout: float = 5.0) -> list[dict]:
     """Audit rows for refusals (audit rows are committed with the next group)."""
     def rows():
-        found = [dict(r) for r in engine.store.reader().execute(
-            "SELECT * FROM audit WHERE event = 'refused' ORDER BY id")]
+        found = engine.store.reader().rows("audit", event="refused")
         return found if len(found) >= expected else None
     return poll(rows, timeout, message=f"{expected} 'refused' audit row(s)")
 
@@ -198,8 +197,8 @@ def tree(root: Path) -> set[Path]:
 def assert_no_canary(engine) -> None:
     """The canary PHI is in no audit row, no log line, no byte of any file under data_dir."""
     needles = (CANARY_NAME.encode(), CANARY_ID.encode(), b"ZZCANARY", b"CANARY-0001")
-    for row in engine.store.reader().execute("SELECT * FROM audit"):
-        text = " ".join(str(v) for v in tuple(row))
+    for row in engine.store.reader().rows("audit"):
+        text = " ".join(str(v) for v in row.values())
         assert "CANARY" not in text.upper(), f"canary PHI in audit row {dict(row)}"
     log_file = engine.data_dir / "logs" / "mfconsole.log"
     assert log_file.is_file(), "no log file"
@@ -578,9 +577,9 @@ def test_command_uid_over_64_chars_aborts_in_a_separate_scp(serve_factory, tmp_p
     monkeypatch.setitem(_config.VALIDATORS, "UI", _UI_VALIDATOR)
     c_echo_and_store(server, tmp_path)
     with server.db() as db:
-        assert db.execute("SELECT count(*) FROM objects").fetchone()[0] == 1
-        assert db.execute("SELECT count(*) FROM objects WHERE length(sop_instance_uid) > 64").fetchone()[0] == 0
-        assert db.execute("SELECT count(*) FROM blob_data").fetchone()[0] == 1
+        assert db.object_count() == 1
+        assert len([r for r in db.rows("objects") if len(r["sop_instance_uid"]) > 64]) == 0
+        assert len(db.rows("blob_data")) == 1
     assert [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()] == []
     server.stop()
     for path in (p for p in server.data_dir.rglob("*") if p.is_file()):
@@ -685,5 +684,4 @@ def test_vendor_and_legacy_encodings_are_stored(engine, tmp_path, kind):
     assert (row["sop_class_uid"], row["transfer_syntax"]) == (sop_class, ts)
     assert engine.store.read_object(row["id"]) == dataset   # stored byte for byte
     assert len(blob_files(engine)) == 1
-    assert engine.store.reader().execute(
-        "SELECT count(*) FROM audit WHERE event = 'refused'").fetchone()[0] == 0
+    assert len(engine.store.reader().rows("audit", event="refused")) == 0

@@ -24,6 +24,8 @@ import dicomgen
 from harness import CANARY_ID, CANARY_NAME, mfconsole, poll, run, write_config
 from peers import require_tool
 
+from mfconsole.repository import db_path
+
 # pydicom's bundled files that are valid Storage objects with distinct SOP Instance
 # UIDs, across transfer syntaxes (implicit, explicit, big endian, deflate, JPEG,
 # JPEG-LS, JPEG 2000, RLE), SRs, RT and waveforms.
@@ -107,10 +109,10 @@ def meta_uid_differs(path: Path) -> bool:
     return ds.file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
 
 
-def stored_rows(conn) -> dict[str, list[dict]]:
+def stored_rows(reads) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
-    for r in conn.execute("SELECT * FROM objects ORDER BY id"):
-        rows.setdefault(r["sop_instance_uid"], []).append(dict(r))
+    for r in reads.rows("objects"):
+        rows.setdefault(r["sop_instance_uid"], []).append(r)
     return rows
 
 
@@ -121,14 +123,14 @@ def decrypt(engine_store, row) -> bytes:
 def assert_blobs_match_rows(store) -> None:
     """No blob without a row, no row without its blob: files for large objects,
     blob_data rows for small ones."""
-    from mfconsole.engine.store import INLINE
+    from mfconsole.repository.states import INLINE
 
-    conn = store.reader()
-    rows = [dict(r) for r in conn.execute("SELECT id, blob FROM objects WHERE purged_at IS NULL")]
+    reads = store.reader()
+    rows = reads.rows("objects", purged_at=None)
     files = {p.relative_to(store.blob_root).as_posix() for p in store.blob_root.rglob("*")
              if p.is_file()}
     assert files == {r["blob"] for r in rows if r["blob"] != INLINE}
-    inline = {r[0] for r in conn.execute("SELECT object_id FROM blob_data")}
+    inline = {r["object_id"] for r in reads.rows("blob_data")}
     assert inline == {r["id"] for r in rows if r["blob"] == INLINE}
 
 
@@ -186,8 +188,8 @@ def test_concurrent_ingest_stores_each_object_once_and_byte_exact(engine, corpus
         # check is test_raw_bytes_are_stored_exactly.
         assert_same_content(plain, row["transfer_syntax"], expected[uid])
     # Every object is queued for the configured destination, once.
-    counts = engine.store.reader().execute(
-        "SELECT COUNT(*) AS n, COUNT(DISTINCT object_id) AS d FROM deliveries").fetchone()
+    queued = engine.store.reader().rows("deliveries")
+    counts = {"n": len(queued), "d": len({r["object_id"] for r in queued})}
     assert counts["n"] == counts["d"] == len(rows)
     # Group commit: concurrent associations shared commits.
     assert engine.store.commits < engine.store.committed_jobs
@@ -223,7 +225,7 @@ def test_raw_bytes_are_stored_exactly(engine_factory, corpus):
     assert {p.name for p in mismatched} >= {"rtplan.dcm", "rtdose.dcm"}
     assert [(p.name, hex(s)) for p, s in zip(files, statuses)
             if s != (0xA900 if p in mismatched else 0)] == []
-    rows = {r["sop_instance_uid"]: r for r in engine.store.reader().execute("SELECT * FROM objects")}
+    rows = {r["sop_instance_uid"]: r for r in engine.store.reader().rows("objects")}
     for path in mismatched:
         assert str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) not in rows
     for path in set(files) - mismatched:
@@ -259,21 +261,19 @@ def test_duplicate_and_conflicting_versions(engine, tmp_path):
     ds.ContentSequence[0].TextValue = "Amended finding."
     second = dicomgen.save(ds, tmp_path / "b.dcm")
     assert storescu(port, [second]).returncode == 0
-    conn = engine.store.reader()
-    rows = conn.execute("SELECT id, version, superseded FROM objects WHERE sop_instance_uid = ? "
-                        "ORDER BY version", (str(ds.SOPInstanceUID),)).fetchall()
+    reads = engine.store.reader()
+    rows = reads.rows("objects", order_by="version", sop_instance_uid=str(ds.SOPInstanceUID))
     assert [(r["version"], r["superseded"]) for r in rows] == [(1, 1), (2, 0)]
-    deliveries = conn.execute("SELECT object_id FROM deliveries WHERE object_id IN (?, ?)",
-                              (rows[0]["id"], rows[1]["id"])).fetchall()
+    deliveries = [d for oid in (rows[0]["id"], rows[1]["id"])
+                  for d in reads.rows("deliveries", object_id=oid)]
     assert sorted(d["object_id"] for d in deliveries) == [rows[0]["id"], rows[1]["id"]]
     # (the default destination is unreachable: its retry events are not what this checks)
-    events = [r["event"] for r in conn.execute(
-        "SELECT event FROM audit WHERE sop_instance_uid = ? AND event IN "
-        "('stored', 'duplicate', 'conflict') ORDER BY id", (str(ds.SOPInstanceUID),))]
+    events = [r["event"] for r in reads.rows("audit", sop_instance_uid=str(ds.SOPInstanceUID))
+              if r["event"] in ("stored", "duplicate", "conflict")]
     assert events == ["stored", "duplicate", "conflict", "stored"]
     # Only two blobs exist for the three receptions.
     assert_blobs_match_rows(engine.store)
-    assert conn.execute("SELECT COUNT(*) FROM blob_data").fetchone()[0] == 2
+    assert len(reads.rows("blob_data")) == 2
 
 
 def test_echo_and_association_rejections(engine_factory):
@@ -290,9 +290,7 @@ def test_echo_and_association_rejections(engine_factory):
     assert "Calling AE Title Not Recognized" in unlisted.stdout + unlisted.stderr
 
     def rejected():
-        return engine.store.reader().execute(
-            "SELECT calling_ae, detail FROM audit WHERE event = 'association_rejected' "
-            "ORDER BY id").fetchall()
+        return engine.store.reader().rows("audit", event="association_rejected")
     rows = poll(lambda: (r := rejected()) and len(r) >= 2 and r, message="audit rows")
     assert ("CT01", "called AE title not recognized") in [
         (r["calling_ae"], r["detail"].split(" (")[0]) for r in rows]
@@ -342,8 +340,8 @@ def test_canary_phi_is_nowhere_in_plaintext(serve_factory, tmp_path):
     for canary in (CANARY_NAME, CANARY_ID, "ZZCANARY"):
         for name, data in haystacks.items():
             assert canary.encode() not in data, f"canary {canary!r} found in {name}"
-    conn = srv.db()
-    assert conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == 21
+    with srv.db() as db:
+        assert db.object_count() == 21
 
 
 def test_serve_lifecycle_single_instance_and_status(serve_factory):
@@ -369,12 +367,13 @@ def test_sigterm_finishes_the_association_in_progress(serve_factory, tmp_path):
     proc = subprocess.Popen([exe, "-v", "-aet", "MODALITY", "-aec", "MF_SCP", "127.0.0.1",
                              str(srv.port), *map(str, files)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    conn = srv.db()
-    poll(lambda: conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0] >= 5, timeout=30)
+    with srv.db() as db:
+        poll(lambda: db.object_count() >= 5, timeout=30)
     assert srv.stop(signal.SIGTERM) == 0
     out, _ = proc.communicate(timeout=60)
     confirmed = successes(out)
-    stored = {r[0] for r in srv.db().execute("SELECT sop_instance_uid FROM objects")}
+    with srv.db() as db:
+        stored = {r["sop_instance_uid"] for r in db.rows("objects")}
     for path in confirmed:
         assert str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) in stored
 
@@ -410,7 +409,7 @@ def test_kill9_never_loses_a_confirmed_object(serve_factory, tmp_path):
     store = Store(config.engine.data_dir, Vault([load_or_create_key(config.store.key_file)]))
     store.open()
     try:
-        rows = {r["sop_instance_uid"]: dict(r) for r in store.reader().execute("SELECT * FROM objects")}
+        rows = {r["sop_instance_uid"]: r for r in store.reader().rows("objects")}
         for path in confirmed:
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert uid in rows, f"{path.name} was confirmed but is not stored"
@@ -448,4 +447,4 @@ def test_serve_refuses_a_key_file_others_can_read(tmp_path):
     assert res.returncode == 1
     assert f"chmod 600 {key}" in res.stderr
     assert "Traceback" not in res.stderr
-    assert not (tmp_path / "k" / "var" / "mfconsole.db").exists()
+    assert not db_path(tmp_path / "k" / "var").exists()

@@ -7,6 +7,7 @@ the store, the files on disk and what the peer received."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import shutil
 import sqlite3
 import threading
@@ -16,13 +17,14 @@ import pytest
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import mfconsole, poll, store_files, stored_sha256, write_config
+from harness import mfconsole, plant, poll, store_files, stored_sha256, write_config
 from test_forward_dimse import deliveries, dimse_dest
 
 from mfconsole.config import load
 from mfconsole.engine import outbox
 from mfconsole.engine.engine import Engine
 from mfconsole.engine.engine_lock import EngineError
+from mfconsole.repository import DB_NAME, db_path
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def test_a_missing_key_is_a_refusal_and_the_queue_waits_for_it(engines, tmp_path
         again.store.call(outbox.resume, "pacs")
         again.deliveries["pacs"].wake.set()
         poll(lambda: deliveries(again) == {"delivered": 7}, timeout=30,
-             message=f"all delivered: {[tuple(r) for r in again.store.reader().execute('SELECT state, last_reason FROM deliveries')]}")
+             message=f"all delivered: {[(r['state'], r['last_reason']) for r in again.store.reader().rows('deliveries')]}")
         sent = {r["sop_instance_uid"]: r["sha256"] for r in scp.received() if r["status"] == 0}
         assert sent == stored_sha256(again.data_dir, key)
         assert set(sent) == set(uids)
@@ -157,8 +159,8 @@ def test_rotation_during_ingest_then_rekey_then_the_old_key_can_go(engines, tmp_
         sent = {r["sop_instance_uid"]: r["sha256"] for r in scp.received() if r["status"] == 0}
         assert set(before) <= set(sent) and len(sent) == 93
         assert {u: sent[u] for u in before} == plain_before
-        audit = [r[0] for r in engine.store.reader().execute(
-            "SELECT event FROM audit WHERE event LIKE 'rekey%'")]
+        audit = [r["event"] for r in engine.store.reader().rows("audit")
+                 if r["event"].lower().startswith("rekey")]
         assert audit == ["rekey_started", "rekeyed"]
     finally:
         scp.stop()
@@ -170,12 +172,12 @@ def test_a_missing_database_beside_blobs_is_a_refusal_and_blobs_stay(engines, tm
     engine.stop()
     blobs = blob_files(data_dir)
     assert len(blobs) == 3
-    for p in data_dir.glob("mfconsole.db*"):
+    for p in data_dir.glob(DB_NAME + "*"):
         p.unlink()
     with pytest.raises(EngineError, match="restore the database"):
         engines(config)
     assert blob_files(data_dir) == blobs
-    assert not (data_dir / "mfconsole.db").exists()
+    assert not db_path(data_dir).exists()
     # Deliberately starting anew keeps the blobs, in quarantine.
     engine = engines(config, accept_empty_store=True)
     assert blob_files(data_dir) == {}
@@ -188,23 +190,22 @@ def test_a_stale_database_restored_quarantines_newer_blobs(engines, tmp_path):
     old = [uid for uid in stored_sha256(engine.data_dir, engine.config.store.key_file)]
     data_dir = engine.data_dir
     backup = tmp_path / "backup.db"
-    with sqlite3.connect(data_dir / "mfconsole.db") as src, sqlite3.connect(backup) as dst:
+    with sqlite3.connect(db_path(data_dir)) as src, sqlite3.connect(backup) as dst:
         src.backup(dst)
     send(engine, tmp_path / "ct2", 2, kind="ct", pixel_bytes=300 * 1024)
     engine.stop()
     everything = blob_files(data_dir)
     assert len(everything) == 4
-    for p in data_dir.glob("mfconsole.db*"):
+    for p in data_dir.glob(DB_NAME + "*"):
         p.unlink()
-    shutil.copy(backup, data_dir / "mfconsole.db")
+    shutil.copy(backup, db_path(data_dir))
     engine = engines(config)
     kept = blob_files(data_dir)
     quarantined = {p.read_bytes() for p in (data_dir / "quarantine").rglob("*.blob")}
     assert len(kept) == 2 and len(quarantined) == 2
     assert set(kept.values()) | quarantined == set(everything.values())   # nothing deleted
     assert set(stored_sha256(data_dir, engine.config.store.key_file)) == set(old)
-    detail = engine.store.reader().execute(
-        "SELECT detail FROM audit WHERE event = 'recovered' ORDER BY id DESC").fetchone()[0]
+    detail = engine.store.reader().rows("audit", order_by="id DESC", event="recovered")[0]["detail"]
     assert "quarantined_blobs=2" in detail
 
 
@@ -228,8 +229,8 @@ def test_backup_taken_while_ingesting_restores_whole(engines, tmp_path):
         poll(lambda: len(blob_files(data_dir)) >= 9, timeout=30, message="ingest under way")
         restored = tmp_path / "restored"
         (restored / "var").mkdir(parents=True)
-        with sqlite3.connect(data_dir / "mfconsole.db") as src, \
-                sqlite3.connect(restored / "var" / "mfconsole.db") as dst:
+        with sqlite3.connect(db_path(data_dir)) as src, \
+                sqlite3.connect(db_path(restored / "var")) as dst:
             src.backup(dst)                                       # online, consistent
         shutil.copytree(data_dir / "blobs", restored / "var" / "blobs")   # after the database
     finally:
@@ -241,7 +242,7 @@ def test_backup_taken_while_ingesting_restores_whole(engines, tmp_path):
     config2 = write_config(restored, destinations=[dimse_dest(1)],
                            egress={"allowed_tcp": ["127.0.0.1:1"]})
     again = engines(config2)
-    known = again.store.reader().execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+    known = again.store.reader().object_count()
     assert known >= 9
     opened = stored_sha256(again.data_dir, again.config.store.key_file)   # every one decrypts
     assert len(opened) == known
@@ -262,15 +263,14 @@ def test_rekey_stopped_midway_resumes_where_it_left_off(engines, tmp_path):
     set_store_keys(config, "keys/b.key", ["var/keys/store.key"])
     vault = open_vault(load(config).store, data_dir)
     stop = threading.Event()
-    first = rekeying.rekey(data_dir / "mfconsole.db", data_dir / "blobs", vault, batch=10,
+    first = rekeying.rekey(db_path(data_dir), data_dir / "blobs", vault, batch=10,
                            progress=lambda done, total: stop.set(), stop=stop)
     assert first == (10, 0)                     # stopped after one batch
-    done, failed = rekeying.rekey(data_dir / "mfconsole.db", data_dir / "blobs", vault, batch=10)
+    done, failed = rekeying.rekey(db_path(data_dir), data_dir / "blobs", vault, batch=10)
     assert (done, failed) == (33, 0)            # the rest, nothing twice
     engine = engines(config)
     assert stored_sha256(data_dir, config.parent / "keys" / "b.key") == plain
-    assert {k: n for k, n in engine.store.reader().execute(
-        "SELECT key_id, COUNT(*) FROM objects GROUP BY key_id")} == {vault.key_id: 43}
+    assert dict(Counter(r["key_id"] for r in engine.store.reader().rows("objects"))) == {vault.key_id: 43}
 
 
 def test_a_blob_left_by_an_interrupted_purge_is_quarantined_not_a_refusal(engines, tmp_path):
@@ -281,7 +281,7 @@ def test_a_blob_left_by_an_interrupted_purge_is_quarantined_not_a_refusal(engine
     data_dir = engine.data_dir
     leftover = next((data_dir / "blobs").rglob("*.blob"))
     kept = leftover.read_bytes()
-    engine.store.call(lambda c: c.execute("UPDATE objects SET purged_at = 1"))
+    engine.store.call(lambda tx: plant(tx, "UPDATE objects SET purged_at = 1"))
     engine.stop()
     again = engines(config)
     assert not leftover.exists()

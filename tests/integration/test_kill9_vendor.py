@@ -11,7 +11,7 @@ delivery rows, never on log lines.
 from __future__ import annotations
 
 import hashlib
-from contextlib import closing
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -142,8 +142,7 @@ def _answered_ok(scp: FaultSCP) -> list[dict]:
 
 
 def _active(db) -> int:
-    return db.execute("SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'in_flight')"
-                      ).fetchone()[0]
+    return sum(len(db.rows("deliveries", state=state)) for state in ("pending", "in_flight"))
 
 
 @pytest.mark.slow
@@ -182,10 +181,9 @@ def test_kill9_cycles_while_forwarding_vendor_objects(serve_factory, tmp_path):
         poll(lambda: len(_answered_ok(scp)) >= baseline + PROGRESS, timeout=30, interval=0.02,
              message=f"cycle {cycle}: the peer answers {PROGRESS} more C-STOREs")
         serve.kill9()
-        with closing(serve.db()) as db:
+        with serve.db() as db:
             assert _active(db) > 0, f"cycle {cycle}: the kill must land while forwarding"
-            in_flight_at_kill.append(db.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE state = 'in_flight'").fetchone()[0])
+            in_flight_at_kill.append(len(db.rows("deliveries", state="in_flight")))
         serve.start()
         # While the restarted engine forwards: new objects, and a few acknowledged ones
         # again with the same bytes (a modality retrying after the crash).
@@ -194,20 +192,22 @@ def test_kill9_cycles_while_forwarding_vendor_objects(serve_factory, tmp_path):
 
     expected = set(acknowledged)
     assert len(expected) == INITIAL + KILLS * WAVE_NEW
-    with closing(serve.db()) as db:
+    with serve.db() as db:
         # Settled: a delivery row for every acknowledged object, none pending or in flight.
-        poll(lambda: _active(db) == 0 and db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
-             == len(expected), timeout=60, interval=0.05, message="every delivery settled")
-        objects = {r["sop_instance_uid"]: dict(r) for r in db.execute(
-            "SELECT id, sop_instance_uid, version, size FROM objects")}
+        poll(lambda: _active(db) == 0 and len(db.rows("deliveries")) == len(expected),
+             timeout=60, interval=0.05, message="every delivery settled")
+        objects = {r["sop_instance_uid"]: {k: r[k] for k in ("id", "sop_instance_uid", "version", "size")}
+                   for r in db.rows("objects")}
         for uid, sha in stored_sha256(serve.data_dir).items():   # the stored plaintext's
             objects[uid]["digest"] = sha
-        rows_per_uid = db.execute("SELECT sop_instance_uid, COUNT(*) FROM objects "
-                                  "GROUP BY sop_instance_uid HAVING COUNT(*) > 1").fetchall()
-        outcome = {r["sop_instance_uid"]: dict(r) for r in db.execute(
-            "SELECT o.sop_instance_uid, d.destination, d.state, d.last_status, d.last_reason "
-            "FROM deliveries d JOIN objects o ON o.id = d.object_id")}
-        delivery_count = db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+        per_uid = Counter(r["sop_instance_uid"] for r in db.rows("objects"))
+        rows_per_uid = [(uid, n) for uid, n in per_uid.items() if n > 1]
+        uid_of = {r["id"]: r["sop_instance_uid"] for r in db.rows("objects")}
+        outcome = {uid_of[d["object_id"]]: {"sop_instance_uid": uid_of[d["object_id"]],
+                                            **{k: d[k] for k in ("destination", "state", "last_status",
+                                                                 "last_reason")}}
+                   for d in db.rows("deliveries")}
+        delivery_count = len(db.rows("deliveries"))
 
     # Stored once each, exactly the acknowledged ones, each as it was sent.
     assert [tuple(r) for r in rows_per_uid] == []

@@ -67,7 +67,8 @@ def test_search_by_accession_and_patient_id_on_keyed_hashes_is_audited(stored):
     assert all(r["actor"] and "uid " in r["actor"] and "control socket" in r["actor"] for r in rows)
     assert ["2 found", "1 found", "0 found"] == [r["detail"].rsplit(": ", 1)[1] for r in rows]
     # The identifiers are nowhere in clear: not in the audit, not in the database file.
-    raw = b"".join(p.read_bytes() for p in db_path(engine.data_dir).parent.glob("mfconsole.db*"))
+    db = db_path(engine.data_dir)
+    raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
     for value in (b"AB-1", b"CD-2", b"PAT-7", b"PAT-8"):
         assert value not in raw
     assert not any("AB-1" in (r["detail"] or "") or "PAT" in (r["detail"] or "") for r in rows)

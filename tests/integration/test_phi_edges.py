@@ -17,7 +17,6 @@ import os
 import shlex
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -27,7 +26,8 @@ import pytest
 
 import dicomgen
 from harness import CANARY_NAME, REPO, mfconsole, poll, write_config
-from mfconsole.engine.control import SOCKET_NAME, ControlError, request
+from mfconsole.control import SOCKET_NAME, ControlError, request
+from mfconsole.repository import db_path, reading
 from peers import free_port, require_tool, wait_for_port
 from tlsgen import make_pki
 
@@ -250,15 +250,11 @@ def test_console_config_edit_works_in_the_units_file_system_layout(spawn, tmp_pa
         leftovers = [p.name for p in at(config_path.parent).iterdir() if p.name.endswith(".edit")]
         assert not leftovers
         # SO_PEERCRED still names who edited (the engine is not dumpable).
-        db = at(data_dir) / "mfconsole.db"
+        db = db_path(at(data_dir))
 
         def edited() -> list[str]:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-            try:
-                return [r[0] for r in conn.execute(
-                    "SELECT detail FROM audit WHERE event = 'config_edited'")]
-            finally:
-                conn.close()
+            with reading(db) as reads:
+                return [r["detail"] for r in reads.rows("audit", event="config_edited")]
 
         details = poll(edited, timeout=10, message="the config_edited audit row")
         assert f"(uid {os.geteuid()}" in details[-1] and "via control socket" in details[-1], details
@@ -292,8 +288,8 @@ def test_storescu_certificate_is_bound_by_its_san_not_its_cn(engine_factory, tmp
     # …only as what its SAN is bound to.
     assert send("OTHER", files[1]).returncode == 0
     reader = engine.store.reader()
-    assert reader.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == 1
-    rejected = poll(lambda: reader.execute(
-        "SELECT calling_ae, detail FROM audit WHERE event = 'association_rejected'").fetchall())
+    assert reader.object_count() == 1
+    rejected = poll(lambda: [(r["calling_ae"], r["detail"])
+                             for r in reader.rows("audit", event="association_rejected")])
     assert [r[0] for r in rejected] == ["CT1"]
     assert "(other.example)" in rejected[0][1], rejected

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mfconsole.repository import (SCHEMA_VERSION, DeadLetterFilter, Reads, SchemaError, Tx, connect,
-                                  migrate, transaction)
+from harness import plant
+
+from mfconsole.repository import (DB_NAME, SCHEMA_VERSION, DeadLetterFilter, Reads, SchemaError, Tx,
+                                  connect, db_path, migrate, transaction)
 from mfconsole.repository.schema import MIGRATIONS, schema_version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,14 +74,63 @@ def test_only_the_repository_imports_sqlite():
 
 def test_the_database_file_is_named_once():
     named = [str(p.relative_to(ROOT)) for p in sorted(PACKAGE.rglob("*.py"))
-             if "mfconsole.db" in p.read_text(encoding="utf-8")]
+             if DB_NAME in p.read_text(encoding="utf-8")]
     assert named == ["mfconsole/repository/schema.py"]
+    assert DB_NAME == "mfconsole.db"
+
+
+def _sql_outside_plant(path: Path) -> list[tuple[int, str]]:
+    """SQL strings of a test or bench file that are not the statement of a
+    ``harness.plant`` call (the one place they may write SQL, to plant a fault), nor
+    the SQL detector's own samples."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    allowed: set[int] = set()
+    for node in ast.walk(tree):
+        planted = (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                   == "plant")
+        detector = (isinstance(node, ast.FunctionDef) and node.name in ("test_the_sql_detector_finds_sql",
+                                                                     "test_the_test_sql_check_can_fail")
+                    or isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "SQL" for t in node.targets))
+        if planted or detector:
+            allowed |= {id(n) for arg in ((node.args if planted else [node])) for n in ast.walk(arg)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in allowed:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        else:
+            continue
+        if SQL.search(text.strip()):
+            found.append((node.lineno, text))
+    return found
+
+
+def test_tests_and_benches_read_through_the_repository():
+    """Tests and benches read stored state through ``Reads`` and write through ``Tx``:
+    SQL text only as a fault planted with harness.plant, the file named by db_path."""
+    files = sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").glob("*.py")])
+    found = [f"{p.relative_to(ROOT)}:{line}: {text[:60]!r}" for p in files
+             for line, text in _sql_outside_plant(p)]
+    assert not found, "SQL outside harness.plant:\n" + "\n".join(found)
+    named = [str(p.relative_to(ROOT)) for p in files if p != Path(__file__).resolve()
+             and DB_NAME in p.read_text(encoding="utf-8")]
+    assert not named
+
+
+def test_the_test_sql_check_can_fail(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('plant(tx, "UPDATE objects SET purged_at = 1")\n'
+                      'reads.conn.execute("SELECT id FROM objects")\n')
+    assert [line for line, _ in _sql_outside_plant(sample)] == [2]
 
 
 # -- migrations ------------------------------------------------------------------------
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    return Reads(conn).columns(table)
 
 
 def test_a_new_database_gets_every_migration_in_order(tmp_path):
@@ -98,13 +149,14 @@ def test_a_first_release_database_is_brought_up_to_date_keeping_its_rows(tmp_pat
     added ad hoc (versions that still said 1 did that), one delivery queued."""
     path = tmp_path / "old.db"
     conn = connect(path)
-    conn.execute("BEGIN")
-    MIGRATIONS[0](conn)
-    conn.execute("ALTER TABLE deliveries ADD COLUMN handler_digest TEXT")
-    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
-    conn.execute("INSERT INTO objects (id, sop_instance_uid, version, digest, blob) VALUES (1, '1.2.3', 1, 'd', 'x')")
-    conn.execute("INSERT INTO deliveries (object_id, destination, state, retry_at) VALUES (1, 'pacs', 'pending', 0)")
-    conn.execute("COMMIT")
+    with transaction(conn) as tx:
+        MIGRATIONS[0](conn)
+        MIGRATIONS[1](conn)                 # handler_digest, added ad hoc
+        tx.set_meta("schema_version", "1")
+        object_id = tx.insert_object({"sop_instance_uid": "1.2.3", "version": 1, "digest": "d",
+                                      "blob": "x"}, None)
+        plant(tx, "INSERT INTO deliveries (object_id, destination, state, retry_at) "
+                  "VALUES (?, 'pacs', 'pending', 0)", (object_id,))   # no suspect column yet
     conn.close()
 
     conn = connect(path)
@@ -113,7 +165,7 @@ def test_a_first_release_database_is_brought_up_to_date_keeping_its_rows(tmp_pat
     row, = reads.rows("deliveries")
     assert (row["destination"], row["state"], row["suspect"]) == ("pacs", "pending", 0)
     assert reads.meta("schema_version") == str(SCHEMA_VERSION)
-    assert "objects_unpurged" in {r[1] for r in conn.execute("PRAGMA index_list(objects)")}
+    assert "objects_unpurged" in reads.indexes("objects")
 
 
 def test_a_database_from_a_newer_version_is_refused_untouched(tmp_path):
@@ -132,7 +184,7 @@ def test_the_store_refuses_a_newer_database_with_the_reason(tmp_path):
     from mfconsole.engine.store import Store, StoreRefused
     from mfconsole.engine.vault import Vault, create_key
 
-    conn = connect(tmp_path / "mfconsole.db")
+    conn = connect(db_path(tmp_path))
     migrate(conn)
     with transaction(conn) as tx:
         tx.set_meta("schema_version", "999")
@@ -146,7 +198,7 @@ def test_a_failed_migration_leaves_the_database_at_its_last_version(tmp_path, mo
     from mfconsole.repository import schema
 
     def broken(conn):
-        conn.execute("CREATE TABLE half_done (x)")
+        plant(conn, "CREATE TABLE half_done (x)")
         raise RuntimeError("disk trouble")
 
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + (broken,))
@@ -155,7 +207,7 @@ def test_a_failed_migration_leaves_the_database_at_its_last_version(tmp_path, mo
     with pytest.raises(RuntimeError):
         schema.migrate(conn)
     assert schema_version(conn) == len(MIGRATIONS)
-    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
+    assert not Reads(conn).table_exists("half_done")
 
 
 # -- the one dead-letter filter ----------------------------------------------------------
