@@ -71,12 +71,19 @@ def test_dashboard_and_associations_count_what_storescu_sent(engine_factory, sto
         assert "dead letters 0" in str(app.screen.query_one("#summary").render())
         await pilot.press("2")
 
+        def inbound() -> list[str]:
+            return [k for k in rows(app, "associations") if cell(app, "associations", k, "dir") == "← in"]
+
         def released() -> str | None:   # after its last C-STORE: not implied by the deliveries
-            keys = rows(app, "associations")
+            keys = inbound()
             return keys[0] if keys and cell(app, "associations", keys[0], "status") == "✓ released" else None
         key = await wait_for(pilot, released, what="the association released")
         assert cell(app, "associations", key, "calling") == "MODALITY"
         assert cell(app, "associations", key, "objects") == "12"
+        # ... and the engine's own association to the PACS, with what it sent.
+        out = [k for k in rows(app, "associations") if cell(app, "associations", k, "dir") == "→ out"]
+        assert out and cell(app, "associations", out[0], "calling") == "PACS"
+        assert sum(int(cell(app, "associations", k, "objects")) for k in out) == 12
 
     run(app, scenario)
 
