@@ -24,6 +24,7 @@ from textual.screen import Screen
 
 from mfconsole.client import Client, ClientError
 from mfconsole.console.associations import AssociationsScreen
+from mfconsole.console.audit import AuditScreen
 from mfconsole.console.commands import ConsoleCommands
 from mfconsole.console.configuration import ConfigurationScreen
 from mfconsole.console.dashboard import DashboardScreen
@@ -33,12 +34,14 @@ from mfconsole.console.dialogs import (MIN_HEIGHT, MIN_WIDTH, ConfirmScreen, Hel
                                        TooSmallScreen, TypeToConfirmScreen)
 from mfconsole.console.handlers import HandlersScreen
 from mfconsole.console.logs import LogsScreen
+from mfconsole.console.objects import ObjectsScreen
 from mfconsole.console.widgets import ConsoleScreen, FilterBar, StatusBar
 
 HANG_UP_GRACE_S = 5.0
 SCREENS = (("dashboard", DashboardScreen), ("associations", AssociationsScreen),
            ("destinations", DestinationsScreen), ("dead_letters", DeadLettersScreen),
-           ("logs", LogsScreen), ("configuration", ConfigurationScreen), ("handlers", HandlersScreen))
+           ("logs", LogsScreen), ("configuration", ConfigurationScreen), ("handlers", HandlersScreen),
+           ("objects", ObjectsScreen), ("audit", AuditScreen))
 
 
 class SnapshotArrived(Message):
@@ -75,6 +78,9 @@ class ConsoleApp(App[None]):
           for n, (name, screen) in enumerate(SCREENS, start=1)),
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("f1", "help", "Help", show=False, id="app.help_f1"),
+        # A binding of our own to the palette replaces Textual's ctrl+p: name it again
+        # (with priority, as Textual does: it works from inside a filter line too).
+        Binding("ctrl+p", "command_palette", "Commands", show=False, priority=True, id="app.palette_ctrl_p"),
         Binding("colon", "command_palette", "Commands", show=False, id="app.palette"),
         Binding("p", "toggle_refresh", "Pause refresh", show=False, id="app.pause_refresh"),
         Binding("q", "quit_console", "Quit", id="app.quit"),
@@ -88,6 +94,7 @@ class ConsoleApp(App[None]):
         self.mouse = mouse
         self.snap: dict[str, Any] | None = None
         self.lost = ""                         # why the engine does not answer, if it does not
+        self.lost_since: float | None = None   # since when (what is shown is from before)
         self.refresh_paused = False
         self.checks: dict[str, dict[str, Any]] = {}   # destination → last echo result
         self.hung_up = False
@@ -170,7 +177,7 @@ class ConsoleApp(App[None]):
     def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
         self._polling = False
         first = self.snap is None
-        self.snap, self.lost = message.snap, ""
+        self.snap, self.lost, self.lost_since = message.snap, "", None
         self._show()
         if first:
             # Textual's many long-lived objects would otherwise be rescanned by every
@@ -181,12 +188,16 @@ class ConsoleApp(App[None]):
     def on_engine_lost(self, message: EngineLost) -> None:
         self._polling = False
         self.lost = message.reason
+        if self.lost_since is None:
+            self.lost_since = time.time()
         self._show()
 
     def _show(self) -> None:
         """Give the snapshot to the screen the operator sees (under any dialog)."""
         for screen in reversed(self.screen_stack):
             if isinstance(screen, ConsoleScreen):
+                # Values from a lost engine stay on screen, greyed: they say what was, not what is.
+                screen.set_class(bool(self.lost), "-stale")
                 if screen.is_mounted:
                     screen.query_one(StatusBar).update_from(self)
                     if self.snap is not None:
@@ -247,7 +258,7 @@ class ConsoleApp(App[None]):
         self._show()
 
         def done(result: dict[str, Any]) -> None:
-            self.checks[destination] = result
+            self.checks[destination] = {**result, "at": time.time()}
             self.notify(f"echo {destination}: " + (f"✓ OK {result['rtt_ms']:.0f} ms" if result["ok"]
                                                    else f"✗ {result['detail']}"),
                         severity="information" if result["ok"] else "error")

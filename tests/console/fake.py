@@ -27,6 +27,7 @@ SNAPSHOT: dict[str, Any] = {
         {"name": "modalities", "ae_title": "MF_SCP", "host": "0.0.0.0", "port": 11112, "tls": True,
          "calling_aets": ["CT01", "MR02"], "state": "listening",
          "session": {"received": 1204, "duplicates": 3, "refused": 1, "rejected": 2},
+         "lifetime": {"received": 18_234, "duplicates": 41, "refused": 9, "rejected": 17},
          "rate": 4.2, "history": _history(9)},
     ],
     "destinations": [
@@ -35,6 +36,10 @@ SNAPSHOT: dict[str, Any] = {
          "failures": 0, "next_attempt_at": None, "last_status": None, "last_error": None,
          "oldest_pending_at": NOW - 4, "session": {"sent": 1180, "filtered": 0, "errored": 12,
                                                     "retries": 3},
+         "lifetime": {"sent": 17_900, "filtered": 0, "errored": 312, "retries": 40},
+         "health": {"outcomes": 50, "failed_share": 0.86, "failing": True, "status": "0x0122",
+                    "last_failure": "attempt 1: permanent/message: 0x0122 peer does not support "
+                                    "this SOP class (1.2.840.10008.5.1.4.1.1.2, CT Image Storage)"},
          "rate": 3.9, "history": _history(8)},
         {"name": "archive", "kind": "stow", "target": "https://archive.example.org/dicom-web",
          "state": "down", "counts": {"pending": 1204, "delivered": 16_500, "dead": 3},
@@ -42,6 +47,7 @@ SNAPSHOT: dict[str, Any] = {
          "last_error": "cannot connect to archive.example.org:443: refused",
          "oldest_pending_at": NOW - 3 * 3600 - 60, "session": {"sent": 0, "filtered": 0,
                                                                "errored": 0, "retries": 7},
+         "lifetime": {"sent": 16_500, "filtered": 0, "errored": 3, "retries": 1_950},
          "rate": 0.0, "history": [0] * 60},
         {"name": "ehr", "kind": "mllp", "target": "ehr.example.org:2575", "state": "paused",
          "pause_reason": "by engine: application reject (CR)",
@@ -49,6 +55,7 @@ SNAPSHOT: dict[str, Any] = {
          "next_attempt_at": None, "last_status": "CR", "last_error": "by engine: application reject (CR)",
          "oldest_pending_at": NOW - 600, "session": {"sent": 12, "filtered": 40, "errored": 0,
                                                      "retries": 0},
+         "lifetime": {"sent": 220, "filtered": 980, "errored": 0, "retries": 4},
          "rate": 0.0, "history": _history(2)},
     ],
     "associations": {
@@ -172,4 +179,108 @@ class FakeClient(Client):
             return HANDLERS
         if op == "echo":
             return {"ok": True, "rtt_ms": 3.0, "detail": ""}
+        if op in BROWSER:                  # the Objects and Audit screens (below)
+            return BROWSER[op](args)
         raise ClientError(f"{op} is not scripted in the fake client")
+
+
+# -- the Objects and Audit screens ---------------------------------------------------------
+
+_MODS = [("CT", "1.2.840.10008.5.1.4.1.1.2", "CT01"), ("MR", "1.2.840.10008.5.1.4.1.1.4", "MR02"),
+         ("SR", "1.2.840.10008.5.1.4.1.1.88.11", "CT01")]
+_STATES = ["pacs=delivered archive=delivered", "pacs=delivered archive=dead",
+           "pacs=pending archive=in_flight", "pacs=dead archive=delivered", None]
+
+
+def _object(i: int) -> dict[str, Any]:
+    mod, sop_class, ae = _MODS[i % 3]
+    return {"id": 18_234 - i, "received_at": NOW - 37 * i, "listener": "modalities", "calling_ae": ae,
+            "peer": "10.1.2.31:50122", "association": f"modalities-{118 - i // 10}", "modality": mod,
+            "sop_class_uid": sop_class,
+            "sop_instance_uid": f"1.2.826.0.1.3680043.8.498.12345678901234567890.{2000 + i}",
+            "study_uid": f"1.2.826.0.1.3680043.8.498.98765432109876543210.{300 + i // 4}",
+            "series_uid": f"1.2.826.0.1.3680043.8.498.55555555555555555555.{40 + i // 2}",
+            "transfer_syntax": "1.2.840.10008.1.2.1", "size": 524_288 + 4096 * i, "version": 1,
+            "superseded": 0, "purged_at": None, "deliveries": _STATES[i % len(_STATES)]}
+
+
+OBJECTS = [_object(i) for i in range(60)]
+
+
+def _objects(args: dict[str, Any]) -> dict[str, Any]:
+    rows = OBJECTS
+    for key, value in (args.get("filters") or {}).items():
+        if key == "state":
+            rows = [r for r in rows if f"={value}" in (r["deliveries"] or "")]
+        elif key == "destination":
+            rows = [r for r in rows if f"{value}=" in (r["deliveries"] or "")]
+        elif key in ("calling_ae", "modality", "listener", "study_uid", "sop_instance_uid"):
+            rows = [r for r in rows if r[key] == value]
+    rows = sorted(rows, key=lambda r: (r[args.get("sort") or "id"], r["id"]),
+                  reverse=args.get("descending", True))
+    offset, limit = args.get("offset") or 0, args.get("limit") or 200
+    return {"rows": rows[offset:offset + limit], "total": len(rows)}
+
+
+def _object_timeline(args: dict[str, Any]) -> dict[str, Any]:
+    row = next(r for r in OBJECTS if r["id"] == args["id"])
+    base = row["received_at"]
+    deliveries = [
+        {"id": 40_001, "destination": "pacs", "handler": None, "state": "delivered", "attempts": 1,
+         "last_status": "0x0000", "last_class": "success", "last_reason": "delivered",
+         "handler_version": None, "created_at": base, "updated_at": base + 2},
+        {"id": 40_002, "destination": "archive", "handler": None, "state": "dead", "attempts": 3,
+         "last_status": "HTTP 409", "last_class": "permanent",
+         "last_reason": "the archive reports a conflict (HTTP 409)", "handler_version": None,
+         "created_at": base, "updated_at": base + 95}]
+    events = [
+        {"id": 1, "ts": base, "event": "stored", "listener": "modalities", "destination": None,
+         "delivery_id": None, "calling_ae": row["calling_ae"], "peer": row["peer"], "status": None,
+         "detail": "version=1 size=524288 routes=2", "actor": None},
+        {"id": 2, "ts": base + 2, "event": "delivered", "listener": None, "destination": "pacs",
+         "delivery_id": 40_001, "calling_ae": None, "peer": None, "status": "0x0000",
+         "detail": "attempt 1: delivered: success", "actor": None},
+        {"id": 3, "ts": base + 95, "event": "dead_lettered", "listener": None, "destination": "archive",
+         "delivery_id": 40_002, "calling_ae": None, "peer": None, "status": "HTTP 409",
+         "detail": "attempt 3: permanent: the archive reports a conflict (HTTP 409)", "actor": None}]
+    return {"object": row, "deliveries": deliveries, "events": events}
+
+
+_AUDIT_KINDS = [
+    ("stored", None, "modalities", None, "version=1 size=524288 routes=2", None),
+    ("delivered", "pacs", None, "0x0000", "attempt 1: delivered: success", None),
+    ("dead_lettered", "archive", None, "HTTP 409",
+     "attempt 3: permanent: the archive reports a conflict (HTTP 409)", None),
+    ("replayed", "archive", None, None, "by alice (uid 1000) via control socket: queued again",
+     "alice (uid 1000) via control socket"),
+    ("identifier_search", None, None, None,
+     "by alice (uid 1000) via control socket: objects searched by accession number: 3 found",
+     "alice (uid 1000) via control socket"),
+]
+
+
+def _audit_row(i: int) -> dict[str, Any]:
+    event, dest, listener, status, detail, actor = _AUDIT_KINDS[i % len(_AUDIT_KINDS)]
+    return {"id": 90_000 - i, "ts": NOW - 11 * i, "event": event, "listener": listener, "destination": dest,
+            "object_id": 18_234 - i // 3, "delivery_id": 40_000 + i if dest else None,
+            "sop_instance_uid": f"1.2.826.0.1.3680043.8.498.12345678901234567890.{2000 + i // 3}",
+            "calling_ae": "CT01" if event == "stored" else None,
+            "peer": "10.1.2.31:50122" if event == "stored" else None, "status": status, "detail": detail,
+            "actor": actor}
+
+
+AUDIT = [_audit_row(i) for i in range(80)]
+
+
+def _audit(args: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = AUDIT
+    for key, value in (args.get("filters") or {}).items():
+        if key in ("event", "destination", "listener"):
+            rows = [r for r in rows if r[key] == value]
+    if args.get("before_id") is not None:
+        rows = [r for r in rows if r["id"] < args["before_id"]]
+    return rows[:args.get("limit") or 200]
+
+
+BROWSER = {"objects": _objects, "object": _object_timeline, "audit": _audit,
+           "audit_events": lambda args: sorted({r["event"] for r in AUDIT})}
