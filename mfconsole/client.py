@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mfconsole.config import Config
+from mfconsole.repository.reads import OBJECT_SORTS  # noqa: F401 (the browser's sort columns, for the console)
 from mfconsole.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request, serve_control
 
 

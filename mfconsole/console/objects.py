@@ -27,7 +27,7 @@ from mfconsole.console import format as fmt
 from mfconsole.console.dialogs import PromptScreen, TextScreen
 from mfconsole.console.widgets import ConsoleScreen, FilterBar, KeyedTable
 from mfconsole.dimse.sender import sop_name
-from mfconsole.repository.reads import OBJECT_SORTS
+from mfconsole.client import OBJECT_SORTS
 
 PAGE = 200
 PREFETCH = 40           # rows before the end of what is loaded that fetch the next page
