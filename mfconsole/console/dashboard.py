@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Group
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, Static
 
 from mfconsole.console import format as fmt
-from mfconsole.console.widgets import ConsoleScreen, KeyedTable
+from mfconsole.console.widgets import ConsoleScreen, KeyedTable, update_if_changed
 
 SPARK_WIDTH = 20
 NARROW_SPARK = 10
@@ -64,7 +63,7 @@ class DashboardScreen(ConsoleScreen):
             summary.append(f" · pid {engine['pid']}")
         if engine.get("version") and wide:
             summary.append(f" · v{engine['version']}")
-        self.query_one("#summary", Static).update(summary)
+        update_if_changed(self.query_one("#summary", Static), summary)
         listeners = self.query_one("#listeners", KeyedTable)
         listeners.set_columns(LISTENER_COLUMNS[wide])
         listeners.sync([(item["name"], listener_row(item, wide)) for item in snap.get("listeners", [])])
@@ -76,7 +75,8 @@ class DashboardScreen(ConsoleScreen):
         problems = [p for p in (fmt.problem(item, now) for item in snap.get("destinations", [])) if p]
         self.query_one("#problems-pane").display = bool(problems)
         if problems:
-            self.query_one("#problems", Static).update(Group(Text("Problems", style="bold"), *problems))
+            update_if_changed(self.query_one("#problems", Static), Text("\n").join(
+                [Text("Problems", style="bold"), *problems]))
 
 
 def listener_row(item: dict[str, Any], wide: bool = True) -> tuple[Any, ...]:

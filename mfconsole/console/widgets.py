@@ -105,6 +105,15 @@ class KeyedTable(DataTable):
         self._cells, self._order = {}, []
 
 
+def update_if_changed(widget: Static, text: Text) -> None:
+    """Repaint only when the words change: a console that hosts the engine shares its
+    process (and the GIL) with ingest, and an unchanged repaint each second is not free."""
+    key = (text.plain, tuple(text.spans), str(text.style))
+    if getattr(widget, "_shown_key", None) != key:
+        widget._shown_key = key          # type: ignore[attr-defined]
+        widget.update(text)
+
+
 class StatusBar(Static):
     """The persistent facts: which screen, which engine, what is wrong right now."""
 
@@ -118,7 +127,7 @@ class StatusBar(Static):
         self.update_from(self.app)
 
     def update_from(self, app: Any) -> None:
-        self.update(status_line(app, self.number, self.title))
+        update_if_changed(self, status_line(app, self.number, self.title))
 
 
 def status_line(app: Any, number: int, title: str) -> Text:

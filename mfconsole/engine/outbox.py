@@ -113,8 +113,13 @@ class Held:
 
 def claim(tx: Tx, destination: str, limit: int, now: float | None = None,
           ordered: bool = False, held: Held | None = None, owner: str = "") -> list[Claimed]:
-    """Lease up to ``limit`` due pending deliveries (see ``due``), held by ``owner``."""
+    """Lease up to ``limit`` due pending deliveries (see ``due``), held by ``owner``.
+    Nothing from a paused destination: a worker that was connecting when an operator
+    paused it must not make an attempt after the pause (checked in the same
+    transaction as the lease)."""
     now = now or time.time()
+    if state(tx, destination).paused:
+        return []
     items = due(tx, destination, limit, now, ordered)
     tx.lease([item.delivery_id for item in items], now + LEASE_S, now)
     if held is not None:

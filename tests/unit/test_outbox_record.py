@@ -98,3 +98,14 @@ def test_suspects_are_claimed_last_and_never_probe_first(conn):
     due = outbox.due(conn, "pacs", 2, now=time.time() + 3600)
     assert [d.delivery_id for d in due] == [b.delivery_id, a.delivery_id]
     assert outbox.due(conn, "pacs", 1, now=time.time() + 3600)[0].delivery_id == b.delivery_id
+
+
+def test_a_paused_destination_gives_no_claim(conn):
+    queued(conn, 0)
+    object_id = conn.insert_object({"sop_instance_uid": "9.9", "version": 1, "digest": "d", "blob": "file",
+                                    "received_at": time.time()}, None)
+    conn.add_deliveries(object_id, None, [("pacs", None)], 0)
+    outbox.pause(conn, "pacs", "operator pause", actor="alice")
+    assert outbox.claim(conn, "pacs", 5) == []
+    outbox.resume(conn, "pacs", actor="alice")
+    assert [c.object_id for c in outbox.claim(conn, "pacs", 5)] == [object_id]
