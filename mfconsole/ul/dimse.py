@@ -57,11 +57,11 @@ def decode_command(raw: bytes | bytearray) -> Command:
     if 0x0100 not in found:
         raise CommandError("no Command Field")
     field = _us(found[0x0100], "Command Field")
-    message_id = _us(found[0x0110], "Message ID") if 0x0110 in found else None
-    if message_id is None:
-        if field != C_CANCEL_RQ:
-            raise CommandError("no Message ID")
-        message_id = _us(found.get(0x0120, b"\0\0"), "Message ID Being Responded To")
+    # Requests carry a Message ID; C-CANCEL and responses the one they refer to.
+    which = 0x0110 if 0x0110 in found else 0x0120
+    if which not in found:
+        raise CommandError("no Message ID")
+    message_id = _us(found[which], "Message ID")
     data_type = _us(found[0x0800], "Command Data Set Type") if 0x0800 in found else NO_DATA_SET
     return Command(
         command_field=field, message_id=message_id, has_data_set=data_type != NO_DATA_SET,
