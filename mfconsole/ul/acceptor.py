@@ -91,6 +91,7 @@ class UpperLayerListener:
         self._conns: set[_Connection] = set()
         self._pending_by_peer: collections.Counter[str] = collections.Counter()
         self.associated = 0
+        self._pending = 0
         self._dropped = 0
         self._dropped_logged = 0.0
 
@@ -105,7 +106,7 @@ class UpperLayerListener:
 
     @property
     def pending(self) -> int:
-        return len(self._conns) - self.associated
+        return self._pending
 
     def start(self) -> None:
         cfg = self.cfg
@@ -172,10 +173,10 @@ class UpperLayerListener:
     async def _shutdown(self, timeout: float) -> None:
         if self._server is not None:
             self._server.close()
-        for conn in [c for c in self._conns if not c.associated]:
+        for conn in [c for c in self._conns if c.phase != "associated"]:
             conn.close()
         deadline = time.monotonic() + timeout
-        while any(c.associated for c in self._conns) and time.monotonic() < deadline:
+        while self.associated and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self._conns):
             conn.abort_and_close("listener stopped")
@@ -200,25 +201,32 @@ class UpperLayerListener:
             return
         conn = _Connection(self, reader, writer, host, f"{host}:{address[1]}")
         self._conns.add(conn)
-        self._pending_by_peer[host] += 1
+        self._count(conn, "pending")
         try:
             await conn.run()
         finally:
-            if conn.associated:
-                self.associated -= 1
-            else:
-                self._pending_by_peer[host] -= 1
-                if not self._pending_by_peer[host]:
-                    del self._pending_by_peer[host]
+            self._count(conn, "done")
             self._conns.discard(conn)
             conn.close()
             conn.finish()
 
-    def _now_associated(self, conn: "_Connection") -> None:
-        self._pending_by_peer[conn.host] -= 1
-        if not self._pending_by_peer[conn.host]:
-            del self._pending_by_peer[conn.host]
-        self.associated += 1
+    def _count(self, conn: "_Connection", phase: str) -> None:
+        """Move ``conn`` to ``phase``: pending (no association yet: the pre-association
+        limits), associated (max_associations), done (released, rejected, aborted:
+        lingering until the peer closes, counted nowhere)."""
+        if conn.phase == "pending":
+            self._pending -= 1
+            self._pending_by_peer[conn.host] -= 1
+            if not self._pending_by_peer[conn.host]:
+                del self._pending_by_peer[conn.host]
+        elif conn.phase == "associated":
+            self.associated -= 1
+        conn.phase = phase
+        if phase == "pending":
+            self._pending += 1
+            self._pending_by_peer[conn.host] += 1
+        elif phase == "associated":
+            self.associated += 1
 
 
 class _Connection:
@@ -228,7 +236,8 @@ class _Connection:
         self.cfg = owner.cfg           # the settings of the listener when it connected
         self.reader, self.writer = reader, writer
         self.host, self.peer = host, peer
-        self.associated = False
+        self.associated = False       # an A-ASSOCIATE-AC was sent (P-DATA may be read)
+        self.phase = ""                # how the listener counts it: see _count
         self.max_send = 0              # the requestor's max PDU length (0: unlimited)
         self.contexts: dict[int, str] = {}
         self.status = "aborted"        # the board status if it ends without one
@@ -284,12 +293,13 @@ class _Connection:
                         cfg.name, self.peer, rq.calling_ae, rq.called_ae, decision.reason)
             owner.sink.audit("association_rejected", listener=cfg.name, calling_ae=rq.calling_ae,
                              peer=self.peer, detail=f"{decision.reason} (called AE {rq.called_ae})")
+            owner._count(self, "done")
             await self._send(pdu.encode_associate_rj(*decision.reject))
             await self._linger()
             return False
         await self._send(decision.ac)
         self.associated = True
-        owner._now_associated(self)
+        owner._count(self, "associated")
         self.contexts = decision.accepted
         self.max_send = rq.max_length
         self.info.status = "active"
@@ -309,6 +319,7 @@ class _Connection:
             if pdu_type == pdu.RELEASE_RQ:
                 await self._send(pdu.encode_release_rp())
                 self.status, self.reason = "released", ""
+                self.owner._count(self, "done")   # a new association may come while we linger
                 await self._linger()
                 return
             if pdu_type == pdu.ABORT:
@@ -503,6 +514,7 @@ class _Connection:
 
     async def _abort(self, reason: int, why: str = "") -> None:
         """A-ABORT (provider), then ARTIM for the peer to close."""
+        self.owner._count(self, "done")
         if why:
             log.warning("listener %s: aborting association from %s: %s", self.cfg.name, self.peer, why)
             self.reason = why
