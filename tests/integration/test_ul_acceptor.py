@@ -563,3 +563,33 @@ def test_thousand_idle_connections_cost_no_thread(ul, record_property):
         poll(lambda: listener.pending == 0, timeout=10, message="idle connections gone")
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --------------------------------------------------------------------------
+# Reload: live keys in place, the upper layer by a restart
+# --------------------------------------------------------------------------
+
+def test_reload_live_keys_and_switching_the_upper_layer(ul):
+    from mfconsole.dimse.listener import Listener
+    from mfconsole.ul.acceptor import UpperLayerListener
+
+    engine = ul(calling_aets=["MODALITY"])
+    port = port_of(engine)
+    path = engine.config.path
+    text = path.read_text()
+    assert echoscu(port, aet="NEWCOMER").returncode != 0
+    path.write_text(text.replace('calling_aets = ["MODALITY"]', 'calling_aets = ["MODALITY", "NEWCOMER"]'))
+    report = engine.reload()
+    assert report == ["listener modalities: updated (associations in progress kept)"], report
+    assert isinstance(engine.listeners[0], UpperLayerListener)
+    assert echoscu(port, aet="NEWCOMER").returncode == 0
+
+    path.write_text(path.read_text().replace('upper_layer = "mfconsole"', 'upper_layer = "pynetdicom"'))
+    report = engine.reload()
+    assert report == [f"listener modalities: restarted on 127.0.0.1:{port}"], report
+    assert isinstance(engine.listeners[0], Listener)
+    assert echoscu(port, aet="NEWCOMER").returncode == 0
+    path.write_text(path.read_text().replace('upper_layer = "pynetdicom"', 'upper_layer = "mfconsole"'))
+    engine.reload()
+    assert isinstance(engine.listeners[0], UpperLayerListener)
+    assert echoscu(port).returncode == 0

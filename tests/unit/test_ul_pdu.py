@@ -207,3 +207,21 @@ def test_malformed_pdvs(raw):
 def test_malformed_command_sets(raw):
     with pytest.raises(dimse.CommandError):
         dimse.decode_command(raw)
+
+
+def test_upper_layer_key(tmp_path):
+    from harness import write_config
+
+    from mfconsole.config import ConfigError, load
+
+    assert load(write_config(tmp_path / "a")).listeners[0].upper_layer == "pynetdicom"
+    chosen = load(write_config(tmp_path / "b", listener={"upper_layer": "mfconsole"}))
+    assert chosen.listeners[0].upper_layer == "mfconsole"
+    with pytest.raises(ConfigError) as bad:
+        load(write_config(tmp_path / "c", listener={"upper_layer": "twisted"}))
+    assert ("listeners[0].upper_layer", "must be one of 'pynetdicom', 'mfconsole'") in bad.value.problems
+    # No TLS on mfconsole's upper layer yet: refused, never served in cleartext.
+    with pytest.raises(ConfigError) as tls:
+        load(write_config(tmp_path / "d", listener={"upper_layer": "mfconsole",
+                                                    "tls": {"cert_file": "c.pem", "key_file": "k.pem"}}))
+    assert any(key == "listeners[0].upper_layer" and "TLS" in why for key, why in tls.value.problems)
