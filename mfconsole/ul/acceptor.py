@@ -438,7 +438,11 @@ class _Connection:
     # -- transport ------------------------------------------------------------------------
 
     def _quickack(self) -> None:
-        # Re-armed per PDU: see mfconsole/dimse/sockets.py (peers with Nagle on).
+        # Re-armed before every wait for bytes, as sockets.QuickAckSocket does before
+        # each recv: a peer with Nagle on (DCMTK's default) holds the next segment of
+        # a PDU (often its body, written apart from its header) until we ACK the last
+        # one; a delayed ACK costs ~40 ms per object. Setting it also sends an ACK
+        # that is due at once.
         if _QUICKACK is not None and self._sock is not None:
             try:
                 self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
@@ -452,6 +456,7 @@ class _Connection:
         reader = self.reader
         try:
             async with asyncio.timeout(idle):
+                self._quickack()
                 head = await reader.readexactly(1)
         except TimeoutError:
             if first:
@@ -473,6 +478,7 @@ class _Connection:
         body = b""
         try:
             async with asyncio.timeout(self.cfg.network_timeout_s):
+                self._quickack()
                 rest = await reader.readexactly(5)
                 length = int.from_bytes(rest[1:], "big")
                 limit = (self.cfg.max_pdu_kb * 1024 + PDU_SLACK if pdu_type == pdu.P_DATA_TF
@@ -480,6 +486,7 @@ class _Connection:
                 # Before an association only an A-ASSOCIATE-RQ is read: the body of
                 # anything else (P-DATA, say) is not.
                 if length <= limit and (self.associated or pdu_type == pdu.ASSOCIATE_RQ) and length:
+                    self._quickack()
                     body = await reader.readexactly(length)
         except TimeoutError:
             self.reason = f"PDU not received within network_timeout_s={self.cfg.network_timeout_s:g}"
@@ -493,7 +500,6 @@ class _Connection:
         if not self.associated and pdu_type not in (pdu.ASSOCIATE_RQ, pdu.ABORT):
             log.info("listener %s: PDU type 0x%02X from %s before an association; aborted",
                      self.cfg.name, pdu_type, self.peer)
-        self._quickack()
         return pdu_type, body
 
     def _oversize(self, pdu_type: int, length: int, limit: int) -> None:
