@@ -593,3 +593,21 @@ def test_reload_live_keys_and_switching_the_upper_layer(ul):
     engine.reload()
     assert isinstance(engine.listeners[0], UpperLayerListener)
     assert echoscu(port).returncode == 0
+
+
+def test_nagle_on_sender_is_not_held_by_delayed_acks(ul, tmp_path, record_property):
+    """Stock DCMTK (no TCP_NODELAY in its environment) leaves Nagle on: unless we ACK
+    at once (TCP_QUICKACK before every wait for bytes) each object waits ~40 ms for a
+    delayed ACK."""
+    engine = ul()
+    files = dicomgen.write_corpus(tmp_path / "sr", 40)
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    t0 = time.monotonic()
+    res = subprocess.run([require_tool("storescu"), "-aet", "NAGLE", "-aec", SCP_AE, "127.0.0.1",
+                          str(port_of(engine)), *map(str, files)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    elapsed = time.monotonic() - t0
+    record_property("nagle_40_objects_s", round(elapsed, 3))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(objects(engine)) == 40
+    assert elapsed < 1.2, f"40 objects took {elapsed:.2f} s (delayed ACKs: ~1.6 s or more)"
