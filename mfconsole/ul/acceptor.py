@@ -47,6 +47,10 @@ log = logging.getLogger("mfconsole.listener")
 
 MAX_CONTROL_PDU = 1024 * 1024        # an A-ASSOCIATE-RQ with 128 contexts is ~20 KiB
 PDU_SLACK = 1024                     # peers that count the PDU header in the max length
+# A-ASSOCIATE-RQs over LARGE_RQ bytes (real ones are a few KiB) are read only while all
+# such bodies being read fit in RQ_BUDGET: thousands of connections each declaring
+# 1 MiB would otherwise make us hold gigabytes before any of them is associated.
+LARGE_RQ, RQ_BUDGET = 64 * 1024, 16 * 1024 * 1024
 ABORT_OVER = 1024 * 1024             # the listener's abort threshold over max_object_mb
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -92,6 +96,7 @@ class UpperLayerListener:
         self._pending_by_peer: collections.Counter[str] = collections.Counter()
         self.associated = 0
         self._pending = 0
+        self.large_rq_bytes = 0          # bodies of large A-ASSOCIATE-RQs being read
         self._dropped = 0
         self._dropped_logged = 0.0
 
@@ -238,6 +243,7 @@ class _Connection:
         self.host, self.peer = host, peer
         self.associated = False       # an A-ASSOCIATE-AC was sent (P-DATA may be read)
         self.phase = ""                # how the listener counts it: see _count
+        self._large = 0                # bytes of RQ_BUDGET this connection holds
         self.max_send = 0              # the requestor's max PDU length (0: unlimited)
         self.contexts: dict[int, str] = {}
         self.status = "aborted"        # the board status if it ends without one
@@ -483,9 +489,15 @@ class _Connection:
                 length = int.from_bytes(rest[1:], "big")
                 limit = (self.cfg.max_pdu_kb * 1024 + PDU_SLACK if pdu_type == pdu.P_DATA_TF
                          else MAX_CONTROL_PDU)
+                busy = False
+                if length > LARGE_RQ and pdu_type == pdu.ASSOCIATE_RQ and length <= limit:
+                    busy = self.owner.large_rq_bytes + length > RQ_BUDGET
+                    if not busy:
+                        self._large = length
+                        self.owner.large_rq_bytes += length
                 # Before an association only an A-ASSOCIATE-RQ is read: the body of
                 # anything else (P-DATA, say) is not.
-                if length <= limit and (self.associated or pdu_type == pdu.ASSOCIATE_RQ) and length:
+                if length <= limit and not busy and (self.associated or pdu_type == pdu.ASSOCIATE_RQ) and length:
                     self._quickack()
                     body = await reader.readexactly(length)
         except TimeoutError:
@@ -494,9 +506,21 @@ class _Connection:
         except asyncio.IncompleteReadError:
             self.reason = "connection closed in the middle of a PDU"
             raise _Closed from None
+        finally:
+            self.owner.large_rq_bytes -= self._large
+            self._large = 0
         if length > limit:
             self._oversize(pdu_type, length, limit)
             self._abort_now(pdu.INVALID_PARAMETER)
+        if busy:
+            self.reason = f"A-ASSOCIATE-RQ of {length} bytes while others hold the budget"
+            log.warning("listener %s: closing connection from %s: A-ASSOCIATE-RQ declares %d bytes "
+                        "while %d bytes of large requests are being read (budget %d)",
+                        self.cfg.name, self.peer, length, self.owner.large_rq_bytes, RQ_BUDGET)
+            self.owner.sink.audit("refused", listener=self.cfg.name, peer=self.peer, status="abort",
+                                  detail=f"A-ASSOCIATE-RQ length {length} over the budget of large "
+                                  f"requests ({RQ_BUDGET} bytes in all)")
+            self._abort_now(pdu.REASON_NOT_SPECIFIED)
         if not self.associated and pdu_type not in (pdu.ASSOCIATE_RQ, pdu.ABORT):
             log.info("listener %s: PDU type 0x%02X from %s before an association; aborted",
                      self.cfg.name, pdu_type, self.peer)

@@ -611,3 +611,47 @@ def test_nagle_on_sender_is_not_held_by_delayed_acks(ul, tmp_path, record_proper
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(objects(engine)) == 40
     assert elapsed < 1.2, f"40 objects took {elapsed:.2f} s (delayed ACKs: ~1.6 s or more)"
+
+
+def test_large_associate_rqs_share_a_budget(ul):
+    """An A-ASSOCIATE-RQ may be up to 1 MiB, but connections that each declare a
+    large one are read only within a shared budget: the one over it is refused."""
+    from mfconsole.ul import acceptor
+
+    engine = ul(acse_timeout_s=20, network_timeout_s=20)
+    listener = engine.listeners[0]
+    per = 1024 * 1024 - 16
+    holders = []
+    for _ in range(acceptor.RQ_BUDGET // per):
+        s = connect(engine)
+        s.sendall(b"\x01\x00" + struct.pack(">I", per) + b"\0" * 100)
+        holders.append(s)
+    poll(lambda: listener.large_rq_bytes == len(holders) * per, message="the budget in use")
+    over = connect(engine)
+    over.sendall(b"\x01\x00" + struct.pack(">I", per) + b"\0" * 100)
+    data, took = read_until_closed(over, 5)
+    over.close()
+    assert abort_reason(data) == (2, 0) and took < 1.0
+    [row] = audit(engine, "refused")
+    assert row["status"] == "abort" and "budget" in row["detail"]
+    for s in holders:
+        s.close()
+    poll(lambda: listener.large_rq_bytes == 0, message="the budget released")
+    assert_still_serves(engine)
+
+
+def test_pdata_over_the_advertised_max_aborts(ul, raw_sends):
+    engine = ul(max_pdu_kb=64, acse_timeout_s=20, network_timeout_s=20)
+    assoc = scu((CT, [EXPLICIT_LE])).associate("127.0.0.1", port_of(engine), ae_title=SCP_AE)
+    assert assoc.is_established
+    t0 = time.monotonic()
+    try:
+        assoc.dul.socket.socket.sendall(b"\x04\x00" + struct.pack(">I", 0x7FFFFFF0) + b"\0" * 65536)
+    except OSError:
+        pass
+    poll(lambda: not assoc.is_established, timeout=3, message="the association to end")
+    assert time.monotonic() - t0 < 1.5
+    [row] = audit(engine, "refused")
+    assert row["detail"] == f"PDU type 0x04 length {0x7FFFFFF0} exceeds {64 * 1024 + 1024}"
+    assert objects(engine) == []
+    assert_still_serves(engine)
