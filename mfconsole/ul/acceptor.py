@@ -216,9 +216,10 @@ class UpperLayerListener:
             conn.finish()
 
     def _count(self, conn: "_Connection", phase: str) -> None:
-        """Move ``conn`` to ``phase``: pending (no association yet: the pre-association
-        limits), associated (max_associations), done (released, rejected, aborted:
-        lingering until the peer closes, counted nowhere)."""
+        """Move ``conn`` to ``phase``: pending (no association: not yet, or no more,
+        lingering after a release, rejection or abort until the peer closes; the
+        pre-association limits bound these, so lingering cannot bypass them),
+        associated (max_associations), done (closed)."""
         if conn.phase == "pending":
             self._pending -= 1
             self._pending_by_peer[conn.host] -= 1
@@ -299,7 +300,6 @@ class _Connection:
                         cfg.name, self.peer, rq.calling_ae, rq.called_ae, decision.reason)
             owner.sink.audit("association_rejected", listener=cfg.name, calling_ae=rq.calling_ae,
                              peer=self.peer, detail=f"{decision.reason} (called AE {rq.called_ae})")
-            owner._count(self, "done")
             await self._send(pdu.encode_associate_rj(*decision.reject))
             await self._linger()
             return False
@@ -325,7 +325,7 @@ class _Connection:
             if pdu_type == pdu.RELEASE_RQ:
                 await self._send(pdu.encode_release_rp())
                 self.status, self.reason = "released", ""
-                self.owner._count(self, "done")   # a new association may come while we linger
+                self.owner._count(self, "pending")   # a new association may come while we linger
                 await self._linger()
                 return
             if pdu_type == pdu.ABORT:
@@ -544,7 +544,7 @@ class _Connection:
 
     async def _abort(self, reason: int, why: str = "") -> None:
         """A-ABORT (provider), then ARTIM for the peer to close."""
-        self.owner._count(self, "done")
+        self.owner._count(self, "pending")
         if why:
             log.warning("listener %s: aborting association from %s: %s", self.cfg.name, self.peer, why)
             self.reason = why

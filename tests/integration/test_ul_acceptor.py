@@ -525,8 +525,17 @@ def test_pre_association_limit_per_peer_closes_the_newest(ul):
     idle.pop().close()
     poll(lambda: listener.pending == 2, message="one pending connection gone")
     assert_still_serves(engine)
-    for s in idle:
+    # A rejected peer that keeps its connection open (ARTIM) still counts: lingering
+    # cannot be used to get round the limit.
+    lingering = connect(engine)
+    lingering.sendall(associate_rq("NOT_US"))
+    assert recv_pdu(lingering)[:1] == b"\x03"
+    assert listener.pending == 3
+    refused = connect(engine)
+    assert read_until_closed(refused, 2)[0] == b""
+    for s in idle + [lingering, refused]:
         s.close()
+    poll(lambda: listener.pending == 0, message="no pending connection")
 
 
 # --------------------------------------------------------------------------
