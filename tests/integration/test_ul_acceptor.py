@@ -373,15 +373,20 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float
     return got, time.monotonic() - t0
 
 
-def recv_pdu(sock: socket.socket, timeout: float = 5) -> bytes:
-    """One whole PDU from the listener."""
-    sock.settimeout(timeout)
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
-    while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
-        chunk = sock.recv(65536)
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
         assert chunk, f"closed after {data!r}"
         data += chunk
     return data
+
+
+def recv_pdu(sock: socket.socket, timeout: float = 5) -> bytes:
+    """One whole PDU from the listener (and not a byte of the next)."""
+    sock.settimeout(timeout)
+    header = recv_exact(sock, 6)
+    return header + recv_exact(sock, struct.unpack(">I", header[2:6])[0])
 
 
 def item(item_type: int, value: bytes) -> bytes:
@@ -677,4 +682,103 @@ def test_pdata_over_the_advertised_max_aborts(ul, raw_sends):
     [row] = audit(engine, "refused")
     assert row["detail"] == f"PDU type 0x04 length {0x7FFFFFF0} exceeds {64 * 1024 + 1024}"
     assert objects(engine) == []
+    assert_still_serves(engine)
+
+
+# --------------------------------------------------------------------------
+# DIMSE over raw sockets: fragmentation, unknown operations, timeouts
+# --------------------------------------------------------------------------
+
+def command_set(**fields: tuple[int, bytes]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0, element, len(value)) + value
+                    for element, value in sorted(fields.values()))
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def raw_association(engine, max_pdu: int = 16384) -> socket.socket:
+    sock = connect(engine)
+    sock.sendall(associate_rq(contexts=((1, CT, EXPLICIT_LE), (3, Verification, IMPLICIT_LE)),
+                              max_pdu=max_pdu))
+    assert recv_pdu(sock)[:1] == b"\x02"
+    return sock
+
+
+def read_message(sock: socket.socket) -> tuple[list[int], bytes]:
+    """(lengths of the P-DATA PDUs, the command set) of one response."""
+    lengths, command = [], b""
+    while True:
+        data = recv_pdu(sock)
+        assert data[:1] == b"\x04", data
+        lengths.append(len(data) - 6)
+        pos = 6
+        while pos < len(data):
+            n = struct.unpack(">I", data[pos:pos + 4])[0]
+            control = data[pos + 5]
+            command += data[pos + 6:pos + 4 + n]
+            pos += 4 + n
+            if control & 0x02:
+                return lengths, command
+
+
+def element(command: bytes, tag: int) -> bytes:
+    pos = 0
+    while pos < len(command):
+        _, el, n = struct.unpack("<HHI", command[pos:pos + 8])
+        if el == tag:
+            return command[pos + 8:pos + 8 + n]
+        pos += 8 + n
+    raise KeyError(hex(tag))
+
+
+def test_echo_response_fragmented_to_a_tiny_peer_max_pdu_and_unknown_operations(ul):
+    engine = ul()
+    sock = raw_association(engine, max_pdu=40)
+    echo = command_set(cls=(0x0002, Verification.encode()), field=(0x0100, us(0x0030)),
+                       msgid=(0x0110, us(5)), dstype=(0x0800, us(0x0101)))
+    sock.sendall(b"\x04\x00" + struct.pack(">I", len(echo) + 6)
+                 + struct.pack(">IBB", len(echo) + 2, 3, 0x03) + echo)
+    lengths, rsp = read_message(sock)
+    assert len(lengths) > 1 and max(lengths) <= 40, lengths
+    assert element(rsp, 0x0100) == us(0x8030) and element(rsp, 0x0120) == us(5)
+    assert element(rsp, 0x0900) == us(0)
+
+    # A C-FIND-RQ on the storage context: answered "unrecognized operation".
+    find = command_set(cls=(0x0002, CT.encode()), field=(0x0100, us(0x0020)),
+                       msgid=(0x0110, us(6)), dstype=(0x0800, us(0x0101)))
+    sock.sendall(b"\x04\x00" + struct.pack(">I", len(find) + 6)
+                 + struct.pack(">IBB", len(find) + 2, 1, 0x03) + find)
+    _, rsp = read_message(sock)
+    assert element(rsp, 0x0100) == us(0x8020) and element(rsp, 0x0900) == us(0x0211)
+    sock.sendall(b"\x05\x00" + struct.pack(">I", 4) + b"\0" * 4)   # A-RELEASE-RQ
+    assert recv_pdu(sock)[:1] == b"\x06"
+    sock.close()
+    poll(lambda: engine.board.snapshot()["recent"], message="the board row")
+    assert engine.board.snapshot()["recent"][0]["status"] == "released"
+
+
+def test_silence_after_association_and_inside_a_message_is_aborted(ul):
+    engine = ul(network_timeout_s=1.5, dimse_timeout_s=1)
+    idle = raw_association(engine)
+    t0 = time.monotonic()
+    data = recv_pdu(idle)   # then ARTIM: we close when the peer does, or acse_timeout_s later
+    idle.close()
+    assert abort_reason(data) == (2, 0)
+    assert 1.3 <= time.monotonic() - t0 <= 3, time.monotonic() - t0
+
+    partial = raw_association(engine)
+    half = command_set(cls=(0x0002, CT.encode()), field=(0x0100, us(0x0001)))
+    partial.sendall(b"\x04\x00" + struct.pack(">I", len(half) + 6)
+                    + struct.pack(">IBB", len(half) + 2, 1, 0x01) + half)   # not the last fragment
+    t0 = time.monotonic()
+    data = recv_pdu(partial)
+    partial.close()
+    assert abort_reason(data) == (2, 0)
+    assert 0.8 <= time.monotonic() - t0 <= 2.5, time.monotonic() - t0
+    recent = poll(lambda: len(r := engine.board.snapshot()["recent"]) == 2 and r, message="two rows")
+    reasons = sorted(r["reason"] for r in recent)
+    assert reasons == ["nothing received for 1 s", "nothing received for 1.5 s"], reasons
     assert_still_serves(engine)
