@@ -99,6 +99,7 @@ class UpperLayerListener:
         self.large_rq_bytes = 0          # bodies of large A-ASSOCIATE-RQs being read
         self._dropped = 0
         self._dropped_logged = 0.0
+        self._failure = ""
 
     # -- lifecycle (engine thread) --------------------------------------------------
 
@@ -118,7 +119,9 @@ class UpperLayerListener:
         if cfg.tls is not None:   # config validation refuses this; never serve it in clear
             raise OSError("upper_layer = \"mfconsole\" does not serve TLS yet")
         # Bound here, so a port in use is an OSError for the engine, as with Listener.
-        self._sock = socket.create_server((cfg.host, cfg.port), backlog=socket.SOMAXCONN)
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self._sock = socket.create_server((cfg.host, cfg.port), family=family,
+                                          backlog=socket.SOMAXCONN)
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.max_associations),
                                         thread_name_prefix=f"ingest-{cfg.name}")
         self._loop = asyncio.new_event_loop()
@@ -127,6 +130,10 @@ class UpperLayerListener:
                                         name=f"listener-{cfg.name}", daemon=True)
         self._thread.start()
         ready.wait(10)
+        if self._server is None:   # the loop could not serve the socket: nothing listens
+            failure = self._failure
+            self.stop(0)
+            raise OSError(f"the event loop did not start: {failure or 'no answer within 10 s'}")
         self.started_at = time.time()
         log.info("listener %s: %s listening on %s:%d (cleartext, mfconsole upper layer)",
                  cfg.name, cfg.ae_title, *self.address)
@@ -140,9 +147,14 @@ class UpperLayerListener:
         asyncio.set_event_loop(loop)
         # limit: the StreamReader's buffer high-water mark; a P-DATA PDU of our max
         # length fits without the transport pausing in the middle of it.
-        self._server = loop.run_until_complete(asyncio.start_server(
-            self._accept, sock=self._sock, limit=max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)))
-        ready.set()
+        try:
+            self._server = loop.run_until_complete(asyncio.start_server(
+                self._accept, sock=self._sock,
+                limit=max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)))
+        except Exception as exc:
+            self._failure = exc.__class__.__name__
+        finally:
+            ready.set()
         try:
             loop.run_forever()
         finally:
@@ -171,6 +183,8 @@ class UpperLayerListener:
             self._thread.join(10)
         if self._pool is not None:
             self._pool.shutdown(wait=True)   # an ingest in progress ends with its commit
+        if self._sock is not None:
+            self._sock.close()   # closed with the server already, unless it never served
         self._loop = self._thread = self._server = self._pool = None
         self._sock = None
         log.info("listener %s stopped", self.cfg.name)
