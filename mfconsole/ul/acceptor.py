@@ -35,7 +35,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
 
 from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore

@@ -9,12 +9,11 @@ import struct
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, AsynchronousOperationsWindowNegotiation,
                                        ImplementationClassUIDNotification,
                                        MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation,
                                        SOPClassExtendedNegotiation, UserIdentityNegotiation)
-from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.presentation import PresentationContext
 
 from mfconsole.config import ListenerConfig
