@@ -584,7 +584,9 @@ def test_thousand_idle_connections_cost_no_thread(ul, record_property):
             assert echo_s < 1.0, echo_s
             assert grown <= 4, f"{grown} threads more with 1000 idle connections"
             assert idle_cpu < 0.3, f"{idle_cpu:.2f} s of CPU in 2 s with 1000 idle connections"
-            assert len(engine.board.snapshot()["live"]) == 1000
+            # Every idle connection is on the board (the echo's row leaves it once
+            # echoscu has closed its end).
+            poll(lambda: len(engine.board.snapshot()["live"]) == 1000, message="1000 live rows")
         finally:
             for s in idle:
                 s.close()
