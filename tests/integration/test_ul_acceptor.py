@@ -225,7 +225,8 @@ def test_dcmsend_several_files_one_association(ul, tmp_path):
                "127.0.0.1", str(port_of(engine)), *map(str, files)])
     assert res.returncode == 0, res.stdout + res.stderr
     assert_stored_exactly(engine, files)
-    [row] = [r for r in engine.board.snapshot()["recent"] if r["calling_ae"] == "DCMSEND"]
+    [row] = poll(lambda: [r for r in engine.board.snapshot()["recent"] if r["calling_ae"] == "DCMSEND"],
+                 message="the association on the board")
     assert (row["status"], row["objects"]) == ("released", 5)
 
 
