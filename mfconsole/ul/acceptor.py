@@ -314,6 +314,7 @@ class _Connection:
             owner.sink.audit("association_rejected", listener=cfg.name, calling_ae=rq.calling_ae,
                              peer=self.peer, detail=f"{decision.reason} (called AE {rq.called_ae})")
             await self._send(pdu.encode_associate_rj(*decision.reject))
+            self.finish()   # off the live board now, as with pynetdicom; ARTIM follows
             await self._linger()
             return False
         await self._send(decision.ac)
@@ -339,6 +340,7 @@ class _Connection:
                 await self._send(pdu.encode_release_rp())
                 self.status, self.reason = "released", ""
                 self.owner._count(self, "pending")   # a new association may come while we linger
+                self.finish()
                 await self._linger()
                 return
             if pdu_type == pdu.ABORT:
@@ -610,7 +612,8 @@ class _Connection:
             pass
 
     def finish(self) -> None:
-        """The board row: released, rejected, or aborted with a reason."""
+        """The board row: released, rejected, or aborted with a reason. Once: a
+        second call finds no live row."""
         key = id(self)
         if self.status == "rejected":
             # The rejection reason is the row's reason, as with the pynetdicom listener.
