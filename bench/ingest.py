@@ -59,7 +59,7 @@ MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SENDER_TIMEOUT_S = 600
 NAGLE_CAP = 400            # objects in the Nagle-on case (stock DCMTK peers: ~11/s)
-RECEIVERS = ("mfconsole", "orthanc", "orthanc-stock", "bare-pynetdicom", "storescp")
+RECEIVERS = ("mfconsole", "mfconsole-ul", "orthanc", "orthanc-stock", "bare-pynetdicom", "storescp")
 PEERS = RECEIVERS[1:]
 
 
@@ -227,6 +227,21 @@ class MfconsoleReceiver(_PopenReceiver):
             return reads.object_count()
 
 
+class MfconsoleULReceiver(MfconsoleReceiver):
+    """mfconsole with upper_layer = "mfconsole" (mfconsole/ul): its own acceptor, one
+    event loop thread for every connection, instead of pynetdicom's."""
+    name = "mfconsole-ul"
+    notes = "as mfconsole, with upper_layer = \"mfconsole\" (mfconsole/ul)"
+
+    def __init__(self, workdir: Path, max_object_mb: int = 1024):
+        _PopenReceiver.__init__(self, workdir)
+        self.port = free_port()
+        self.config = write_config(workdir, port=self.port, ae_title=self.ae_title,
+                                   store={"max_object_mb": max_object_mb},
+                                   listener={"upper_layer": "mfconsole"})
+        self.data_dir = workdir / "var"
+
+
 class BareReceiver(_PopenReceiver):
     name = "bare-pynetdicom"
     ae_title = "BARE"
@@ -339,6 +354,7 @@ class OrthancStockReceiver(OrthancReceiver):
 
 FACTORIES = {
     "mfconsole": MfconsoleReceiver,
+    "mfconsole-ul": MfconsoleULReceiver,
     "orthanc": OrthancReceiver,
     "orthanc-stock": OrthancStockReceiver,
     "bare-pynetdicom": BareReceiver,
@@ -675,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--receivers", default=",".join(RECEIVERS),
                    help=f"comma-separated subset of {','.join(RECEIVERS)}")
     p.add_argument("--no-large", action="store_true", help="skip the large-object runs")
+    p.add_argument("--cases", default="",
+                   help="comma-separated subset of the cases, by label: SRx1,SRx4,SRx4nagle,CTx1,CTx4")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = p.parse_args(argv)
 
@@ -707,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = [("SR", sr, n_sr, 1, False), ("SR", sr, n_sr, 4, False),
                  ("SR", sr_nagle, n_nagle, 4, True),
                  ("CT", ct, n_ct, 1, False), ("CT", ct, n_ct, 4, False)]
+        if args.cases:
+            wanted = {c.strip() for c in args.cases.split(",")}
+            cases = [c for c in cases if f"{c[0]}x{c[3]}{'nagle' if c[4] else ''}" in wanted]
         for corpus, folders, count, senders, nagle in cases:
             # one sender: the whole corpus (storescu +sd +r on the parent folder)
             use = [folders[0].parent] if senders == 1 else folders

@@ -43,7 +43,7 @@ EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
-    "dimse_timeout_s", "network_timeout_s"})
+    "dimse_timeout_s", "network_timeout_s", "upper_layer"})
 # One `tls` table everywhere; a key of the other side is an error, not ignored.
 LISTENER_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "require_client_cert",
                                "client_cert_aets"})
@@ -136,6 +136,9 @@ class ListenerConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    # Who runs the DICOM upper layer: pynetdicom (a thread pair per connection), or
+    # mfconsole's own acceptor (mfconsole/ul: one event loop for every connection).
+    upper_layer: str = "pynetdicom"
 
     @property
     def any_calling_aet(self) -> bool:
@@ -406,6 +409,13 @@ def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
     return raw
 
 
+UPPER_LAYERS = ("pynetdicom", "mfconsole")
+
+
+def _upper_layer(value: str) -> str | None:
+    return None if value in UPPER_LAYERS else f"must be one of {', '.join(map(repr, UPPER_LAYERS))}"
+
+
 def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
                ) -> tuple[list[ListenerConfig], set[str]]:
     """Valid listeners, and every name declared (valid or not) for route checks."""
@@ -438,7 +448,13 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
             dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive),
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
+            upper_layer=r.get(t, p, "upper_layer", str, "pynetdicom", _upper_layer),
         )
+        if optional["upper_layer"] == "mfconsole" and "tls" in t:
+            # mfconsole/ul has no TLS yet: refused rather than served in cleartext.
+            r.fail(f"{p}.upper_layer", '"mfconsole" does not serve TLS yet; use upper_layer = '
+                   '"pynetdicom" for a listener with a tls table')
+            optional["upper_layer"] = None
         if name is not None:
             if name in seen_names:
                 r.fail(f"{p}.name", f"'{name}' is already used by listeners[{seen_names[name]}]")

@@ -44,6 +44,30 @@ def command_set(message_id: int, priority: int, sop_class_uid: str, sop_instance
     return _element(0x0000, struct.pack("<I", len(body))) + body   # Command Group Length
 
 
+# Responses (PS3.7 9.3.1.2, 9.3.5.2): no data set; the acceptor of mfconsole's own
+# upper layer (mfconsole/ul) writes them with these bytes.
+C_STORE_RSP, C_ECHO_RSP = 0x8001, 0x8030
+NO_DATA_SET = 0x0101
+
+
+def response_set(command_field: int, message_id: int, sop_class_uid: str, status: int,
+                 sop_instance_uid: str | None = None) -> bytes:
+    """The command set of a response to ``message_id``: Affected SOP Class UID,
+    Command Field, Message ID Being Responded To, no data set, Status, and the
+    Affected SOP Instance UID when given (C-STORE-RSP)."""
+    parts = [
+        _element(0x0002, _uid(sop_class_uid)),
+        _element(0x0100, struct.pack("<H", command_field)),
+        _element(0x0120, struct.pack("<H", message_id)),
+        _element(0x0800, struct.pack("<H", NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", status)),
+    ]
+    if sop_instance_uid is not None:
+        parts.append(_element(0x1000, _uid(sop_instance_uid)))
+    body = b"".join(parts)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 def pdata(context_id: int, command: bytes, data: bytes, max_pdu: int) -> Iterator[P_DATA]:
     """The P-DATA primitives of one message: command fragments, then data set
     fragments, each PDV within the peer's maximum PDU length (0: unlimited)."""

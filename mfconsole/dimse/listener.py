@@ -418,38 +418,52 @@ class Listener:
 
     def _store(self, view: memoryview, ts: str, request: Any, calling: str,
                peer: str, association: str = "") -> tuple[int, str]:
-        if len(view) > self.max_object_bytes:
-            reason = "object exceeds store.max_object_mb"
-            self._refused(STATUS_OUT_OF_RESOURCES, reason, calling, peer, None)
-            return STATUS_OUT_OF_RESOURCES, reason
-        try:
-            summary = scan_dataset(view, ts, allow_deflate=self.cfg.accept_deflate)
-        except DatasetRejected as exc:
-            self._refused(exc.status, exc.reason, calling, peer, None)
-            return exc.status, exc.reason
-        cmd_class = str(request.AffectedSOPClassUID or "").strip("\0 ")
-        cmd_inst = str(request.AffectedSOPInstanceUID or "").strip("\0 ")
-        if cmd_class != summary.sop_class_uid or cmd_inst != summary.sop_instance_uid:
-            reason = "command SOP Class/Instance UID does not match the data set"
-            self._refused(STATUS_MISMATCH, reason, calling, peer, summary.sop_instance_uid)
-            return STATUS_MISMATCH, reason
-        meta = {"transfer_syntax": ts, "listener": self.cfg.name, "calling_ae": calling,
-                "peer": peer, "association": association}
-        try:
-            outcome = self.sink.ingest(view, summary, meta)
-        except Exception as exc:
-            log.error("listener %s: store failed for %s from %s: %s; answered 0xA700",
-                      self.cfg.name, summary.sop_instance_uid, calling, exc.__class__.__name__)
-            return STATUS_OUT_OF_RESOURCES, "store failure"
-        log.debug("listener %s: %s %s from %s", self.cfg.name, outcome,
-                  summary.sop_instance_uid, calling)
-        return STATUS_SUCCESS, outcome
+        return store_object(
+            self.sink, self.cfg.name, view, ts,
+            str(request.AffectedSOPClassUID or "").strip("\0 "),
+            str(request.AffectedSOPInstanceUID or "").strip("\0 "),
+            calling=calling, peer=peer, association=association,
+            accept_deflate=self.cfg.accept_deflate, max_object_bytes=self.max_object_bytes)
 
-    def _refused(self, status: int, reason: str, calling: str, peer: str,
-                 sop_instance_uid: str | None) -> None:
-        log.warning("listener %s: refused object from %s (%s) with 0x%04X: %s",
-                    self.cfg.name, calling, peer, status, reason)
-        self.sink.audit("refused", listener=self.cfg.name, calling_ae=calling, peer=peer,
-                        status=f"0x{status:04X}", detail=reason,
-                        sop_instance_uid=sop_instance_uid)
 
+# ---------------------------------------------------------------------------
+# The C-STORE status decision, shared by both upper layers (this listener and
+# mfconsole/ul/acceptor.py): what to answer for a data set, and the ingest itself.
+
+def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd_class: str,
+                 cmd_inst: str, *, calling: str, peer: str, association: str,
+                 accept_deflate: bool, max_object_bytes: int) -> tuple[int, str]:
+    """(C-STORE status, outcome or refusal reason) for one received data set; the
+    data set is ingested (and committed) when the status is Success. Blocks for the
+    group commit: never call it on an event loop."""
+    if len(view) > max_object_bytes:
+        reason = "object exceeds store.max_object_mb"
+        refused(sink, listener, STATUS_OUT_OF_RESOURCES, reason, calling, peer, None)
+        return STATUS_OUT_OF_RESOURCES, reason
+    try:
+        summary = scan_dataset(view, ts, allow_deflate=accept_deflate)
+    except DatasetRejected as exc:
+        refused(sink, listener, exc.status, exc.reason, calling, peer, None)
+        return exc.status, exc.reason
+    if cmd_class != summary.sop_class_uid or cmd_inst != summary.sop_instance_uid:
+        reason = "command SOP Class/Instance UID does not match the data set"
+        refused(sink, listener, STATUS_MISMATCH, reason, calling, peer, summary.sop_instance_uid)
+        return STATUS_MISMATCH, reason
+    meta = {"transfer_syntax": ts, "listener": listener, "calling_ae": calling,
+            "peer": peer, "association": association}
+    try:
+        outcome = sink.ingest(view, summary, meta)
+    except Exception as exc:
+        log.error("listener %s: store failed for %s from %s: %s; answered 0xA700",
+                  listener, summary.sop_instance_uid, calling, exc.__class__.__name__)
+        return STATUS_OUT_OF_RESOURCES, "store failure"
+    log.debug("listener %s: %s %s from %s", listener, outcome, summary.sop_instance_uid, calling)
+    return STATUS_SUCCESS, outcome
+
+
+def refused(sink: IngestSink, listener: str, status: int, reason: str, calling: str, peer: str,
+            sop_instance_uid: str | None) -> None:
+    log.warning("listener %s: refused object from %s (%s) with 0x%04X: %s",
+                listener, calling, peer, status, reason)
+    sink.audit("refused", listener=listener, calling_ae=calling, peer=peer,
+               status=f"0x{status:04X}", detail=reason, sop_instance_uid=sop_instance_uid)

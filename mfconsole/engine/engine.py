@@ -17,9 +17,10 @@ from typing import Any, Callable
 from pydicom import config as pydicom_config
 
 from mfconsole import __version__, egress
-from mfconsole.config import Config
+from mfconsole.config import Config, ListenerConfig
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
+from mfconsole.ul.acceptor import UpperLayerListener
 from mfconsole.engine import logs, outbox
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -40,6 +41,13 @@ SWEEP_INTERVAL_S = 5.0   # stranded in-flight deliveries go back to pending this
 DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before it goes live
 
 
+def make_listener(lc: ListenerConfig, sink: Any, board: AssociationBoard,
+                  max_bytes: int) -> Listener | UpperLayerListener:
+    """The listener of ``lc``'s upper layer: pynetdicom's, or mfconsole's own (mfconsole/ul)."""
+    cls = UpperLayerListener if lc.upper_layer == "mfconsole" else Listener
+    return cls(lc, sink, board, max_bytes)
+
+
 class Engine:
     def __init__(self, config: Config, *, log_to_stderr: bool = True, accept_empty_store: bool = False,
                  control: Callable[[Engine], Any] | None = None):
@@ -52,7 +60,7 @@ class Engine:
         self.data_dir = config.engine.data_dir
         self.log_to_stderr = log_to_stderr
         self.board = AssociationBoard()
-        self.listeners: list[Listener] = []
+        self.listeners: list[Listener | UpperLayerListener] = []
         self.store: Store | None = None
         self.started_at: float | None = None
         self._lock = DataDirLock(self.data_dir)
@@ -102,7 +110,7 @@ class Engine:
             self._start_deliveries()
             max_bytes = cfg.store.max_object_mb * 1024 * 1024
             for lc in cfg.listeners:
-                listener = Listener(lc, self, self.board, max_bytes)
+                listener = make_listener(lc, self, self.board, max_bytes)
                 try:
                     listener.start()
                 except OSError as exc:
@@ -227,7 +235,7 @@ class Engine:
         report += [str(r) for r in results if r.outcome != "unchanged"]
         self.config = new
         self._routes = routes_by_listener(new)
-        for listener in self.listeners:
+        for i, listener in enumerate(self.listeners):
             lc = new.listener(listener.cfg.name)
             if lc == listener.cfg:
                 continue
@@ -235,6 +243,9 @@ class Engine:
                 report.append(f"listener {lc.name}: updated (associations in progress kept)")
             else:
                 listener.stop(new.engine.shutdown_timeout_s)
+                if lc.upper_layer != listener.cfg.upper_layer:   # another class serves it now
+                    listener = self.listeners[i] = make_listener(
+                        lc, self, self.board, new.store.max_object_mb * 1024 * 1024)
                 listener.cfg = lc
                 listener.start()
                 report.append(f"listener {lc.name}: restarted on {lc.host}:{lc.port}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTOCOLS = ("mfconsole.dimse", "mfconsole.stow", "mfconsole.mllp", "mfconsole.hl7")
+PROTOCOLS = ("mfconsole.dimse", "mfconsole.ul", "mfconsole.stow", "mfconsole.mllp", "mfconsole.hl7")
 ENGINE = "mfconsole.engine"
 CONTRACT = "mfconsole.contract"
 CONTRACT_MAY_IMPORT = {"mfconsole.hardening", "mfconsole.tls"}

@@ -1,0 +1,625 @@
+"""A C-STORE / C-ECHO SCP on mfconsole's own upper layer: one asyncio event loop
+thread serves every connection of a listener.
+
+Why: pynetdicom gives each connection two polling threads (DUL and reactor), from
+the TCP accept on; a hundred idle sockets cost two hundred threads and a core and a
+half. Here an idle connection is a coroutine waiting on a socket. The blocking part
+of a C-STORE, the ingest (it waits for the store's group commit), runs in a small
+fixed pool (max_associations workers): never on the loop thread.
+
+Per connection (``_Connection.run``) the state machine of PS3.8 9.2, acceptor side:
+  awaiting A-ASSOCIATE-RQ (ARTIM: acse_timeout_s for its first byte)
+  -> associated (P-DATA, A-RELEASE-RQ, A-ABORT; network_timeout_s of silence
+     between messages, dimse_timeout_s inside one)
+  -> closing (after our A-ASSOCIATE-RJ / A-RELEASE-RP / A-ABORT: ARTIM again for the
+     peer to close, then we close).
+Every PDU, once its first byte is in, must arrive whole within network_timeout_s,
+and a declared length over the limit (1 MiB for control PDUs, the max PDU length
+we advertised for P-DATA) is refused with A-ABORT before any of its body is read.
+We never send A-RELEASE-RQ (an acceptor of storage has nothing to release), so a
+release collision cannot arise from our side; at stop, associations still running
+after shutdown_timeout_s are aborted.
+
+The engine-facing behaviour (IngestSink, AssociationBoard rows, audit events, the
+C-STORE status decision) is the pynetdicom listener's: mfconsole/dimse/listener.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import resource
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from mfconsole.config import ListenerConfig, is_loopback
+from mfconsole.dimse import cstore
+from mfconsole.dimse.listener import (STATUS_SUCCESS, AssociationBoard, AssociationInfo,
+                                      IngestSink, Listener, store_object)
+from mfconsole.ul import dimse, negotiation, pdu
+
+log = logging.getLogger("mfconsole.listener")
+
+MAX_CONTROL_PDU = 1024 * 1024        # an A-ASSOCIATE-RQ with 128 contexts is ~20 KiB
+PDU_SLACK = 1024                     # peers that count the PDU header in the max length
+# A-ASSOCIATE-RQs over LARGE_RQ bytes (real ones are a few KiB) are read only while all
+# such bodies being read fit in RQ_BUDGET: thousands of connections each declaring
+# 1 MiB would otherwise make us hold gigabytes before any of them is associated.
+LARGE_RQ, RQ_BUDGET = 64 * 1024, 16 * 1024 * 1024
+ABORT_OVER = 1024 * 1024             # the listener's abort threshold over max_object_mb
+STATUS_UNRECOGNIZED_OPERATION = 0x0211
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _Closed(Exception):
+    """The connection is over (closed by the peer, aborted, or timed out)."""
+
+
+def pending_limits() -> tuple[int, int]:
+    """(all, per peer address) connections not yet associated. Half the process's
+    file descriptors at most, so idle sockets can never starve the store and the
+    associations of descriptors; one address may hold half of that."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+    total = max(64, min(8192, soft // 2))
+    return total, max(16, total // 2)
+
+
+class UpperLayerListener:
+    """The listener of ``upper_layer = "mfconsole"``: Listener's interface (start,
+    stop, reconfigure, address, cfg, started_at), served by mfconsole.ul."""
+
+    LIVE_KEYS = Listener.LIVE_KEYS
+    # A hook for user identity negotiation (negotiation.UserIdentityHook); None: the
+    # item is ignored.
+    user_identity: negotiation.UserIdentityHook | None = None
+
+    def __init__(self, cfg: ListenerConfig, sink: IngestSink, board: AssociationBoard,
+                 max_object_bytes: int):
+        self.cfg = cfg
+        self.sink = sink
+        self.board = board
+        self.max_object_bytes = max_object_bytes
+        self.started_at: float | None = None
+        self.pending_max, self.pending_per_peer = pending_limits()
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._conns: set[_Connection] = set()
+        self._pending_by_peer: collections.Counter[str] = collections.Counter()
+        self.associated = 0
+        self._pending = 0
+        self.large_rq_bytes = 0          # bodies of large A-ASSOCIATE-RQs being read
+        self._dropped = 0
+        self._dropped_logged = 0.0
+        self._failure = ""
+
+    # -- lifecycle (engine thread) --------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._sock is None:
+            return (self.cfg.host, self.cfg.port)
+        host, port = self._sock.getsockname()[:2]
+        return (str(host), int(port))
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        cfg = self.cfg
+        if cfg.tls is not None:   # config validation refuses this; never serve it in clear
+            raise OSError("upper_layer = \"mfconsole\" does not serve TLS yet")
+        # Bound here, so a port in use is an OSError for the engine, as with Listener.
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self._sock = socket.create_server((cfg.host, cfg.port), family=family,
+                                          backlog=socket.SOMAXCONN)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.max_associations),
+                                        thread_name_prefix=f"ingest-{cfg.name}")
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,),
+                                        name=f"listener-{cfg.name}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if self._server is None:   # the loop could not serve the socket: nothing listens
+            failure = self._failure
+            self.stop(0)
+            raise OSError(f"the event loop did not start: {failure or 'no answer within 10 s'}")
+        self.started_at = time.time()
+        log.info("listener %s: %s listening on %s:%d (cleartext, mfconsole upper layer)",
+                 cfg.name, cfg.ae_title, *self.address)
+        if not is_loopback(cfg.host):
+            log.warning("listener %s: cleartext on %s, a non-loopback address (allow_cleartext = "
+                        "true): PHI crosses the network unencrypted", cfg.name, cfg.host)
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        # limit: the StreamReader's buffer high-water mark; a P-DATA PDU of our max
+        # length fits without the transport pausing in the middle of it.
+        try:
+            self._server = loop.run_until_complete(asyncio.start_server(
+                self._accept, sock=self._sock,
+                limit=max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)))
+        except Exception as exc:
+            self._failure = exc.__class__.__name__
+        finally:
+            ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def reconfigure(self, cfg: ListenerConfig) -> bool:
+        """Only LIVE_KEYS change in place (read per association); False otherwise."""
+        if replace(cfg, **{k: getattr(self.cfg, k) for k in self.LIVE_KEYS}) != self.cfg:
+            return False
+        self.cfg = cfg
+        return True
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting, let associations in progress finish (bounded), then abort."""
+        loop = self._loop
+        if loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), loop)
+        try:
+            future.result(timeout + 10)
+        except Exception as exc:   # the loop is stopped below in any case
+            log.error("listener %s: stop: %s", self.cfg.name, exc.__class__.__name__)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)   # an ingest in progress ends with its commit
+        if self._sock is not None:
+            self._sock.close()   # closed with the server already, unless it never served
+        self._loop = self._thread = self._server = self._pool = None
+        self._sock = None
+        log.info("listener %s stopped", self.cfg.name)
+
+    async def _shutdown(self, timeout: float) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in [c for c in self._conns if c.phase != "associated"]:
+            conn.close()
+        deadline = time.monotonic() + timeout
+        while self.associated and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self._conns):
+            conn.abort_and_close("listener stopped")
+        while self._conns and time.monotonic() < deadline + 2:
+            await asyncio.sleep(0.02)
+
+    # -- connections (loop thread) ---------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address = writer.get_extra_info("peername") or ("?", 0)
+        host = str(address[0])
+        # Pre-association bounds: the newest connection over a limit is closed at once.
+        if self.pending >= self.pending_max or self._pending_by_peer[host] >= self.pending_per_peer:
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._dropped_logged > 10:
+                log.warning("listener %s: closed %d connection(s) over the limit of connections "
+                            "without an association (%d in all, %d per address; latest from %s)",
+                            self.cfg.name, self._dropped, self.pending_max, self.pending_per_peer, host)
+                self._dropped, self._dropped_logged = 0, now
+            writer.transport.abort()
+            return
+        conn = _Connection(self, reader, writer, host, f"{host}:{address[1]}")
+        self._conns.add(conn)
+        self._count(conn, "pending")
+        try:
+            await conn.run()
+        finally:
+            self._count(conn, "done")
+            self._conns.discard(conn)
+            conn.close()
+            conn.finish()
+
+    def _count(self, conn: "_Connection", phase: str) -> None:
+        """Move ``conn`` to ``phase``: pending (no association: not yet, or no more,
+        lingering after a release, rejection or abort until the peer closes; the
+        pre-association limits bound these, so lingering cannot bypass them),
+        associated (max_associations), done (closed)."""
+        if conn.phase == "pending":
+            self._pending -= 1
+            self._pending_by_peer[conn.host] -= 1
+            if not self._pending_by_peer[conn.host]:
+                del self._pending_by_peer[conn.host]
+        elif conn.phase == "associated":
+            self.associated -= 1
+        conn.phase = phase
+        if phase == "pending":
+            self._pending += 1
+            self._pending_by_peer[conn.host] += 1
+        elif phase == "associated":
+            self.associated += 1
+
+
+class _Connection:
+    def __init__(self, owner: UpperLayerListener, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, host: str, peer: str):
+        self.owner = owner
+        self.cfg = owner.cfg           # the settings of the listener when it connected
+        self.reader, self.writer = reader, writer
+        self.host, self.peer = host, peer
+        self.associated = False       # an A-ASSOCIATE-AC was sent (P-DATA may be read)
+        self.phase = ""                # how the listener counts it: see _count
+        self._large = 0                # bytes of RQ_BUDGET this connection holds
+        self.max_send = 0              # the requestor's max PDU length (0: unlimited)
+        self.contexts: dict[int, str] = {}
+        self.status = "aborted"        # the board status if it ends without one
+        self.reason = "connection closed"
+        self.info: AssociationInfo = owner.board.open(id(self), self.cfg.name, peer)
+        sock = writer.get_extra_info("socket")
+        self._sock = sock
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    # -- the state machine ------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        try:
+            pdu_type, body = await self._read_pdu(cfg.acse_timeout_s, first=True)
+            if pdu_type != pdu.ASSOCIATE_RQ:
+                if pdu_type != pdu.ABORT:
+                    await self._abort(pdu.UNEXPECTED_PDU)
+                return
+            if not await self._associate(body):
+                return
+            await self._associated()
+        except _Closed:
+            pass
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:   # a bug of ours: this connection ends, the listener serves on
+            log.error("listener %s: association from %s aborted: %s", cfg.name, self.peer,
+                      exc.__class__.__name__)
+            log.debug("listener %s: traceback", cfg.name, exc_info=True)
+            self.reason = f"internal error ({exc.__class__.__name__})"
+            self.abort_and_close(self.reason)
+
+    async def _associate(self, body: bytes) -> bool:
+        try:
+            rq = pdu.decode_associate_rq(body)
+        except pdu.PDUError as exc:
+            log.info("listener %s: malformed A-ASSOCIATE-RQ from %s: %s", self.cfg.name, self.peer, exc)
+            await self._abort(exc.reason)
+            return False
+        owner = self.owner
+        cfg = owner.cfg   # the current settings (reconfigure) decide the negotiation
+        self.cfg = cfg
+        decision = negotiation.negotiate(rq, cfg, owner.associated, owner.user_identity)
+        self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
+        if decision.reject is not None:
+            self.status, self.reason = "rejected", decision.reason
+            log.warning("listener %s: rejected association from %s (calling %s, called %s): %s",
+                        cfg.name, self.peer, rq.calling_ae, rq.called_ae, decision.reason)
+            owner.sink.audit("association_rejected", listener=cfg.name, calling_ae=rq.calling_ae,
+                             peer=self.peer, detail=f"{decision.reason} (called AE {rq.called_ae})")
+            await self._send(pdu.encode_associate_rj(*decision.reject))
+            self.finish()   # off the live board now, as with pynetdicom; ARTIM follows
+            await self._linger()
+            return False
+        await self._send(decision.ac)
+        self.associated = True
+        owner._count(self, "associated")
+        self.contexts = decision.accepted
+        self.max_send = rq.max_length
+        self.info.status = "active"
+        owner.sink.audit("association_accepted", listener=cfg.name, calling_ae=rq.calling_ae,
+                         peer=self.peer)
+        return True
+
+    async def _associated(self) -> None:
+        cfg = self.cfg
+        command = bytearray()
+        message: dimse.Command | None = None
+        message_cx = 0
+        data: bytearray | memoryview | None = None
+        while True:
+            idle = cfg.network_timeout_s if (message is None and not command) else cfg.dimse_timeout_s
+            pdu_type, body = await self._read_pdu(idle)
+            if pdu_type == pdu.RELEASE_RQ:
+                await self._send(pdu.encode_release_rp())
+                self.status, self.reason = "released", ""
+                self.owner._count(self, "pending")   # a new association may come while we linger
+                self.finish()
+                await self._linger()
+                return
+            if pdu_type == pdu.ABORT:
+                self.reason = "aborted by the peer"
+                return
+            if pdu_type != pdu.P_DATA_TF:
+                await self._abort(pdu.UNEXPECTED_PDU)
+                return
+            try:
+                pdvs = pdu.decode_pdata(memoryview(body))
+            except pdu.PDUError as exc:
+                await self._abort(exc.reason, f"malformed P-DATA-TF: {exc}")
+                return
+            for cx_id, control, fragment in pdvs:
+                if cx_id not in self.contexts:
+                    await self._abort(pdu.INVALID_PARAMETER,
+                                      f"PDV for presentation context {cx_id}, not accepted")
+                    return
+                if control & 0x01:   # a command fragment
+                    if message is not None or (command and cx_id != message_cx):
+                        await self._abort(pdu.UNEXPECTED_PARAMETER, "command fragment out of order")
+                        return
+                    command += fragment
+                    message_cx = cx_id
+                    if len(command) > dimse.MAX_COMMAND_SET:
+                        await self._abort(pdu.INVALID_PARAMETER, "command set too large")
+                        return
+                    if not control & 0x02:
+                        continue
+                    try:
+                        message = dimse.decode_command(command)
+                    except dimse.CommandError as exc:
+                        await self._abort(pdu.INVALID_PARAMETER, f"unreadable command set: {exc}")
+                        return
+                    command = bytearray()
+                    if message.has_data_set:
+                        continue
+                    await self._dispatch(message, message_cx, None)
+                    message = None
+                    continue
+                # A data set fragment: only after a command that announced one.
+                if message is None or not message.has_data_set or cx_id != message_cx:
+                    await self._abort(pdu.UNEXPECTED_PARAMETER, "data set fragment without its command")
+                    return
+                last = bool(control & 0x02)
+                if data is None and last:
+                    data = fragment   # the whole data set in one PDV: no copy
+                else:
+                    if not isinstance(data, bytearray):
+                        data = bytearray(data or b"")
+                    data += fragment
+                if len(data) > self.owner.max_object_bytes + ABORT_OVER:
+                    await self._too_big()
+                    return
+                if last:
+                    await self._dispatch(message, message_cx, data)
+                    message, data = None, None
+
+    # -- DIMSE ------------------------------------------------------------------------
+
+    async def _dispatch(self, message: dimse.Command, cx_id: int,
+                        data: bytearray | memoryview | None) -> None:
+        field = message.command_field
+        if field == dimse.C_ECHO_RQ:
+            rsp = cstore.response_set(cstore.C_ECHO_RSP, message.message_id,
+                                      message.sop_class_uid or negotiation.VERIFICATION, STATUS_SUCCESS)
+        elif field == dimse.C_STORE_RQ and data is not None:
+            status = await self._store(message, self.contexts[cx_id], data)
+            rsp = cstore.response_set(cstore.C_STORE_RSP, message.message_id, message.sop_class_uid,
+                                      status, message.sop_instance_uid)
+        elif field == dimse.C_CANCEL_RQ:
+            return   # nothing of ours to cancel: C-STORE is answered once, whole
+        elif field & 0x8000:
+            raise await self._abort_closed(pdu.UNEXPECTED_PARAMETER, "a DIMSE response sent to us")
+        else:
+            rsp = cstore.response_set(field | 0x8000, message.message_id, message.sop_class_uid,
+                                      STATUS_UNRECOGNIZED_OPERATION)
+        await self._send_message(cx_id, rsp)
+
+    async def _store(self, message: dimse.Command, ts: str, data: bytearray | memoryview) -> int:
+        owner, cfg, info = self.owner, self.cfg, self.info
+        loop = asyncio.get_running_loop()
+        with memoryview(data) as view:
+            size = len(view)
+            status, outcome = await loop.run_in_executor(
+                owner._pool, lambda: store_object(
+                    owner.sink, cfg.name, view, ts, message.sop_class_uid, message.sop_instance_uid,
+                    calling=info.calling_ae, peer=self.peer, association=info.key,
+                    accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes))
+        if status == STATUS_SUCCESS:
+            info.objects += 1
+            info.bytes += size
+        else:
+            info.refused += 1
+            info.reason = outcome
+        return status
+
+    async def _send_message(self, cx_id: int, command: bytes) -> None:
+        """A command set without data set, in PDVs within the requestor's max length."""
+        size = self.max_send - 6 if self.max_send > 6 else len(command)
+        for start in range(0, len(command), size):
+            last = 0x02 if start + size >= len(command) else 0x00
+            await self._send(pdu.encode_pdata([(cx_id, 0x01 | last, command[start:start + size])]))
+
+    async def _too_big(self) -> None:
+        cfg, info = self.cfg, self.info
+        info.refused += 1
+        info.reason = "object exceeds store.max_object_mb"
+        log.warning("listener %s: aborting association from %s: object exceeds "
+                    "store.max_object_mb (%d MiB)", cfg.name, self.peer,
+                    self.owner.max_object_bytes // (1024 * 1024))
+        self.owner.sink.audit("refused", listener=cfg.name, peer=self.peer, status="abort",
+                              detail="object exceeds store.max_object_mb")
+        await self._abort(pdu.REASON_NOT_SPECIFIED)
+
+    # -- transport ------------------------------------------------------------------------
+
+    def _quickack(self) -> None:
+        # Re-armed before every wait for bytes, as sockets.QuickAckSocket does before
+        # each recv: a peer with Nagle on (DCMTK's default) holds the next segment of
+        # a PDU (often its body, written apart from its header) until we ACK the last
+        # one; a delayed ACK costs ~40 ms per object. Setting it also sends an ACK
+        # that is due at once.
+        if _QUICKACK is not None and self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+
+    async def _read_pdu(self, idle: float, first: bool = False) -> tuple[int, bytes]:
+        """The next PDU: its first byte within ``idle`` seconds, all of it within
+        network_timeout_s of that byte; a declared length over the limit is refused
+        before its body is read."""
+        reader = self.reader
+        try:
+            async with asyncio.timeout(idle):
+                self._quickack()
+                head = await reader.readexactly(1)
+        except TimeoutError:
+            if first:
+                self.reason = f"no A-ASSOCIATE-RQ within acse_timeout_s={idle:g}"
+            else:
+                self.reason = f"nothing received for {idle:g} s"
+                await self._abort(pdu.REASON_NOT_SPECIFIED)
+            raise _Closed from None
+        except asyncio.IncompleteReadError:
+            raise _Closed from None
+        pdu_type = head[0]
+        if pdu_type not in pdu.PDU_TYPES:
+            # Not DICOM (an HTTP request, a TLS ClientHello, a scanner): nothing more of
+            # it is read, and no ARTIM: such a peer would not understand an A-ABORT.
+            log.info("listener %s: connection from %s sent no DICOM PDU (first byte 0x%02X); "
+                     "closed", self.cfg.name, self.peer, pdu_type)
+            self.reason = "not a DICOM PDU"
+            self._abort_now(pdu.UNRECOGNIZED_PDU)
+        body = b""
+        try:
+            async with asyncio.timeout(self.cfg.network_timeout_s):
+                self._quickack()
+                rest = await reader.readexactly(5)
+                length = int.from_bytes(rest[1:], "big")
+                limit = (self.cfg.max_pdu_kb * 1024 + PDU_SLACK if pdu_type == pdu.P_DATA_TF
+                         else MAX_CONTROL_PDU)
+                busy = False
+                if length > LARGE_RQ and pdu_type == pdu.ASSOCIATE_RQ and length <= limit:
+                    busy = self.owner.large_rq_bytes + length > RQ_BUDGET
+                    if not busy:
+                        self._large = length
+                        self.owner.large_rq_bytes += length
+                # Before an association only an A-ASSOCIATE-RQ is read: the body of
+                # anything else (P-DATA, say) is not.
+                if length <= limit and not busy and (self.associated or pdu_type == pdu.ASSOCIATE_RQ) and length:
+                    self._quickack()
+                    body = await reader.readexactly(length)
+        except TimeoutError:
+            self.reason = f"PDU not received within network_timeout_s={self.cfg.network_timeout_s:g}"
+            self._abort_now(pdu.REASON_NOT_SPECIFIED)
+        except asyncio.IncompleteReadError:
+            self.reason = "connection closed in the middle of a PDU"
+            raise _Closed from None
+        finally:
+            self.owner.large_rq_bytes -= self._large
+            self._large = 0
+        if length > limit:
+            self._oversize(pdu_type, length, limit)
+            self._abort_now(pdu.INVALID_PARAMETER)
+        if busy:
+            self.reason = f"A-ASSOCIATE-RQ of {length} bytes while others hold the budget"
+            log.warning("listener %s: closing connection from %s: A-ASSOCIATE-RQ declares %d bytes "
+                        "while %d bytes of large requests are being read (budget %d)",
+                        self.cfg.name, self.peer, length, self.owner.large_rq_bytes, RQ_BUDGET)
+            self.owner.sink.audit("refused", listener=self.cfg.name, peer=self.peer, status="abort",
+                                  detail=f"A-ASSOCIATE-RQ length {length} over the budget of large "
+                                  f"requests ({RQ_BUDGET} bytes in all)")
+            self._abort_now(pdu.REASON_NOT_SPECIFIED)
+        if not self.associated and pdu_type not in (pdu.ASSOCIATE_RQ, pdu.ABORT):
+            log.info("listener %s: PDU type 0x%02X from %s before an association; aborted",
+                     self.cfg.name, pdu_type, self.peer)
+        return pdu_type, body
+
+    def _oversize(self, pdu_type: int, length: int, limit: int) -> None:
+        log.warning("listener %s: closing connection from %s: PDU type 0x%02X declares %d "
+                    "bytes (limit %d)", self.cfg.name, self.peer, pdu_type, length, limit)
+        self.owner.sink.audit("refused", listener=self.cfg.name, peer=self.peer, status="abort",
+                              detail=f"PDU type 0x{pdu_type:02X} length {length} exceeds {limit}")
+        self.reason = f"PDU type 0x{pdu_type:02X} length {length} exceeds {limit}"
+
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
+        try:
+            async with asyncio.timeout(self.cfg.network_timeout_s):
+                await self.writer.drain()
+        except TimeoutError:
+            self.reason = "peer does not read"
+            raise _Closed from None
+
+    async def _abort(self, reason: int, why: str = "") -> None:
+        """A-ABORT (provider), then ARTIM for the peer to close."""
+        self.owner._count(self, "pending")
+        if why:
+            log.warning("listener %s: aborting association from %s: %s", self.cfg.name, self.peer, why)
+            self.reason = why
+        try:
+            self.writer.write(pdu.encode_abort(pdu.ABORT_PROVIDER, reason))
+            await self._linger()
+        except (ConnectionError, OSError):
+            pass
+
+    async def _abort_closed(self, reason: int, why: str = "") -> _Closed:
+        await self._abort(reason, why)
+        return _Closed()
+
+    def _abort_now(self, reason: int) -> None:
+        """A-ABORT and close at once, without ARTIM: for a peer that sends what we will
+        not read (too long, too slow, not DICOM)."""
+        try:
+            self.writer.write(pdu.encode_abort(pdu.ABORT_PROVIDER, reason))
+        except (ConnectionError, OSError, RuntimeError):
+            pass
+        self.close()
+        raise _Closed
+
+    async def _linger(self) -> None:
+        """ARTIM after our RJ, RP or A-ABORT: the requestor closes the transport; one
+        that does not is closed at acse_timeout_s. What it still sends is dropped (a
+        bounded read, so it cannot grow a buffer)."""
+        try:
+            async with asyncio.timeout(self.cfg.acse_timeout_s):
+                await self.writer.drain()
+                while await self.reader.read(65536):
+                    pass
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+
+    def abort_and_close(self, why: str) -> None:
+        """From the listener's stop: no linger."""
+        if self.associated:
+            self.reason = why
+            try:
+                self.writer.write(pdu.encode_abort(pdu.ABORT_USER, pdu.REASON_NOT_SPECIFIED))
+            except (ConnectionError, OSError, RuntimeError):
+                pass
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except (ConnectionError, OSError, RuntimeError):
+            pass
+
+    def finish(self) -> None:
+        """The board row: released, rejected, or aborted with a reason. Once: a
+        second call finds no live row."""
+        key = id(self)
+        if self.status == "rejected":
+            # The rejection reason is the row's reason, as with the pynetdicom listener.
+            self.owner.board.close(key, "rejected", self.reason)
+            return
+        info = self.owner.board.close(key, self.status, "" if self.status == "released" else self.reason)
+        if info is not None and not info.calling_ae and info.status == "aborted":
+            log.info("listener %s: connection from %s closed before association",
+                     self.cfg.name, info.peer)
