@@ -94,8 +94,9 @@ def test_a_destination_that_dead_letters_everything_is_flagged_and_counts_stay_c
         # The console shows the snapshot it has: wait for the one after the sixth.
         await wait_for(pilot, lambda: cell(app, "destinations", "pacs", "errored") == "6/6",
                        what="six errored this run and in all")
-        text = screen_text(app)
-        assert "0x0122" in text and "Problems" in text
+        # The Problems pane appears with a relayout: wait for the painted screen.
+        await wait_for(pilot, lambda: "0x0122" in screen_text(app) and "Problems" in screen_text(app),
+                       what="the problem in words")
     asyncio.run(run(ConsoleApp(InProcessClient(engine), refresh_s=0.3), flagged))
 
     # A restart: this run has errored nothing yet, the lifetime still counts the six.
