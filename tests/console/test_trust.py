@@ -141,8 +141,9 @@ def test_a_stopped_engine_greys_what_is_shown_and_says_since_when(engine_factory
             assert not app.screen.has_class("-stale")
             await asyncio.to_thread(engine.stop)
             await wait_for(pilot, lambda: app.screen.has_class("-stale"), what="greyed tables")
-            text = screen_text(app)
-            assert "ENGINE NOT ANSWERING since" in text and "pid" not in text.splitlines()[0]
+            text = await wait_for(pilot, lambda: (lambda t: t if "ENGINE NOT ANSWERING since" in t else "")(
+                screen_text(app)), what="the status bar saying since when")
+            assert "pid" not in text.splitlines()[0]
             await pilot.press("3")
             await wait_for(pilot, lambda: app.screen.has_class("-stale"), what="other screens greyed too")
     asyncio.run(run())
