@@ -450,11 +450,6 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
             upper_layer=r.get(t, p, "upper_layer", str, "pynetdicom", _upper_layer),
         )
-        if optional["upper_layer"] == "mfconsole" and "tls" in t:
-            # mfconsole/ul has no TLS yet: refused rather than served in cleartext.
-            r.fail(f"{p}.upper_layer", '"mfconsole" does not serve TLS yet; use upper_layer = '
-                   '"pynetdicom" for a listener with a tls table')
-            optional["upper_layer"] = None
         if name is not None:
             if name in seen_names:
                 r.fail(f"{p}.name", f"'{name}' is already used by listeners[{seen_names[name]}]")

@@ -13,6 +13,11 @@ Per connection (``_Connection.run``) the state machine of PS3.8 9.2, acceptor si
      between messages, dimse_timeout_s inside one)
   -> closing (after our A-ASSOCIATE-RJ / A-RELEASE-RP / A-ABORT: ARTIM again for the
      peer to close, then we close).
+With a tls table the listener runs its own accept loop (``_serve_tls``): each
+accepted socket first waits for one byte (peeked, so a cleartext A-ASSOCIATE-RQ is
+recognised and refused), then its TLS handshake runs on the loop as a coroutine,
+acse_timeout_s for both in all; the policy and context are mfconsole.tls's, as for
+the pynetdicom listener. A handshaking connection counts as not yet associated.
 Every PDU, once its first byte is in, must arrive whole within network_timeout_s,
 and a declared length over the limit (1 MiB for control PDUs, the max PDU length
 we advertised for P-DATA) is refused with A-ABORT before any of its body is read.
@@ -28,14 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import resource
 import socket
 import threading
 import time
+from asyncio import sslproto
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from mfconsole import tls
 from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore
 from mfconsole.dimse.listener import (STATUS_SUCCESS, AssociationBoard, AssociationInfo,
@@ -99,6 +107,8 @@ class UpperLayerListener:
         self._dropped = 0
         self._dropped_logged = 0.0
         self._failure = ""
+        self._tls: tls.Reloading | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     # -- lifecycle (engine thread) --------------------------------------------------
 
@@ -115,8 +125,11 @@ class UpperLayerListener:
 
     def start(self) -> None:
         cfg = self.cfg
-        if cfg.tls is not None:   # config validation refuses this; never serve it in clear
-            raise OSError("upper_layer = \"mfconsole\" does not serve TLS yet")
+        # Before any socket: certificate files that became unusable since the config
+        # was loaded stop the start (TLSSetupError is an OSError naming the key).
+        self._tls = tls.Reloading(tls.server_context, cfg.tls) if cfg.tls else None
+        if self._tls is not None:
+            self._tls.get()
         # Bound here, so a port in use is an OSError for the engine, as with Listener.
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self._sock = socket.create_server((cfg.host, cfg.port), family=family,
@@ -134,9 +147,10 @@ class UpperLayerListener:
             self.stop(0)
             raise OSError(f"the event loop did not start: {failure or 'no answer within 10 s'}")
         self.started_at = time.time()
-        log.info("listener %s: %s listening on %s:%d (cleartext, mfconsole upper layer)",
-                 cfg.name, cfg.ae_title, *self.address)
-        if not is_loopback(cfg.host):
+        mode = ("mTLS" if cfg.tls.require_client_cert else "TLS") if cfg.tls else "cleartext"
+        log.info("listener %s: %s listening on %s:%d (%s, mfconsole upper layer)",
+                 cfg.name, cfg.ae_title, *self.address, mode)
+        if cfg.tls is None and not is_loopback(cfg.host):
             log.warning("listener %s: cleartext on %s, a non-loopback address (allow_cleartext = "
                         "true): PHI crosses the network unencrypted", cfg.name, cfg.host)
 
@@ -147,9 +161,11 @@ class UpperLayerListener:
         # limit: the StreamReader's buffer high-water mark; a P-DATA PDU of our max
         # length fits without the transport pausing in the middle of it.
         try:
-            self._server = loop.run_until_complete(asyncio.start_server(
-                self._accept, sock=self._sock,
-                limit=max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)))
+            if self._tls is not None:
+                self._server = _AcceptLoop(loop.create_task(self._serve_tls()))
+            else:
+                self._server = loop.run_until_complete(asyncio.start_server(
+                    self._accept, sock=self._sock, limit=self._buffer_limit()))
         except Exception as exc:
             self._failure = exc.__class__.__name__
         finally:
@@ -159,6 +175,9 @@ class UpperLayerListener:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    def _buffer_limit(self) -> int:
+        return max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)
 
     def reconfigure(self, cfg: ListenerConfig) -> bool:
         """Only LIVE_KEYS change in place (read per association); False otherwise."""
@@ -191,6 +210,8 @@ class UpperLayerListener:
     async def _shutdown(self, timeout: float) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._handshakes):   # not associated yet: closed at once
+            task.cancel()
         for conn in [c for c in self._conns if c.phase != "associated"]:
             conn.close()
         deadline = time.monotonic() + timeout
@@ -203,18 +224,23 @@ class UpperLayerListener:
 
     # -- connections (loop thread) ---------------------------------------------------
 
+    def _over_limit(self, host: str) -> bool:
+        """Pre-association bounds: the newest connection over a limit is closed at once."""
+        if self.pending < self.pending_max and self._pending_by_peer[host] < self.pending_per_peer:
+            return False
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged > 10:
+            log.warning("listener %s: closed %d connection(s) over the limit of connections "
+                        "without an association (%d in all, %d per address; latest from %s)",
+                        self.cfg.name, self._dropped, self.pending_max, self.pending_per_peer, host)
+            self._dropped, self._dropped_logged = 0, now
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = writer.get_extra_info("peername") or ("?", 0)
         host = str(address[0])
-        # Pre-association bounds: the newest connection over a limit is closed at once.
-        if self.pending >= self.pending_max or self._pending_by_peer[host] >= self.pending_per_peer:
-            self._dropped += 1
-            now = time.monotonic()
-            if now - self._dropped_logged > 10:
-                log.warning("listener %s: closed %d connection(s) over the limit of connections "
-                            "without an association (%d in all, %d per address; latest from %s)",
-                            self.cfg.name, self._dropped, self.pending_max, self.pending_per_peer, host)
-                self._dropped, self._dropped_logged = 0, now
+        if self._over_limit(host):
             writer.transport.abort()
             return
         conn = _Connection(self, reader, writer, host, f"{host}:{address[1]}")
@@ -227,6 +253,98 @@ class UpperLayerListener:
             self._conns.discard(conn)
             conn.close()
             conn.finish()
+
+    # -- TLS (loop thread) -------------------------------------------------------------
+
+    async def _serve_tls(self) -> None:
+        """Accept, and hand each socket to its own handshake task. Our loop rather than
+        asyncio.start_server(ssl=...): that one takes one context for good (a renewed
+        certificate must be taken at the next connection), reads before we can tell a
+        cleartext A-ASSOCIATE-RQ from a ClientHello, and reports handshake failures to
+        nobody (they must be audited)."""
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                # Out of descriptors or buffers: the backlog waits a little, as asyncio's
+                # own server does, rather than the loop spinning on the same failure.
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("listener %s: accept failed: %s", self.cfg.name, exc.strerror)
+                    await asyncio.sleep(1)
+                continue
+            task = loop.create_task(self._tls_accept(sock, address))
+            self._handshakes.add(task)           # held: the loop keeps only weak references
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _tls_accept(self, sock: socket.socket, address: tuple) -> None:
+        host = str(address[0])
+        if self._over_limit(host):
+            sock.close()
+            return
+        # Counted as a connection without an association while it handshakes.
+        self._pending += 1
+        self._pending_by_peer[host] += 1
+        try:
+            streams = await self._handshake(sock, f"{host}:{address[1]}")
+        finally:
+            self._pending -= 1
+            self._pending_by_peer[host] -= 1
+            if not self._pending_by_peer[host]:
+                del self._pending_by_peer[host]
+        if streams is not None:
+            await self._accept(*streams)
+
+    async def _handshake(self, sock: socket.socket, peer: str
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The server side of the handshake, within acse_timeout_s in all from the
+        accept (a client dripping half a ClientHello gets no longer than a silent
+        one); a failure is an audit event (peer and reason only), as with Listener."""
+        assert self._tls is not None
+        loop = asyncio.get_running_loop()
+        limit = self.cfg.acse_timeout_s
+        deadline = loop.time() + limit
+        try:
+            first = await _peek(loop, sock, limit)
+            if not first:   # a port scan or health check: nothing was attempted
+                sock.close()
+                log.info("listener %s: connection from %s closed before the TLS handshake",
+                         self.cfg.name, peer)
+                return None
+            if first == b"\x01":   # PDU type 1: an A-ASSOCIATE-RQ, in cleartext
+                return self._tls_refused(sock, peer, "the peer sent a cleartext association "
+                                         "request; it must use TLS")
+            ctx = self._tls.get()   # a stat of the files; rebuilt only when they changed
+            reader = asyncio.StreamReader(limit=self._buffer_limit(), loop=loop)
+            protocol = _StreamProtocol(reader, loop=loop)
+            handshake = loop.create_future()
+            tls_protocol = _AlertingSSLProtocol(
+                loop, protocol, ctx, handshake, server_side=True,
+                ssl_handshake_timeout=max(0.01, deadline - loop.time()))
+            raw, _ = await loop.connect_accepted_socket(lambda: tls_protocol, sock)
+            try:
+                await handshake
+            except BaseException:
+                raw.abort()
+                raise
+            assert protocol.transport is not None
+            return reader, asyncio.StreamWriter(protocol.transport, protocol, reader, loop)
+        except TimeoutError:
+            return self._tls_refused(sock, peer, f"not completed within acse_timeout_s={limit:g}")
+        except ConnectionAbortedError as exc:
+            if "taking longer" in str(exc):   # asyncio's ssl_handshake_timeout
+                return self._tls_refused(sock, peer, f"not completed within acse_timeout_s={limit:g}")
+            return self._tls_refused(sock, peer, tls.failure_reason(exc))
+        except (OSError, ValueError) as exc:
+            return self._tls_refused(sock, peer, tls.failure_reason(exc))
+
+    def _tls_refused(self, sock: socket.socket, peer: str, why: str) -> None:
+        sock.close()
+        log.warning("listener %s: TLS handshake with %s failed: %s", self.cfg.name, peer, why)
+        self.sink.audit("refused", listener=self.cfg.name, peer=peer, status="TLS",
+                        detail=f"TLS handshake failed: {why}")
 
     def _count(self, conn: "_Connection", phase: str) -> None:
         """Move ``conn`` to ``phase``: pending (no association: not yet, or no more,
@@ -248,6 +366,59 @@ class UpperLayerListener:
             self.associated += 1
 
 
+class _AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS (what loop.start_tls builds), except that a failed handshake
+    sends its alert: asyncio closes the socket without flushing what OpenSSL wrote,
+    so a peer refused for its protocol version or suites would see a bare EOF
+    instead of the alert naming why (as it does from the pynetdicom listener)."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            try:
+                self._process_outgoing()   # the alert, written at once (a few bytes)
+            except Exception:
+                pass
+        super()._on_handshake_complete(handshake_exc)
+
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """Keeps the TLS transport it is given when the handshake completes."""
+
+    transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        super().connection_made(transport)
+
+
+class _AcceptLoop:
+    """The TLS accept task, with what the listener asks of an asyncio.Server."""
+
+    def __init__(self, task: asyncio.Task[None]):
+        self._task = task
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bytes:
+    """The first byte of a non-blocking socket, left in it (b"": closed), within
+    ``timeout`` (else TimeoutError)."""
+    fd = sock.fileno()
+    async with asyncio.timeout(timeout):
+        while True:
+            ready = loop.create_future()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            try:
+                return sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                continue
+
+
 class _Connection:
     def __init__(self, owner: UpperLayerListener, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, host: str, peer: str):
@@ -263,6 +434,15 @@ class _Connection:
         self.status = "aborted"        # the board status if it ends without one
         self.reason = "connection closed"
         self.info: AssociationInfo = owner.board.open(id(self), self.cfg.name, peer)
+        # Over TLS: the calling AE titles the client certificate may use (None: not
+        # bound), and its names for the rejection reason.
+        self.cert_aets: frozenset[str] | None = None
+        self.cert_names = ""
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.info.tls = tls.describe(ssl_object)
+            if self.cfg.tls is not None and self.cfg.tls.client_cert_aets:
+                self._bind(ssl_object)
         sock = writer.get_extra_info("socket")
         self._sock = sock
         if sock is not None:
@@ -270,6 +450,21 @@ class _Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+
+    def _bind(self, ssl_object: object) -> None:
+        """The AE titles of tls.client_cert_aets this certificate may call as. Fail
+        closed: names that cannot be read bind no title (refused 1/1/3), never none."""
+        assert self.cfg.tls is not None
+        self.cert_aets = frozenset()
+        try:
+            names = tls.identities(ssl_object.getpeercert())   # type: ignore[attr-defined]
+        except Exception as exc:
+            log.error("listener %s: cannot read the client certificate's names from %s: %s",
+                      self.cfg.name, self.peer, exc.__class__.__name__)
+            self.cert_names = "names unreadable"
+            return
+        self.cert_aets = self.cfg.tls.aets_for(names)
+        self.cert_names = ", ".join(sorted(names)) or "no name"
 
     # -- the state machine ------------------------------------------------------------
 
@@ -305,7 +500,8 @@ class _Connection:
         owner = self.owner
         cfg = owner.cfg   # the current settings (reconfigure) decide the negotiation
         self.cfg = cfg
-        decision = negotiation.negotiate(rq, cfg, owner.associated, owner.user_identity)
+        decision = negotiation.negotiate(rq, cfg, owner.associated, owner.user_identity,
+                                         self.cert_aets, self.cert_names)
         self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
         if decision.reject is not None:
             self.status, self.reason = "rejected", decision.reason
