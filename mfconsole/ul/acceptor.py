@@ -46,8 +46,8 @@ from dataclasses import replace
 from mfconsole import tls
 from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore
-from mfconsole.dimse.listener import (STATUS_SUCCESS, AssociationBoard, AssociationInfo,
-                                      IngestSink, Listener, store_object)
+from mfconsole.dimse.listener import (STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, AssociationBoard,
+                                      AssociationInfo, IngestSink, Listener, refused, store_object)
 from mfconsole.ul import dimse, negotiation, pdu
 
 log = logging.getLogger("mfconsole.listener")
@@ -61,6 +61,87 @@ LARGE_RQ, RQ_BUDGET = 64 * 1024, 16 * 1024 * 1024
 ABORT_OVER = 1024 * 1024             # the listener's abort threshold over max_object_mb
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+BUDGET_REFUSAL = "out of resources: in-flight budget"
+
+
+class InflightBudget:
+    """Data set bytes held in memory by every association of every listener on this
+    upper layer, from an object's first fragment until it is committed or refused
+    (store.inflight_mb). Shared across listeners' loop threads, hence the lock.
+
+    An object alone in flight may go over the limit (up to max_object_mb): were it
+    refused, a sender retrying an object bigger than the budget would be refused
+    forever. With others in flight, a fragment that would go over is refused, so of
+    two objects competing for the budget one always goes on."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.refusals = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, held: int) -> bool:
+        """Reserve ``n`` more bytes for an object that holds ``held`` already."""
+        with self._lock:
+            if self.used + n > self.limit and self.used > held:
+                self.refusals += 1
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class _Quiet:
+    """One kind of per-connection log line (closed before association, a failed TLS
+    handshake): the first FEW of an INTERVAL are logged as they come, the rest only
+    counted, in one summary line at the end of each interval while they last. A
+    connect/close flood must not flood the log (nor cost a line of I/O per
+    connection on the loop thread). The audit trail still has every refusal."""
+
+    FEW, INTERVAL = 5, 10.0
+
+    def __init__(self, listener: str, what: str):
+        self.listener, self.what = listener, what
+        self._window = -1e9
+        self._count = 0
+        self._suppressed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if self._timer is None and now - self._window >= self.INTERVAL:
+            self._window, self._count = now, 0
+        self._count += 1
+        if self._count <= self.FEW and self._timer is None:
+            log.log(level, msg, *args)
+            return
+        self._suppressed += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, self._window + self.INTERVAL - now), self.flush, True)
+
+    def flush(self, again: bool = False) -> None:
+        """The summary line; with ``again``, another interval of quiet follows if
+        there was anything to count in this one."""
+        self._timer = None
+        suppressed, self._suppressed = self._suppressed, 0
+        if not suppressed:
+            return
+        log.warning("listener %s: %d more %s in the last %g s (not logged one by one)",
+                    self.listener, suppressed, self.what, self.INTERVAL)
+        if again:
+            self._window = time.monotonic()
+            self._timer = asyncio.get_running_loop().call_later(self.INTERVAL, self.flush, True)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
 
 
 class _Closed(Exception):
@@ -87,8 +168,13 @@ class UpperLayerListener:
     user_identity: negotiation.UserIdentityHook | None = None
 
     def __init__(self, cfg: ListenerConfig, sink: IngestSink, board: AssociationBoard,
-                 max_object_bytes: int):
+                 max_object_bytes: int, *, inflight: InflightBudget | None = None):
         self.cfg = cfg
+        # Without the engine's budget (shared by all listeners), one of our own.
+        self.inflight = inflight if inflight is not None else InflightBudget(512 * 1024 * 1024)
+        self.quiet = {what: _Quiet(cfg.name, what) for what in (
+            "connection(s) closed before association", "connection(s) that sent no DICOM PDU",
+            "TLS handshake failure(s)", "connection(s) closed before the TLS handshake")}
         self.sink = sink
         self.board = board
         self.max_object_bytes = max_object_bytes
@@ -221,6 +307,8 @@ class UpperLayerListener:
             conn.abort_and_close("listener stopped")
         while self._conns and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
+        for quiet in self.quiet.values():   # what was counted is logged before we stop
+            quiet.cancel()
 
     # -- connections (loop thread) ---------------------------------------------------
 
@@ -310,8 +398,9 @@ class UpperLayerListener:
             first = await _peek(loop, sock, limit)
             if not first:   # a port scan or health check: nothing was attempted
                 sock.close()
-                log.info("listener %s: connection from %s closed before the TLS handshake",
-                         self.cfg.name, peer)
+                self.quiet["connection(s) closed before the TLS handshake"].log(
+                    logging.INFO, "listener %s: connection from %s closed before the TLS handshake",
+                    self.cfg.name, peer)
                 return None
             if first == b"\x01":   # PDU type 1: an A-ASSOCIATE-RQ, in cleartext
                 return self._tls_refused(sock, peer, "the peer sent a cleartext association "
@@ -320,9 +409,12 @@ class UpperLayerListener:
             reader = asyncio.StreamReader(limit=self._buffer_limit(), loop=loop)
             protocol = _StreamProtocol(reader, loop=loop)
             handshake = loop.create_future()
+            # ssl_shutdown_timeout: a peer that never answers our close_notify holds
+            # its descriptor no longer than ARTIM would (asyncio's default is 30 s).
             tls_protocol = _AlertingSSLProtocol(
                 loop, protocol, ctx, handshake, server_side=True,
-                ssl_handshake_timeout=max(0.01, deadline - loop.time()))
+                ssl_handshake_timeout=max(0.01, deadline - loop.time()),
+                ssl_shutdown_timeout=limit)
             raw, _ = await loop.connect_accepted_socket(lambda: tls_protocol, sock)
             try:
                 await handshake
@@ -339,10 +431,14 @@ class UpperLayerListener:
             return self._tls_refused(sock, peer, tls.failure_reason(exc))
         except (OSError, ValueError) as exc:
             return self._tls_refused(sock, peer, tls.failure_reason(exc))
+        except asyncio.CancelledError:   # the listener stops: nothing to audit
+            sock.close()
+            raise
 
     def _tls_refused(self, sock: socket.socket, peer: str, why: str) -> None:
         sock.close()
-        log.warning("listener %s: TLS handshake with %s failed: %s", self.cfg.name, peer, why)
+        self.quiet["TLS handshake failure(s)"].log(
+            logging.WARNING, "listener %s: TLS handshake with %s failed: %s", self.cfg.name, peer, why)
         self.sink.audit("refused", listener=self.cfg.name, peer=peer, status="TLS",
                         detail=f"TLS handshake failed: {why}")
 
@@ -429,6 +525,7 @@ class _Connection:
         self.associated = False       # an A-ASSOCIATE-AC was sent (P-DATA may be read)
         self.phase = ""                # how the listener counts it: see _count
         self._large = 0                # bytes of RQ_BUDGET this connection holds
+        self.held = 0                  # bytes of the in-flight budget it holds
         self.max_send = 0              # the requestor's max PDU length (0: unlimited)
         self.contexts: dict[int, str] = {}
         self.status = "aborted"        # the board status if it ends without one
@@ -489,6 +586,13 @@ class _Connection:
             log.debug("listener %s: traceback", cfg.name, exc_info=True)
             self.reason = f"internal error ({exc.__class__.__name__})"
             self.abort_and_close(self.reason)
+        finally:
+            self._release()   # an object cut short gives its bytes back
+
+    def _release(self) -> None:
+        if self.held:
+            self.owner.inflight.give(self.held)
+            self.held = 0
 
     async def _associate(self, body: bytes) -> bool:
         try:
@@ -529,6 +633,8 @@ class _Connection:
         message: dimse.Command | None = None
         message_cx = 0
         data: bytearray | memoryview | None = None
+        received = 0          # data set bytes of the message in progress, kept or not
+        dropping = False      # over the in-flight budget: its bytes are read and dropped
         while True:
             idle = cfg.network_timeout_s if (message is None and not command) else cfg.dimse_timeout_s
             pdu_type, body = await self._read_pdu(idle)
@@ -582,18 +688,32 @@ class _Connection:
                     await self._abort(pdu.UNEXPECTED_PARAMETER, "data set fragment without its command")
                     return
                 last = bool(control & 0x02)
-                if data is None and last:
-                    data = fragment   # the whole data set in one PDV: no copy
-                else:
-                    if not isinstance(data, bytearray):
-                        data = bytearray(data or b"")
-                    data += fragment
-                if len(data) > self.owner.max_object_bytes + ABORT_OVER:
+                received += len(fragment)
+                if received > self.owner.max_object_bytes + ABORT_OVER:
                     await self._too_big()
                     return
+                if not dropping and not self.owner.inflight.take(len(fragment), self.held):
+                    dropping, data = True, None   # refused at its last fragment
+                    self._release()
+                if not dropping:
+                    self.held += len(fragment)
+                    if data is None and last:
+                        data = fragment   # the whole data set in one PDV: no copy
+                    else:
+                        if not isinstance(data, bytearray):
+                            data = bytearray(data or b"")
+                        data += fragment
                 if last:
-                    await self._dispatch(message, message_cx, data)
-                    message, data = None, None
+                    try:
+                        if dropping:
+                            await self._over_budget(message, message_cx)
+                        else:
+                            assert data is not None
+                            await self._dispatch(message, message_cx, data)
+                    finally:
+                        data = None   # our last reference: the bytes go before the budget
+                        self._release()
+                    message, received, dropping = None, 0, False
 
     # -- DIMSE ------------------------------------------------------------------------
 
@@ -633,6 +753,20 @@ class _Connection:
             info.refused += 1
             info.reason = outcome
         return status
+
+    async def _over_budget(self, message: dimse.Command, cx_id: int) -> None:
+        """0xA700 for an object that would have gone over store.inflight_mb: transient,
+        the sender retries it (its bytes were dropped as they came)."""
+        cfg, info = self.cfg, self.info
+        info.refused += 1
+        info.reason = BUDGET_REFUSAL
+        if message.command_field == dimse.C_STORE_RQ:
+            refused(self.owner.sink, cfg.name, STATUS_OUT_OF_RESOURCES, BUDGET_REFUSAL,
+                    info.calling_ae, self.peer, message.sop_instance_uid or None)
+        rsp = cstore.response_set(message.command_field | 0x8000, message.message_id,
+                                  message.sop_class_uid, STATUS_OUT_OF_RESOURCES,
+                                  message.sop_instance_uid)
+        await self._send_message(cx_id, rsp)
 
     async def _send_message(self, cx_id: int, command: bytes) -> None:
         """A command set without data set, in PDVs within the requestor's max length."""
@@ -688,8 +822,9 @@ class _Connection:
         if pdu_type not in pdu.PDU_TYPES:
             # Not DICOM (an HTTP request, a TLS ClientHello, a scanner): nothing more of
             # it is read, and no ARTIM: such a peer would not understand an A-ABORT.
-            log.info("listener %s: connection from %s sent no DICOM PDU (first byte 0x%02X); "
-                     "closed", self.cfg.name, self.peer, pdu_type)
+            self.owner.quiet["connection(s) that sent no DICOM PDU"].log(
+                logging.INFO, "listener %s: connection from %s sent no DICOM PDU (first byte "
+                "0x%02X); closed", self.cfg.name, self.peer, pdu_type)
             self.reason = "not a DICOM PDU"
             self._abort_now(pdu.UNRECOGNIZED_PDU)
         body = b""
@@ -817,5 +952,6 @@ class _Connection:
             return
         info = self.owner.board.close(key, self.status, "" if self.status == "released" else self.reason)
         if info is not None and not info.calling_ae and info.status == "aborted":
-            log.info("listener %s: connection from %s closed before association",
-                     self.cfg.name, info.peer)
+            self.owner.quiet["connection(s) closed before association"].log(
+                logging.INFO, "listener %s: connection from %s closed before association",
+                self.cfg.name, info.peer)
