@@ -151,3 +151,27 @@ def test_cert_binding_fails_closed_when_the_listener_could_not_bind(engine_facto
     assert stored(engine) == 0
     rejected = poll(lambda: audit(engine, "association_rejected"))
     assert "names unreadable" in rejected[0]["detail"], rejected
+
+
+def test_handshaking_connections_count_before_association_and_stop_closes_them(engine_factory, pki):
+    """A connection in its handshake is one without an association: the per-address
+    limit closes the newest at once, and a stop closes those still handshaking."""
+    engine = engine_factory(listener={**ul_tls(pki), "acse_timeout_s": 20})
+    listener = engine.listeners[0]
+    listener.pending_per_peer = 3
+    port = listener.address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    poll(lambda: listener.pending == 3, message="3 handshaking connections")
+    newest = socket.create_connection(("127.0.0.1", port))
+    newest.settimeout(2)
+    t0 = time.monotonic()
+    assert newest.recv(1024) == b"" and time.monotonic() - t0 < 1.0
+    newest.close()
+    t0 = time.monotonic()
+    listener.stop(1)
+    assert time.monotonic() - t0 < 5
+    for s in idle:
+        s.settimeout(5)
+        assert s.recv(1024) == b""          # closed by the stop, not at the deadline
+        s.close()
+    assert listener.pending == 0
