@@ -198,7 +198,7 @@ def cmd_echo(config: Config, args: Any) -> int:
 
 def cmd_test(config: Config, args: Any) -> int:
     from mfconsole import ops
-    from mfconsole.dimse.sender import sop_name, ts_name
+    from mfconsole.dicomvalues import sop_name, ts_name
 
     report = ops.test(config, args.target)
     where = f"{report.peer.called_ae}@{report.peer.address}"

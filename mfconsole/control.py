@@ -392,7 +392,7 @@ class ControlService:
 
     def op_test(self, actor: str, destination: str) -> dict[str, Any]:
         from mfconsole import ops
-        from mfconsole.dimse.sender import sop_name, ts_name
+        from mfconsole.dicomvalues import sop_name, ts_name
 
         report = ops.test(self.config, destination)
         return {"failure": report.failure, "source": report.source,

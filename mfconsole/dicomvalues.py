@@ -9,6 +9,8 @@ for what it cannot read, and never raises on a value (nor quotes one anywhere).
 
 from __future__ import annotations
 
+from pydicom.uid import UID
+
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
@@ -176,3 +178,15 @@ def parse_dt(text: str) -> tuple[str, datetime | None]:
     except ValueError:
         return "", None
     return s, value
+
+
+def ts_name(uid: str) -> str:
+    """A transfer syntax's name, or its UID when the dictionary does not know it."""
+    name = UID(uid).name
+    return name if name != uid else f"transfer syntax {uid}"
+
+
+def sop_name(uid: str) -> str:
+    """A SOP class's name, or its UID when the dictionary does not know it."""
+    name = UID(uid).name
+    return name if name != uid else f"SOP class {uid}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mfconsole import egress as egress_mod
+from mfconsole import when
 from mfconsole.config import Config, DestinationConfig, ae_title_problem
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
@@ -241,32 +242,12 @@ def resume(config: Config, destination: str, *, actor: str | None = None,
 # -- the object browser and the audit trail ------------------------------------------
 
 OBJECT_PAGE_MAX = 1000
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_time(text: str | float | None, now: float | None = None) -> float | None:
-    """A point in time as an operator writes it: ``30m``/``2h``/``1d`` ago, an ISO date
-    or date-time (local time), or seconds since the epoch."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)):
-        return float(text)
-    text = text.strip()
-    m = _RELATIVE.match(text)
-    if m:
-        return (now or time.time()) - float(m.group(1)) * _UNITS[m.group(2)]
+    """A point in time as an operator writes it (mfconsole.when)."""
     try:
-        return float(text)
-    except ValueError:
-        pass
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise OpsError(f"{text!r} is not a time: write 30m, 2h, 1d (ago), 2026-12-04 or "
-                       "2026-12-04T08:30") from None
+        return when.parse_time(text, now)
+    except ValueError as exc:
+        raise OpsError(str(exc)) from None
 
 
 _OBJECT_FILTERS = {f for f in ObjectFilter.__dataclass_fields__ if f not in ("tokens",)}

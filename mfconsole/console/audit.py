@@ -4,7 +4,6 @@ a row in full. As on the Objects screen, only the answer to the latest query is 
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Label
 
+from mfconsole import when
 from mfconsole.console import format as fmt
 from mfconsole.console.dialogs import TextScreen
 from mfconsole.console.widgets import ConsoleScreen, FilterBar, KeyedTable
@@ -23,8 +23,6 @@ PAGE = 200
 PREFETCH = 40
 KEYS = {"event": "event", "dest": "destination", "listener": "listener", "actor": "actor",
         "since": "since", "until": "until", "object": "object_id"}
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class FilterError(ValueError):
@@ -49,9 +47,9 @@ def parse_filter(text: str, now: float | None = None) -> dict[str, Any]:
             filters["object_id"] = int(value)
             continue
         if key in ("since", "until"):
-            m = _RELATIVE.match(value)
-            if m:
-                filters[key] = (now or time.time()) - float(m.group(1)) * _UNITS[m.group(2)]
+            absolute = when.ago(value, now)
+            if absolute is not None:
+                filters[key] = absolute
                 continue
         filters[KEYS[key]] = value
     if words:

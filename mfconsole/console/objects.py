@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +22,11 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Input, Label, Static
 
 from mfconsole.client import ClientError
+from mfconsole import when
 from mfconsole.console import format as fmt
 from mfconsole.console.dialogs import PromptScreen, TextScreen
 from mfconsole.console.widgets import ConsoleScreen, FilterBar, KeyedTable
-from mfconsole.dimse.sender import sop_name
+from mfconsole.dicomvalues import sop_name
 from mfconsole.client import OBJECT_SORTS
 
 PAGE = 200
@@ -40,8 +40,6 @@ KEYS = {"ae": "calling_ae", "mod": "modality", "since": "since", "until": "until
         "class": "sop_class_uid", "listener": "listener", "assoc": "association"}
 SEARCH = {"acc": "accession", "pid": "patient_id"}
 DELIVERY_STATES = ("pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded")
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # Never colour alone: a symbol, and a word for every state but the good one.
 MARKS = {"delivered": ("✓", ""), "pending": ("…pending", ""), "in_flight": ("↗sending", ""),
@@ -78,9 +76,9 @@ def parse_filter(text: str, now: float | None = None) -> tuple[dict[str, Any], d
         if key == "state" and value not in DELIVERY_STATES:
             raise FilterError(f"state is one of {', '.join(DELIVERY_STATES)}, not “{value}”")
         if key in ("since", "until"):
-            m = _RELATIVE.match(value)
-            if m:
-                value = (now or time.time()) - float(m.group(1)) * _UNITS[m.group(2)]
+            absolute = when.ago(value, now)
+            if absolute is not None:
+                value = absolute
         filters[KEYS[key]] = value
     return filters, search
 

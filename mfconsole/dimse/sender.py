@@ -36,6 +36,7 @@ from mfconsole.config import PRIORITIES, TLSConfig
 from mfconsole.contract import Outbound, Outcome
 from mfconsole.dimse import cstore, sockets
 from mfconsole.dimse import pynetdicom_adapt as adapt
+from mfconsole.dicomvalues import sop_name, ts_name
 from mfconsole.dimse.odd_length import even_length
 from mfconsole.dimse.status import association_rejected, context_refused, cstore_status
 
@@ -118,16 +119,6 @@ def tls_context(peer: Peer) -> ssl.SSLContext | None:
 def _tls_unusable(exc: tls.TLSSetupError) -> Outcome:
     """A certificate file changed since the config was loaded: fix it, then resume."""
     return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration", str(exc))
-
-
-def ts_name(uid: str) -> str:
-    name = UID(uid).name
-    return name if name != uid else f"transfer syntax {uid}"
-
-
-def sop_name(uid: str) -> str:
-    name = UID(uid).name
-    return name if name != uid else f"SOP class {uid}"
 
 
 def _user_identity(peer: Peer) -> list[Any]:

@@ -1,12 +1,15 @@
 """The object browser in a real terminal (tmux), attached to `mfconsole serve`: ten
 thousand objects page and sort; an accession number search finds exactly the objects
-that carry it and leaves an audit row; the timeline shows what happened to one."""
+that carry it and leaves an audit row; the timeline of an object delivered to one
+destination and dead-lettered at another shows both."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 from dicomgen import make_sr, save
+from fault_scp import FaultSCP
 from harness import plant, poll, store_files
 from test_terminal import Tmux, console_command, tmux  # noqa: F401 (fixture)
 
@@ -26,8 +29,20 @@ def seed(tx, count: int) -> None:
            for i in range(count)])
 
 
-def test_the_object_browser_in_a_real_terminal(tmux, serve_factory, tmp_path):   # noqa: F811
-    serve = serve_factory()
+@pytest.fixture
+def refusing(tmp_path):
+    scp = FaultSCP(None, "--status", "0x0122", record_dir=tmp_path / "refusing", ae_title="ARCHIVE").start()
+    yield scp
+    scp.stop()
+
+
+def test_the_object_browser_in_a_real_terminal(tmux, serve_factory, storescp_factory, refusing,   # noqa: F811
+                                               tmp_path):
+    pacs = storescp_factory()
+    serve = serve_factory(destinations=[
+        {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"},
+        {"name": "archive", "kind": "dimse", "host": "127.0.0.1", "port": refusing.port,
+         "ae_title": "ARCHIVE"}])
     with writing(db_path(serve.data_dir)) as run:
         run(seed, SEEDED)
     files = []
@@ -36,6 +51,10 @@ def test_the_object_browser_in_a_real_terminal(tmux, serve_factory, tmp_path):  
         ds.AccessionNumber = "ACC-TMUX-7" if i < 2 else "ACC-OTHER"
         files.append(save(ds, tmp_path / "in" / f"{i}.dcm"))
     uids = store_files(serve.port, files)
+    with reading(db_path(serve.data_dir)) as reads:
+        poll(lambda: {r["state"] for r in reads.rows("deliveries", destination="pacs")} == {"delivered"}
+             and {r["state"] for r in reads.rows("deliveries", destination="archive")} == {"dead"},
+             timeout=30, message="delivered to pacs, dead at archive")
 
     tmux.start(console_command(serve.config), width=120, height=40)
     tmux.wait("1 Dashboard")
@@ -71,5 +90,6 @@ def test_the_object_browser_in_a_real_terminal(tmux, serve_factory, tmp_path):  
 
     tmux.keys("Enter")
     screen = tmux.wait("— timeline")
-    assert "stored" in screen and "pacs" in screen
+    assert "stored" in screen and "pacs  ✓ delivered" in screen and "archive  ✉ DEAD" in screen, screen
+    assert "0x0122" in screen
     tmux.keys("Escape")
