@@ -36,7 +36,10 @@ from tlsgen import make_pki
 
 PKI: dict[str, Path] = {}
 RECEIVERS = ("mfconsole", "mfconsole-tls", "mfconsole-mtls", "storescp", "storescp-tls")
-BASELINE = {"mfconsole-tls": "mfconsole", "mfconsole-mtls": "mfconsole", "storescp-tls": "storescp"}
+# upper_layer = "mfconsole" (mfconsole/ul), on request: --receivers mfconsole-ul,mfconsole-ul-tls,...
+UL_RECEIVERS = ("mfconsole-ul", "mfconsole-ul-tls", "mfconsole-ul-mtls")
+BASELINE = {"mfconsole-tls": "mfconsole", "mfconsole-mtls": "mfconsole", "storescp-tls": "storescp",
+            "mfconsole-ul-tls": "mfconsole-ul", "mfconsole-ul-mtls": "mfconsole-ul"}
 
 
 def anonymous() -> list[str]:
@@ -51,19 +54,33 @@ class MfconsoleTLS(ingest.MfconsoleReceiver):
     name = "mfconsole-tls"
     notes = "as mfconsole, listener tls = { cert_file, key_file }"
     mtls = False
+    upper_layer = "pynetdicom"
 
     def __init__(self, workdir: Path):
         super().__init__(workdir)
         tls: dict[str, Any] = {"cert_file": str(PKI["server.crt"]), "key_file": str(PKI["server.key"])}
         if self.mtls:
             tls |= {"require_client_cert": True, "ca_file": str(PKI["ca.crt"])}
-        self.config = write_config(workdir, port=self.port, ae_title=self.ae_title, listener={"tls": tls})
+        self.config = write_config(workdir, port=self.port, ae_title=self.ae_title,
+                                   listener={"tls": tls, "upper_layer": self.upper_layer})
         self.sender_args = with_certificate() if self.mtls else anonymous()
 
 
 class MfconsoleMTLS(MfconsoleTLS):
     name = "mfconsole-mtls"
     notes = "as mfconsole-tls, plus require_client_cert (verified against ca_file)"
+    mtls = True
+
+
+class MfconsoleULTLS(MfconsoleTLS):
+    name = "mfconsole-ul-tls"
+    notes = "as mfconsole-tls, with upper_layer = \"mfconsole\" (mfconsole/ul)"
+    upper_layer = "mfconsole"
+
+
+class MfconsoleULMTLS(MfconsoleULTLS):
+    name = "mfconsole-ul-mtls"
+    notes = "as mfconsole-mtls, with upper_layer = \"mfconsole\" (mfconsole/ul)"
     mtls = True
 
 
@@ -81,7 +98,8 @@ class StorescpTLS(ingest.StorescpReceiver):
 
 
 ingest.FACTORIES.update({"mfconsole-tls": MfconsoleTLS, "mfconsole-mtls": MfconsoleMTLS,
-                         "storescp-tls": StorescpTLS})
+                         "storescp-tls": StorescpTLS, "mfconsole-ul-tls": MfconsoleULTLS,
+                         "mfconsole-ul-mtls": MfconsoleULMTLS})
 _storescu_cmd = ingest.storescu_cmd
 
 
@@ -119,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="200 SRs, 40 CTs")
     p.add_argument("--repeat", type=int, default=1, help="runs per case, median reported")
     p.add_argument("--receivers", default=",".join(RECEIVERS),
-                   help=f"comma-separated subset of {','.join(RECEIVERS)}")
+                   help=f"comma-separated subset of {','.join(RECEIVERS + UL_RECEIVERS)}")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.receivers.split(",") if n.strip()]
-    unknown = set(names) - set(RECEIVERS)
+    unknown = set(names) - set(RECEIVERS + UL_RECEIVERS)
     if unknown:
         p.error(f"unknown receiver(s): {', '.join(sorted(unknown))}")
     n_sr, n_ct = (200, 40) if args.quick else (1000, 100)

@@ -38,7 +38,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
-STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days"})
+STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
+                        "inflight_mb"})
 EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
@@ -94,6 +95,8 @@ class StoreConfig:
     key_file: Path
     max_object_mb: int = 1024
     retention_days: int = 30
+    # Data set bytes all associations of mfconsole's upper layer may hold at once.
+    inflight_mb: int = 512
     # Keys of a rotation: read-only, for objects sealed before key_file took over.
     previous_key_files: tuple[Path, ...] = ()
 
@@ -376,6 +379,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
                                  r.string_list(st, "store", "previous_key_files", [], None) or ()),
         max_object_mb=r.get(st, "store", "max_object_mb", int, 1024, _range(1, 65536)) or 1024,
         retention_days=r.get(st, "store", "retention_days", int, 30, _range(1, 36500)) or 30,
+        inflight_mb=r.get(st, "store", "inflight_mb", int, 512, _range(1, 1048576)) or 512,
     )
 
     eg = r.table(raw.get("egress", {}), "egress", EGRESS_KEYS)
@@ -450,11 +454,6 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
             upper_layer=r.get(t, p, "upper_layer", str, "pynetdicom", _upper_layer),
         )
-        if optional["upper_layer"] == "mfconsole" and "tls" in t:
-            # mfconsole/ul has no TLS yet: refused rather than served in cleartext.
-            r.fail(f"{p}.upper_layer", '"mfconsole" does not serve TLS yet; use upper_layer = '
-                   '"pynetdicom" for a listener with a tls table')
-            optional["upper_layer"] = None
         if name is not None:
             if name in seen_names:
                 r.fail(f"{p}.name", f"'{name}' is already used by listeners[{seen_names[name]}]")

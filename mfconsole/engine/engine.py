@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from mfconsole import __version__, egress
 from mfconsole.config import Config, ListenerConfig
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard, Listener
-from mfconsole.ul.acceptor import UpperLayerListener
+from mfconsole.ul.acceptor import InflightBudget, UpperLayerListener
 from mfconsole.engine import logs, outbox
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -42,10 +43,33 @@ DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before
 
 
 def make_listener(lc: ListenerConfig, sink: Any, board: AssociationBoard,
-                  max_bytes: int) -> Listener | UpperLayerListener:
-    """The listener of ``lc``'s upper layer: pynetdicom's, or mfconsole's own (mfconsole/ul)."""
-    cls = UpperLayerListener if lc.upper_layer == "mfconsole" else Listener
-    return cls(lc, sink, board, max_bytes)
+                  max_bytes: int, inflight: InflightBudget | None = None) -> Listener | UpperLayerListener:
+    """The listener of ``lc``'s upper layer: pynetdicom's, or mfconsole's own (mfconsole/ul,
+    which holds its data sets within ``inflight``, shared by all its listeners)."""
+    if lc.upper_layer == "mfconsole":
+        return UpperLayerListener(lc, sink, board, max_bytes, inflight=inflight)
+    return Listener(lc, sink, board, max_bytes)
+
+
+def raise_nofile() -> tuple[int, int]:
+    """RLIMIT_NOFILE's soft limit raised to its hard limit, logged; (soft, hard) after.
+    Every connection and every blob being sealed costs a descriptor, and the
+    pre-association bounds of mfconsole/ul are a share of the soft limit: distributions
+    default it to 1024 while allowing far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be a soft one on Linux (fs.nr_open caps it).
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("RLIMIT_NOFILE: soft limit %d kept, could not raise it to %d: %s",
+                        soft, target, exc)
+            return soft, hard
+        log.info("RLIMIT_NOFILE: soft limit raised from %d to %d (the hard limit)", soft, target)
+        return target, hard
+    log.info("RLIMIT_NOFILE: soft limit %s, hard limit %s", soft, hard)
+    return soft, hard
 
 
 class Engine:
@@ -60,6 +84,7 @@ class Engine:
         self.data_dir = config.engine.data_dir
         self.log_to_stderr = log_to_stderr
         self.board = AssociationBoard()
+        self.inflight = InflightBudget(config.store.inflight_mb * 1024 * 1024)
         self.listeners: list[Listener | UpperLayerListener] = []
         self.store: Store | None = None
         self.started_at: float | None = None
@@ -81,6 +106,7 @@ class Engine:
         self._lock.acquire()
         try:
             logs.setup(self.data_dir / "logs", cfg.engine.log_level, stderr=self.log_to_stderr)
+            raise_nofile()   # before any listener sizes its bounds on it
             try:
                 vault = open_vault(cfg.store, self.data_dir)
             except KeyCustodyError as exc:
@@ -110,7 +136,7 @@ class Engine:
             self._start_deliveries()
             max_bytes = cfg.store.max_object_mb * 1024 * 1024
             for lc in cfg.listeners:
-                listener = make_listener(lc, self, self.board, max_bytes)
+                listener = make_listener(lc, self, self.board, max_bytes, self.inflight)
                 try:
                     listener.start()
                 except OSError as exc:
@@ -230,6 +256,9 @@ class Engine:
             what = ", ".join(fixed) if fixed else "the set of listeners"
             return [f"refused: {what} changed; that needs a restart (systemctl restart mfconsole)"]
         report: list[str] = []
+        if new.store.inflight_mb != old.store.inflight_mb:   # taken by the next fragment
+            self.inflight.limit = new.store.inflight_mb * 1024 * 1024
+            report.append(f"store.inflight_mb: {old.store.inflight_mb} -> {new.store.inflight_mb}")
         assert self.handlers is not None
         results = self.handlers.reload(new.handlers_dir, handler_names(new), self._dry_run)
         report += [str(r) for r in results if r.outcome != "unchanged"]
@@ -245,7 +274,7 @@ class Engine:
                 listener.stop(new.engine.shutdown_timeout_s)
                 if lc.upper_layer != listener.cfg.upper_layer:   # another class serves it now
                     listener = self.listeners[i] = make_listener(
-                        lc, self, self.board, new.store.max_object_mb * 1024 * 1024)
+                        lc, self, self.board, new.store.max_object_mb * 1024 * 1024, self.inflight)
                 listener.cfg = lc
                 listener.start()
                 report.append(f"listener {lc.name}: restarted on {lc.host}:{lc.port}")

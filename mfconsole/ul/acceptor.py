@@ -13,6 +13,11 @@ Per connection (``_Connection.run``) the state machine of PS3.8 9.2, acceptor si
      between messages, dimse_timeout_s inside one)
   -> closing (after our A-ASSOCIATE-RJ / A-RELEASE-RP / A-ABORT: ARTIM again for the
      peer to close, then we close).
+With a tls table the listener runs its own accept loop (``_serve_tls``): each
+accepted socket first waits for one byte (peeked, so a cleartext A-ASSOCIATE-RQ is
+recognised and refused), then its TLS handshake runs on the loop as a coroutine,
+acse_timeout_s for both in all; the policy and context are mfconsole.tls's, as for
+the pynetdicom listener. A handshaking connection counts as not yet associated.
 Every PDU, once its first byte is in, must arrive whole within network_timeout_s,
 and a declared length over the limit (1 MiB for control PDUs, the max PDU length
 we advertised for P-DATA) is refused with A-ABORT before any of its body is read.
@@ -28,18 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import resource
 import socket
 import threading
 import time
+from asyncio import sslproto
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from mfconsole import tls
 from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore
-from mfconsole.dimse.listener import (STATUS_SUCCESS, AssociationBoard, AssociationInfo,
-                                      IngestSink, Listener, store_object)
+from mfconsole.dimse.listener import (STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, AssociationBoard,
+                                      AssociationInfo, IngestSink, Listener, refused, store_object)
 from mfconsole.ul import dimse, negotiation, pdu
 
 log = logging.getLogger("mfconsole.listener")
@@ -53,6 +61,87 @@ LARGE_RQ, RQ_BUDGET = 64 * 1024, 16 * 1024 * 1024
 ABORT_OVER = 1024 * 1024             # the listener's abort threshold over max_object_mb
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+BUDGET_REFUSAL = "out of resources: in-flight budget"
+
+
+class InflightBudget:
+    """Data set bytes held in memory by every association of every listener on this
+    upper layer, from an object's first fragment until it is committed or refused
+    (store.inflight_mb). Shared across listeners' loop threads, hence the lock.
+
+    An object alone in flight may go over the limit (up to max_object_mb): were it
+    refused, a sender retrying an object bigger than the budget would be refused
+    forever. With others in flight, a fragment that would go over is refused, so of
+    two objects competing for the budget one always goes on."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.refusals = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, held: int) -> bool:
+        """Reserve ``n`` more bytes for an object that holds ``held`` already."""
+        with self._lock:
+            if self.used + n > self.limit and self.used > held:
+                self.refusals += 1
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class _Quiet:
+    """One kind of per-connection log line (closed before association, a failed TLS
+    handshake): the first FEW of an INTERVAL are logged as they come, the rest only
+    counted, in one summary line at the end of each interval while they last. A
+    connect/close flood must not flood the log (nor cost a line of I/O per
+    connection on the loop thread). The audit trail still has every refusal."""
+
+    FEW, INTERVAL = 5, 10.0
+
+    def __init__(self, listener: str, what: str):
+        self.listener, self.what = listener, what
+        self._window = -1e9
+        self._count = 0
+        self._suppressed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if self._timer is None and now - self._window >= self.INTERVAL:
+            self._window, self._count = now, 0
+        self._count += 1
+        if self._count <= self.FEW and self._timer is None:
+            log.log(level, msg, *args)
+            return
+        self._suppressed += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, self._window + self.INTERVAL - now), self.flush, True)
+
+    def flush(self, again: bool = False) -> None:
+        """The summary line; with ``again``, another interval of quiet follows if
+        there was anything to count in this one."""
+        self._timer = None
+        suppressed, self._suppressed = self._suppressed, 0
+        if not suppressed:
+            return
+        log.warning("listener %s: %d more %s in the last %g s (not logged one by one)",
+                    self.listener, suppressed, self.what, self.INTERVAL)
+        if again:
+            self._window = time.monotonic()
+            self._timer = asyncio.get_running_loop().call_later(self.INTERVAL, self.flush, True)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
 
 
 class _Closed(Exception):
@@ -79,8 +168,13 @@ class UpperLayerListener:
     user_identity: negotiation.UserIdentityHook | None = None
 
     def __init__(self, cfg: ListenerConfig, sink: IngestSink, board: AssociationBoard,
-                 max_object_bytes: int):
+                 max_object_bytes: int, *, inflight: InflightBudget | None = None):
         self.cfg = cfg
+        # Without the engine's budget (shared by all listeners), one of our own.
+        self.inflight = inflight if inflight is not None else InflightBudget(512 * 1024 * 1024)
+        self.quiet = {what: _Quiet(cfg.name, what) for what in (
+            "connection(s) closed before association", "connection(s) that sent no DICOM PDU",
+            "TLS handshake failure(s)", "connection(s) closed before the TLS handshake")}
         self.sink = sink
         self.board = board
         self.max_object_bytes = max_object_bytes
@@ -99,6 +193,8 @@ class UpperLayerListener:
         self._dropped = 0
         self._dropped_logged = 0.0
         self._failure = ""
+        self._tls: tls.Reloading | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     # -- lifecycle (engine thread) --------------------------------------------------
 
@@ -115,8 +211,11 @@ class UpperLayerListener:
 
     def start(self) -> None:
         cfg = self.cfg
-        if cfg.tls is not None:   # config validation refuses this; never serve it in clear
-            raise OSError("upper_layer = \"mfconsole\" does not serve TLS yet")
+        # Before any socket: certificate files that became unusable since the config
+        # was loaded stop the start (TLSSetupError is an OSError naming the key).
+        self._tls = tls.Reloading(tls.server_context, cfg.tls) if cfg.tls else None
+        if self._tls is not None:
+            self._tls.get()
         # Bound here, so a port in use is an OSError for the engine, as with Listener.
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self._sock = socket.create_server((cfg.host, cfg.port), family=family,
@@ -134,9 +233,10 @@ class UpperLayerListener:
             self.stop(0)
             raise OSError(f"the event loop did not start: {failure or 'no answer within 10 s'}")
         self.started_at = time.time()
-        log.info("listener %s: %s listening on %s:%d (cleartext, mfconsole upper layer)",
-                 cfg.name, cfg.ae_title, *self.address)
-        if not is_loopback(cfg.host):
+        mode = ("mTLS" if cfg.tls.require_client_cert else "TLS") if cfg.tls else "cleartext"
+        log.info("listener %s: %s listening on %s:%d (%s, mfconsole upper layer)",
+                 cfg.name, cfg.ae_title, *self.address, mode)
+        if cfg.tls is None and not is_loopback(cfg.host):
             log.warning("listener %s: cleartext on %s, a non-loopback address (allow_cleartext = "
                         "true): PHI crosses the network unencrypted", cfg.name, cfg.host)
 
@@ -147,9 +247,11 @@ class UpperLayerListener:
         # limit: the StreamReader's buffer high-water mark; a P-DATA PDU of our max
         # length fits without the transport pausing in the middle of it.
         try:
-            self._server = loop.run_until_complete(asyncio.start_server(
-                self._accept, sock=self._sock,
-                limit=max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)))
+            if self._tls is not None:
+                self._server = _AcceptLoop(loop.create_task(self._serve_tls()))
+            else:
+                self._server = loop.run_until_complete(asyncio.start_server(
+                    self._accept, sock=self._sock, limit=self._buffer_limit()))
         except Exception as exc:
             self._failure = exc.__class__.__name__
         finally:
@@ -159,6 +261,9 @@ class UpperLayerListener:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    def _buffer_limit(self) -> int:
+        return max(65536, self.cfg.max_pdu_kb * 1024 + PDU_SLACK)
 
     def reconfigure(self, cfg: ListenerConfig) -> bool:
         """Only LIVE_KEYS change in place (read per association); False otherwise."""
@@ -191,6 +296,8 @@ class UpperLayerListener:
     async def _shutdown(self, timeout: float) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._handshakes):   # not associated yet: closed at once
+            task.cancel()
         for conn in [c for c in self._conns if c.phase != "associated"]:
             conn.close()
         deadline = time.monotonic() + timeout
@@ -200,21 +307,28 @@ class UpperLayerListener:
             conn.abort_and_close("listener stopped")
         while self._conns and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
+        for quiet in self.quiet.values():   # what was counted is logged before we stop
+            quiet.cancel()
 
     # -- connections (loop thread) ---------------------------------------------------
+
+    def _over_limit(self, host: str) -> bool:
+        """Pre-association bounds: the newest connection over a limit is closed at once."""
+        if self.pending < self.pending_max and self._pending_by_peer[host] < self.pending_per_peer:
+            return False
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged > 10:
+            log.warning("listener %s: closed %d connection(s) over the limit of connections "
+                        "without an association (%d in all, %d per address; latest from %s)",
+                        self.cfg.name, self._dropped, self.pending_max, self.pending_per_peer, host)
+            self._dropped, self._dropped_logged = 0, now
+        return True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = writer.get_extra_info("peername") or ("?", 0)
         host = str(address[0])
-        # Pre-association bounds: the newest connection over a limit is closed at once.
-        if self.pending >= self.pending_max or self._pending_by_peer[host] >= self.pending_per_peer:
-            self._dropped += 1
-            now = time.monotonic()
-            if now - self._dropped_logged > 10:
-                log.warning("listener %s: closed %d connection(s) over the limit of connections "
-                            "without an association (%d in all, %d per address; latest from %s)",
-                            self.cfg.name, self._dropped, self.pending_max, self.pending_per_peer, host)
-                self._dropped, self._dropped_logged = 0, now
+        if self._over_limit(host):
             writer.transport.abort()
             return
         conn = _Connection(self, reader, writer, host, f"{host}:{address[1]}")
@@ -227,6 +341,106 @@ class UpperLayerListener:
             self._conns.discard(conn)
             conn.close()
             conn.finish()
+
+    # -- TLS (loop thread) -------------------------------------------------------------
+
+    async def _serve_tls(self) -> None:
+        """Accept, and hand each socket to its own handshake task. Our loop rather than
+        asyncio.start_server(ssl=...): that one takes one context for good (a renewed
+        certificate must be taken at the next connection), reads before we can tell a
+        cleartext A-ASSOCIATE-RQ from a ClientHello, and reports handshake failures to
+        nobody (they must be audited)."""
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                # Out of descriptors or buffers: the backlog waits a little, as asyncio's
+                # own server does, rather than the loop spinning on the same failure.
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("listener %s: accept failed: %s", self.cfg.name, exc.strerror)
+                    await asyncio.sleep(1)
+                continue
+            task = loop.create_task(self._tls_accept(sock, address))
+            self._handshakes.add(task)           # held: the loop keeps only weak references
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _tls_accept(self, sock: socket.socket, address: tuple) -> None:
+        host = str(address[0])
+        if self._over_limit(host):
+            sock.close()
+            return
+        # Counted as a connection without an association while it handshakes.
+        self._pending += 1
+        self._pending_by_peer[host] += 1
+        try:
+            streams = await self._handshake(sock, f"{host}:{address[1]}")
+        finally:
+            self._pending -= 1
+            self._pending_by_peer[host] -= 1
+            if not self._pending_by_peer[host]:
+                del self._pending_by_peer[host]
+        if streams is not None:
+            await self._accept(*streams)
+
+    async def _handshake(self, sock: socket.socket, peer: str
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The server side of the handshake, within acse_timeout_s in all from the
+        accept (a client dripping half a ClientHello gets no longer than a silent
+        one); a failure is an audit event (peer and reason only), as with Listener."""
+        assert self._tls is not None
+        loop = asyncio.get_running_loop()
+        limit = self.cfg.acse_timeout_s
+        deadline = loop.time() + limit
+        try:
+            first = await _peek(loop, sock, limit)
+            if not first:   # a port scan or health check: nothing was attempted
+                sock.close()
+                self.quiet["connection(s) closed before the TLS handshake"].log(
+                    logging.INFO, "listener %s: connection from %s closed before the TLS handshake",
+                    self.cfg.name, peer)
+                return None
+            if first == b"\x01":   # PDU type 1: an A-ASSOCIATE-RQ, in cleartext
+                return self._tls_refused(sock, peer, "the peer sent a cleartext association "
+                                         "request; it must use TLS")
+            ctx = self._tls.get()   # a stat of the files; rebuilt only when they changed
+            reader = asyncio.StreamReader(limit=self._buffer_limit(), loop=loop)
+            protocol = _StreamProtocol(reader, loop=loop)
+            handshake = loop.create_future()
+            # ssl_shutdown_timeout: a peer that never answers our close_notify holds
+            # its descriptor no longer than ARTIM would (asyncio's default is 30 s).
+            tls_protocol = _AlertingSSLProtocol(
+                loop, protocol, ctx, handshake, server_side=True,
+                ssl_handshake_timeout=max(0.01, deadline - loop.time()),
+                ssl_shutdown_timeout=limit)
+            raw, _ = await loop.connect_accepted_socket(lambda: tls_protocol, sock)
+            try:
+                await handshake
+            except BaseException:
+                raw.abort()
+                raise
+            assert protocol.transport is not None
+            return reader, asyncio.StreamWriter(protocol.transport, protocol, reader, loop)
+        except TimeoutError:
+            return self._tls_refused(sock, peer, f"not completed within acse_timeout_s={limit:g}")
+        except ConnectionAbortedError as exc:
+            if "taking longer" in str(exc):   # asyncio's ssl_handshake_timeout
+                return self._tls_refused(sock, peer, f"not completed within acse_timeout_s={limit:g}")
+            return self._tls_refused(sock, peer, tls.failure_reason(exc))
+        except (OSError, ValueError) as exc:
+            return self._tls_refused(sock, peer, tls.failure_reason(exc))
+        except asyncio.CancelledError:   # the listener stops: nothing to audit
+            sock.close()
+            raise
+
+    def _tls_refused(self, sock: socket.socket, peer: str, why: str) -> None:
+        sock.close()
+        self.quiet["TLS handshake failure(s)"].log(
+            logging.WARNING, "listener %s: TLS handshake with %s failed: %s", self.cfg.name, peer, why)
+        self.sink.audit("refused", listener=self.cfg.name, peer=peer, status="TLS",
+                        detail=f"TLS handshake failed: {why}")
 
     def _count(self, conn: "_Connection", phase: str) -> None:
         """Move ``conn`` to ``phase``: pending (no association: not yet, or no more,
@@ -248,6 +462,59 @@ class UpperLayerListener:
             self.associated += 1
 
 
+class _AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS (what loop.start_tls builds), except that a failed handshake
+    sends its alert: asyncio closes the socket without flushing what OpenSSL wrote,
+    so a peer refused for its protocol version or suites would see a bare EOF
+    instead of the alert naming why (as it does from the pynetdicom listener)."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            try:
+                self._process_outgoing()   # the alert, written at once (a few bytes)
+            except Exception:
+                pass
+        super()._on_handshake_complete(handshake_exc)
+
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """Keeps the TLS transport it is given when the handshake completes."""
+
+    transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        super().connection_made(transport)
+
+
+class _AcceptLoop:
+    """The TLS accept task, with what the listener asks of an asyncio.Server."""
+
+    def __init__(self, task: asyncio.Task[None]):
+        self._task = task
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bytes:
+    """The first byte of a non-blocking socket, left in it (b"": closed), within
+    ``timeout`` (else TimeoutError)."""
+    fd = sock.fileno()
+    async with asyncio.timeout(timeout):
+        while True:
+            ready = loop.create_future()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            try:
+                return sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                continue
+
+
 class _Connection:
     def __init__(self, owner: UpperLayerListener, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, host: str, peer: str):
@@ -258,11 +525,21 @@ class _Connection:
         self.associated = False       # an A-ASSOCIATE-AC was sent (P-DATA may be read)
         self.phase = ""                # how the listener counts it: see _count
         self._large = 0                # bytes of RQ_BUDGET this connection holds
+        self.held = 0                  # bytes of the in-flight budget it holds
         self.max_send = 0              # the requestor's max PDU length (0: unlimited)
         self.contexts: dict[int, str] = {}
         self.status = "aborted"        # the board status if it ends without one
         self.reason = "connection closed"
         self.info: AssociationInfo = owner.board.open(id(self), self.cfg.name, peer)
+        # Over TLS: the calling AE titles the client certificate may use (None: not
+        # bound), and its names for the rejection reason.
+        self.cert_aets: frozenset[str] | None = None
+        self.cert_names = ""
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.info.tls = tls.describe(ssl_object)
+            if self.cfg.tls is not None and self.cfg.tls.client_cert_aets:
+                self._bind(ssl_object)
         sock = writer.get_extra_info("socket")
         self._sock = sock
         if sock is not None:
@@ -270,6 +547,21 @@ class _Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+
+    def _bind(self, ssl_object: object) -> None:
+        """The AE titles of tls.client_cert_aets this certificate may call as. Fail
+        closed: names that cannot be read bind no title (refused 1/1/3), never none."""
+        assert self.cfg.tls is not None
+        self.cert_aets = frozenset()
+        try:
+            names = tls.identities(ssl_object.getpeercert())   # type: ignore[attr-defined]
+        except Exception as exc:
+            log.error("listener %s: cannot read the client certificate's names from %s: %s",
+                      self.cfg.name, self.peer, exc.__class__.__name__)
+            self.cert_names = "names unreadable"
+            return
+        self.cert_aets = self.cfg.tls.aets_for(names)
+        self.cert_names = ", ".join(sorted(names)) or "no name"
 
     # -- the state machine ------------------------------------------------------------
 
@@ -294,6 +586,13 @@ class _Connection:
             log.debug("listener %s: traceback", cfg.name, exc_info=True)
             self.reason = f"internal error ({exc.__class__.__name__})"
             self.abort_and_close(self.reason)
+        finally:
+            self._release()   # an object cut short gives its bytes back
+
+    def _release(self) -> None:
+        if self.held:
+            self.owner.inflight.give(self.held)
+            self.held = 0
 
     async def _associate(self, body: bytes) -> bool:
         try:
@@ -305,7 +604,8 @@ class _Connection:
         owner = self.owner
         cfg = owner.cfg   # the current settings (reconfigure) decide the negotiation
         self.cfg = cfg
-        decision = negotiation.negotiate(rq, cfg, owner.associated, owner.user_identity)
+        decision = negotiation.negotiate(rq, cfg, owner.associated, owner.user_identity,
+                                         self.cert_aets, self.cert_names)
         self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
         if decision.reject is not None:
             self.status, self.reason = "rejected", decision.reason
@@ -333,6 +633,8 @@ class _Connection:
         message: dimse.Command | None = None
         message_cx = 0
         data: bytearray | memoryview | None = None
+        received = 0          # data set bytes of the message in progress, kept or not
+        dropping = False      # over the in-flight budget: its bytes are read and dropped
         while True:
             idle = cfg.network_timeout_s if (message is None and not command) else cfg.dimse_timeout_s
             pdu_type, body = await self._read_pdu(idle)
@@ -386,18 +688,32 @@ class _Connection:
                     await self._abort(pdu.UNEXPECTED_PARAMETER, "data set fragment without its command")
                     return
                 last = bool(control & 0x02)
-                if data is None and last:
-                    data = fragment   # the whole data set in one PDV: no copy
-                else:
-                    if not isinstance(data, bytearray):
-                        data = bytearray(data or b"")
-                    data += fragment
-                if len(data) > self.owner.max_object_bytes + ABORT_OVER:
+                received += len(fragment)
+                if received > self.owner.max_object_bytes + ABORT_OVER:
                     await self._too_big()
                     return
+                if not dropping and not self.owner.inflight.take(len(fragment), self.held):
+                    dropping, data = True, None   # refused at its last fragment
+                    self._release()
+                if not dropping:
+                    self.held += len(fragment)
+                    if data is None and last:
+                        data = fragment   # the whole data set in one PDV: no copy
+                    else:
+                        if not isinstance(data, bytearray):
+                            data = bytearray(data or b"")
+                        data += fragment
                 if last:
-                    await self._dispatch(message, message_cx, data)
-                    message, data = None, None
+                    try:
+                        if dropping:
+                            await self._over_budget(message, message_cx)
+                        else:
+                            assert data is not None
+                            await self._dispatch(message, message_cx, data)
+                    finally:
+                        data = None   # our last reference: the bytes go before the budget
+                        self._release()
+                    message, received, dropping = None, 0, False
 
     # -- DIMSE ------------------------------------------------------------------------
 
@@ -437,6 +753,20 @@ class _Connection:
             info.refused += 1
             info.reason = outcome
         return status
+
+    async def _over_budget(self, message: dimse.Command, cx_id: int) -> None:
+        """0xA700 for an object that would have gone over store.inflight_mb: transient,
+        the sender retries it (its bytes were dropped as they came)."""
+        cfg, info = self.cfg, self.info
+        info.refused += 1
+        info.reason = BUDGET_REFUSAL
+        if message.command_field == dimse.C_STORE_RQ:
+            refused(self.owner.sink, cfg.name, STATUS_OUT_OF_RESOURCES, BUDGET_REFUSAL,
+                    info.calling_ae, self.peer, message.sop_instance_uid or None)
+        rsp = cstore.response_set(message.command_field | 0x8000, message.message_id,
+                                  message.sop_class_uid, STATUS_OUT_OF_RESOURCES,
+                                  message.sop_instance_uid)
+        await self._send_message(cx_id, rsp)
 
     async def _send_message(self, cx_id: int, command: bytes) -> None:
         """A command set without data set, in PDVs within the requestor's max length."""
@@ -492,8 +822,9 @@ class _Connection:
         if pdu_type not in pdu.PDU_TYPES:
             # Not DICOM (an HTTP request, a TLS ClientHello, a scanner): nothing more of
             # it is read, and no ARTIM: such a peer would not understand an A-ABORT.
-            log.info("listener %s: connection from %s sent no DICOM PDU (first byte 0x%02X); "
-                     "closed", self.cfg.name, self.peer, pdu_type)
+            self.owner.quiet["connection(s) that sent no DICOM PDU"].log(
+                logging.INFO, "listener %s: connection from %s sent no DICOM PDU (first byte "
+                "0x%02X); closed", self.cfg.name, self.peer, pdu_type)
             self.reason = "not a DICOM PDU"
             self._abort_now(pdu.UNRECOGNIZED_PDU)
         body = b""
@@ -621,5 +952,6 @@ class _Connection:
             return
         info = self.owner.board.close(key, self.status, "" if self.status == "released" else self.reason)
         if info is not None and not info.calling_ae and info.status == "aborted":
-            log.info("listener %s: connection from %s closed before association",
-                     self.cfg.name, info.peer)
+            self.owner.quiet["connection(s) closed before association"].log(
+                logging.INFO, "listener %s: connection from %s closed before association",
+                self.cfg.name, info.peer)

@@ -1,6 +1,8 @@
 """What the acceptor answers to an A-ASSOCIATE-RQ: the same rules as the pynetdicom
 listener (mfconsole/dimse/listener.py and pynetdicom_adapt.py), as a pure function.
 
+* A calling AE title not bound to the client certificate (tls.client_cert_aets) is
+  refused 1/1/3 before anything else (pynetdicom_adapt.AcceptorACSE).
 * Rejections, with pynetdicom's precedence (it checks in this order and the last
   failing check decides): calling AE title not in calling_aets 1/1/3, called AE
   title not ours 1/1/7, user identity refused by the hook 2/2/1, more than
@@ -70,8 +72,14 @@ class Decision:
 
 
 def negotiate(rq: pdu.AssociateRQ, cfg: ListenerConfig, associated: int,
-              user_identity: UserIdentityHook | None = None) -> Decision:
-    """``associated``: associations already established on this listener."""
+              user_identity: UserIdentityHook | None = None,
+              cert_aets: frozenset[str] | None = None, cert_names: str = "") -> Decision:
+    """``associated``: associations already established on this listener;
+    ``cert_aets``: the calling AE titles the client certificate (``cert_names``) is
+    bound to, None when the listener binds none."""
+    if cert_aets is not None and rq.calling_ae not in cert_aets:
+        return Decision(reject=(1, 1, 3), reason=f"calling AE title not bound to the client "
+                        f"certificate ({cert_names or 'no name'}) in tls.client_cert_aets")
     reject = None
     if not cfg.any_calling_aet and rq.calling_ae not in cfg.calling_aets:
         reject = (1, 1, 3)

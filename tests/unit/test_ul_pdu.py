@@ -219,8 +219,24 @@ def test_upper_layer_key(tmp_path):
     with pytest.raises(ConfigError) as bad:
         load(write_config(tmp_path / "c", listener={"upper_layer": "twisted"}))
     assert ("listeners[0].upper_layer", "must be one of 'pynetdicom', 'mfconsole'") in bad.value.problems
-    # No TLS on mfconsole's upper layer yet: refused, never served in cleartext.
-    with pytest.raises(ConfigError) as tls:
-        load(write_config(tmp_path / "d", listener={"upper_layer": "mfconsole",
-                                                    "tls": {"cert_file": "c.pem", "key_file": "k.pem"}}))
-    assert any(key == "listeners[0].upper_layer" and "TLS" in why for key, why in tls.value.problems)
+    # TLS is served by both upper layers: a tls table raises no upper_layer problem.
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    try:
+        load(write_config(tmp_path / "d", listener={"upper_layer": "mfconsole", "tls": {
+            "cert_file": str(tmp_path / "c.pem"), "key_file": str(tmp_path / "k.pem")}}))
+    except ConfigError as exc:
+        assert not any(key == "listeners[0].upper_layer" for key, _ in exc.problems), exc.problems
+
+
+def test_calling_ae_bound_to_the_client_certificate_comes_first():
+    """tls.client_cert_aets: a title the certificate is not bound to is 1/1/3 before
+    anything else (pynetdicom_adapt.AcceptorACSE); an empty set binds nothing."""
+    rq = pdu.decode_associate_rq(pynetdicom_rq([cx(1, CT, EXPLICIT_LE)], calling="CALLER",
+                                               called="NOT_US")[6:])
+    cfg = listener(max_associations=1)
+    bound = negotiation.negotiate(rq, cfg, 5, None, frozenset({"OTHER"}), "ct1.test")
+    assert bound.reject == (1, 1, 3) and "ct1.test" in bound.reason and "client_cert_aets" in bound.reason
+    assert negotiation.negotiate(rq, cfg, 5, None, frozenset(), "names unreadable").reject == (1, 1, 3)
+    assert negotiation.negotiate(rq, cfg, 5, None, frozenset({"CALLER"})).reject == (2, 3, 2)
+    assert negotiation.negotiate(rq, cfg, 5).reject == (2, 3, 2)   # not bound: as before
