@@ -108,6 +108,8 @@ class Association:
         self._command = bytearray()               # command fragments of the next response
         self._responses: deque[dimse.Command] = deque()
         self.ended = False                        # released, aborted or closed
+        self.stall_s: float | None = None         # longest silence within a PDU
+        self.stalled = False                      # the last timeout was such a silence
 
     # -- reading -------------------------------------------------------------------
 
@@ -116,8 +118,15 @@ class Association:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("timed out")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(max(65536, n - len(self._buf)))
+            # A PDU begun and not finished: each silence is bounded by stall_s (the
+            # network timeout) too, so a peer stopping mid-PDU is told apart.
+            partial = bool(self._buf) and self.stall_s is not None and self.stall_s < left
+            self.sock.settimeout(self.stall_s if partial else left)
+            try:
+                chunk = self.sock.recv(max(65536, n - len(self._buf)))
+            except socket.timeout:
+                self.stalled = partial
+                raise
             if not chunk:
                 self.ended = True
                 raise Closed()

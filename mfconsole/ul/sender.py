@@ -113,6 +113,7 @@ class UlSender:
             assoc.abort()
             return context_refused(f"{p.address} accepted none of the presentation "
                                    "contexts we proposed")
+        assoc.stall_s = p.network_timeout_s
         self.assoc, self._stored, self.last_used = assoc, 0, time.monotonic()
         return None
 
@@ -130,7 +131,12 @@ class UlSender:
     def close_if_idle(self, idle_s: float) -> None:
         if self.assoc is None:
             return
-        if time.monotonic() - self.last_used > idle_s or not self.usable():
+        idle = time.monotonic() - self.last_used
+        if idle > self.peer.network_timeout_s:
+            # As pynetdicom's requestor does (its DUL idle timer): an association silent
+            # for network_timeout_s is aborted, not released.
+            self.drop()
+        elif idle > idle_s or not self.usable():
             self.close()
 
     # -- C-STORE -----------------------------------------------------------------
@@ -213,6 +219,8 @@ class UlSender:
                 rsp = assoc.read_response(p.dimse_timeout_s)
             except (socket.timeout, TimeoutError):
                 return self._cut(objs, done, padded, waiting,
+                                 f"connection to {p.address} silent mid-PDU beyond "
+                                 f"network_timeout_s={p.network_timeout_s:g}" if assoc.stalled else
                                  f"no C-STORE response within dimse_timeout_s={p.dimse_timeout_s:g}")
             except requestor.Aborted:
                 return self._cut(objs, done, padded, waiting,
