@@ -236,6 +236,7 @@ class Association:
         RQ crossing ours) is answered as the requestor does (PS3.8 7.2: it sends its
         RP, then waits for the acceptor's)."""
         if self.ended:
+            self.close()
             return
         try:
             self.sock.settimeout(timeout)

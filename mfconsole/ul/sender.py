@@ -43,7 +43,10 @@ class UlSender:
     """An association to one peer, opened on demand, reused, released when idle.
     Not thread-safe: one sender per delivery worker thread."""
 
-    max_batch = (1, 0)    # the engine hands one object at a time (as to DimseSender)
+    # Objects of one study handed over together, so that they can be pipelined when the
+    # peer grants a window (each is still its own C-STORE with its own outcome); the
+    # bytes bound what a worker holds read and decrypted at once.
+    max_batch = (ASYNC_INVOKED, 32 * 1024 * 1024)
     in_order = False
 
     def __init__(self, peer: Peer, egress_dial: egress.TcpCheck, async_invoked: int = ASYNC_INVOKED):
