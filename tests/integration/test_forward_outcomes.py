@@ -43,6 +43,14 @@ POLICY = {"retry_initial_s": 0.1, "retry_max_s": 0.3, "down_after": 3, "bounded_
 HOLD_S = 0.4
 
 
+@pytest.fixture(autouse=True, params=["pynetdicom", "mfconsole"])
+def upper_layer(request, monkeypatch):
+    """Every case with both senders: pynetdicom's and mfconsole's own upper layer
+    (``upper_layer`` on the destination, through POLICY)."""
+    monkeypatch.setitem(POLICY, "upper_layer", request.param)
+    return request.param
+
+
 def dest(port: int, host: str = "127.0.0.1", **extra: Any) -> dict:
     return {"name": "pacs", "kind": "dimse", "host": host, "port": port, "ae_title": "PACS",
             **POLICY, **extra}
