@@ -244,7 +244,8 @@ class PipeliningPeer:
     requestor goes quiet): proof that requests are written while earlier responses are
     outstanding. Records the longest P-DATA-TF body it got."""
 
-    def __init__(self) -> None:
+    def __init__(self, abort_at: int = 0) -> None:
+        self.abort_at = abort_at     # A-ABORT instead of reading on, at this request
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.outstanding_max = 0
@@ -287,6 +288,18 @@ class PipeliningPeer:
                     continue
                 data += fragment
                 if control & 2:
+                    if len(self.stored) + 1 == self.abort_at:
+                        conn.sendall(pdu.encode_abort(pdu.ABORT_USER))
+                        # Half-close and drain: closing with unread bytes would reset
+                        # the connection and could discard the A-ABORT before it is read.
+                        conn.shutdown(socket.SHUT_WR)
+                        try:
+                            while conn.recv(65536):
+                                pass
+                        except OSError:
+                            pass
+                        conn.close()
+                        return
                     queue.append(dimse.decode_command(bytes(command)))
                     self.stored.append(bytes(data))
                     command, data = bytearray(), bytearray()
@@ -326,3 +339,27 @@ def test_requests_are_pipelined_within_the_granted_window(tmp_path):
     assert peer.stored == [o.data for o in objs]
     assert peer.outstanding_max >= 2
     assert peer.longest_pdata == 4096    # fragments fill, and keep to, the AC's maximum
+
+
+def test_abort_mid_pipeline_is_ambiguous_for_the_first_unanswered_only(tmp_path):
+    """The peer took requests 1-4, answered 1-3 (4's answer waits for 5), and aborts on
+    5: 1-3 delivered, 4 gets the ambiguous no-response outcome with others delivered,
+    and the batch ends there (5 onwards go back to the queue untouched)."""
+    from mfconsole import egress
+    from mfconsole.contract import Outbound
+    from mfconsole.dimse.sender import Peer
+    from mfconsole.ul.sender import UlSender
+
+    peer = PipeliningPeer(abort_at=5)
+    objs = []
+    for path in dicomgen.write_corpus(tmp_path / "sr", 8):
+        data, ts = dicomgen.dataset_bytes(path)
+        ds = dcmread(path, stop_before_pixels=True)
+        objs.append(Outbound(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, data))
+    sender = UlSender(Peer("127.0.0.1", peer.port, "PACS", dimse_timeout_s=5), egress.unchecked)
+    outcomes = sender.send_many(objs)
+    peer.thread.join(10)
+    assert [o.label for o in outcomes] == ["delivered/message"] * 3 + ["transient/destination"]
+    last = outcomes[-1]
+    assert last.ambiguous and last.others_delivered and "aborted" in last.reason
+    assert sender.assoc is None
