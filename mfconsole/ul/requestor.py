@@ -221,7 +221,11 @@ class Association:
         if not readable:
             return False
         try:
-            pdu_type, _ = self.read_pdu(1.0)
+            pdu_type, _ = self.read_pdu(0.2)
+        except socket.timeout:
+            # Readable without a PDU: TLS records of its own (session tickets, key
+            # updates), or a PDU still arriving. Nothing ended.
+            return False
         except Exception:
             self.close()
             return True

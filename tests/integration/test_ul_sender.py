@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import struct
 import threading
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import dicomgen
 from fault_scp import FaultSCP
 from harness import holds, poll, store_files, stored_sha256
 from test_forward_dimse import deliveries, received_by_storescp, same_elements, storescu
-from test_forward_outcomes import (HOLD_S, POLICY, became, dead_count, delivery, destination,
-                                   events, rejections, send, settled, sr, stores_seen, uid_of)
+from test_forward_outcomes import (HOLD_S, POLICY, became, delivery, destination, rejections, send,
+                                   settled, sr, stores_seen, uid_of)
 
 UL = {"upper_layer": "mfconsole"}
 
@@ -255,7 +254,6 @@ class PipeliningPeer:
         self.thread.start()
 
     def run(self) -> None:
-        from mfconsole.dimse import cstore
         from mfconsole.ul import dimse, pdu
         from mfconsole.ul.requestor import Association
 
