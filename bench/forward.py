@@ -16,7 +16,8 @@ bench/ingest.py).
 Senders:
 
 * ``mfconsole xK``: ``mfconsole serve`` with one DIMSE destination (max_associations=K)
-  pointing at storescp. The destination is paused (mfconsole.ops.pause, what
+  pointing at storescp; ``mfconsole ul xK`` the same with ``upper_layer = "mfconsole"``
+  (mfconsole/ul/sender.py instead of pynetdicom). The destination is paused (mfconsole.ops.pause, what
   ``mfconsole pause`` runs), N-1 objects are ingested (storescu), then the clock starts,
   the destination is resumed (mfconsole.ops.resume) and the last object is sent in over
   an association opened beforehand: that ingest wakes the delivery workers, which would
@@ -82,7 +83,7 @@ DELIVERY_TIMEOUT_S = 600
 POLL_S = 0.01
 STALL_GAP_S = 1.0          # a gap this long between two completed objects is a stall
 
-MF_CASES = ("mfconsole x1", "mfconsole x2")
+MF_CASES = ("mfconsole x1", "mfconsole x2", "mfconsole ul x1", "mfconsole ul x2")
 REUSE_PAIRS = (   # (one association for all, one association per object)
     ("storescu", "storescu per object"),
     ("mfconsole sender", "mfconsole sender per object"),
@@ -186,13 +187,14 @@ class ForwardEngine(ingest._PopenReceiver):
     ae_title = MF_AET
     ready_text = "mfconsole: listener"
 
-    def __init__(self, workdir: Path, dest_port: int, max_associations: int):
+    def __init__(self, workdir: Path, dest_port: int, max_associations: int,
+                 upper_layer: str = "pynetdicom"):
         super().__init__(workdir)
         self.port = free_port()
         self.config = write_config(workdir, port=self.port, ae_title=MF_AET, destinations=[{
             "name": DEST, "kind": "dimse", "host": LOOPBACK, "port": dest_port,
             "ae_title": SCP_AET, "calling_ae_title": "MF_SCU",
-            "max_associations": max_associations}])
+            "max_associations": max_associations, "upper_layer": upper_layer}])
         self.data_dir = workdir / "var"
 
     def command(self) -> list[str]:
@@ -379,7 +381,7 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
     problems: list[str] = []
     scp = ForwardSCP(Path(tempfile.mkdtemp(prefix="scp-", dir=ctx.shm)) / "received", ctx.fork)
     workdir = Path(tempfile.mkdtemp(prefix="mf-", dir=ctx.scratch))    # on disk, as in production
-    engine = ForwardEngine(workdir, scp.port, k)
+    engine = ForwardEngine(workdir, scp.port, k, "mfconsole" if " ul " in case else "pynetdicom")
     assoc = None
     try:
         scp.start()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mfconsole.config import (PRIORITIES, DestinationConfig, DestinationKind, Found,
+from mfconsole.config import (PRIORITIES, UPPER_LAYERS, DestinationConfig, DestinationKind, Found,
                               ae_title_problem, check_tcp_peer, host_problem, is_loopback,
                               not_empty, port_problem, positive, secret_file_problem, setting)
 from mfconsole.egress import Checks
@@ -18,6 +18,10 @@ from mfconsole.egress import Checks
 
 def _priority(value: str) -> str | None:
     return None if value in PRIORITIES else "must be low, medium or high"
+
+
+def _upper_layer(value: str) -> str | None:
+    return None if value in UPPER_LAYERS else f"must be one of {', '.join(map(repr, UPPER_LAYERS))}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +45,10 @@ class DimseDestination(DestinationConfig):
     passcode_file: Path | None = setting(
         None, doc="Its passcode, in a file only this user may read (never sent in clear to "
         "another host).", check=secret_file_problem)
+    upper_layer: str = setting(
+        "pynetdicom", doc='Who speaks DICOM for us: "pynetdicom", or "mfconsole" (its own upper '
+        "layer: one blocking socket, requests pipelined within the peer's asynchronous "
+        "operations window).", check=_upper_layer)
 
 
 def _check(found: Found) -> None:
@@ -60,6 +68,10 @@ def _check(found: Found) -> None:
 def _sender(d: Any, checks: Checks) -> Any:
     from mfconsole.dimse.sender import DimseSender, Peer
 
+    if d.upper_layer == "mfconsole":
+        from mfconsole.ul.sender import UlSender
+
+        return UlSender(Peer.from_destination(d), checks.tcp)
     return DimseSender(Peer.from_destination(d), checks.tcp)
 
 

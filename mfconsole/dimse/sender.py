@@ -45,6 +45,9 @@ log = logging.getLogger("mfconsole.sender")
 IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
 MAX_CONTEXTS = 128      # PS3.8: presentation context ids are odd numbers 1..255
+# What pynetdicom's build_context(Verification) offers (implicit, explicit, deflated,
+# big endian): the Verification context both upper layers propose.
+VERIFICATION_SYNTAXES = (IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.1.99", EXPLICIT_BE)
 
 @dataclass(frozen=True)
 class Peer:
@@ -119,6 +122,34 @@ def tls_context(peer: Peer) -> ssl.SSLContext | None:
 def _tls_unusable(exc: tls.TLSSetupError) -> Outcome:
     """A certificate file changed since the config was loaded: fix it, then resume."""
     return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration", str(exc))
+
+
+def proposed(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts for ``pairs`` (SOP class, TS), as (abstract syntax,
+    transfer syntaxes): one per pair, plus, per SOP class with an uncompressed object,
+    one offering every uncompressed syntax (the fallback). Both upper layers propose
+    these."""
+    contexts: list[tuple[str, list[str]]] = []
+    fallback: list[str] = []
+    for sop_class, ts in pairs:
+        contexts.append((sop_class, [ts]))
+        if ts in UNCOMPRESSED and sop_class not in fallback:
+            fallback.append(sop_class)
+    contexts += [(c, list(UNCOMPRESSED)) for c in fallback]
+    # Verification keeps the association up when the peer takes none of the others,
+    # so each object gets its own "not accepted" answer (a message-scope failure).
+    return contexts[:MAX_CONTEXTS - 1] + [(str(Verification), list(VERIFICATION_SYNTAXES))]
+
+
+def refused(obj: Outbound) -> Outcome:
+    """No accepted context for ``obj``, in its own syntax or (uncompressed) any other."""
+    klass = sop_name(obj.sop_class_uid)
+    if obj.transfer_syntax in UNCOMPRESSED:
+        return context_refused(f"peer does not accept {klass} in any uncompressed "
+                               "transfer syntax")
+    return context_refused(
+        f"peer does not accept {ts_name(obj.transfer_syntax)} for {klass}; "
+        "mfconsole does not transcode")
 
 
 def _user_identity(peer: Peer) -> list[Any]:
@@ -248,18 +279,7 @@ class DimseSender:
         return ae
 
     def _contexts(self) -> list[Any]:
-        """One context per (SOP class, TS) we hold, plus, per SOP class with an
-        uncompressed object, one offering every uncompressed syntax (the fallback)."""
-        contexts: list[Any] = []
-        fallback: list[str] = []
-        for sop_class, ts in self.pairs:
-            contexts.append(build_context(sop_class, [ts]))
-            if ts in UNCOMPRESSED and sop_class not in fallback:
-                fallback.append(sop_class)
-        contexts += [build_context(c, list(UNCOMPRESSED)) for c in fallback]
-        # Verification keeps the association up when the peer takes none of the others,
-        # so each object gets its own "not accepted" answer (a message-scope failure).
-        return contexts[:MAX_CONTEXTS - 1] + [build_context(Verification)]
+        return [build_context(sop_class, syntaxes) for sop_class, syntaxes in proposed(self.pairs)]
 
     def _needs(self, pairs: Iterable[tuple[str, str]]) -> bool:
         return any(p not in self.pairs for p in pairs)
@@ -396,13 +416,7 @@ class DimseSender:
         return obj.data, None
 
     def _refused(self, obj: Outbound) -> Outcome:
-        klass = sop_name(obj.sop_class_uid)
-        if obj.transfer_syntax in UNCOMPRESSED:
-            return context_refused(f"peer does not accept {klass} in any uncompressed "
-                                   "transfer syntax")
-        return context_refused(
-            f"peer does not accept {ts_name(obj.transfer_syntax)} for {klass}; "
-            "mfconsole does not transcode")
+        return refused(obj)
 
     def _store(self, obj: Outbound, data: bytes, context: Any) -> Outcome:
         """One C-STORE: the request written by ``cstore`` (the data set goes out as the

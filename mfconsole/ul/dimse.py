@@ -1,6 +1,7 @@
 """DIMSE command sets, read by hand: always implicit VR little endian, group 0000
 only (PS3.7 6.3.1, E.1). An SCP of Storage and Verification needs six fields of a
-request; everything else in the set is skipped. Responses are written by
+request; everything else in the set is skipped. The requestor (requestor.py)
+reads C-STORE responses with the same function (Status, Message ID Being Responded To). Responses are written by
 mfconsole/dimse/cstore.py (``response_set``).
 """
 
@@ -28,6 +29,7 @@ class Command:
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
     priority: int = 0
+    status: int | None = None      # (0000,0900) of a response; None in a request
 
 
 def _uid(value: bytes) -> str:
@@ -67,4 +69,5 @@ def decode_command(raw: bytes | bytearray) -> Command:
         command_field=field, message_id=message_id, has_data_set=data_type != NO_DATA_SET,
         sop_class_uid=_uid(found.get(0x0002, b"")),
         sop_instance_uid=_uid(found.get(0x1000, b"")),
-        priority=_us(found[0x0700], "Priority") if 0x0700 in found else 0)
+        priority=_us(found[0x0700], "Priority") if 0x0700 in found else 0,
+        status=_us(found[0x0900], "Status") if 0x0900 in found else None)

@@ -256,3 +256,90 @@ def decode_pdata(body: memoryview) -> list[tuple[int, int, memoryview]]:
     if not out:
         raise PDUError("P-DATA-TF without a PDV")
     return out
+
+
+# -- requestor side (mfconsole/ul/requestor.py) ----------------------------------
+
+def encode_associate_rq(called_ae: str, calling_ae: str,
+                        contexts: list[tuple[int, str, list[str]]], *, max_length: int,
+                        implementation_class_uid: str, implementation_version: str,
+                        async_ops: tuple[int, int] | None = None,
+                        user_identity: UserIdentity | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ proposing ``contexts``: (context id, abstract syntax,
+    transfer syntaxes)."""
+    fixed = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + b"\0" * 32
+    items = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    for cx_id, abstract, syntaxes in contexts:
+        subs = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
+        items.append(_item(0x20, bytes((cx_id, 0, 0, 0)) + subs))
+    user = [_item(0x51, struct.pack(">I", max_length)),
+            _item(0x52, implementation_class_uid.encode())]
+    if async_ops is not None:
+        user.append(_item(0x53, struct.pack(">HH", *async_ops)))
+    if implementation_version:
+        user.append(_item(0x55, implementation_version.encode()[:16]))
+    if user_identity is not None:
+        u = user_identity
+        user.append(_item(0x58, bytes((u.type, int(u.positive_response_requested)))
+                          + struct.pack(">H", len(u.primary)) + u.primary
+                          + struct.pack(">H", len(u.secondary)) + u.secondary))
+    items.append(_item(0x50, b"".join(user)))
+    return _pdu(ASSOCIATE_RQ, fixed + b"".join(items))
+
+
+@dataclass
+class AssociateAC:
+    # context id -> (result, transfer syntax); the syntax is significant only when accepted
+    results: dict[int, tuple[int, str]] = field(default_factory=dict)
+    max_length: int = 0                       # the acceptor's: what we may send (0: no limit)
+    implementation_class_uid: str = ""
+    async_ops: tuple[int, int] | None = None  # None: the acceptor did not answer the item
+    user_identity_response: bytes | None = None
+
+
+def decode_associate_ac(body: bytes) -> AssociateAC:
+    """The body of an A-ASSOCIATE-AC. Items we do not act on (role selection,
+    extended negotiation) are skipped: we proposed none of them."""
+    if len(body) < 68:
+        raise PDUError("A-ASSOCIATE-AC shorter than its fixed fields")
+    ac = AssociateAC()
+    for item_type, value in _items(body, 68, len(body)):
+        if item_type == 0x21:
+            if len(value) < 4:
+                raise PDUError("presentation context item truncated")
+            ts = ""
+            for sub_type, sub in _items(value, 4, len(value)):
+                if sub_type == 0x40:
+                    ts = _text(sub)
+            ac.results[value[0]] = (value[2], ts)
+        elif item_type == 0x50:
+            for sub_type, sub in _items(value, 0, len(value)):
+                if sub_type == 0x51 and len(sub) == 4:
+                    ac.max_length = struct.unpack(">I", sub)[0]
+                elif sub_type == 0x52:
+                    ac.implementation_class_uid = _text(sub)
+                elif sub_type == 0x53 and len(sub) == 4:
+                    ac.async_ops = struct.unpack(">HH", sub)
+                elif sub_type == 0x59 and len(sub) >= 2:
+                    ac.user_identity_response = bytes(sub[2:])
+    return ac
+
+
+def decode_associate_rj(body: bytes) -> tuple[int, int, int]:
+    """(result, source, reason) of an A-ASSOCIATE-RJ."""
+    if len(body) < 4:
+        raise PDUError("A-ASSOCIATE-RJ truncated")
+    return body[1], body[2], body[3]
+
+
+def decode_abort(body: bytes) -> tuple[int, int]:
+    """(source, reason) of an A-ABORT."""
+    if len(body) < 4:
+        raise PDUError("A-ABORT truncated")
+    return body[2], body[3]
+
+
+def pdata_header(length: int) -> bytes:
+    """The 6-byte header of a P-DATA-TF whose body is ``length`` bytes (the requestor
+    writes PDV bytes after it without joining them into one PDU first)."""
+    return HEADER.pack(P_DATA_TF, 0, length)

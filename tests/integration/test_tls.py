@@ -226,7 +226,9 @@ def test_cleartext_override_starts_with_one_warning(engine_factory, tmp_path):
 # -- destinations ----------------------------------------------------------------------------
 
 
-def test_dimse_destination_into_storescp_over_tls(engine_factory, storescp_factory, pki, tmp_path):
+@pytest.mark.parametrize("upper_layer", ["pynetdicom", "mfconsole"])
+def test_dimse_destination_into_storescp_over_tls(upper_layer, engine_factory, storescp_factory, pki,
+                                                  tmp_path):
     def scp(name: str, cert: str = "server", peer_cert: str = "-vc"):
         return storescp_factory("+tls", str(pki[f"{cert}.key"]), str(pki[f"{cert}.crt"]),
                                 "+cf", str(pki["ca.crt"]), peer_cert, name=name)
@@ -245,7 +247,7 @@ def test_dimse_destination_into_storescp_over_tls(engine_factory, storescp_facto
                                 "key_file": str(pki[f"{bad}-client.key"])} for bad in ("expired", "rogue")}}
     engine = engine_factory(destinations=[
         {"name": name, "kind": "dimse", "host": "127.0.0.1", "port": peers[name].port, "ae_title": "PACS",
-         "tls": tls[name], **FAST} for name in peers])
+         "tls": tls[name], "upper_layer": upper_layer, **FAST} for name in peers])
     files = dicomgen.write_corpus(tmp_path / "sr", 2)
     res = storescu(engine.listeners[0].address[1], files)
     assert res.returncode == 0, res.stderr
@@ -369,20 +371,22 @@ def test_a_handshake_cut_short_is_retried_not_paused(engine_factory, pki, tmp_pa
         engine = engine_factory(
             destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": port,
                            "ae_title": "PACS", "tls": ca, **FAST},
+                          {"name": "pacs_ul", "kind": "dimse", "host": "127.0.0.1", "port": port,
+                           "ae_title": "PACS", "tls": ca, "upper_layer": "mfconsole", **FAST},
                           {"name": "ehr", "kind": "mllp", "host": "127.0.0.1", "port": port, "tls": ca,
                            **FAST}],
-            routes=[{"from": "modalities", "to": ["pacs"]},
+            routes=[{"from": "modalities", "to": ["pacs", "pacs_ul"]},
                     {"from": "modalities", "to": ["ehr"], "handler": "sr_to_oru"}])
         res = storescu(engine.listeners[0].address[1], srs(tmp_path, 1))
         assert res.returncode == 0, res.stderr
-        for name in ("pacs", "ehr"):
+        for name in ("pacs", "pacs_ul", "ehr"):
             poll(lambda: state(engine, name).failures >= 3, timeout=30, message=f"{name} retried")
             assert not state(engine, name).paused and delivered(engine, name) == 0
             row = engine.store.reader().rows("deliveries", destination=name)[0]
             assert row["last_class"] == "transient/destination", dict(row)
             assert "TLS handshake with 127.0.0.1" in row["last_reason"], dict(row)
         # (counted after the close the engine reacted to: polled for)
-        poll(lambda: len(cuts) >= 6, timeout=5, message="six handshakes cut")
+        poll(lambda: len(cuts) >= 9, timeout=5, message="nine handshakes cut")
     finally:
         server.close()
 
