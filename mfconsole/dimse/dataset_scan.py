@@ -27,7 +27,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-__all__ = ["DatasetRejected", "HeaderSummary", "scan_dataset", "is_valid_uid", "inflate"]
+__all__ = ["DatasetRejected", "DatasetStream", "HeaderSummary", "can_stream", "scan_dataset",
+           "is_valid_uid", "inflate"]
 
 # DIMSE statuses we answer with.  0xC000 is "Error: cannot understand" (the
 # bytes are not a well-formed dataset); 0xA900 is "Error: data set does not
@@ -71,7 +72,7 @@ _TAG_NAMES = {
 }
 # Marker recorded instead of a value position when a wanted tag turned up as
 # a sequence: it has no usable text value, so the UID check calls it invalid.
-_NOT_A_VALUE = (-1, -1)
+_NOT_A_VALUE: tuple[int, bytes | None] = (0, None)
 # A UID is at most 64 characters; allow generous padding before we refuse to
 # even look at the bytes (so a 100 MiB "UID" is never copied).
 _MAX_UID_RAW = 256
@@ -125,6 +126,7 @@ _MODE_EXPLICIT_BE: _Mode = (False, True, _HDR_BE, _U32_BE, _LONG_BE, _SHORT_BE, 
 # Container kinds on the walk stack.
 _DATASET = 0
 _SEQUENCE = 1
+_FRAGMENTS = 2   # encapsulated pixel data
 
 
 class DatasetRejected(Exception):
@@ -268,315 +270,438 @@ def scan_dataset(
         view.release()
         view = cast
     try:
-        if ts == IMPLICIT_VR_LE:
-            return _scan(view, _MODE_IMPLICIT, max_depth)
-        if ts == EXPLICIT_VR_BE:
-            return _scan(view, _MODE_EXPLICIT_BE, max_depth)
         if ts == DEFLATED_EXPLICIT_VR_LE:
             if not allow_deflate:
                 raise _bad("deflated transfer syntax not accepted")
             inflated = memoryview(inflate(view, max_inflated_bytes))
             try:
-                return _scan(inflated, _MODE_EXPLICIT_LE, max_depth)
+                return _Walk(_MODE_EXPLICIT_LE, max_depth, len(inflated)).whole(inflated)
             finally:
                 inflated.release()
-        # Explicit VR LE and every compressed syntax (JPEG family, JPEG-LS,
-        # JPEG 2000, RLE, HTJ2K, MPEG...) share the explicit LE encoding; only
-        # pixel data differs, and encapsulated pixel data is handled below.
-        return _scan(view, _MODE_EXPLICIT_LE, max_depth)
+        return _Walk(_mode(ts), max_depth, len(view)).whole(view)
     finally:
         # Release our view so a caller's bytearray/mmap can be resized or
         # closed afterwards (the caller's own view, if any, is unaffected).
         view.release()
 
 
-def _scan(buf: memoryview, mode: _Mode, max_depth: int) -> HeaderSummary:
-    size = len(buf)
-    found: dict[int, tuple[int, int]] = {}
-    identifiers: dict[int, tuple[int, int]] = {}
-    duplicates: set[int] = set()
-    element_count = 0
-    deepest = 0
+def _mode(ts: str) -> _Mode:
+    if ts == IMPLICIT_VR_LE:
+        return _MODE_IMPLICIT
+    if ts == EXPLICIT_VR_BE:
+        return _MODE_EXPLICIT_BE
+    # Explicit VR LE and every compressed syntax (JPEG family, JPEG-LS,
+    # JPEG 2000, RLE, HTJ2K, MPEG...) share the explicit LE encoding; only
+    # pixel data differs, and encapsulated pixel data is walked as fragments.
+    return _MODE_EXPLICIT_LE
 
-    # The walk is iterative with an explicit stack so hostile nesting can
-    # never hit Python's recursion limit, whatever max_depth the caller sets.
-    # Current container state lives in locals for speed; a push saves it as a
-    # tuple.  ``end`` is the hard limit of the container: its own end for
-    # defined lengths, the parent's limit for undefined lengths, which must
-    # then be closed by a delimiter before that limit.
-    stack: list[tuple] = []
-    kind = _DATASET
-    end = size
-    undefined = False  # container closed by a delimiter rather than its length
-    depth = 0  # nesting level of the dataset (or of the items' parent dataset)
-    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
-     vr_sq, vr_un, vr_ob, vr_ow) = mode
-    pos = 0
 
-    while True:
-        if kind == _DATASET:
+def can_stream(transfer_syntax_uid: str) -> bool:
+    """Whether a data set in this syntax can be scanned as it arrives (DatasetStream):
+    every syntax but deflate, whose elements exist only once the whole stream inflates."""
+    return transfer_syntax_uid.rstrip("\x00 ") != DEFLATED_EXPLICIT_VR_LE
+
+
+class DatasetStream:
+    """The same scan as :func:`scan_dataset`, fed the data set piece by piece as its
+    P-DATA fragments arrive, so a large object is checked and its routing headers read
+    without ever being whole in memory. What it keeps between pieces is bounded: the
+    container stack, the few header values routing needs (at most 256 bytes each) and
+    at most one element header or such value cut by a piece boundary.
+
+    ``feed`` may raise DatasetRejected as soon as the structure is wrong; ``finish``
+    (once the last piece is fed) raises it or returns the summary. Not for deflate
+    (see can_stream)."""
+
+    def __init__(self, transfer_syntax_uid: str, *, max_depth: int = 16):
+        self._walk = _Walk(_mode(transfer_syntax_uid.rstrip("\x00 ")), max_depth, None)
+        self._fed = 0
+        self._tail = b""     # bytes from the walk's position to the end of what was fed
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        with memoryview(data) as raw, raw.cast("B") as view:
+            start = self._fed
+            self._fed += len(view)
+            if self._tail:
+                # Join the cut header to the start of this piece: a walk step never
+                # needs more than _MAX_STEP bytes, so _JOIN of them are always enough.
+                tail, self._tail = self._tail, b""
+                head = tail + bytes(view[:_JOIN])
+                self._consume(memoryview(head), start - len(tail))
+                if len(view) <= _JOIN:
+                    return
+                self._tail = b""
+            self._consume(view, start)
+
+    def _consume(self, view: memoryview, base: int) -> None:
+        walk = self._walk
+        stop = base + len(view)
+        if base <= walk.pos < stop:
+            walk.run(view, base, stop)
+        if base <= walk.pos < stop:
+            self._tail = bytes(view[walk.pos - base:])
+
+    def finish(self) -> HeaderSummary:
+        """The summary once every byte has been fed (DatasetRejected if the data set
+        ends inside an element, item or sequence)."""
+        total = self._fed
+        walk = self._walk
+        walk.close(total)
+        tail = memoryview(self._tail)
+        self._tail = b""
+        return walk.whole(tail, total - len(tail))
+
+
+# A walk step reads at most an explicit VR long header (12 bytes) and a value routing
+# needs (at most _MAX_UID_RAW bytes) at once; a piece's first _JOIN bytes are joined to
+# a step cut by the previous piece's end.
+_MAX_STEP = 12 + 256
+_JOIN = 2 * _MAX_STEP
+# The limit of the top-level data set while its size is not known yet (streaming).
+_OPEN = 1 << 62
+
+
+class _Walk:
+    """The element walk, resumable: its state lives in attributes between runs, and a
+    run stops (returns False) when the next step needs bytes not yet available."""
+
+    def __init__(self, mode: _Mode, max_depth: int, size: int | None):
+        self.mode = mode
+        self.max_depth = max_depth
+        self.pos = 0
+        # ``end`` is the hard limit of the current container: its own end for defined
+        # lengths, the parent's limit for undefined lengths, which must then be closed
+        # by a delimiter before that limit.
+        self.kind = _DATASET
+        self.end = _OPEN if size is None else size
+        self.undefined = False   # container closed by a delimiter rather than its length
+        self.depth = 0           # nesting level of the dataset (or of the items' parent dataset)
+        self.stack: list[tuple] = []
+        self.found: dict[int, tuple[int, bytes | None]] = {}
+        self.identifiers: dict[int, bytes] = {}
+        self.duplicates: set[int] = set()
+        self.element_count = 0
+        self.deepest = 0
+
+    def whole(self, view: memoryview, base: int = 0) -> HeaderSummary:
+        """Walk the rest of the data set, all of which is in ``view``; the summary."""
+        if not self.run(view, base, base + len(view)):
+            raise _bad(f"data set ends inside an element at offset {self.pos}")
+        return self.summary()
+
+    def close(self, total: int) -> None:
+        """The data set turned out to be ``total`` bytes: bound the containers that were
+        open-ended by it, and refuse any element or container declared past it."""
+        if self.pos > total:
+            raise _bad(f"an element declared length runs {self.pos - total} bytes past "
+                       f"the end of the data ({total} bytes)")
+        limits = [self.end] + [frame[1] for frame in self.stack]
+        for limit in limits:
+            if limit != _OPEN and limit > total:
+                raise _bad(f"a sequence or item declared length runs {limit - total} bytes "
+                           f"past the end of the data ({total} bytes)")
+        self.end = total if self.end == _OPEN else self.end
+        self.stack = [(k, total if e == _OPEN else e, u, d, m) for (k, e, u, d, m) in self.stack]
+
+    def run(self, buf: memoryview, base: int, avail: int) -> bool:
+        """Walk from ``pos`` while the bytes are in ``buf`` (holding offsets ``base`` up
+        to ``avail``); True once the top-level data set is walked, False when the next
+        step needs bytes beyond ``avail``. Every read is checked first against its
+        container's limit (a malformed data set is refused whatever has arrived) and
+        only then against ``avail`` (wait for more)."""
+        # The walk is iterative with an explicit stack so hostile nesting can never hit
+        # Python's recursion limit, whatever max_depth the caller sets. Current
+        # container state lives in locals for speed; a push saves it as a tuple.
+        stack, found, identifiers = self.stack, self.found, self.identifiers
+        pos, kind, end, undefined, depth, mode = (self.pos, self.kind, self.end, self.undefined,
+                                                  self.depth, self.mode)
+        element_count, deepest, max_depth = self.element_count, self.deepest, self.max_depth
+        (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+         vr_sq, vr_un, vr_ob, vr_ow) = mode
+        done = False
+
+        while True:
+            if kind == _DATASET:
+                if pos == end:
+                    if undefined:
+                        raise _bad(f"item without item delimiter: data ends at offset {pos}")
+                    if not stack:
+                        done = True
+                        break  # end of top-level dataset
+                    (kind, end, undefined, depth, mode) = stack.pop()
+                    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                     vr_sq, vr_un, vr_ob, vr_ow) = mode
+                    continue
+                if end - pos < 8:
+                    raise _bad(
+                        f"element header at offset {pos} truncated: {end - pos} bytes "
+                        f"left of 8 needed"
+                    )
+                if avail - pos < 8:
+                    break
+                group, elem, word = hdr(buf, pos - base)
+                if group == _ITEM_GROUP:
+                    if elem == _ITEM_DELIM and undefined:
+                        # Item delimiter closes an undefined-length item.  Its
+                        # length should be 0; like pydicom and dcmtk we tolerate
+                        # junk there rather than try to skip by it.
+                        pos += 8
+                        (kind, end, undefined, depth, mode) = stack.pop()
+                        (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                         vr_sq, vr_un, vr_ob, vr_ow) = mode
+                        continue
+                    raise _bad(f"unexpected {_tag(group << 16 | elem)} at offset {pos} inside dataset")
+
+                if implicit:
+                    vr = 0
+                    length = word
+                    value_pos = pos + 8
+                else:
+                    if big_endian:
+                        vr = word >> 16
+                        length = word & 0xFFFF
+                    else:
+                        vr = word & 0xFFFF
+                        length = word >> 16
+                    if vr in short_vrs:
+                        value_pos = pos + 8
+                    elif vr in long_vrs:
+                        if end - pos < 12:
+                            raise _bad(
+                                f"element header {_tag(group << 16 | elem)} at offset {pos} "
+                                f"truncated: {end - pos} bytes left of 12 needed"
+                            )
+                        if avail - pos < 12:
+                            break
+                        length = u32(buf, pos + 8 - base)[0]
+                        value_pos = pos + 12
+                    else:
+                        # Deliberately no VR bytes in the reason: if we lost sync
+                        # they are payload bytes.
+                        raise _bad(f"unknown VR for {_tag(group << 16 | elem)} at offset {pos}")
+
+                if length == _UNDEFINED:
+                    element_count += 1
+                    tag = group << 16 | elem
+                    if depth == 0 and tag in _WANTED:
+                        if tag in found:
+                            self.duplicates.add(tag)
+                        found[tag] = _NOT_A_VALUE
+                    if tag == _PIXEL_DATA and (implicit or vr == vr_ob or vr == vr_ow):
+                        # Encapsulated pixel data: a flat list of fragments, walked
+                        # as a container of its own, skipping each fragment by
+                        # length.  (In implicit VR this cannot be a sequence, so
+                        # treat it as pydicom does: encapsulated.)
+                        stack.append((kind, end, undefined, depth, mode))
+                        kind = _FRAGMENTS
+                        pos = value_pos
+                        continue
+                    if implicit or vr == vr_sq:
+                        new_mode = mode
+                    elif vr == vr_un:
+                        # PS3.5 6.2.2: UN of undefined length is a sequence whose
+                        # contents are implicit VR little endian.
+                        new_mode = _MODE_IMPLICIT
+                    else:
+                        raise _bad(
+                            f"undefined length not allowed for {_tag(tag)} at offset {pos}"
+                        )
+                    stack.append((kind, end, undefined, depth, mode))
+                    kind = _SEQUENCE
+                    undefined = True
+                    pos = value_pos
+                    # end stays the parent's limit: the delimiter must come first.
+                    if new_mode is not mode:
+                        mode = new_mode
+                        (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                         vr_sq, vr_un, vr_ob, vr_ow) = mode
+                    continue
+
+                if length > end - value_pos:
+                    raise _bad(
+                        f"{_tag(group << 16 | elem)} declared length {length} at offset {pos} "
+                        f"exceeds the {end - value_pos} bytes remaining in its container"
+                    )
+                if depth == 0 and (group == 0x0008 or group == 0x0020 or group == 0x0010):
+                    tag = group << 16 | elem
+                    if tag in _WANTED or tag in _IDENTIFIERS:
+                        # Read the value now (the bytes may not be kept): it must
+                        # have arrived whole first.
+                        if length <= _MAX_UID_RAW and avail - value_pos < length:
+                            break
+                        sequence = vr == vr_sq and not implicit
+                        if tag in _WANTED:
+                            if tag in found:
+                                self.duplicates.add(tag)
+                            found[tag] = _NOT_A_VALUE if sequence else (
+                                length, bytes(buf[value_pos - base:value_pos - base + length])
+                                if length <= _MAX_UID_RAW else None)
+                        elif length <= _MAX_ID_RAW and not sequence and tag not in identifiers:
+                            identifiers[tag] = bytes(buf[value_pos - base:value_pos - base + length])
+                element_count += 1
+                if vr == vr_sq and not implicit:
+                    # Defined-length sequence: walk its items, bounded by length.
+                    # (Implicit VR defined-length sequences are indistinguishable
+                    # from opaque values without a dictionary and are skipped.)
+                    stack.append((kind, end, undefined, depth, mode))
+                    kind = _SEQUENCE
+                    undefined = False
+                    end = value_pos + length
+                    pos = value_pos
+                    continue
+                pos = value_pos + length  # skip the value: O(1) whatever its size
+                continue
+
+            if kind == _FRAGMENTS:
+                if end - pos < 8:
+                    raise _bad(
+                        f"pixel data fragment header at offset {pos} truncated: "
+                        f"{end - pos} bytes left of 8 needed"
+                    )
+                if avail - pos < 8:
+                    break
+                group, elem, length = hdr(buf, pos - base)
+                if group == _ITEM_GROUP and elem == _ITEM:
+                    pos += 8
+                    if length > end - pos or length == _UNDEFINED:
+                        raise _bad(
+                            f"pixel data fragment declared length {length} at offset {pos - 8} "
+                            f"exceeds the {end - pos} bytes remaining"
+                        )
+                    pos += length
+                elif group == _ITEM_GROUP and elem == _SEQ_DELIM:
+                    pos += 8
+                    (kind, end, undefined, depth, mode) = stack.pop()
+                else:
+                    raise _bad(
+                        f"expected pixel data fragment, found {_tag(group << 16 | elem)} at offset {pos}"
+                    )
+                continue
+
+            # kind == _SEQUENCE: expect items until the length or a delimiter ends it.
             if pos == end:
                 if undefined:
-                    raise _bad(f"item without item delimiter: data ends at offset {pos}")
-                if not stack:
-                    break  # end of top-level dataset
+                    raise _bad(f"sequence without sequence delimiter: data ends at offset {pos}")
                 (kind, end, undefined, depth, mode) = stack.pop()
                 (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
                  vr_sq, vr_un, vr_ob, vr_ow) = mode
                 continue
             if end - pos < 8:
                 raise _bad(
-                    f"element header at offset {pos} truncated: {end - pos} bytes "
-                    f"left of 8 needed"
+                    f"item header at offset {pos} truncated: {end - pos} bytes left of 8 needed"
                 )
-            group, elem, word = hdr(buf, pos)
-            if group == _ITEM_GROUP:
-                if elem == _ITEM_DELIM and undefined:
-                    # Item delimiter closes an undefined-length item.  Its
-                    # length should be 0; like pydicom and dcmtk we tolerate
-                    # junk there rather than try to skip by it.
-                    pos += 8
-                    (kind, end, undefined, depth, mode) = stack.pop()
-                    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
-                     vr_sq, vr_un, vr_ob, vr_ow) = mode
-                    continue
-                raise _bad(f"unexpected {_tag(group << 16 | elem)} at offset {pos} inside dataset")
-
-            if implicit:
-                vr = 0
-                length = word
-                value_pos = pos + 8
-            else:
-                if big_endian:
-                    vr = word >> 16
-                    length = word & 0xFFFF
+            if avail - pos < 8:
+                break
+            group, elem, length = hdr(buf, pos - base)
+            if group == _ITEM_GROUP and elem == _ITEM:
+                if depth + 1 > max_depth:
+                    raise _bad(f"sequence nesting at offset {pos} deeper than {max_depth}")
+                stack.append((kind, end, undefined, depth, mode))
+                kind = _DATASET
+                depth += 1
+                if depth > deepest:
+                    deepest = depth
+                pos += 8
+                if length == _UNDEFINED:
+                    undefined = True  # end stays the sequence's limit
                 else:
-                    vr = word & 0xFFFF
-                    length = word >> 16
-                if vr in short_vrs:
-                    value_pos = pos + 8
-                elif vr in long_vrs:
-                    if end - pos < 12:
+                    if length > end - pos:
                         raise _bad(
-                            f"element header {_tag(group << 16 | elem)} at offset {pos} "
-                            f"truncated: {end - pos} bytes left of 12 needed"
+                            f"item declared length {length} at offset {pos - 8} exceeds "
+                            f"the {end - pos} bytes remaining in its sequence"
                         )
-                    length = u32(buf, pos + 8)[0]
-                    value_pos = pos + 12
-                else:
-                    # Deliberately no VR bytes in the reason: if we lost sync
-                    # they are payload bytes.
-                    raise _bad(f"unknown VR for {_tag(group << 16 | elem)} at offset {pos}")
-            element_count += 1
-
-            if length == _UNDEFINED:
-                tag = group << 16 | elem
-                if depth == 0 and tag in _WANTED:
-                    if tag in found:
-                        duplicates.add(tag)
-                    found[tag] = _NOT_A_VALUE
-                if tag == _PIXEL_DATA and (implicit or vr == vr_ob or vr == vr_ow):
-                    # Encapsulated pixel data: a flat list of fragments.  It is
-                    # walked inline -- there is no nesting -- skipping each
-                    # fragment by length.  (In implicit VR this cannot be a
-                    # sequence, so treat it as pydicom does: encapsulated.)
-                    pos = _skip_fragments(buf, value_pos, end, hdr)
-                    continue
-                if implicit or vr == vr_sq:
-                    new_mode = mode
-                elif vr == vr_un:
-                    # PS3.5 6.2.2: UN of undefined length is a sequence whose
-                    # contents are implicit VR little endian.
-                    new_mode = _MODE_IMPLICIT
-                else:
-                    raise _bad(
-                        f"undefined length not allowed for {_tag(tag)} at offset {pos}"
-                    )
-                stack.append((kind, end, undefined, depth, mode))
-                kind = _SEQUENCE
-                undefined = True
-                pos = value_pos
-                # end stays the parent's limit: the delimiter must come first.
-                if new_mode is not mode:
-                    mode = new_mode
-                    (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
-                     vr_sq, vr_un, vr_ob, vr_ow) = mode
+                    undefined = False
+                    end = pos + length
                 continue
-
-            if length > end - value_pos:
-                raise _bad(
-                    f"{_tag(group << 16 | elem)} declared length {length} at offset {pos} "
-                    f"exceeds the {end - value_pos} bytes remaining in its container"
-                )
-            if depth == 0 and (group == 0x0008 or group == 0x0020 or group == 0x0010):
-                tag = group << 16 | elem
-                if tag in _WANTED:
-                    if tag in found:
-                        duplicates.add(tag)
-                    found[tag] = _NOT_A_VALUE if vr == vr_sq and not implicit else (value_pos, length)
-                elif tag in _IDENTIFIERS and length <= _MAX_ID_RAW and not (vr == vr_sq and not implicit):
-                    identifiers.setdefault(tag, (value_pos, length))
-            if vr == vr_sq and not implicit:
-                # Defined-length sequence: walk its items, bounded by length.
-                # (Implicit VR defined-length sequences are indistinguishable
-                # from opaque values without a dictionary and are skipped.)
-                stack.append((kind, end, undefined, depth, mode))
-                kind = _SEQUENCE
-                undefined = False
-                end = value_pos + length
-                pos = value_pos
+            if group == _ITEM_GROUP and elem == _SEQ_DELIM and undefined:
+                pos += 8
+                (kind, end, undefined, depth, mode) = stack.pop()
+                (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
+                 vr_sq, vr_un, vr_ob, vr_ow) = mode
                 continue
-            pos = value_pos + length  # skip the value: O(1) whatever its size
-            continue
+            raise _bad(f"expected item tag, found {_tag(group << 16 | elem)} at offset {pos}")
 
-        # kind == _SEQUENCE: expect items until the length or a delimiter ends it.
-        if pos == end:
-            if undefined:
-                raise _bad(f"sequence without sequence delimiter: data ends at offset {pos}")
-            (kind, end, undefined, depth, mode) = stack.pop()
-            (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
-             vr_sq, vr_un, vr_ob, vr_ow) = mode
-            continue
-        if end - pos < 8:
-            raise _bad(
-                f"item header at offset {pos} truncated: {end - pos} bytes left of 8 needed"
+        self.pos, self.kind, self.end, self.undefined, self.depth, self.mode = (
+            pos, kind, end, undefined, depth, mode)
+        self.element_count, self.deepest = element_count, deepest
+        return done
+
+    def summary(self) -> HeaderSummary:
+        if self.duplicates:
+            # Readers disagree on which copy wins (pydicom keeps the last), so
+            # routing could act on a different identity than downstream systems.
+            tag = min(self.duplicates)
+            raise DatasetRejected(
+                STATUS_DATASET_MISMATCH, f"{_tag(tag)} {_TAG_NAMES[tag]} present more than once"
             )
-        group, elem, length = hdr(buf, pos)
-        if group == _ITEM_GROUP and elem == _ITEM:
-            if depth + 1 > max_depth:
-                raise _bad(f"sequence nesting at offset {pos} deeper than {max_depth}")
-            stack.append((kind, end, undefined, depth, mode))
-            kind = _DATASET
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-            pos += 8
-            if length == _UNDEFINED:
-                undefined = True  # end stays the sequence's limit
-            else:
-                if length > end - pos:
-                    raise _bad(
-                        f"item declared length {length} at offset {pos - 8} exceeds "
-                        f"the {end - pos} bytes remaining in its sequence"
-                    )
-                undefined = False
-                end = pos + length
-            continue
-        if group == _ITEM_GROUP and elem == _SEQ_DELIM and undefined:
-            pos += 8
-            (kind, end, undefined, depth, mode) = stack.pop()
-            (implicit, big_endian, hdr, u32, long_vrs, short_vrs,
-             vr_sq, vr_un, vr_ob, vr_ow) = mode
-            continue
-        raise _bad(f"expected item tag, found {_tag(group << 16 | elem)} at offset {pos}")
-
-    if duplicates:
-        # Readers disagree on which copy wins (pydicom keeps the last), so
-        # routing could act on a different identity than downstream systems.
-        tag = min(duplicates)
-        raise DatasetRejected(
-            STATUS_DATASET_MISMATCH, f"{_tag(tag)} {_TAG_NAMES[tag]} present more than once"
+        found = self.found
+        sop_class = _required_uid(found, _TAG_SOP_CLASS)
+        sop_instance = _required_uid(found, _TAG_SOP_INSTANCE)
+        study = _required_uid(found, _TAG_STUDY)
+        # Series Instance UID may be absent, but if present it must be valid.
+        series = _uid(found[_TAG_SERIES], _TAG_SERIES) if _TAG_SERIES in found else None
+        modality: str | None = None
+        value = found.get(_TAG_MODALITY)
+        if value is not None:
+            # Modality only steers routing; an unreadable one is treated as absent
+            # rather than refusing an otherwise good object.
+            modality = _text(value, _MAX_CS_RAW)
+            if modality is not None:
+                modality = modality.strip() or None
+        return HeaderSummary(
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            modality=modality,
+            element_count=self.element_count,
+            max_depth=self.deepest,
+            accession_number=_identifier(self.identifiers.get(_TAG_ACCESSION)),
+            patient_id=_identifier(self.identifiers.get(_TAG_PATIENT_ID)),
         )
-    return _summarise(buf, found, element_count, deepest, identifiers)
 
 
-def _skip_fragments(buf: memoryview, pos: int, end: int, hdr) -> int:
-    """Skip encapsulated pixel data fragments; return the offset after them."""
-    while True:
-        if end - pos < 8:
-            raise _bad(
-                f"pixel data fragment header at offset {pos} truncated: "
-                f"{end - pos} bytes left of 8 needed"
-            )
-        group, elem, length = hdr(buf, pos)
-        if group == _ITEM_GROUP and elem == _ITEM:
-            pos += 8
-            if length > end - pos:  # also catches undefined (0xFFFFFFFF)
-                raise _bad(
-                    f"pixel data fragment declared length {length} at offset {pos - 8} "
-                    f"exceeds the {end - pos} bytes remaining"
-                )
-            pos += length
-        elif group == _ITEM_GROUP and elem == _SEQ_DELIM:
-            return pos + 8
-        else:
-            raise _bad(
-                f"expected pixel data fragment, found {_tag(group << 16 | elem)} at offset {pos}"
-            )
-
-
-def _text(buf: memoryview, where: tuple[int, int], cap: int) -> str | None:
+def _text(value: tuple[int, bytes | None], cap: int) -> str | None:
     """ASCII text of a value with trailing NUL/space padding removed.
 
     None when it cannot be a sensible value (not ASCII, absurdly long, or a
     sequence) -- the caller decides whether that is fatal.
     """
-    start, length = where
-    if start < 0 or length > cap:
+    length, raw = value
+    if raw is None or length > cap:
         return None
     try:
-        return bytes(buf[start:start + length]).decode("ascii").rstrip("\x00 ")
+        return raw.decode("ascii").rstrip("\x00 ")
     except UnicodeDecodeError:
         return None
 
 
-def _required_uid(buf: memoryview, found: dict[int, tuple[int, int]], tag: int) -> str:
+def _required_uid(found: dict[int, tuple[int, bytes | None]], tag: int) -> str:
     if tag not in found:
         raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{_tag(tag)} {_TAG_NAMES[tag]} missing")
-    return _uid(buf, found[tag], tag)
+    return _uid(found[tag], tag)
 
 
-def _uid(buf: memoryview, where: tuple[int, int], tag: int) -> str:
-    """The validated UID at ``where``; DatasetRejected(0xA900) if it is bad."""
+def _uid(value: tuple[int, bytes | None], tag: int) -> str:
+    """The validated UID; DatasetRejected(0xA900) if it is bad."""
     name = f"{_tag(tag)} {_TAG_NAMES[tag]}"
-    if where[1] > _MAX_UID_RAW:
-        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {where[1]})")
-    value = _text(buf, where, _MAX_UID_RAW)
-    if value is None:
+    if value[0] > _MAX_UID_RAW:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {value[0]})")
+    text = _text(value, _MAX_UID_RAW)
+    if text is None:
         raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} invalid")
-    if not value:
+    if not text:
         raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} empty")
-    if len(value) > 64:
-        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {len(value)})")
-    if not is_valid_uid(value):
+    if len(text) > 64:
+        raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} longer than 64 (length {len(text)})")
+    if not is_valid_uid(text):
         raise DatasetRejected(STATUS_DATASET_MISMATCH, f"{name} invalid")
-    return value
+    return text
 
 
-def _summarise(
-    buf: memoryview, found: dict[int, tuple[int, int]], element_count: int, deepest: int,
-    identifiers: dict[int, tuple[int, int]] | None = None,
-) -> HeaderSummary:
-    sop_class = _required_uid(buf, found, _TAG_SOP_CLASS)
-    sop_instance = _required_uid(buf, found, _TAG_SOP_INSTANCE)
-    study = _required_uid(buf, found, _TAG_STUDY)
-    # Series Instance UID may be absent, but if present it must be valid.
-    series = _uid(buf, found[_TAG_SERIES], _TAG_SERIES) if _TAG_SERIES in found else None
-    modality: str | None = None
-    where = found.get(_TAG_MODALITY)
-    if where is not None:
-        # Modality only steers routing; an unreadable one is treated as absent
-        # rather than refusing an otherwise good object.
-        modality = _text(buf, where, _MAX_CS_RAW)
-        if modality is not None:
-            modality = modality.strip() or None
-    return HeaderSummary(
-        sop_class_uid=sop_class,
-        sop_instance_uid=sop_instance,
-        study_instance_uid=study,
-        series_instance_uid=series,
-        modality=modality,
-        element_count=element_count,
-        max_depth=deepest,
-        accession_number=_identifier(buf, (identifiers or {}).get(_TAG_ACCESSION)),
-        patient_id=_identifier(buf, (identifiers or {}).get(_TAG_PATIENT_ID)),
-    )
-
-
-def _identifier(buf: memoryview, where: tuple[int, int] | None) -> bytes | None:
+def _identifier(raw: bytes | None) -> bytes | None:
     """An identifier's bytes without padding (any character set: they are only hashed)."""
-    if where is None:
+    if raw is None:
         return None
-    start, length = where
-    value = bytes(buf[start:start + length]).strip(b"\x00 ")
+    value = raw.strip(b"\x00 ")
     return value or None

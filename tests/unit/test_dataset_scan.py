@@ -23,10 +23,12 @@ from pydicom.sequence import Sequence
 
 from mfconsole.dimse.dataset_scan import (
     DatasetRejected,
+    DatasetStream,
     HeaderSummary,
+    can_stream,
     is_valid_uid,
-    scan_dataset,
 )
+from mfconsole.dimse.dataset_scan import scan_dataset as scan_whole
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -43,6 +45,58 @@ SERIES = "1.2.826.0.1.3680043.8.498.3"
 
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 UNDEF = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------
+# Every case here also checks the streaming scan (DatasetStream, fed the data set in
+# pieces as P-DATA fragments would bring it): the same summary, or a refusal with the
+# same status (its reason may differ where the end of the data is only known late).
+# --------------------------------------------------------------------------
+
+_PIECES = (1, 7, 64, 4093)
+
+
+def streamed(data, ts: str, pieces, max_depth: int = 16) -> HeaderSummary:
+    with memoryview(data) as raw, raw.cast("B") as view:
+        stream = DatasetStream(ts, max_depth=max_depth)
+        for start, size in pieces:
+            stream.feed(view[start:start + size])
+        return stream.finish()
+
+
+def _cuts(total: int, size: int | None, rng: random.Random):
+    start = 0
+    while start < total:
+        n = size or rng.randint(1, 3000)
+        yield start, n
+        start += n
+
+
+def scan_dataset(data, ts: str, **kw) -> HeaderSummary:
+    try:
+        want: HeaderSummary | DatasetRejected = scan_whole(data, ts, **kw)
+    except DatasetRejected as exc:
+        want = exc
+    total = len(memoryview(data).cast("B")) if memoryview(data).c_contiguous else 0
+    if can_stream(ts) and 0 < total <= 4 << 20 and set(kw) <= {"max_depth", "allow_deflate"}:
+        rng = random.Random(total)
+        for size in (*_PIECES, None):
+            if size == 1 and total > 1 << 16:
+                continue
+            try:
+                got: HeaderSummary | DatasetRejected = streamed(
+                    data, ts, _cuts(total, size, rng), kw.get("max_depth", 16))
+            except DatasetRejected as exc:
+                got = exc
+            if isinstance(want, DatasetRejected):
+                assert isinstance(got, DatasetRejected), (size, want.reason)
+                assert got.status == want.status, (size, want.reason, got.reason)
+            else:
+                assert got == want, size
+                assert (got.accession_number, got.patient_id) == (want.accession_number, want.patient_id)
+    if isinstance(want, DatasetRejected):
+        raise want
+    return want
 
 
 # --------------------------------------------------------------------------
@@ -780,7 +834,7 @@ def test_large_pixel_data_is_skipped_in_constant_time() -> None:
         times = []
         for _ in range(20):
             t = time.perf_counter()
-            got = scan_dataset(mm, EXPLICIT)
+            got = scan_whole(mm, EXPLICIT)
             times.append(time.perf_counter() - t)
         assert got.element_count == 7
         assert statistics.median(times) < 0.005  # target is well under 1 ms
@@ -818,7 +872,7 @@ def test_structured_report_scan_is_fast() -> None:
         times = []
         for _ in range(5):
             t = time.perf_counter()
-            got = scan_dataset(data, ts)
+            got = scan_whole(data, ts)
             times.append(time.perf_counter() - t)
         assert got.element_count == expected
         assert got.max_depth == 4
