@@ -66,7 +66,10 @@ def transfer_syntaxes(accept_deflate: bool) -> list[str]:
 class IngestSink(Protocol):
     """What the listener needs from the engine."""
 
-    def ingest(self, data: memoryview, summary: HeaderSummary, meta: dict[str, Any]) -> str: ...
+    def ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> str:
+        """Commit a received object: ``data`` is its bytes, or a blob from open_blob."""
+    def open_blob(self) -> Any:
+        """A blob to seal a large object into as it arrives: write(bytes), discard()."""
     def audit(self, event: str, **fields: Any) -> None: ...
 
 
@@ -445,6 +448,16 @@ def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd
     except DatasetRejected as exc:
         refused(sink, listener, exc.status, exc.reason, calling, peer, None)
         return exc.status, exc.reason
+    return commit_object(sink, listener, view, summary, ts, cmd_class, cmd_inst,
+                         calling=calling, peer=peer, association=association)
+
+
+def commit_object(sink: IngestSink, listener: str, data: Any, summary: HeaderSummary, ts: str,
+                  cmd_class: str, cmd_inst: str, *, calling: str, peer: str,
+                  association: str) -> tuple[int, str]:
+    """The rest of store_object once the data set is scanned: the command must name
+    the data set's SOP class and instance, then the sink ingests ``data`` (the bytes,
+    or the blob a streamed object was sealed into as it arrived)."""
     if cmd_class != summary.sop_class_uid or cmd_inst != summary.sop_instance_uid:
         reason = "command SOP Class/Instance UID does not match the data set"
         refused(sink, listener, STATUS_MISMATCH, reason, calling, peer, summary.sop_instance_uid)
@@ -452,7 +465,7 @@ def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd
     meta = {"transfer_syntax": ts, "listener": listener, "calling_ae": calling,
             "peer": peer, "association": association}
     try:
-        outcome = sink.ingest(view, summary, meta)
+        outcome = sink.ingest(data, summary, meta)
     except Exception as exc:
         log.error("listener %s: store failed for %s from %s: %s; answered 0xA700",
                   listener, summary.sop_instance_uid, calling, exc.__class__.__name__)

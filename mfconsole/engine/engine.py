@@ -372,7 +372,11 @@ class Engine:
 
     # -- IngestSink (called from association threads) ------------------------------
 
-    def ingest(self, data: memoryview, summary: HeaderSummary, meta: dict[str, Any]) -> str:
+    def open_blob(self) -> Any:
+        assert self.store is not None
+        return self.store.open_blob()
+
+    def ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> str:
         assert self.store is not None
         vault = self.store.vault
         request = IngestRequest(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mfconsole.engine.vault import Vault, fsync_dir
+from mfconsole.engine.vault import SealResult, Vault, fsync_dir
 from mfconsole.repository import Reads, SchemaError, Tx, connect, db_path, migrate
 from mfconsole.repository.writes import transaction
 from mfconsole.repository.reads import objects_table_exists, reading
@@ -96,6 +96,50 @@ class _Job:
     kind: str               # ingest | audit | call
     payload: Any
     future: Future | None = field(default=None)
+
+
+class BlobFile:
+    """A blob file sealed as the object's bytes are written to it: a large object never
+    has to be whole in memory. Files are grouped by the hour they were opened and named
+    by a random id, never by a UID. ``close`` fsyncs the file (its directory is fsynced
+    by the group commit); ``discard`` removes a blob that will not be committed."""
+
+    def __init__(self, blob_root: Path, vault: Vault):
+        self.rel = f"{time.strftime('%Y%m%d%H', time.gmtime())}/{uuid.uuid4().hex}.blob"
+        self.path = blob_root / self.rel
+        self.path.parent.mkdir(exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._out: Any = os.fdopen(fd, "wb")
+        try:
+            self._sealer = vault.sealer(self._out.write)
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def size(self) -> int:
+        """Plaintext bytes written so far."""
+        return self._sealer.size
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._sealer.update(data)
+
+    def close(self) -> SealResult:
+        """Seal the last chunk and make the file durable."""
+        result = self._sealer.finish()
+        out, self._out = self._out, None
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+        finally:
+            out.close()
+        return result
+
+    def discard(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self.path.unlink(missing_ok=True)
 
 
 class StoreRefused(Exception):
@@ -202,24 +246,39 @@ class Store:
 
     # -- ingest (called from association threads) -----------------------------
 
-    def seal(self, data: memoryview | bytes, request: IngestRequest) -> None:
-        """Encrypt ``data`` into the request: in memory when small, else a new file."""
-        if len(data) <= INLINE_MAX:
+    def seal(self, data: "memoryview | bytes | BlobFile", request: IngestRequest) -> None:
+        """Encrypt ``data`` into the request: in memory when small, else a new file (or
+        the file a BlobFile has been sealing as the object arrived)."""
+        if isinstance(data, BlobFile):
+            result = data.close()
+            request.blob = data.rel
+        elif len(data) <= INLINE_MAX:
             request.sealed, result = self.vault.seal_bytes(data)
             request.blob = INLINE
         else:
-            name = uuid.uuid4().hex
-            rel = f"{time.strftime('%Y%m%d%H', time.gmtime())}/{name}.blob"
-            path = self.blob_root / rel
-            path.parent.mkdir(exist_ok=True, mode=0o700)
-            result = self.vault.seal_to_file(data, path)
-            request.blob = rel
+            blob = self.open_blob()
+            try:
+                blob.write(data)
+                result = blob.close()
+            except BaseException:
+                blob.discard()
+                raise
+            request.blob = blob.rel
         request.size, request.digest, request.key_id = result.size, result.digest, result.key_id
         request.digests = result.digests
 
-    def ingest(self, data: memoryview | bytes, request: IngestRequest) -> IngestResult:
+    def open_blob(self) -> "BlobFile":
+        """A new blob file, sealed as its bytes are written (streaming ingest)."""
+        return BlobFile(self.blob_root, self.vault)
+
+    def ingest(self, data: "memoryview | bytes | BlobFile", request: IngestRequest) -> IngestResult:
         """Seal, then commit through the writer; returns only once committed."""
-        self.seal(data, request)
+        try:
+            self.seal(data, request)
+        except BaseException:
+            if isinstance(data, BlobFile):
+                data.discard()
+            raise
         try:
             return self._submit("ingest", request)
         except BaseException:

@@ -211,28 +211,13 @@ class Vault:
         return b"".join(parts), result
 
     def _seal(self, data: memoryview | bytes, write: Callable[[bytes], object]) -> SealResult:
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        salt = os.urandom(16)
-        header = HEADER.pack(MAGIC, self._active, CHUNK, salt)
-        cipher = AESGCM(self._blob_key(self._keys[self._active], salt))
-        digests = {kid: hmac.new(k, digestmod=hashlib.sha256) for kid, k in self._digest_keys.items()}
-        write(header)
-        total = len(view)
-        offset = counter = 0
-        while True:
-            chunk = view[offset:offset + CHUNK]
-            last = offset + CHUNK >= total
-            for digest in digests.values():
-                digest.update(chunk)
-            write(cipher.encrypt(NONCE.pack(counter), chunk, header + struct.pack(">I?", counter, last)))
-            offset += CHUNK
-            counter += 1
-            if last:
-                done = tuple((kid, d.hexdigest()) for kid, d in digests.items())
-                return SealResult(size=total, digest=dict(done)[self.key_id], key_id=self.key_id,
-                                  digests=done)
+        sealer = self.sealer(write)
+        sealer.update(data)
+        return sealer.finish()
+
+    def sealer(self, write: Callable[[bytes], object]) -> "Sealer":
+        """A blob sealed as its plaintext arrives in pieces (streaming ingest)."""
+        return Sealer(self, write)
 
     @staticmethod
     def _blob_key(store_key: bytes, salt: bytes) -> bytes:
@@ -278,6 +263,56 @@ class Vault:
                 return
             pending = following
             counter += 1
+
+
+class Sealer:
+    """Seals one blob whose plaintext arrives in pieces, writing each chunk as soon as
+    it is known not to be the last: at most one chunk of plaintext is held. The blob is
+    byte-for-byte the format above (a blob whose size is a multiple of the chunk size
+    ends with a full last chunk, not an empty one)."""
+
+    def __init__(self, vault: Vault, write: Callable[[bytes], object]):
+        salt = os.urandom(16)
+        self._header = HEADER.pack(MAGIC, vault._active, CHUNK, salt)
+        self._cipher = AESGCM(vault._blob_key(vault._keys[vault._active], salt))
+        self._digests = {kid: hmac.new(k, digestmod=hashlib.sha256)
+                         for kid, k in vault._digest_keys.items()}
+        self._key_id = vault.key_id
+        self._write = write
+        self._pending = bytearray()   # plaintext of the chunk not yet sealed
+        self._counter = 0
+        self.size = 0
+        write(self._header)
+
+    def update(self, data: memoryview | bytes) -> None:
+        with memoryview(data) as raw, raw.cast("B") as view:
+            self.size += len(view)
+            offset, total = 0, len(view)
+            while offset < total:
+                if len(self._pending) == CHUNK:   # more follows it: not the last chunk
+                    self._chunk(self._pending, last=False)
+                    self._pending = bytearray()
+                if not self._pending and total - offset > CHUNK:
+                    self._chunk(view[offset:offset + CHUNK], last=False)   # no copy
+                    offset += CHUNK
+                    continue
+                take = min(CHUNK - len(self._pending), total - offset)
+                self._pending += view[offset:offset + take]
+                offset += take
+
+    def finish(self) -> SealResult:
+        self._chunk(self._pending, last=True)
+        self._pending = bytearray()
+        done = tuple((kid, d.hexdigest()) for kid, d in self._digests.items())
+        return SealResult(size=self.size, digest=dict(done)[self._key_id], key_id=self._key_id,
+                          digests=done)
+
+    def _chunk(self, plain: memoryview | bytearray, last: bool) -> None:
+        for digest in self._digests.values():
+            digest.update(plain)
+        aad = self._header + struct.pack(">I?", self._counter, last)
+        self._write(self._cipher.encrypt(NONCE.pack(self._counter), plain, aad))
+        self._counter += 1
 
 
 def _fsync_dir(path: Path) -> None:

@@ -48,7 +48,8 @@ from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore
 from mfconsole.dimse.listener import (STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, AssociationBoard,
                                       AssociationInfo, IngestSink, Listener, refused, store_object)
-from mfconsole.ul import dimse, negotiation, pdu
+from mfconsole.dimse.dataset_scan import can_stream
+from mfconsole.ul import dimse, incoming, negotiation, pdu
 
 log = logging.getLogger("mfconsole.listener")
 
@@ -79,6 +80,7 @@ class InflightBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
+        self.peak = 0        # the most ever held at once (bench/ul_inflight.py, tests)
         self.refusals = 0
         self._lock = threading.Lock()
 
@@ -89,6 +91,8 @@ class InflightBudget:
                 self.refusals += 1
                 return False
             self.used += n
+            if self.used > self.peak:
+                self.peak = self.used
             return True
 
     def give(self, n: int) -> None:
@@ -526,6 +530,10 @@ class _Connection:
         self.phase = ""                # how the listener counts it: see _count
         self._large = 0                # bytes of RQ_BUDGET this connection holds
         self.held = 0                  # bytes of the in-flight budget it holds
+        # A large object being sealed into its blob as it arrives (incoming.py), and
+        # the pool's work on its latest chunk.
+        self._streamed: incoming.Streamed | None = None
+        self._feeding: asyncio.Future[None] | None = None
         self.max_send = 0              # the requestor's max PDU length (0: unlimited)
         self.contexts: dict[int, str] = {}
         self.status = "aborted"        # the board status if it ends without one
@@ -588,6 +596,7 @@ class _Connection:
             self.abort_and_close(self.reason)
         finally:
             self._release()   # an object cut short gives its bytes back
+            self._drop_streamed()
 
     def _release(self) -> None:
         if self.held:
@@ -635,6 +644,7 @@ class _Connection:
         data: bytearray | memoryview | None = None
         received = 0          # data set bytes of the message in progress, kept or not
         dropping = False      # over the in-flight budget: its bytes are read and dropped
+        pending = bytearray()  # a streamed object's bytes not yet handed to the pool
         while True:
             idle = cfg.network_timeout_s if (message is None and not command) else cfg.dimse_timeout_s
             pdu_type, body = await self._read_pdu(idle)
@@ -692,6 +702,16 @@ class _Connection:
                 if received > self.owner.max_object_bytes + ABORT_OVER:
                     await self._too_big()
                     return
+                if self._streamed is not None:   # on its way into its blob
+                    pending += fragment
+                    if len(pending) >= incoming.HAND_OVER or last:
+                        await self._hand_over(pending)
+                        pending = bytearray()
+                    if last:
+                        await self._store_streamed(message, message_cx)
+                        self._release()
+                        message, received = None, 0
+                    continue
                 if not dropping and not self.owner.inflight.take(len(fragment), self.held):
                     dropping, data = True, None   # refused at its last fragment
                     self._release()
@@ -703,6 +723,13 @@ class _Connection:
                         if not isinstance(data, bytearray):
                             data = bytearray(data or b"")
                         data += fragment
+                        if not last and len(data) >= incoming.STREAM_AT \
+                                and message.command_field == dimse.C_STORE_RQ \
+                                and can_stream(self.contexts[message_cx]):
+                            # Large: from here on it is sealed into its blob as it comes.
+                            await self._stream(data, self.contexts[message_cx])
+                            data = None
+                            continue
                 if last:
                     try:
                         if dropping:
@@ -714,6 +741,54 @@ class _Connection:
                         data = None   # our last reference: the bytes go before the budget
                         self._release()
                     message, received, dropping = None, 0, False
+
+    # -- streaming ingest (incoming.py) -----------------------------------------------
+
+    async def _stream(self, first: bytearray, ts: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._streamed = await loop.run_in_executor(
+            self.owner._pool, incoming.Streamed, self.owner.sink, ts)
+        await self._hand_over(first)
+
+    async def _hand_over(self, chunk: bytearray) -> None:
+        """Give ``chunk`` to the pool to be scanned and sealed, once the previous one is
+        done: the next chunk is collected from the network meanwhile."""
+        assert self._streamed is not None
+        if self._feeding is not None:
+            await self._feeding
+        self._feeding = asyncio.get_running_loop().run_in_executor(
+            self.owner._pool, self._streamed.feed, chunk)
+
+    async def _store_streamed(self, message: dimse.Command, cx_id: int) -> None:
+        streamed, owner, cfg, info = self._streamed, self.owner, self.cfg, self.info
+        assert streamed is not None
+        if self._feeding is not None:
+            await self._feeding
+            self._feeding = None
+        try:
+            status, outcome = await asyncio.get_running_loop().run_in_executor(
+                owner._pool, lambda: streamed.store(
+                    owner.sink, cfg.name, message.sop_class_uid, message.sop_instance_uid,
+                    calling=info.calling_ae, peer=self.peer, association=info.key,
+                    max_object_bytes=owner.max_object_bytes))
+        finally:
+            self._streamed = None
+        self._tally(status, outcome, streamed.size)
+        rsp = cstore.response_set(cstore.C_STORE_RSP, message.message_id, message.sop_class_uid,
+                                  status, message.sop_instance_uid)
+        await self._send_message(cx_id, rsp)
+
+    def _drop_streamed(self) -> None:
+        """The connection ended inside a streamed object: its blob goes (after any feed
+        in progress, which holds the object's lock)."""
+        streamed, self._streamed = self._streamed, None
+        if streamed is None:
+            return
+        try:
+            assert self.owner._pool is not None
+            self.owner._pool.submit(streamed.discard)
+        except (RuntimeError, AssertionError):   # the pool is shutting down
+            streamed.discard()
 
     # -- DIMSE ------------------------------------------------------------------------
 
@@ -746,13 +821,17 @@ class _Connection:
                     owner.sink, cfg.name, view, ts, message.sop_class_uid, message.sop_instance_uid,
                     calling=info.calling_ae, peer=self.peer, association=info.key,
                     accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes))
+        self._tally(status, outcome, size)
+        return status
+
+    def _tally(self, status: int, outcome: str, size: int) -> None:
+        info = self.info
         if status == STATUS_SUCCESS:
             info.objects += 1
             info.bytes += size
         else:
             info.refused += 1
             info.reason = outcome
-        return status
 
     async def _over_budget(self, message: dimse.Command, cx_id: int) -> None:
         """0xA700 for an object that would have gone over store.inflight_mb: transient,

@@ -80,9 +80,10 @@ def test_budget_arithmetic():
 
 def test_an_object_over_the_in_flight_budget_is_refused_transiently_and_nothing_is_lost(
         engine_factory, tmp_path):
-    engine = engine_factory(listener=UL, store={"inflight_mb": 2})
+    # 1 MiB: what A holds of its object before it streams into its blob (and then no more).
+    engine = engine_factory(listener=UL, store={"inflight_mb": 1})
     budget = engine.listeners[0].inflight
-    assert budget is engine.inflight and budget.limit == 2 * MiB
+    assert budget is engine.inflight and budget.limit == MiB
     first, first_uid = big_object(tmp_path, "a", int(1.5 * MiB))
     second, second_uid = big_object(tmp_path, "b", int(1.5 * MiB))
     a, b = associated(engine), associated(engine)
@@ -90,7 +91,7 @@ def test_an_object_over_the_in_flight_budget_is_refused_transiently_and_nothing_
     a.sendall(pdv(1, 0x03, store_rq(1, CT, first_uid)))
     send_data(a, first[:MiB], last=False)
     poll(lambda: budget.used >= MiB, message="A's first MiB in flight")
-    # B's whole object would take the budget over 2 MiB: refused 0xA700, its bytes dropped.
+    # B's object would take the budget over 1 MiB: refused 0xA700, its bytes dropped.
     b.sendall(pdv(1, 0x03, store_rq(1, CT, second_uid)))
     send_data(b, second, last=True)
     assert status_of(b) == 0xA700
