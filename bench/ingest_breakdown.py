@@ -2,13 +2,18 @@
 wrappers around each ingest stage, while DCMTK storescu sends the SR (or CT) corpus.
 
     .venv/bin/python bench/ingest_breakdown.py [--corpus sr|ct] [--senders 1|4] [--count N]
+        [--upper-layer pynetdicom|mfconsole]
     .venv/bin/python bench/ingest_breakdown.py --experiment uid-deepcopy --experiment syncfs
 
 Printed per stage: calls, mean and p95 wall milliseconds, and the share of the C-STORE
-handler's wall time. "handler" is the whole pynetdicom C-STORE callback (scan, seal,
-wait for the group commit); "response gap" is the time from a handler's return to the
-next handler's start on the same association (pynetdicom encoding and sending the
-response, the sender's next request, receiving and reassembling it). Also: group commit
+handler's wall time. "handler" is the whole C-STORE handling of one data set (scan,
+seal, wait for the group commit): pynetdicom's C-STORE callback, or store_object on
+the mfconsole upper layer's worker pool; "response gap" is the time from a handler's
+return to the next handler's start on the same association (encoding and sending the
+response, the sender's next request, receiving and reassembling it). "everything else"
+is the process's CPU outside the handler and the writer: for pynetdicom its DUL and
+reactor threads, for the mfconsole upper layer its event loop (PDU reads, DIMSE
+decoding, responses). Also: group commit
 sizes and fsync counts per thread kind. Wrappers add a few microseconds per call;
 throughput here is indicative only. The repository's code is not modified: the
 wrappers are installed on the imported modules of this process.
@@ -75,34 +80,46 @@ def timed(owner: Any, attr: str, name: str) -> None:
     setattr(owner, attr, wrapper)
 
 
-def install() -> None:
+def install(upper_layer: str) -> None:
     from mfconsole.dimse import listener as listener_mod
     from mfconsole.engine import store as store_mod
     from mfconsole.engine import vault as vault_mod
+    from mfconsole.ul import acceptor as acceptor_mod
 
-    last_end: dict[int, float] = {}
-    original_on_store = listener_mod.Listener._on_store
+    last_end: dict[Any, float] = {}
 
-    def on_store(self: Any, event: Any) -> int:
+    def handling(key: Any, run: Callable[[], Any]) -> Any:
         t, c = time.perf_counter(), time.thread_time()
-        key = id(event.assoc)
         if key in last_end:
-            record("response gap (pynetdicom + sender)", t - last_end[key])
+            record("response gap (upper layer + sender)", t - last_end[key])
         try:
-            return original_on_store(self, event)
+            return run()
         finally:
             end = time.perf_counter()
             record("handler (total)", end - t, time.thread_time() - c)
             last_end[key] = end
 
-    listener_mod.Listener._on_store = on_store
+    if upper_layer == "pynetdicom":
+        original_on_store = listener_mod.Listener._on_store
+
+        def on_store(self: Any, event: Any) -> int:
+            return handling(id(event.assoc), lambda: original_on_store(self, event))
+
+        listener_mod.Listener._on_store = on_store
+        timed(listener_mod.Listener, "_on_data", "EVT_DATA_RECV handler (per PDU)")
+    else:
+        original_store_object = acceptor_mod.store_object
+
+        def store_object(*args: Any, **kw: Any) -> Any:
+            return handling(kw.get("association"), lambda: original_store_object(*args, **kw))
+
+        acceptor_mod.store_object = store_object
     timed(listener_mod, "scan_dataset", "  scan_dataset")
     timed(store_mod.Store, "seal", "  Store.seal (encrypt + write + fsync)")
     timed(store_mod.Store, "_submit", "  wait for group commit")
     timed(store_mod.Store, "_commit_group", "writer: commit group")
     timed(store_mod, "fsync_dir", "writer:   fsync blob dirs")
     timed(store_mod.Store, "_insert", "writer:   insert rows (per object)")
-    timed(listener_mod.Listener, "_on_data", "EVT_DATA_RECV handler (per PDU)")
 
     sizes: list[int] = []
     original_group = store_mod.Store._commit_group
@@ -193,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default="sr", choices=("sr", "ct"))
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--senders", type=int, default=4, choices=(1, 4))
+    p.add_argument("--upper-layer", default="mfconsole", choices=("pynetdicom", "mfconsole"))
     p.add_argument("--experiment", action="append", default=[],
                    choices=("uid-deepcopy", "no-uid-regex", "one-blob-dir", "syncfs"))
     args = p.parse_args(argv)
@@ -200,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.experiment:
         experiment(name)
-    install()
+    install(args.upper_layer)
     from mfconsole.config import load
     from mfconsole.engine.engine import Engine
 
@@ -211,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         folders = ingest.build_corpus(scratch / args.corpus, args.corpus, count, **kw)
         use = [folders[0].parent] if args.senders == 1 else folders
         port = free_port()
-        cfg = load(write_config(scratch / "serve", port=port, ae_title="MF_SCP"))
+        cfg = load(write_config(scratch / "serve", port=port, ae_title="MF_SCP",
+                                listener={"upper_layer": args.upper_layer}))
         engine = Engine(cfg, log_to_stderr=False)
         engine.start()
 
@@ -228,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     known = CPU.get("handler (total)", 0.0) + CPU.get("writer: commit group", 0.0)
-    print(f"mfconsole in-process{' + ' + ' + '.join(args.experiment) if args.experiment else ''}, "
+    print(f"mfconsole in-process, {args.upper_layer} upper layer"
+          f"{' + ' + ' + '.join(args.experiment) if args.experiment else ''}, "
           f"{args.corpus.upper()} x{args.senders}: {count} objects in "
           f"{elapsed:.2f} s = {count / elapsed:.1f}/s, CPU {1000 * cpu / count:.2f} ms/object "
           f"(whole process), {rows} rows{'; ' + '; '.join(problems) if problems else ''}\n")
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':<44} {'calls':>6} {'mean ms':>8} {'p95 ms':>8} {'% handler':>9} "
           f"{'CPU ms/object':>13}")
     order = ["handler (total)", "  scan_dataset", "  Store.seal (encrypt + write + fsync)",
-             "  wait for group commit", "response gap (pynetdicom + sender)",
+             "  wait for group commit", "response gap (upper layer + sender)",
              "writer: commit group", "writer:   fsync blob dirs", "writer:   insert rows (per object)",
              "EVT_DATA_RECV handler (per PDU)"]
     order += sorted(k for k in TIMES if k not in order)
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_col = f"{1000 * CPU[name] / count:>13.3f}" if CPU.get(name) else f"{'':>13}"
         print(f"{name:<44} {len(values):>6} {1000 * mean:>8.3f} {1000 * p95:>8.3f} {share:>8.1f}% "
               f"{cpu_col}")
-    print(f"{'everything else (pynetdicom threads, spin-waits, GC)':<70} "
+    print(f"{'everything else (upper layer threads or event loop, GC)':<70} "
           f"{1000 * (cpu - known) / count:>13.3f}")
     sizes = install.sizes  # type: ignore[attr-defined]
     ingest_groups = [s for s in sizes if s]
