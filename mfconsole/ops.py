@@ -22,6 +22,7 @@ from typing import Any, Callable
 from mfconsole import egress as egress_mod
 from mfconsole import when
 from mfconsole.config import Config, DestinationConfig, ae_title_problem
+from mfconsole.dimse import kind as dimse_kind
 from mfconsole.dimse import sender
 from mfconsole.engine import outbox
 from mfconsole.actor import local as local_actor
@@ -83,7 +84,7 @@ def echo(config: Config, target: str) -> sender.EchoResult | stow.EchoResult:
     dest = next((d for d in config.destinations if d.name == target), None)
     if dest is not None and kind_of(dest).echo is not None:
         return kind_of(dest).echo(dest, egress_mod.Checks(egress(config), egress_http(config)))
-    return sender.echo(resolve_peer(config, target), egress(config))
+    return dimse_kind.echo(resolve_peer(config, target), egress(config))
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def test(config: Config, target: str) -> TestReport:
     source = f"queued for or sent to {target} in the last 7 days"
     if not pairs:
         pairs, source = DEFAULT_PAIRS, "common SOP classes (nothing queued or sent recently)"
-    failure, rows = sender.probe_contexts(peer, pairs, egress(config))
+    failure, rows = dimse_kind.probe_contexts(peer, pairs, egress(config))
     return TestReport(peer, failure.reason if failure else None, rows, source)
 
 

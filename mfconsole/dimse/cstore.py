@@ -44,6 +44,21 @@ def command_set(message_id: int, priority: int, sop_class_uid: str, sop_instance
     return _element(0x0000, struct.pack("<I", len(body))) + body   # Command Group Length
 
 
+# A C-ECHO-RQ (PS3.7 9.3.5.1): mfconsole's own requestor (mfconsole/ul/echo.py) sends it.
+C_ECHO_RQ = 0x0030
+VERIFICATION_CLASS = "1.2.840.10008.1.1"
+
+
+def echo_set(message_id: int) -> bytes:
+    body = b"".join((
+        _element(0x0002, _uid(VERIFICATION_CLASS)),                 # Affected SOP Class UID
+        _element(0x0100, struct.pack("<H", C_ECHO_RQ)),       # Command Field
+        _element(0x0110, struct.pack("<H", message_id)),      # Message ID
+        _element(0x0800, struct.pack("<H", 0x0101)),          # no data set
+    ))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 # Responses (PS3.7 9.3.1.2, 9.3.5.2): no data set; the acceptor of mfconsole's own
 # upper layer (mfconsole/ul) writes them with these bytes.
 C_STORE_RSP, C_ECHO_RSP = 0x8001, 0x8030

@@ -16,6 +16,10 @@ from mfconsole.config import (PRIORITIES, UPPER_LAYERS, DestinationConfig, Desti
 from mfconsole.egress import Checks
 
 
+# The upper layer of a destination that names none, and of an ``AET@host:port`` echo.
+UPPER_LAYER = "pynetdicom"
+
+
 def _priority(value: str) -> str | None:
     return None if value in PRIORITIES else "must be low, medium or high"
 
@@ -46,9 +50,9 @@ class DimseDestination(DestinationConfig):
         None, doc="Its passcode, in a file only this user may read (never sent in clear to "
         "another host).", check=secret_file_problem)
     upper_layer: str = setting(
-        "pynetdicom", doc='Who speaks DICOM for us: "pynetdicom", or "mfconsole" (its own upper '
+        UPPER_LAYER, doc='Who speaks DICOM for us: "pynetdicom", or "mfconsole" (its own upper '
         "layer: one blocking socket, requests pipelined within the peer's asynchronous "
-        "operations window).", check=_upper_layer)
+        "operations window). Deliveries, echo and test all go through it.", check=_upper_layer)
 
 
 def _check(found: Found) -> None:
@@ -75,8 +79,34 @@ def _sender(d: Any, checks: Checks) -> Any:
     return DimseSender(Peer.from_destination(d), checks.tcp)
 
 
+def _layer(peer: Any) -> Any:
+    """The module holding ``peer``'s upper layer's echo_exchange and probe_exchange."""
+    if peer.upper_layer == "mfconsole":
+        from mfconsole.ul import echo as ours
+
+        return ours
+    from mfconsole.dimse import sender
+
+    return sender
+
+
+def echo(peer: Any, check: Any) -> Any:
+    """C-ECHO ``peer`` (a sender.Peer) through its upper layer: an EchoResult."""
+    from mfconsole.dimse.sender import run_echo
+
+    return run_echo(peer, check, _layer(peer).echo_exchange)
+
+
+def probe_contexts(peer: Any, pairs: Any, check: Any) -> Any:
+    """Which (SOP class, transfer syntax) pairs ``peer`` accepts, asked through its
+    upper layer: (failure Outcome or None, [(SOP class, transfer syntax, accepted)])."""
+    from mfconsole.dimse.sender import run_probe
+
+    return run_probe(peer, pairs, check, _layer(peer).probe_exchange)
+
+
 def _echo(d: Any, checks: Checks) -> Any:
-    from mfconsole.dimse.sender import Peer, echo
+    from mfconsole.dimse.sender import Peer
 
     return echo(Peer.from_destination(d), checks.tcp)
 

@@ -7,6 +7,10 @@ pixel decoding); a compressed one the peer refuses is a message-scope failure, s
 mfconsole does not transcode.
 
 Knows nothing of SQLite: it gets bytes and UIDs, and answers with an Outcome.
+
+Both upper layers (this pynetdicom one, and mfconsole/ul) share what comes before a
+connection (``preflight``: egress, TLS, passcode) and the words of ``echo`` / ``test``
+(``run_echo``, ``run_probe``); mfconsole.dimse.kind picks the layer.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -35,6 +39,7 @@ from mfconsole import contract, egress, tls
 from mfconsole.config import PRIORITIES, TLSConfig
 from mfconsole.contract import Outbound, Outcome
 from mfconsole.dimse import cstore, sockets
+from mfconsole.dimse.kind import UPPER_LAYER
 from mfconsole.dimse import pynetdicom_adapt as adapt
 from mfconsole.dicomvalues import sop_name, ts_name
 from mfconsole.dimse.odd_length import even_length
@@ -48,6 +53,7 @@ MAX_CONTEXTS = 128      # PS3.8: presentation context ids are odd numbers 1..255
 # What pynetdicom's build_context(Verification) offers (implicit, explicit, deflated,
 # big endian): the Verification context both upper layers propose.
 VERIFICATION_SYNTAXES = (IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.1.99", EXPLICIT_BE)
+VERIFICATION = (str(Verification), list(VERIFICATION_SYNTAXES))
 
 @dataclass(frozen=True)
 class Peer:
@@ -66,6 +72,7 @@ class Peer:
     passcode_file: Path | None = None
     tls: TLSConfig | None = None
     allow_cleartext: bool = False
+    upper_layer: str = UPPER_LAYER   # who speaks DICOM: "pynetdicom" or "mfconsole"
 
     @property
     def address(self) -> str:
@@ -77,7 +84,7 @@ class Peer:
                    connect_timeout_s=d.connect_timeout_s, acse_timeout_s=d.acse_timeout_s,
                    dimse_timeout_s=d.dimse_timeout_s, network_timeout_s=d.network_timeout_s,
                    priority=d.priority, username=d.username, passcode_file=d.passcode_file,
-                   tls=d.tls, allow_cleartext=d.allow_cleartext)
+                   tls=d.tls, allow_cleartext=d.allow_cleartext, upper_layer=d.upper_layer)
 
     @property
     def loopback_only(self) -> bool:
@@ -107,7 +114,7 @@ def _remote(dial: egress.Dial) -> str | tuple[str, int, int]:
     return dial.address
 
 
-def _client_context(cfg: TLSConfig) -> ssl.SSLContext:
+def client_context(cfg: TLSConfig) -> ssl.SSLContext:
     """mfconsole.tls's client policy with our socket class (TCP_QUICKACK, and the
     handshake error kept for _association_failure)."""
     return sockets.dicom_context(tls.client_context(cfg))
@@ -116,12 +123,38 @@ def _client_context(cfg: TLSConfig) -> ssl.SSLContext:
 def tls_context(peer: Peer) -> ssl.SSLContext | None:
     """A one-off context for ``peer``, or None without TLS (tls.TLSSetupError when a
     file cannot be used)."""
-    return _client_context(peer.tls) if peer.tls is not None else None
+    return client_context(peer.tls) if peer.tls is not None else None
 
 
-def _tls_unusable(exc: tls.TLSSetupError) -> Outcome:
-    """A certificate file changed since the config was loaded: fix it, then resume."""
-    return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration", str(exc))
+@dataclass(frozen=True)
+class Preflight:
+    """What is settled before each connection, the same for both upper layers and for
+    deliveries, echo and test alike."""
+    dial: egress.Dial                 # the checked address: nothing resolves it again
+    tls: ssl.SSLContext | None
+    passcode: bytes | None            # read now, so a rotated passcode needs no restart
+
+
+def preflight(peer: Peer, check: egress.TcpCheck | None, reloading: tls.Reloading | None = None,
+              *, loopback_only: bool = False) -> Preflight | Outcome:
+    """The egress check, the TLS context (a sender's ``reloading`` one, renewed when its
+    files change, else a one-off) and the passcode; or the Outcome that stops us before
+    any byte is sent."""
+    dial = _dial(check, peer, loopback_only)
+    if isinstance(dial, Outcome):
+        return dial
+    try:
+        ctx = reloading.get() if reloading is not None else tls_context(peer)
+    except tls.TLSSetupError as exc:
+        # A certificate file changed since the config was loaded: fix it, then resume.
+        return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration", str(exc))
+    try:
+        passcode = (peer.passcode_file.read_bytes().strip()
+                    if peer.username and peer.passcode_file is not None else None)
+    except OSError as exc:   # e.g. the passcode file vanished
+        return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration",
+                       f"cannot read passcode_file: {exc.strerror}")
+    return Preflight(dial, ctx, passcode)
 
 
 def proposed(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -138,7 +171,16 @@ def proposed(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     contexts += [(c, list(UNCOMPRESSED)) for c in fallback]
     # Verification keeps the association up when the peer takes none of the others,
     # so each object gets its own "not accepted" answer (a message-scope failure).
-    return contexts[:MAX_CONTEXTS - 1] + [(str(Verification), list(VERIFICATION_SYNTAXES))]
+    return contexts[:MAX_CONTEXTS - 1] + [VERIFICATION]
+
+
+def remember(known: dict[tuple[str, str], None], pairs: list[tuple[str, str]]) -> None:
+    """Add ``pairs`` to what a sender proposes (``known``, in order), dropping the
+    oldest others when they would not all fit in one association."""
+    for pair in pairs:
+        known[pair] = None
+    while len(proposed(known)) >= MAX_CONTEXTS and len(known) > len(pairs):
+        del known[next(iter(known))]
 
 
 def refused(obj: Outbound) -> Outcome:
@@ -152,17 +194,14 @@ def refused(obj: Outbound) -> Outcome:
         "mfconsole does not transcode")
 
 
-def _user_identity(peer: Peer) -> list[Any]:
+def _user_identity(peer: Peer, passcode: bytes | None) -> list[Any]:
     if not peer.username:
         return []
     item = UserIdentityNegotiation()
     item.primary_field = peer.username.encode()
-    if peer.passcode_file is not None:
-        item.user_identity_type = 2
-        # Read at each association, so a rotated passcode needs no restart.
-        item.secondary_field = peer.passcode_file.read_bytes().strip()
-    else:
-        item.user_identity_type = 1
+    item.user_identity_type = 2 if passcode is not None else 1
+    if passcode is not None:
+        item.secondary_field = passcode
     item.positive_response_requested = False
     return [item]
 
@@ -177,13 +216,16 @@ class _Attempt:
     accepted: bool = False      # ... and it was an A-ASSOCIATE-AC
     tls_error: OSError | None = None   # the TLS handshake failed (pynetdicom swallows it)
     connect_error: OSError | None = None   # the TCP connect failed: how
+    opened_at: float = 0.0      # when the connection was made (monotonic)
+    waited: float = 0.0         # from then until ae.associate returned
 
 
-def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
-               tls_ctx: ssl.SSLContext | None = None, **kwargs: Any) -> tuple[Any, _Attempt]:
-    """Associate with ``dial.address`` (the address egress checked: pynetdicom never
-    resolves ``peer.host`` again); TLS verifies the configured name, not the address."""
+def _associate(ae: AE, peer: Peer, ready: Preflight, **kwargs: Any) -> tuple[Any, _Attempt]:
+    """Associate with ``ready.dial.address`` (the address egress checked: pynetdicom
+    never resolves ``peer.host`` again); TLS verifies the configured name, not the address."""
     seen = _Attempt()
+    dial, tls_ctx = ready.dial, ready.tls
+    ext_neg = _user_identity(peer, ready.passcode)
     if tls_ctx is not None:
         # The handshake runs within connect_timeout_s, as part of the connection.
         tls_ctx.handshake_error = None   # type: ignore[attr-defined]
@@ -191,7 +233,7 @@ def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
         kwargs["tls_args"] = (tls_ctx, tls.server_hostname(peer.tls, peer.host))
 
     def on_open(event: Any) -> None:
-        seen.connected = True
+        seen.connected, seen.opened_at = True, time.monotonic()
         # pynetdicom drops the socket timeout once connected; without it a peer that
         # stops in the middle of a PDU blocks the reader (and this worker) for good.
         conn = adapt.connection(event.assoc)
@@ -209,6 +251,7 @@ def _associate(ae: AE, peer: Peer, dial: egress.Dial, ext_neg: list[Any],
                                        (evt.EVT_PDU_RECV, on_pdu)],
                          **kwargs)
     seen.tls_error = getattr(tls_ctx, "handshake_error", None)
+    seen.waited = time.monotonic() - seen.opened_at if seen.connected else 0.0
     seen.connect_error = adapt.connect_error(assoc) or getattr(tls_ctx, "connect_error", None)
     return assoc, seen
 
@@ -242,10 +285,46 @@ def _association_failure(assoc: Any, peer: Peer, seen: _Attempt) -> Outcome:
         return context_refused(f"{peer.address} accepted none of the presentation "
                                "contexts we proposed")
     if not seen.answered:
+        # pynetdicom reports a connection closed at once as it does an ACSE timeout;
+        # only the time it took tells them apart.
+        if seen.waited < 0.9 * peer.acse_timeout_s:
+            return not_answered(peer)
+        return not_answered(peer, timed_out=True)
+    return contract.transport_failure(f"{peer.address} aborted the association request")
+
+
+def not_answered(peer: Peer, timed_out: bool = False) -> Outcome:
+    """No answer to our A-ASSOCIATE-RQ: silence, or the connection closed (or reset)."""
+    if timed_out:
         return contract.transport_failure(
             f"{peer.address} did not answer the association request within "
             f"acse_timeout_s={peer.acse_timeout_s:g}")
-    return contract.transport_failure(f"{peer.address} aborted the association request")
+    return contract.transport_failure(
+        f"{peer.address} closed the connection without answering the association request")
+
+
+def new_ae(peer: Peer) -> AE:
+    """A fresh AE with ``peer``'s calling AE title and timeouts."""
+    ae = adapt.SenderAE(ae_title=peer.calling_ae)   # our socket options
+    ae.connection_timeout = peer.connect_timeout_s
+    ae.acse_timeout = peer.acse_timeout_s
+    ae.dimse_timeout = peer.dimse_timeout_s
+    ae.network_timeout = peer.network_timeout_s
+    return ae
+
+
+def establish(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]]) -> Any:
+    """A pynetdicom association proposing ``contexts`` (abstract syntax, transfer
+    syntaxes), or the Outcome saying why there is none."""
+    try:
+        assoc, seen = _associate(new_ae(peer), peer, ready,
+                                 contexts=[build_context(c, ts) for c, ts in contexts])
+    except OSError as exc:
+        return contract.transport_failure(f"cannot connect to {peer.address}: "
+                                          f"{exc.strerror or exc.__class__.__name__}")
+    if not assoc.is_established:
+        return _association_failure(assoc, peer, seen)
+    return assoc
 
 
 class DimseSender:
@@ -264,22 +343,9 @@ class DimseSender:
         self._msg_id = 0
         self._stored = 0     # objects this association has taken (see Outcome.others_delivered)
         # Rebuilt at the next association when a certificate file is renewed.
-        self._tls = tls.Reloading(_client_context, peer.tls) if peer.tls is not None else None
+        self._tls = tls.Reloading(client_context, peer.tls) if peer.tls is not None else None
 
     # -- association -------------------------------------------------------------
-
-    def new_ae(self) -> AE:
-        """A fresh AE with this peer's calling AE title and timeouts."""
-        p = self.peer
-        ae = adapt.SenderAE(ae_title=p.calling_ae)   # our socket options
-        ae.connection_timeout = p.connect_timeout_s
-        ae.acse_timeout = p.acse_timeout_s
-        ae.dimse_timeout = p.dimse_timeout_s
-        ae.network_timeout = p.network_timeout_s
-        return ae
-
-    def _contexts(self) -> list[Any]:
-        return [build_context(sop_class, syntaxes) for sop_class, syntaxes in proposed(self.pairs)]
 
     def _needs(self, pairs: Iterable[tuple[str, str]]) -> bool:
         return any(p not in self.pairs for p in pairs)
@@ -294,31 +360,14 @@ class DimseSender:
         if self.usable() and not self._needs(pairs):
             return None
         self.close()
-        for pair in pairs:
-            self.pairs[pair] = None
-        # Keep the most recent pairs when there are more than fit in one association.
-        while len(self._contexts()) >= MAX_CONTEXTS and len(self.pairs) > len(pairs):
-            del self.pairs[next(iter(self.pairs))]
+        remember(self.pairs, pairs)
         p = self.peer
-        dial = _dial(self.egress_dial, p, p.loopback_only)   # before every connect
-        if isinstance(dial, Outcome):
-            return dial
-        try:
-            ctx = self._tls.get() if self._tls is not None else None
-        except tls.TLSSetupError as exc:
-            return _tls_unusable(exc)
-        try:
-            ext_neg = _user_identity(p)
-        except OSError as exc:   # e.g. the passcode file vanished
-            return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration",
-                           f"cannot read passcode_file: {exc.strerror}")
-        try:
-            assoc, seen = _associate(self.new_ae(), p, dial, ext_neg, ctx, contexts=self._contexts())
-        except OSError as exc:
-            return contract.transport_failure(f"cannot connect to {p.address}: "
-                                              f"{exc.strerror or exc.__class__.__name__}")
-        if not assoc.is_established:
-            return _association_failure(assoc, p, seen)
+        ready = preflight(p, self.egress_dial, self._tls, loopback_only=p.loopback_only)
+        if isinstance(ready, Outcome):   # checked before every connect
+            return ready
+        assoc = establish(p, ready, proposed(self.pairs))
+        if isinstance(assoc, Outcome):
+            return assoc
         self.assoc = assoc
         self._stored = 0
         if not adapt.pause_reactor(assoc):
@@ -472,66 +521,68 @@ class EchoResult:
     detail: str
 
 
-def echo(peer: Peer, egress_dial: egress.TcpCheck | None = None) -> EchoResult:
+# An echo or probe, as one upper layer does it (pynetdicom's: echo_exchange and
+# probe_exchange below; mfconsole's: mfconsole/ul/echo.py): given what preflight settled
+# (and the contexts, for a probe), it associates, asks, releases, and answers (see
+# run_echo, run_probe) or gives the Outcome that stopped it. mfconsole.dimse.kind
+# picks the layer.
+EchoExchange = Callable[[Peer, Preflight], "int | None | Outcome"]
+ProbeExchange = Callable[[Peer, Preflight, list[tuple[str, list[str]]]],
+                         "set[tuple[str, str]] | Outcome"]
+
+
+def run_echo(peer: Peer, egress_dial: egress.TcpCheck | None, exchange: EchoExchange) -> EchoResult:
     """C-ECHO with the round-trip time of the whole exchange (connect to release), to
-    the address ``egress_dial`` checked (None: the first ``peer.host`` resolves to)."""
-    dial = _dial(egress_dial, peer)
-    if isinstance(dial, Outcome):
-        return EchoResult(False, 0.0, dial.reason)
-    sender = DimseSender(peer, egress_dial or egress.unchecked)
-    ae = sender.new_ae()
-    ae.add_requested_context(Verification)
+    the address ``egress_dial`` checked (None: the first ``peer.host`` resolves to).
+    ``exchange`` answers the C-ECHO status, or None when no response came. The words
+    are the same whichever upper layer speaks."""
+    ready = preflight(peer, egress_dial)
+    if isinstance(ready, Outcome):
+        return EchoResult(False, 0.0, ready.reason)
     t0 = time.perf_counter()
-    try:
-        ctx = tls_context(peer)
-    except tls.TLSSetupError as exc:
-        return EchoResult(False, 0.0, str(exc))
-    try:
-        assoc, seen = _associate(ae, peer, dial, _user_identity(peer), ctx)
-    except OSError as exc:
-        return EchoResult(False, (time.perf_counter() - t0) * 1000,
-                          f"cannot connect to {peer.address}: {exc.strerror or exc.__class__.__name__}")
-    if not assoc.is_established:
-        return EchoResult(False, (time.perf_counter() - t0) * 1000,
-                          _association_failure(assoc, peer, seen).reason)
+    status = exchange(peer, ready)
+    rtt = (time.perf_counter() - t0) * 1000
+    if isinstance(status, Outcome):
+        return EchoResult(False, rtt, status.reason)
+    if status is None:
+        return EchoResult(False, rtt, "no C-ECHO response (association aborted or timed out)")
+    if status != 0:
+        return EchoResult(False, rtt, f"C-ECHO status 0x{status:04X}")
+    return EchoResult(True, rtt, "C-ECHO success")
+
+
+def run_probe(peer: Peer, pairs: Iterable[tuple[str, str]], egress_dial: egress.TcpCheck | None,
+              exchange: ProbeExchange) -> tuple[Outcome | None, list[tuple[str, str, bool]]]:
+    """Propose each (SOP class, transfer syntax) as its own context; report which the
+    peer accepts. Sends no object. Dials what ``egress_dial`` checked, as ``run_echo``."""
+    ready = preflight(peer, egress_dial)
+    if isinstance(ready, Outcome):
+        return ready, []
+    pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
+    contexts = [(c, [t]) for c, t in pairs] or [VERIFICATION]
+    accepted = exchange(peer, ready, contexts)
+    if isinstance(accepted, Outcome):
+        return accepted, []
+    return None, [(c, t, (c, t) in accepted) for c, t in pairs]
+
+
+def echo_exchange(peer: Peer, ready: Preflight) -> int | None | Outcome:
+    assoc = establish(peer, ready, [VERIFICATION])
+    if isinstance(assoc, Outcome):
+        return assoc
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
-    rtt = (time.perf_counter() - t0) * 1000
-    if not status or "Status" not in status:
-        return EchoResult(False, rtt, "no C-ECHO response (association aborted or timed out)")
-    if status.Status != 0:
-        return EchoResult(False, rtt, f"C-ECHO status 0x{int(status.Status):04X}")
-    return EchoResult(True, rtt, "C-ECHO success")
+    return int(status.Status) if status and "Status" in status else None
 
 
-def probe_contexts(peer: Peer, pairs: Iterable[tuple[str, str]],
-                   egress_dial: egress.TcpCheck | None = None
-                   ) -> tuple[Outcome | None, list[tuple[str, str, bool]]]:
-    """Propose each (SOP class, transfer syntax) as its own context; report which the
-    peer accepts. Sends no object. Dials what ``egress_dial`` checked, as ``echo``."""
-    dial = _dial(egress_dial, peer)
-    if isinstance(dial, Outcome):
-        return dial, []
-    pairs = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
-    ae = DimseSender(peer, egress_dial or egress.unchecked).new_ae()
-    contexts = [build_context(c, [t]) for c, t in pairs]
+def probe_exchange(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]]
+                   ) -> set[tuple[str, str]] | Outcome:
+    assoc = establish(peer, ready, contexts)
+    if isinstance(assoc, Outcome):
+        return assoc
     try:
-        ctx = tls_context(peer)
-    except tls.TLSSetupError as exc:
-        return _tls_unusable(exc), []
-    try:
-        assoc, seen = _associate(ae, peer, dial, _user_identity(peer), ctx,
-                                 contexts=contexts or [build_context(Verification)])
-    except OSError as exc:
-        return contract.transport_failure(f"cannot connect to {peer.address}: "
-                                          f"{exc.strerror or exc.__class__.__name__}"), []
-    if not assoc.is_established:
-        return _association_failure(assoc, peer, seen), []
-    try:
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                    for cx in assoc.accepted_contexts}
+        return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     finally:
         assoc.release()
-    return None, [(c, t, (c, t) in accepted) for c, t in pairs]

@@ -19,9 +19,9 @@ from mfconsole.config import PRIORITIES
 from mfconsole.contract import Outbound, Outcome
 from mfconsole.dimse import cstore
 from mfconsole.dimse.odd_length import even_length
-from mfconsole.dimse.sender import (MAX_CONTEXTS, UNCOMPRESSED, Peer, _client_context, _dial,
-                                    _tls_unusable, connect_failure, proposed, reencode, refused,
-                                    ts_name)
+from mfconsole.dimse.sender import (UNCOMPRESSED, Peer, Preflight, client_context,
+                                    connect_failure, not_answered, preflight, proposed, reencode,
+                                    refused, remember, ts_name)
 from mfconsole.dimse.status import association_rejected, context_refused, cstore_status
 from mfconsole.ul import negotiation, pdu, requestor
 
@@ -29,14 +29,50 @@ from mfconsole.ul import negotiation, pdu, requestor
 ASYNC_INVOKED = 8
 
 
-def _user_identity(peer: Peer) -> pdu.UserIdentity | None:
+def _user_identity(peer: Peer, passcode: bytes | None) -> pdu.UserIdentity | None:
     if not peer.username:
         return None
-    if peer.passcode_file is not None:
-        # Read at each association, so a rotated passcode needs no restart.
-        return pdu.UserIdentity(2, False, peer.username.encode(),
-                                peer.passcode_file.read_bytes().strip())
-    return pdu.UserIdentity(1, False, peer.username.encode(), b"")
+    return pdu.UserIdentity(2 if passcode is not None else 1, False, peer.username.encode(),
+                            passcode or b"")
+
+
+def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]],
+              async_invoked: int = 1) -> requestor.Association | Outcome:
+    """An association proposing ``contexts`` (abstract syntax, transfer syntaxes) to the
+    address ``ready`` checked, or the Outcome saying why there is none, in the words
+    of the pynetdicom sender (sender._association_failure)."""
+    try:   # exactly the checked address: nothing is resolved again
+        sock = requestor.connect(ready.dial.family, ready.dial.sockaddr, peer.connect_timeout_s)
+    except OSError as exc:
+        return contract.transport_failure(f"cannot connect to {peer.address}: "
+                                          + connect_failure(exc, peer.connect_timeout_s))
+    if ready.tls is not None:
+        try:   # within connect_timeout_s; verifies the configured name, not the address
+            sock = ready.tls.wrap_socket(sock, server_hostname=tls.server_hostname(peer.tls, peer.host))
+        except OSError as exc:
+            sock.close()
+            return contract.tls_failure(exc, peer.address)
+    proposal = requestor.Proposal(
+        peer.called_ae, peer.calling_ae, contexts, async_invoked=async_invoked,
+        user_identity=_user_identity(peer, ready.passcode),
+        implementation_class_uid=negotiation.IMPLEMENTATION_UID,
+        implementation_version=negotiation.IMPLEMENTATION_VERSION)
+    try:
+        assoc = requestor.associate(sock, proposal, peer.acse_timeout_s)
+    except requestor.Rejected as rj:
+        return association_rejected(rj.result, rj.source, rj.reason)
+    except (socket.timeout, TimeoutError):
+        return not_answered(peer, timed_out=True)
+    except (requestor.Closed, OSError):
+        return not_answered(peer)
+    except (requestor.Aborted, pdu.PDUError):
+        return contract.transport_failure(f"{peer.address} aborted the association request")
+    if not assoc.accepted:
+        assoc.abort()
+        return context_refused(f"{peer.address} accepted none of the presentation "
+                               "contexts we proposed")
+    assoc.stall_s = peer.network_timeout_s
+    return assoc
 
 
 class UlSender:
@@ -58,7 +94,7 @@ class UlSender:
         self.last_used = 0.0
         self._msg_id = 0
         self._stored = 0     # objects this association has taken (Outcome.others_delivered)
-        self._tls = tls.Reloading(_client_context, peer.tls) if peer.tls is not None else None
+        self._tls = tls.Reloading(client_context, peer.tls) if peer.tls is not None else None
 
     # -- association -------------------------------------------------------------
 
@@ -70,53 +106,14 @@ class UlSender:
         if self.usable() and not any(p not in self.pairs for p in pairs):
             return None
         self.close()
-        for pair in pairs:
-            self.pairs[pair] = None
-        while len(proposed(self.pairs)) >= MAX_CONTEXTS and len(self.pairs) > len(pairs):
-            del self.pairs[next(iter(self.pairs))]
+        remember(self.pairs, pairs)
         p = self.peer
-        dial = _dial(self.egress_dial, p, p.loopback_only)   # before every connect
-        if isinstance(dial, Outcome):
-            return dial
-        try:
-            ctx = self._tls.get() if self._tls is not None else None
-        except tls.TLSSetupError as exc:
-            return _tls_unusable(exc)
-        try:
-            identity = _user_identity(p)
-        except OSError as exc:
-            return Outcome(contract.PERMANENT, contract.DESTINATION, "configuration",
-                           f"cannot read passcode_file: {exc.strerror}")
-        try:   # exactly the checked address: nothing is resolved again
-            sock = requestor.connect(dial.family, dial.sockaddr, p.connect_timeout_s)
-        except OSError as exc:
-            return contract.transport_failure(f"cannot connect to {p.address}: "
-                                              + connect_failure(exc, p.connect_timeout_s))
-        if ctx is not None:
-            try:   # within connect_timeout_s; verifies the configured name, not the address
-                sock = ctx.wrap_socket(sock, server_hostname=tls.server_hostname(p.tls, p.host))
-            except OSError as exc:
-                sock.close()
-                return contract.tls_failure(exc, p.address)
-        proposal = requestor.Proposal(
-            p.called_ae, p.calling_ae, proposed(self.pairs), async_invoked=self.async_invoked,
-            user_identity=identity, implementation_class_uid=negotiation.IMPLEMENTATION_UID,
-            implementation_version=negotiation.IMPLEMENTATION_VERSION)
-        try:
-            assoc = requestor.associate(sock, proposal, p.acse_timeout_s)
-        except requestor.Rejected as rj:
-            return association_rejected(rj.result, rj.source, rj.reason)
-        except (socket.timeout, TimeoutError):
-            return contract.transport_failure(
-                f"{p.address} did not answer the association request within "
-                f"acse_timeout_s={p.acse_timeout_s:g}")
-        except (requestor.Aborted, requestor.Closed, pdu.PDUError, OSError):
-            return contract.transport_failure(f"{p.address} aborted the association request")
-        if not assoc.accepted:
-            assoc.abort()
-            return context_refused(f"{p.address} accepted none of the presentation "
-                                   "contexts we proposed")
-        assoc.stall_s = p.network_timeout_s
+        ready = preflight(p, self.egress_dial, self._tls, loopback_only=p.loopback_only)
+        if isinstance(ready, Outcome):   # checked before every connect
+            return ready
+        assoc = associate(p, ready, proposed(self.pairs), self.async_invoked)
+        if isinstance(assoc, Outcome):
+            return assoc
         self.assoc, self._stored, self.last_used = assoc, 0, time.monotonic()
         return None
 
