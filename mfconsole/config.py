@@ -141,7 +141,7 @@ class ListenerConfig:
     network_timeout_s: float = 60.0
     # Who runs the DICOM upper layer: pynetdicom (a thread pair per connection), or
     # mfconsole's own acceptor (mfconsole/ul: one event loop for every connection).
-    upper_layer: str = "pynetdicom"
+    upper_layer: str = "mfconsole"
 
     @property
     def any_calling_aet(self) -> bool:
@@ -452,7 +452,7 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
             dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive),
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
-            upper_layer=r.get(t, p, "upper_layer", str, "pynetdicom", _upper_layer),
+            upper_layer=r.get(t, p, "upper_layer", str, "mfconsole", _upper_layer),
         )
         if name is not None:
             if name in seen_names:

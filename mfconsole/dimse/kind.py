@@ -17,7 +17,7 @@ from mfconsole.egress import Checks
 
 
 # The upper layer of a destination that names none, and of an ``AET@host:port`` echo.
-UPPER_LAYER = "pynetdicom"
+UPPER_LAYER = "mfconsole"
 
 
 def _priority(value: str) -> str | None:
