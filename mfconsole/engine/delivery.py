@@ -291,5 +291,4 @@ class DestinationWorkers:
         return out
 
     def _record(self, tx: Tx, results: list[tuple[outbox.Claimed, Outcome, Any]]) -> list[Outcome]:
-        return [outbox.record(tx, self.name, item, outcome, self.policy, stamp)
-                for item, outcome, stamp in results]
+        return outbox.record_all(tx, self.name, results, self.policy)

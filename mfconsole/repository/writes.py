@@ -50,6 +50,12 @@ class Tx(Reads):
                           f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})",
                           tuple(fields.get(c) for c in AUDIT_COLUMNS))
 
+    def audit_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Several audit rows (each as ``audit``'s fields, with ``event`` and ``ts``)."""
+        self.conn.executemany(f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) "
+                              f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})",
+                              [tuple(r.get(c) for c in AUDIT_COLUMNS) for r in rows])
+
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
@@ -145,6 +151,14 @@ class Tx(Reads):
             "UPDATE deliveries SET state = ?, attempts = ?, retry_at = ?, lease_until = NULL, "
             "last_status = ?, last_class = ?, last_reason = ?, updated_at = ? WHERE id = ?",
             (state, attempts, retry_at, status, label, reason, now, delivery_id))
+
+    def set_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """``set_outcome`` for several deliveries: (delivery id, state, attempts,
+        retry_at, status, label, reason, now) each."""
+        self.conn.executemany(
+            "UPDATE deliveries SET state = ?, attempts = ?, retry_at = ?, lease_until = NULL, "
+            "last_status = ?, last_class = ?, last_reason = ?, updated_at = ? WHERE id = ?",
+            [(*r[1:], r[0]) for r in rows])
 
     def set_handler_version(self, delivery_id: int, version: str, digest: str) -> None:
         self.conn.execute("UPDATE deliveries SET handler_version = ?, handler_digest = ? WHERE id = ?",

@@ -109,3 +109,43 @@ def test_a_paused_destination_gives_no_claim(conn):
     assert outbox.claim(conn, "pacs", 5) == []
     outbox.resume(conn, "pacs", actor="alice")
     assert [c.object_id for c in outbox.claim(conn, "pacs", 5)] == [object_id]
+
+
+def test_record_all_writes_what_record_writes_one_by_one(tmp_path):
+    """record_all writes runs of plain successes in bulk: the rows it leaves (deliveries,
+    destination state, audit trail in order) are those of record called for each
+    outcome in turn, through a down destination coming back, warnings and failures."""
+    from mfconsole.contract import PERMANENT, WARNING, Outcome as O
+
+    stamp = type("Stamp", (), {"version": "v2", "digest": "abc"})()
+    outcomes = [(O(TRANSIENT, DESTINATION, "transport", "refused"), None)] * 5 + [
+        (O("delivered", status="0x0000", reason="ok"), None),
+        (O("delivered", status="0x0000", reason="ok"), stamp),
+        (O(PERMANENT, MESSAGE, "0xA900", "no match"), None),
+        (no_response("aborted", others_delivered=True), None),
+        (O("delivered", status="0x0000", reason="ok"), None),
+        (O(WARNING, status="0xB000", reason="coerced"), stamp),
+    ]
+
+    def run(path, bulk):
+        c = connect(path)
+        migrate(c)
+        tx = Tx(c)
+        items = queued(tx, len(outcomes))
+        entries = [(item, o, s) for item, (o, s) in zip(items, outcomes)]
+        recorded = (outbox.record_all(tx, "pacs", entries, POLICY) if bulk else
+                    [outbox.record(tx, "pacs", i, o, POLICY, s) for i, o, s in entries])
+        skip = ("updated_at", "retry_at", "created_at", "next_attempt_at", "ts", "id")
+        deliveries = [{k: v for k, v in r.items() if k not in skip} for r in tx.rows("deliveries")]
+        dest = {k: v for k, v in tx.destination_state("pacs").items() if k not in skip}
+        audit = [{k: v for k, v in r.items() if k not in skip}
+                 for r in tx.rows("audit") if r["event"] != "retry_scheduled"]
+        retries = [r["delivery_id"] for r in tx.rows("audit", event="retry_scheduled")]
+        c.close()
+        return [(o.label, o.status, o.reason) for o in recorded], deliveries, dest, audit, retries
+
+    one_by_one, bulk = run(tmp_path / "a.db", False), run(tmp_path / "b.db", True)
+    assert bulk == one_by_one
+    assert one_by_one[2]["down"] == 0 and "destination_up" in [a["event"] for a in one_by_one[3]]
+    assert [d["state"] for d in one_by_one[1]].count("delivered") == 4
+    assert one_by_one[2]["last_status"] == "0xB000"
