@@ -2,8 +2,12 @@
 deliveries, send them, and record each outcome (outbox.record applies the
 classification: delivered, retry with backoff, dead letter, or pause).
 
-A worker claims a small batch, sends it over one reused connection, then records
-all outcomes in one store call. Senders that take several objects per request (STOW-RS)
+A worker claims a small batch, sends it over one reused connection, then hands all
+outcomes to the store in one call. Neither the claim nor the outcome write (each a
+commit, an fsync) is waited for between two objects: the next batch is claimed while
+this one is sent, and outcomes are written while the next ones go (at most
+RECORDS_IN_FLIGHT writes outstanding, all of them committed before the worker idles,
+pauses or stops, or when a round stops early). Senders that take several objects per request (STOW-RS)
 say so with ``max_batch``; the batch is cut into groups of one study each, bounded by
 count and bytes, and each group is read from the store only when its turn comes. A destination-scope failure (peer down, rejected
 association) stops the batch: the rest goes back untouched, so one outage costs one
@@ -24,12 +28,14 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Any, Callable
 
 from mfconsole import contract
 from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome, Sender
 from mfconsole.engine import outbox
-from mfconsole.engine.store import Store
+from mfconsole.engine.store import Store, StoreError
 from mfconsole.engine.vault import VaultError
 from mfconsole.repository import Tx
 
@@ -40,6 +46,12 @@ BATCH = 32    # deliveries claimed per round (more when one request takes more)
 # had already taken and we had not recorded is sent again (at least once), so keep
 # that window short without a commit per object.
 FLUSH_S = 0.5
+# Outcome writes a worker has handed to the store without waiting for their commit
+# (it sends on meanwhile); it waits for the oldest before handing over more. A crash
+# re-sends at most these and the round being sent.
+RECORDS_IN_FLIGHT = 1
+# A round projected to take less than this claims the next batch while it sends.
+AHEAD_ROUND_S = 0.2
 IDLE_POLL_S = 0.25
 
 
@@ -58,6 +70,17 @@ def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int) -> list[
             current.append(item)
             size += item.size
     return out
+
+
+class _Lane:
+    """What one worker thread has going: its sender, the next batch it claimed ahead
+    (the Future of that claim's commit), and its outcome writes not yet committed."""
+
+    def __init__(self, sender: Sender, index: int, owner: str):
+        self.sender, self.index, self.owner = sender, index, owner
+        self.ahead: Future | None = None
+        self.records: deque[tuple[Future, list[tuple[outbox.Claimed, Outcome, Any]]]] = deque()
+        self.unrecorded: list[int] = []    # deliveries whose outcome write failed
 
 
 class DestinationWorkers:
@@ -98,33 +121,39 @@ class DestinationWorkers:
         self.wake.clear()
 
     def _run(self, index: int) -> None:
-        sender = self.make_sender()
+        lane = _Lane(self.make_sender(), index, threading.current_thread().name)
         idle_s = getattr(self.cfg, "idle_timeout_s", 30.0)
         try:
             while not self._stop.is_set():
                 try:
-                    busy = self._round(sender, index)
+                    busy = self._round(lane)
                 except Exception as exc:   # never let a worker die silently
                     log.error("destination %s: worker error %s%s; retrying in 1 s",
                               self.name, exc.__class__.__name__, contract.raised_at(exc))
-                    sender.close()
+                    self._settle(lane)
+                    lane.sender.close()
                     self._stop.wait(1.0)
                     continue
                 if not busy:
-                    sender.close_if_idle(idle_s)
+                    self._settle(lane)   # every outcome committed before the worker idles
+                    lane.sender.close_if_idle(idle_s)
                     self._wait(IDLE_POLL_S)
         finally:
-            sender.close()
+            self._settle(lane)
+            lane.sender.close()
 
-    def _round(self, sender: Sender, index: int) -> bool:
+    def _round(self, lane: _Lane) -> bool:
         """One claim-send-record round; False when there was nothing to do."""
+        sender, index = lane.sender, lane.index
         st = outbox.state(self.store.reader(), self.name)
         if st.paused:
+            self._settle(lane)
             sender.close()
             self._wait(1.0)
             return True
         wait = st.next_attempt_at - time.time()
         if wait > 0:
+            self._settle(lane)
             sender.close()
             self._wait(wait)
             return True
@@ -132,96 +161,204 @@ class DestinationWorkers:
         # A round is at least one full request of a batching sender (STOW).
         batch = max(BATCH, sender.max_batch[0])
         size = 1 if st.down else batch
-        mine = outbox.due(self.store.reader(), self.name, index * batch + size,
-                          ordered=sender.in_order)[index * batch:]
-        if not mine or (index > 0 and st.down):
-            if index > 0:
-                sender.close()   # extras are for bursts: give the association back
-            return False
-        # Connect before claiming: many PACS take one association at a time (DCMTK
-        # storescp without --fork leaves a second request unanswered), and objects
-        # claimed by a worker waiting for its association would wait with it.
+        if lane.ahead is not None and not st.down:
+            # Claimed while the previous round was sending (its lease is committed by now).
+            items = self._take_ahead(lane)
+            if not items:
+                return False
+            refused = self._prepare(sender, items)
+            if refused is not None:
+                if index > 0:
+                    self._give_back(items)
+                    self._stop.wait(self.policy.retry_initial_s)
+                    return True
+                self._give_back(items[1:])   # one attempt, of the oldest object
+                items = items[:1]
+        else:
+            self._drop_ahead(lane)
+            mine = outbox.due(self.store.reader(), self.name, index * batch + size,
+                              ordered=sender.in_order)[index * batch:]
+            if not mine or (index > 0 and st.down):
+                if index > 0:
+                    sender.close()   # extras are for bursts: give the association back
+                return False
+            # Connect before claiming: many PACS take one association at a time (DCMTK
+            # storescp without --fork leaves a second request unanswered), and objects
+            # claimed by a worker waiting for its association would wait with it.
+            refused = self._prepare(sender, mine)
+            if refused is not None and index > 0:
+                # An extra association the peer would not give is not held against it.
+                self._stop.wait(self.policy.retry_initial_s)
+                return True
+            items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
+                                    None, sender.in_order, self.held, lane.owner)
+            if not items:
+                return False
+        # The next batch may be claimed while this one is sent (see _work). Not when
+        # probing a peer that is down, nor when this batch took everything due.
+        ahead = refused is None and not st.down and len(items) >= size
+        self._work(lane, items, refused, size if ahead else 0)
+        return True
+
+    def _prepare(self, sender: Sender, items: list[Any]) -> Outcome | None:
         try:
-            refused = sender.prepare(mine)
+            return sender.prepare(items)
         except Exception as exc:   # a fault of ours while connecting: attributed like a drop
             sender.close()
             refused = dataclasses.replace(
                 contract.no_response(f"internal error while connecting: {exc.__class__.__name__}"
                                      f"{contract.raised_at(exc)}"), status="internal error")
             log.error("destination %s: %s", self.name, refused.reason)
-        if refused is not None and index > 0:
-            # An extra association the peer would not give is not held against it.
-            self._stop.wait(self.policy.retry_initial_s)
-            return True
-        owner = threading.current_thread().name
-        try:
-            items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
-                                    None, sender.in_order, self.held, owner)
-            if not items:
-                return False
-            self._work(sender, items, refused)
-        finally:
-            self.held.drop(owner)   # whatever is still in flight now, the sweep requeues
-        return True
+            return refused
 
-    def _work(self, sender: Sender, items: list[outbox.Claimed], refused: Outcome | None) -> None:
-        """Send claimed items and record every outcome. Items not attempted go back
-        untouched; if recording fails, they stay in flight and ``sweep`` requeues them."""
+    def _work(self, lane: _Lane, items: list[outbox.Claimed], refused: Outcome | None,
+              ahead: int) -> None:
+        """Send claimed items and hand every outcome to the store. ``ahead``: claim that
+        many more meanwhile, for the next round, once the first objects show the round
+        is short (under AHEAD_ROUND_S): then the claim's commit would be a visible share
+        of it. A long round (a slow peer, large objects) gains nothing from claiming
+        early, and would take objects the extra workers could be sending (they join
+        only while the backlog beyond the workers before them is deep).
+
+        Outcomes are written without the
+        worker waiting for them between two objects, at least every FLUSH_S and at
+        the end of the round, at most RECORDS_IN_FLIGHT writes outstanding; a round
+        that stops early (a failure, a stop) waits for all of them, so the next round
+        reads the state they set. Items not attempted go back untouched; if recording
+        fails, they stay in flight and ``_settle`` (or else ``sweep``) requeues them."""
+        sender = lane.sender
         results: list[tuple[outbox.Claimed, Outcome, Any]] = []
-        recorded: list[tuple[outbox.Claimed, Outcome]] = []
-        done: set[int] = set()
+        handed: set[int] = set()
         flushed = time.monotonic()
 
-        def flush() -> list[Outcome]:
+        def flush(wait: bool = False) -> list[Outcome]:
             nonlocal flushed
             flushed = time.monotonic()
             if not results:
                 return []
             batch, results[:] = list(results), []
-            attributed = self.store.call(self._record, batch)
-            done.update(item.delivery_id for item, _, _ in batch)
-            recorded.extend((item, outcome) for (item, _, _), outcome in zip(batch, attributed))
+            self._hand_over(lane, batch)
+            handed.update(item.delivery_id for item, _, _ in batch)
+            attributed: list[Outcome] = []
+            while wait and lane.records:
+                attributed = self._collect(lane, strict=True)
             return attributed
 
+        completed = False
         try:
             if refused is not None:    # counted as one attempt, of the oldest object
                 results.append((items[0], refused, None))
                 batches = []
             else:
                 batches = groups(items, *sender.max_batch)
+                completed = True
+            started, attempted = time.monotonic(), 0
             for group in batches:
                 if self._stop.is_set():
+                    completed = False
                     break
+                if ahead and attempted and lane.ahead is None and (
+                        (time.monotonic() - started) / attempted * len(items) < AHEAD_ROUND_S):
+                    lane.ahead = self.store.submit(outbox.claim, self.name, ahead, None,
+                                                   sender.in_order, self.held, lane.owner)
+                attempted += len(group)
                 group_outcomes = self._attempt(sender, group)
                 results += [(item, outcome, stamp)
                             for item, (outcome, stamp) in zip(group, group_outcomes)]
                 final = [o for o, _ in group_outcomes]
                 if any(o.ambiguous for o in final):
                     # Whose fault a cut-short transfer is decides whether the batch goes on.
-                    final = flush()[-len(final):]
+                    final = flush(wait=True)[-len(final):]
                 elif time.monotonic() - flushed > FLUSH_S:
                     flush()
                 # A destination-scope failure stops the batch (one outage, one attempt);
                 # so does any failure on an in-order destination (nothing overtakes).
                 if len(final) < len(group) or any(
                         not o.is_done and (o.scope == DESTINATION or sender.in_order) for o in final):
+                    completed = False
                     break
             flush()
+            if not completed:
+                # What the next round decides from (a pause, a backoff, a peer marked
+                # down) must be committed before it reads the destination's state.
+                self._drop_ahead(lane)
+                while lane.records:
+                    self._collect(lane, strict=True)
         finally:
-            untouched = [x.delivery_id for x in items if x.delivery_id not in done]
+            untouched = [x.delivery_id for x in items if x.delivery_id not in handed]
             if untouched:
                 try:
-                    self.store.call(outbox.release, untouched)
+                    self._give_back(untouched, ids=True)
                 except Exception as exc:
                     log.error("destination %s: %d claimed deliveries could not be released "
                               "(%s); they are requeued by the next sweep", self.name,
                               len(untouched), exc.__class__.__name__)
-        for item, outcome in recorded:
+
+    # -- the lane: claims ahead and outcome writes in flight ------------------------
+
+    def _give_back(self, items: list[Any], ids: bool = False) -> None:
+        """Claimed deliveries back to pending untouched (no attempt counted)."""
+        delivery_ids = list(items) if ids else [x.delivery_id for x in items]
+        if delivery_ids:
+            self.store.call(outbox.release, delivery_ids)
+            self.held.discard(delivery_ids)
+
+    def _take_ahead(self, lane: _Lane) -> list[outbox.Claimed]:
+        ahead, lane.ahead = lane.ahead, None
+        return ahead.result() if ahead is not None else []
+
+    def _drop_ahead(self, lane: _Lane) -> None:
+        """Give back the batch claimed ahead, if any (this round stopped early)."""
+        if lane.ahead is not None:
+            self._give_back(self._take_ahead(lane))
+
+    def _hand_over(self, lane: _Lane, batch: list[tuple[outbox.Claimed, Outcome, Any]]) -> None:
+        """Outcomes to the store, not waited for (beyond RECORDS_IN_FLIGHT writes
+        outstanding, the oldest is)."""
+        while len(lane.records) >= RECORDS_IN_FLIGHT:
+            self._collect(lane, strict=True)
+        lane.records.append((self.store.submit(self._record, batch), batch))
+
+    def _collect(self, lane: _Lane, strict: bool) -> list[Outcome]:
+        """Wait for the oldest outcome write: the outcomes as recorded. One that failed
+        leaves its deliveries in flight for ``_settle`` to give back (StoreError when
+        ``strict``: the round ends there, as the worker error it is)."""
+        future, batch = lane.records.popleft()
+        ids = [item.delivery_id for item, _, _ in batch]
+        try:
+            attributed: list[Outcome] = future.result()
+        except Exception as exc:
+            lane.unrecorded += ids
+            log.error("destination %s: %d outcome(s) could not be recorded (%s); those "
+                      "deliveries are queued again", self.name, len(ids), exc.__class__.__name__)
+            if strict:
+                raise StoreError(f"outcomes not recorded: {exc.__class__.__name__}") from exc
+            return []
+        self.held.discard(ids)
+        for (item, _, _), outcome in zip(batch, attributed):
             if outcome.is_success:
                 self.sent += 1
             elif not outcome.is_done:
                 log.warning("destination %s: %s for %s (delivery %d): %s", self.name, outcome.label,
                             item.sop_instance_uid, item.delivery_id, outcome.reason)
+        return attributed
+
+    def _settle(self, lane: _Lane) -> None:
+        """Before the worker idles, waits or stops: every outcome write committed, the
+        batch claimed ahead and the deliveries whose outcome could not be written
+        given back, nothing left held (what could not be given back, ``sweep`` requeues)."""
+        try:
+            while lane.records:
+                self._collect(lane, strict=False)
+            self._drop_ahead(lane)
+            unrecorded, lane.unrecorded = lane.unrecorded, []
+            self._give_back(unrecorded, ids=True)
+        except Exception as exc:
+            log.error("destination %s: claimed deliveries could not be released (%s); they "
+                      "are requeued by the next sweep", self.name, exc.__class__.__name__)
+        finally:
+            lane.ahead = None
+            self.held.drop(lane.owner)
 
     def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any]]:
         """Send one group: (outcome, handler stamp) per object, shorter when the sender

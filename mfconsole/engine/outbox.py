@@ -106,6 +106,12 @@ class Held:
         with self._lock:
             self._owner = {i: o for i, o in self._owner.items() if o != owner}
 
+    def discard(self, delivery_ids: Iterable[int]) -> None:
+        """No longer held: their outcome is committed, or they were given back."""
+        with self._lock:
+            for i in delivery_ids:
+                self._owner.pop(i, None)
+
     def __contains__(self, delivery_id: int) -> bool:
         with self._lock:
             return delivery_id in self._owner

@@ -303,12 +303,20 @@ class Store:
         repository ``Tx``); the one way anything writes while the engine runs."""
         return self._submit("call", (fn, args))
 
+    def submit(self, fn: Any, *args: Any) -> Future:
+        """``call`` without waiting: the Future of ``fn``'s result, set once its group
+        is committed (or its exception). Calls run in the order they are submitted."""
+        return self._enqueue("call", (fn, args))
+
     def _submit(self, kind: str, payload: Any) -> Any:
+        return self._enqueue(kind, payload).result()
+
+    def _enqueue(self, kind: str, payload: Any) -> Future:
         if self._writer is None:
             raise StoreError("store is closed")
         future: Future = Future()
         self._queue.put(_Job(kind, payload, future))
-        return future.result()
+        return future
 
     # -- the writer --------------------------------------------------------------
 

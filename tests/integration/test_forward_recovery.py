@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from pydicom import dcmread
@@ -15,7 +16,7 @@ from fault_scp import FaultSCP
 from harness import holds, mfconsole, poll, stored_sha256
 from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
 
-from mfconsole.engine import outbox
+from mfconsole.engine import delivery, outbox
 
 
 def _uid(path: Path) -> str:
@@ -85,6 +86,62 @@ def test_kill9_while_forwarding_loses_nothing(serve_factory, tmp_path):
         assert len([r for r in db.rows("deliveries") if r["state"] != "delivered"]) == 0
     assert {_uid(f) for f in files} == set(digests)
     assert _delivered_uids(scp) == digests   # every object, byte for byte as received
+
+
+def _receipts(peer: FaultSCP) -> Counter:
+    """SOP Instance UID -> how many times the peer accepted it."""
+    return Counter(r["sop_instance_uid"] for r in peer.received() if r["status"] == 0)
+
+
+def _burst_under_way(serve_factory, tmp_path: Path, n: int) -> tuple[object, FaultSCP, list[Path]]:
+    """``n`` SRs queued for a fast peer while the destination is paused, then resumed:
+    forwarding at full speed (claims made ahead, outcomes written while the next go)."""
+    scp = FaultSCP(None, record_dir=tmp_path / "scp", ae_title="PACS").start()
+    serve = serve_factory(destinations=[dimse_dest(scp.port)])
+    assert _run_cli(serve.config, "pause", "pacs").returncode == 0
+    files = dicomgen.write_corpus(tmp_path / "sr", n)
+    assert storescu(serve.port, files).returncode == 0
+    assert _run_cli(serve.config, "resume", "pacs").returncode == 0
+    poll(lambda: len(scp.received()) >= n // 5, timeout=60, message="forwarding under way")
+    return serve, scp, files
+
+
+def _all_delivered_intact(serve, scp: FaultSCP, files: list[Path]) -> None:
+    with serve.db() as db:
+        poll(lambda: len(db.rows("deliveries", state="delivered")) == len(files), timeout=120,
+             message="all delivered")
+        assert [r for r in db.rows("deliveries") if r["state"] != "delivered"] == []
+    digests = stored_sha256(serve.data_dir)
+    assert {_uid(f) for f in files} == set(digests)
+    assert _delivered_uids(scp) == digests
+
+
+def test_kill9_mid_burst_resends_at_most_the_outcomes_not_yet_committed(serve_factory, tmp_path):
+    """Outcomes are committed in groups while the next objects go out: a kill -9 loses
+    none of the objects, and what the peer gets twice is bounded by what was sent and
+    not yet committed (the group being written and the round being sent)."""
+    serve, scp, files = _burst_under_way(serve_factory, tmp_path, 600)
+    serve.kill9()
+    taken = sum(_receipts(scp).values())
+    assert taken < len(files), "the kill must land while forwarding"
+    serve.start()
+    _all_delivered_intact(serve, scp, files)
+    again = sum(n - 1 for n in _receipts(scp).values())
+    assert again <= (delivery.RECORDS_IN_FLIGHT + 1) * delivery.BATCH, again
+
+
+def test_stop_mid_burst_commits_every_outcome_first(serve_factory, tmp_path):
+    """A stop (SIGTERM) mid-burst waits for every outcome write: after a restart
+    nothing the peer already took is sent again."""
+    serve, scp, files = _burst_under_way(serve_factory, tmp_path, 600)
+    serve.stop()
+    assert sum(_receipts(scp).values()) < len(files), "the stop must land while forwarding"
+    with serve.db() as db:
+        assert db.rows("deliveries", state="in_flight") == []
+        assert len(db.rows("deliveries", state="delivered")) == len(_receipts(scp))
+    serve.start()
+    _all_delivered_intact(serve, scp, files)
+    assert set(_receipts(scp).values()) == {1}
 
 
 def _run_cli(config: Path, *args: str):
