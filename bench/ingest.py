@@ -59,7 +59,7 @@ MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SENDER_TIMEOUT_S = 600
 NAGLE_CAP = 400            # objects in the Nagle-on case (stock DCMTK peers: ~11/s)
-RECEIVERS = ("mfconsole", "mfconsole-ul", "orthanc", "orthanc-stock", "bare-pynetdicom", "storescp")
+RECEIVERS = ("mfconsole", "orthanc", "orthanc-stock", "bare-pynetdicom", "storescp")
 PEERS = RECEIVERS[1:]
 
 
@@ -227,21 +227,6 @@ class MfconsoleReceiver(_PopenReceiver):
             return reads.object_count()
 
 
-class MfconsoleULReceiver(MfconsoleReceiver):
-    """mfconsole with upper_layer = "mfconsole" (mfconsole/ul): its own acceptor, one
-    event loop thread for every connection, instead of pynetdicom's."""
-    name = "mfconsole-ul"
-    notes = "as mfconsole, with upper_layer = \"mfconsole\" (mfconsole/ul)"
-
-    def __init__(self, workdir: Path, max_object_mb: int = 1024):
-        _PopenReceiver.__init__(self, workdir)
-        self.port = free_port()
-        self.config = write_config(workdir, port=self.port, ae_title=self.ae_title,
-                                   store={"max_object_mb": max_object_mb},
-                                   listener={"upper_layer": "mfconsole"})
-        self.data_dir = workdir / "var"
-
-
 class BareReceiver(_PopenReceiver):
     name = "bare-pynetdicom"
     ae_title = "BARE"
@@ -354,7 +339,6 @@ class OrthancStockReceiver(OrthancReceiver):
 
 FACTORIES = {
     "mfconsole": MfconsoleReceiver,
-    "mfconsole-ul": MfconsoleULReceiver,
     "orthanc": OrthancReceiver,
     "orthanc-stock": OrthancStockReceiver,
     "bare-pynetdicom": BareReceiver,

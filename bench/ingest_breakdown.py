@@ -2,18 +2,16 @@
 wrappers around each ingest stage, while DCMTK storescu sends the SR (or CT) corpus.
 
     .venv/bin/python bench/ingest_breakdown.py [--corpus sr|ct] [--senders 1|4] [--count N]
-        [--upper-layer pynetdicom|mfconsole]
-    .venv/bin/python bench/ingest_breakdown.py --experiment uid-deepcopy --experiment syncfs
+    .venv/bin/python bench/ingest_breakdown.py --experiment syncfs
 
 Printed per stage: calls, mean and p95 wall milliseconds, and the share of the C-STORE
 handler's wall time. "handler" is the whole C-STORE handling of one data set (scan,
-seal, wait for the group commit): pynetdicom's C-STORE callback, or store_object on
-the mfconsole upper layer's worker pool; "response gap" is the time from a handler's
+seal, wait for the group commit): store_object on the listener's worker pool;
+"response gap" is the time from a handler's
 return to the next handler's start on the same association (encoding and sending the
 response, the sender's next request, receiving and reassembling it). "everything else"
-is the process's CPU outside the handler and the writer: for pynetdicom its DUL and
-reactor threads, for the mfconsole upper layer its event loop (PDU reads, DIMSE
-decoding, responses). Also: group commit
+is the process's CPU outside the handler and the writer: mostly the listener's event
+loop (PDU reads, DIMSE decoding, responses). Also: group commit
 sizes and fsync counts per thread kind. Wrappers add a few microseconds per call;
 throughput here is indicative only. The repository's code is not modified: the
 wrappers are installed on the imported modules of this process.
@@ -21,12 +19,6 @@ wrappers are installed on the imported modules of this process.
 --experiment NAME (repeatable) monkeypatches a candidate fix into this process only,
 to size it before anyone implements it properly:
 
-  uid-deepcopy   UID.__deepcopy__ returns self (UIDs are immutable str): pynetdicom
-                 deep-copies every supported context per association, re-validating
-                 ~3 700 UIDs with a regex.
-  no-uid-regex   pydicom reading_validation_mode = IGNORE (UID regex on every UID
-                 pynetdicom builds, e.g. in each C-STORE-RSP). mfconsole validates the
-                 data set itself in dataset_scan.
   one-blob-dir   new blobs go to one directory, so a group commit fsyncs one directory
                  instead of one per object (256-way fan-out today).
   syncfs         association threads do not fsync their blob; the writer calls
@@ -80,7 +72,7 @@ def timed(owner: Any, attr: str, name: str) -> None:
     setattr(owner, attr, wrapper)
 
 
-def install(upper_layer: str) -> None:
+def install() -> None:
     from mfconsole.dimse import listener as listener_mod
     from mfconsole.engine import store as store_mod
     from mfconsole.engine import vault as vault_mod
@@ -99,21 +91,12 @@ def install(upper_layer: str) -> None:
             record("handler (total)", end - t, time.thread_time() - c)
             last_end[key] = end
 
-    if upper_layer == "pynetdicom":
-        original_on_store = listener_mod.Listener._on_store
+    original_store_object = acceptor_mod.store_object
 
-        def on_store(self: Any, event: Any) -> int:
-            return handling(id(event.assoc), lambda: original_on_store(self, event))
+    def store_object(*args: Any, **kw: Any) -> Any:
+        return handling(kw.get("association"), lambda: original_store_object(*args, **kw))
 
-        listener_mod.Listener._on_store = on_store
-        timed(listener_mod.Listener, "_on_data", "EVT_DATA_RECV handler (per PDU)")
-    else:
-        original_store_object = acceptor_mod.store_object
-
-        def store_object(*args: Any, **kw: Any) -> Any:
-            return handling(kw.get("association"), lambda: original_store_object(*args, **kw))
-
-        acceptor_mod.store_object = store_object
+    acceptor_mod.store_object = store_object
     timed(listener_mod, "scan_dataset", "  scan_dataset")
     timed(store_mod.Store, "seal", "  Store.seal (encrypt + write + fsync)")
     timed(store_mod.Store, "_submit", "  wait for group commit")
@@ -153,15 +136,7 @@ def experiment(name: str) -> None:
     from mfconsole.engine import store as store_mod
     from mfconsole.engine import vault as vault_mod
 
-    if name == "uid-deepcopy":
-        from pydicom.uid import UID
-
-        UID.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
-    elif name == "no-uid-regex":
-        from pydicom import config
-
-        config.settings.reading_validation_mode = config.IGNORE
-    elif name == "one-blob-dir":
+    if name == "one-blob-dir":
         def seal(self: Any, data: Any) -> tuple[str, Any]:
             import uuid
 
@@ -210,15 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default="sr", choices=("sr", "ct"))
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--senders", type=int, default=4, choices=(1, 4))
-    p.add_argument("--upper-layer", default="mfconsole", choices=("pynetdicom", "mfconsole"))
     p.add_argument("--experiment", action="append", default=[],
-                   choices=("uid-deepcopy", "no-uid-regex", "one-blob-dir", "syncfs"))
+                   choices=("one-blob-dir", "syncfs"))
     args = p.parse_args(argv)
     count = args.count or (1000 if args.corpus == "sr" else 200)
 
     for name in args.experiment:
         experiment(name)
-    install(args.upper_layer)
+    install()
     from mfconsole.config import load
     from mfconsole.engine.engine import Engine
 
@@ -229,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = ingest.build_corpus(scratch / args.corpus, args.corpus, count, **kw)
         use = [folders[0].parent] if args.senders == 1 else folders
         port = free_port()
-        cfg = load(write_config(scratch / "serve", port=port, ae_title="MF_SCP",
-                                listener={"upper_layer": args.upper_layer}))
+        cfg = load(write_config(scratch / "serve", port=port, ae_title="MF_SCP"))
         engine = Engine(cfg, log_to_stderr=False)
         engine.start()
 
@@ -247,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     known = CPU.get("handler (total)", 0.0) + CPU.get("writer: commit group", 0.0)
-    print(f"mfconsole in-process, {args.upper_layer} upper layer"
+    print("mfconsole in-process"
           f"{' + ' + ' + '.join(args.experiment) if args.experiment else ''}, "
           f"{args.corpus.upper()} x{args.senders}: {count} objects in "
           f"{elapsed:.2f} s = {count / elapsed:.1f}/s, CPU {1000 * cpu / count:.2f} ms/object "
@@ -258,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     order = ["handler (total)", "  scan_dataset", "  Store.seal (encrypt + write + fsync)",
              "  wait for group commit", "response gap (upper layer + sender)",
              "writer: commit group", "writer:   fsync blob dirs", "writer:   insert rows (per object)",
-             "EVT_DATA_RECV handler (per PDU)"]
+]
     order += sorted(k for k in TIMES if k not in order)
     for name in order:
         values = sorted(TIMES.get(name, []))

@@ -36,10 +36,7 @@ from tlsgen import make_pki
 
 PKI: dict[str, Path] = {}
 RECEIVERS = ("mfconsole", "mfconsole-tls", "mfconsole-mtls", "storescp", "storescp-tls")
-# upper_layer = "mfconsole" (mfconsole/ul), on request: --receivers mfconsole-ul,mfconsole-ul-tls,...
-UL_RECEIVERS = ("mfconsole-ul", "mfconsole-ul-tls", "mfconsole-ul-mtls")
-BASELINE = {"mfconsole-tls": "mfconsole", "mfconsole-mtls": "mfconsole", "storescp-tls": "storescp",
-            "mfconsole-ul-tls": "mfconsole-ul", "mfconsole-ul-mtls": "mfconsole-ul"}
+BASELINE = {"mfconsole-tls": "mfconsole", "mfconsole-mtls": "mfconsole", "storescp-tls": "storescp"}
 
 
 def anonymous() -> list[str]:
@@ -54,7 +51,6 @@ class MfconsoleTLS(ingest.MfconsoleReceiver):
     name = "mfconsole-tls"
     notes = "as mfconsole, listener tls = { cert_file, key_file }"
     mtls = False
-    upper_layer = "pynetdicom"
 
     def __init__(self, workdir: Path):
         super().__init__(workdir)
@@ -62,25 +58,13 @@ class MfconsoleTLS(ingest.MfconsoleReceiver):
         if self.mtls:
             tls |= {"require_client_cert": True, "ca_file": str(PKI["ca.crt"])}
         self.config = write_config(workdir, port=self.port, ae_title=self.ae_title,
-                                   listener={"tls": tls, "upper_layer": self.upper_layer})
+                                   listener={"tls": tls})
         self.sender_args = with_certificate() if self.mtls else anonymous()
 
 
 class MfconsoleMTLS(MfconsoleTLS):
     name = "mfconsole-mtls"
     notes = "as mfconsole-tls, plus require_client_cert (verified against ca_file)"
-    mtls = True
-
-
-class MfconsoleULTLS(MfconsoleTLS):
-    name = "mfconsole-ul-tls"
-    notes = "as mfconsole-tls, with upper_layer = \"mfconsole\" (mfconsole/ul)"
-    upper_layer = "mfconsole"
-
-
-class MfconsoleULMTLS(MfconsoleULTLS):
-    name = "mfconsole-ul-mtls"
-    notes = "as mfconsole-mtls, with upper_layer = \"mfconsole\" (mfconsole/ul)"
     mtls = True
 
 
@@ -98,8 +82,7 @@ class StorescpTLS(ingest.StorescpReceiver):
 
 
 ingest.FACTORIES.update({"mfconsole-tls": MfconsoleTLS, "mfconsole-mtls": MfconsoleMTLS,
-                         "storescp-tls": StorescpTLS, "mfconsole-ul-tls": MfconsoleULTLS,
-                         "mfconsole-ul-mtls": MfconsoleULMTLS})
+                         "storescp-tls": StorescpTLS})
 _storescu_cmd = ingest.storescu_cmd
 
 
@@ -137,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="200 SRs, 40 CTs")
     p.add_argument("--repeat", type=int, default=1, help="runs per case, median reported")
     p.add_argument("--receivers", default=",".join(RECEIVERS),
-                   help=f"comma-separated subset of {','.join(RECEIVERS + UL_RECEIVERS)}")
+                   help=f"comma-separated subset of {','.join(RECEIVERS)}")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.receivers.split(",") if n.strip()]
-    unknown = set(names) - set(RECEIVERS + UL_RECEIVERS)
+    unknown = set(names) - set(RECEIVERS)
     if unknown:
         p.error(f"unknown receiver(s): {', '.join(sorted(unknown))}")
     n_sr, n_ct = (200, 40) if args.quick else (1000, 100)

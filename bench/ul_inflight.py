@@ -3,7 +3,7 @@ in-flight budget (store.inflight_mb) — the bound it puts on what associations 
 
     .venv/bin/python bench/ul_inflight.py [--objects 8] [--size-mb 60] [--budget-mb 64]
 
-Starts `mfconsole serve` (upper_layer = "mfconsole") in a subprocess, sends
+Starts `mfconsole serve` in a subprocess, sends
 ``--objects`` objects of ``--size-mb`` each at once (one DCMTK storescu per object),
 samples the server's VmRSS every 20 ms, then re-sends what was refused (0xA700) one
 at a time until everything is stored, and checks the stored bytes (SHA-256 of the
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             expected[str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = \
                 hashlib.sha256(data).hexdigest()
         config = write_config(root / "serve", listener={
-            "upper_layer": "mfconsole", "max_associations": args.objects + 2,
+            "max_associations": args.objects + 2,
             "network_timeout_s": 60}, store={"inflight_mb": args.budget_mb,
                                             "max_object_mb": args.size_mb * 2},
             destinations=[], routes=[])

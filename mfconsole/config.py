@@ -44,7 +44,7 @@ EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
-    "dimse_timeout_s", "network_timeout_s", "upper_layer"})
+    "dimse_timeout_s", "network_timeout_s"})
 # One `tls` table everywhere; a key of the other side is an error, not ignored.
 LISTENER_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "require_client_cert",
                                "client_cert_aets"})
@@ -139,9 +139,6 @@ class ListenerConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
-    # Who runs the DICOM upper layer: pynetdicom (a thread pair per connection), or
-    # mfconsole's own acceptor (mfconsole/ul: one event loop for every connection).
-    upper_layer: str = "mfconsole"
 
     @property
     def any_calling_aet(self) -> bool:
@@ -205,6 +202,13 @@ def ae_title_problem(value: Any) -> str | None:
 # ---------------------------------------------------------------------------
 
 
+# Keys an earlier version took and this one does not: why, instead of "unknown key".
+RETIRED_KEYS = {
+    "upper_layer": "no longer a setting: mfconsole speaks DICOM itself (the pynetdicom "
+                   "upper layer was removed); delete this key",
+}
+
+
 class _Reader:
     """Walks a TOML table, recording problems with their key paths."""
 
@@ -219,7 +223,9 @@ class _Reader:
             self.fail(path, "must be a table")
             return {}
         for key in raw:
-            if key not in allowed:
+            if key in RETIRED_KEYS and key not in allowed:
+                self.fail(f"{path}.{key}" if path else key, RETIRED_KEYS[key])
+            elif key not in allowed:
                 hint = _closest(key, allowed)
                 self.fail(f"{path}.{key}" if path else key,
                           "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
@@ -413,13 +419,6 @@ def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
     return raw
 
 
-UPPER_LAYERS = ("pynetdicom", "mfconsole")
-
-
-def _upper_layer(value: str) -> str | None:
-    return None if value in UPPER_LAYERS else f"must be one of {', '.join(map(repr, UPPER_LAYERS))}"
-
-
 def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
                ) -> tuple[list[ListenerConfig], set[str]]:
     """Valid listeners, and every name declared (valid or not) for route checks."""
@@ -452,7 +451,6 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
             dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive),
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
-            upper_layer=r.get(t, p, "upper_layer", str, "mfconsole", _upper_layer),
         )
         if name is not None:
             if name in seen_names:

@@ -92,7 +92,23 @@ class ServeProcess:
             stdout=self._log, stderr=self._log, env=env, cwd=self.config.parent)
         if wait:
             wait_for_port("127.0.0.1", self.port, timeout=20)
+            self.wait_for_control(timeout=20)
         return self
+
+    def wait_for_control(self, timeout: float) -> None:
+        """Until this process's engine answers on its control socket: the last thing an
+        engine opens (after its listeners), and a stopped engine's may still be there."""
+        from mfconsole.control import SOCKET_NAME, request
+
+        pid = self.proc.pid if self.proc is not None else None
+
+        def answering() -> bool:
+            try:
+                return request(self.data_dir / SOCKET_NAME, "snapshot", timeout=5)["engine"]["pid"] == pid
+            except Exception:   # not there yet, refused, or the previous engine's
+                return False
+
+        poll(answering, timeout=timeout, message="the engine's control socket answering")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
         if self.proc is None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mfconsole.config import (PRIORITIES, UPPER_LAYERS, DestinationConfig, DestinationKind, Found,
+from mfconsole.config import (PRIORITIES, DestinationConfig, DestinationKind, Found,
                               ae_title_problem, check_tcp_peer, host_problem, is_loopback,
                               not_empty, port_problem, positive, secret_file_problem, setting)
 from mfconsole.egress import Checks
@@ -22,10 +22,6 @@ UPPER_LAYER = "mfconsole"
 
 def _priority(value: str) -> str | None:
     return None if value in PRIORITIES else "must be low, medium or high"
-
-
-def _upper_layer(value: str) -> str | None:
-    return None if value in UPPER_LAYERS else f"must be one of {', '.join(map(repr, UPPER_LAYERS))}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,10 +45,6 @@ class DimseDestination(DestinationConfig):
     passcode_file: Path | None = setting(
         None, doc="Its passcode, in a file only this user may read (never sent in clear to "
         "another host).", check=secret_file_problem)
-    upper_layer: str = setting(
-        UPPER_LAYER, doc='Who speaks DICOM for us: "pynetdicom", or "mfconsole" (its own upper '
-        "layer: one blocking socket, requests pipelined within the peer's asynchronous "
-        "operations window). Deliveries, echo and test all go through it.", check=_upper_layer)
 
 
 def _check(found: Found) -> None:
@@ -70,39 +62,27 @@ def _check(found: Found) -> None:
 
 
 def _sender(d: Any, checks: Checks) -> Any:
-    from mfconsole.dimse.sender import DimseSender, Peer
+    from mfconsole.dimse.sender import Peer
+    from mfconsole.ul.sender import UlSender
 
-    if d.upper_layer == "mfconsole":
-        from mfconsole.ul.sender import UlSender
-
-        return UlSender(Peer.from_destination(d), checks.tcp)
-    return DimseSender(Peer.from_destination(d), checks.tcp)
-
-
-def _layer(peer: Any) -> Any:
-    """The module holding ``peer``'s upper layer's echo_exchange and probe_exchange."""
-    if peer.upper_layer == "mfconsole":
-        from mfconsole.ul import echo as ours
-
-        return ours
-    from mfconsole.dimse import sender
-
-    return sender
+    return UlSender(Peer.from_destination(d), checks.tcp)
 
 
 def echo(peer: Any, check: Any) -> Any:
-    """C-ECHO ``peer`` (a sender.Peer) through its upper layer: an EchoResult."""
+    """C-ECHO ``peer`` (a sender.Peer): an EchoResult."""
     from mfconsole.dimse.sender import run_echo
+    from mfconsole.ul.echo import echo_exchange
 
-    return run_echo(peer, check, _layer(peer).echo_exchange)
+    return run_echo(peer, check, echo_exchange)
 
 
 def probe_contexts(peer: Any, pairs: Any, check: Any) -> Any:
-    """Which (SOP class, transfer syntax) pairs ``peer`` accepts, asked through its
-    upper layer: (failure Outcome or None, [(SOP class, transfer syntax, accepted)])."""
+    """Which (SOP class, transfer syntax) pairs ``peer`` accepts: (failure Outcome or
+    None, [(SOP class, transfer syntax, accepted)])."""
     from mfconsole.dimse.sender import run_probe
+    from mfconsole.ul.echo import probe_exchange
 
-    return run_probe(peer, pairs, check, _layer(peer).probe_exchange)
+    return run_probe(peer, pairs, check, probe_exchange)
 
 
 def _echo(d: Any, checks: Checks) -> Any:

@@ -18,10 +18,10 @@ from typing import Any, Callable
 from pydicom import config as pydicom_config
 
 from mfconsole import __version__, egress
-from mfconsole.config import Config, ListenerConfig
+from mfconsole.config import Config
 from mfconsole.dimse.dataset_scan import HeaderSummary
-from mfconsole.dimse.listener import AssociationBoard, Listener
-from mfconsole.ul.acceptor import InflightBudget, UpperLayerListener
+from mfconsole.dimse.listener import AssociationBoard
+from mfconsole.ul.acceptor import InflightBudget, Listener
 from mfconsole.engine import logs, outbox
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -40,15 +40,6 @@ log = logging.getLogger("mfconsole.engine")
 PURGE_INTERVAL_S = 3600.0
 SWEEP_INTERVAL_S = 5.0   # stranded in-flight deliveries go back to pending this often
 DRY_RUN_OBJECTS = 5    # recent objects a new handler version must handle before it goes live
-
-
-def make_listener(lc: ListenerConfig, sink: Any, board: AssociationBoard,
-                  max_bytes: int, inflight: InflightBudget | None = None) -> Listener | UpperLayerListener:
-    """The listener of ``lc``'s upper layer: pynetdicom's, or mfconsole's own (mfconsole/ul,
-    which holds its data sets within ``inflight``, shared by all its listeners)."""
-    if lc.upper_layer == "mfconsole":
-        return UpperLayerListener(lc, sink, board, max_bytes, inflight=inflight)
-    return Listener(lc, sink, board, max_bytes)
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -85,7 +76,7 @@ class Engine:
         self.log_to_stderr = log_to_stderr
         self.board = AssociationBoard()
         self.inflight = InflightBudget(config.store.inflight_mb * 1024 * 1024)
-        self.listeners: list[Listener | UpperLayerListener] = []
+        self.listeners: list[Listener] = []
         self.store: Store | None = None
         self.started_at: float | None = None
         self._lock = DataDirLock(self.data_dir)
@@ -115,8 +106,8 @@ class Engine:
                 log.warning("store.key_file lies inside data_dir: a copy of the data directory "
                             "carries its own key; keep the key elsewhere (see README)")
             # Objects are opaque bytes; what routing needs, dataset_scan validates itself.
-            # pydicom's value validation (a regex per UID) would only cost GIL time in
-            # pynetdicom's DIMSE encoding.
+            # pydicom's value validation (a regex per UID) would only cost GIL time where
+            # a header is re-encoded or read (handlers, coercion, the console).
             pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
             self.store = Store(self.data_dir, vault, accept_empty_store=self.accept_empty_store)
             try:
@@ -136,7 +127,7 @@ class Engine:
             self._start_deliveries()
             max_bytes = cfg.store.max_object_mb * 1024 * 1024
             for lc in cfg.listeners:
-                listener = make_listener(lc, self, self.board, max_bytes, self.inflight)
+                listener = Listener(lc, self, self.board, max_bytes, inflight=self.inflight)
                 try:
                     listener.start()
                 except OSError as exc:
@@ -272,9 +263,6 @@ class Engine:
                 report.append(f"listener {lc.name}: updated (associations in progress kept)")
             else:
                 listener.stop(new.engine.shutdown_timeout_s)
-                if lc.upper_layer != listener.cfg.upper_layer:   # another class serves it now
-                    listener = self.listeners[i] = make_listener(
-                        lc, self, self.board, new.store.max_object_mb * 1024 * 1024, self.inflight)
                 listener.cfg = lc
                 listener.start()
                 report.append(f"listener {lc.name}: restarted on {lc.host}:{lc.port}")

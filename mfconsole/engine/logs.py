@@ -19,8 +19,6 @@ import re
 import sys
 from pathlib import Path
 
-from mfconsole.dimse import pynetdicom_adapt
-
 # Rotation: 10 MiB × 10 (module attributes, read at setup, so a test can make it small).
 MAX_BYTES = 10 * 1024 * 1024
 BACKUP_COUNT = 10
@@ -75,8 +73,8 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 
 def quiet_third_parties() -> None:
-    """Turn off identifier logging and noisy third-party loggers."""
-    pynetdicom_adapt.quiet_logging()
+    """Quiet the third-party loggers (pynetdicom is a library of codecs and UIDs here:
+    nothing in the engine associates through it)."""
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.captureWarnings(True)

@@ -12,15 +12,10 @@ import secrets
 import struct
 from dataclasses import dataclass
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
-
-from mfconsole import __version__
+from mfconsole import IMPLEMENTATION_CLASS_UID, __version__
 from mfconsole.contract import Outbound
 
 PART_TYPE = "application/dicom"
-# The listener identifies itself with pynetdicom's implementation class UID; files we
-# write say the same, with our own version name (SH: at most 16 characters).
-IMPLEMENTATION_CLASS_UID = PYNETDICOM_IMPLEMENTATION_UID
 IMPLEMENTATION_VERSION = f"MFCONSOLE_{__version__}"[:16]
 
 

@@ -1,9 +1,10 @@
-"""A C-STORE / C-ECHO SCP on mfconsole's own upper layer: one asyncio event loop
-thread serves every connection of a listener.
+"""The listener: a C-STORE / C-ECHO SCP on mfconsole's own upper layer (PS3.8), one
+asyncio event loop thread serving every connection of a listener.
 
-Why: pynetdicom gives each connection two polling threads (DUL and reactor), from
-the TCP accept on; a hundred idle sockets cost two hundred threads and a core and a
-half. Here an idle connection is a coroutine waiting on a socket. The blocking part
+Why our own: pynetdicom gives each connection two polling threads (DUL and reactor),
+from the TCP accept on; a hundred idle sockets cost two hundred threads and a core
+and a half, and its throughput was half of Orthanc's. Here an idle connection is a
+coroutine waiting on a socket. The blocking part
 of a C-STORE, the ingest (it waits for the store's group commit), runs in a small
 fixed pool (max_associations workers): never on the loop thread.
 
@@ -16,8 +17,8 @@ Per connection (``_Connection.run``) the state machine of PS3.8 9.2, acceptor si
 With a tls table the listener runs its own accept loop (``_serve_tls``): each
 accepted socket first waits for one byte (peeked, so a cleartext A-ASSOCIATE-RQ is
 recognised and refused), then its TLS handshake runs on the loop as a coroutine,
-acse_timeout_s for both in all; the policy and context are mfconsole.tls's, as for
-the pynetdicom listener. A handshaking connection counts as not yet associated.
+acse_timeout_s for both in all; the policy and context are mfconsole.tls's (as for
+every TLS connection of mfconsole). A handshaking connection counts as not yet associated.
 Every PDU, once its first byte is in, must arrive whole within network_timeout_s,
 and a declared length over the limit (1 MiB for control PDUs, the max PDU length
 we advertised for P-DATA) is refused with A-ABORT before any of its body is read.
@@ -25,8 +26,8 @@ We never send A-RELEASE-RQ (an acceptor of storage has nothing to release), so a
 release collision cannot arise from our side; at stop, associations still running
 after shutdown_timeout_s are aborted.
 
-The engine-facing behaviour (IngestSink, AssociationBoard rows, audit events, the
-C-STORE status decision) is the pynetdicom listener's: mfconsole/dimse/listener.py.
+What is not about bytes on the wire (IngestSink, AssociationBoard rows, the C-STORE
+status decision) is mfconsole/dimse/listener.py.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from mfconsole import tls
 from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore
 from mfconsole.dimse.listener import (STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, AssociationBoard,
-                                      AssociationInfo, IngestSink, Listener, refused, store_object)
+                                      AssociationInfo, IngestSink, refused, store_object)
 from mfconsole.dimse.dataset_scan import can_stream
 from mfconsole.ul import dimse, incoming, negotiation, pdu
 
@@ -162,11 +163,14 @@ def pending_limits() -> tuple[int, int]:
     return total, max(16, total // 2)
 
 
-class UpperLayerListener:
-    """The listener of ``upper_layer = "mfconsole"``: Listener's interface (start,
-    stop, reconfigure, address, cfg, started_at), served by mfconsole.ul."""
+class Listener:
+    """One configured listener: start, stop, reconfigure (what it can take live), its
+    bound address."""
 
-    LIVE_KEYS = Listener.LIVE_KEYS
+    # Settings a running listener takes for its next association; the others (address,
+    # TLS, transfer syntaxes, PDU size) need the listener restarted.
+    LIVE_KEYS = ("ae_title", "calling_aets", "max_associations", "acse_timeout_s",
+                 "dimse_timeout_s", "network_timeout_s")
     # A hook for user identity negotiation (negotiation.UserIdentityHook); None: the
     # item is ignored.
     user_identity: negotiation.UserIdentityHook | None = None
@@ -220,7 +224,7 @@ class UpperLayerListener:
         self._tls = tls.Reloading(tls.server_context, cfg.tls) if cfg.tls else None
         if self._tls is not None:
             self._tls.get()
-        # Bound here, so a port in use is an OSError for the engine, as with Listener.
+        # Bound here, so a port in use is an OSError for the engine.
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self._sock = socket.create_server((cfg.host, cfg.port), family=family,
                                           backlog=socket.SOMAXCONN)
@@ -393,7 +397,7 @@ class UpperLayerListener:
                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """The server side of the handshake, within acse_timeout_s in all from the
         accept (a client dripping half a ClientHello gets no longer than a silent
-        one); a failure is an audit event (peer and reason only), as with Listener."""
+        one); a failure is an audit event (peer and reason only)."""
         assert self._tls is not None
         loop = asyncio.get_running_loop()
         limit = self.cfg.acse_timeout_s
@@ -470,7 +474,7 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
     """asyncio's TLS (what loop.start_tls builds), except that a failed handshake
     sends its alert: asyncio closes the socket without flushing what OpenSSL wrote,
     so a peer refused for its protocol version or suites would see a bare EOF
-    instead of the alert naming why (as it does from the pynetdicom listener)."""
+    instead of the alert naming why."""
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is not None:
@@ -520,7 +524,7 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: f
 
 
 class _Connection:
-    def __init__(self, owner: UpperLayerListener, reader: asyncio.StreamReader,
+    def __init__(self, owner: Listener, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, host: str, peer: str):
         self.owner = owner
         self.cfg = owner.cfg           # the settings of the listener when it connected
@@ -623,7 +627,7 @@ class _Connection:
             owner.sink.audit("association_rejected", listener=cfg.name, calling_ae=rq.calling_ae,
                              peer=self.peer, detail=f"{decision.reason} (called AE {rq.called_ae})")
             await self._send(pdu.encode_associate_rj(*decision.reject))
-            self.finish()   # off the live board now, as with pynetdicom; ARTIM follows
+            self.finish()   # off the live board now; ARTIM follows
             await self._linger()
             return False
         await self._send(decision.ac)
@@ -1026,7 +1030,7 @@ class _Connection:
         second call finds no live row."""
         key = id(self)
         if self.status == "rejected":
-            # The rejection reason is the row's reason, as with the pynetdicom listener.
+            # The rejection reason is the row's reason.
             self.owner.board.close(key, "rejected", self.reason)
             return
         info = self.owner.board.close(key, self.status, "" if self.status == "released" else self.reason)

@@ -1,7 +1,6 @@
-"""C-ECHO and the context probe (``mfconsole echo`` / ``test``) on mfconsole's own
-upper layer, for a destination with ``upper_layer = "mfconsole"``: the operator checks
-the peer through the layer that delivers to it. The egress check, TLS, credentials and
-the words of the result are sender.run_echo / run_probe's, shared with pynetdicom's:
+"""C-ECHO and the context probe (``mfconsole echo`` / ``test``): the operator checks
+the peer through the same layer that delivers to it. The egress check, TLS,
+credentials and the words of the result are dimse/sender.py's run_echo / run_probe:
 only the exchange on the wire is here.
 """
 
@@ -29,7 +28,7 @@ def echo_exchange(peer: Peer, ready: Preflight) -> int | None | Outcome:
         rsp = assoc.read_response(peer.dimse_timeout_s)
     except (socket.timeout, TimeoutError, requestor.Aborted, requestor.Closed,
             requestor.PeerReleased, pdu.PDUError, dimse.CommandError, OSError):
-        # No answer we can read: abort, as pynetdicom does, and run_echo says so.
+        # No answer we can read: abort, and run_echo says so.
         assoc.abort()
         return None
     assoc.release(peer.acse_timeout_s)

@@ -1,15 +1,15 @@
-"""What the acceptor answers to an A-ASSOCIATE-RQ: the same rules as the pynetdicom
-listener (mfconsole/dimse/listener.py and pynetdicom_adapt.py), as a pure function.
+"""What the acceptor answers to an A-ASSOCIATE-RQ, as a pure function.
 
 * A calling AE title not bound to the client certificate (tls.client_cert_aets) is
-  refused 1/1/3 before anything else (pynetdicom_adapt.AcceptorACSE).
+  refused 1/1/3 before anything else.
 * Rejections, with pynetdicom's precedence (it checks in this order and the last
-  failing check decides): calling AE title not in calling_aets 1/1/3, called AE
+  failing check decides; peers and tests written against pynetdicom SCPs see the
+  same reasons): calling AE title not in calling_aets 1/1/3, called AE
   title not ours 1/1/7, user identity refused by the hook 2/2/1, more than
   max_associations 2/3/2.
 * Contexts: Verification with the three uncompressed syntaxes; every storage SOP
   class pynetdicom knows, and every private or unknown abstract syntax (stored, not
-  refused: pynetdicom_adapt.storage_like), with the listener's storage syntaxes
+  refused: storage_like), with the listener's storage syntaxes
   (listener.transfer_syntaxes: Deflate only with accept_deflate). The requestor's
   order of transfer syntaxes decides, as in pynetdicom.
 * SCP/SCU role selection: the requestor may be SCU, never SCP (we send nothing).
@@ -26,18 +26,16 @@ from typing import Callable
 from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 
-from mfconsole import __version__
+from mfconsole import IMPLEMENTATION_CLASS_UID, __version__
 from mfconsole.config import ListenerConfig
 from mfconsole.dimse.listener import (EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, REJECT_REASONS,
                                       transfer_syntaxes)
-from mfconsole.dimse.pynetdicom_adapt import storage_like
 from mfconsole.ul import pdu
 
 VERIFICATION = "1.2.840.10008.1.1"
 VERIFICATION_TS = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
 STORAGE = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
-# A UUID-derived UID (PS3.5 B.2): mfconsole has no UID root of its own.
-IMPLEMENTATION_UID = "2.25.231883744796475215234759421753028933647"
+IMPLEMENTATION_UID = IMPLEMENTATION_CLASS_UID
 IMPLEMENTATION_VERSION = ("MFCONSOLE_" + __version__.replace(".", ""))[:16]
 
 RJ_REASONS = {
@@ -51,6 +49,15 @@ RJ_REASONS = {
 # None). Without a hook the item is ignored, as pynetdicom does with no EVT_USER_ID
 # handler: the association goes on and no response item is sent.
 UserIdentityHook = Callable[[pdu.UserIdentity, str], "tuple[bool, bytes | None]"]
+
+
+def storage_like(uid: UID) -> bool:
+    """A proposed abstract syntax we take as storage: private, or unknown to pynetdicom's
+    SOP class dictionary (a retired or newer SOP class). Modalities send private SOP
+    classes (vendor raw data, private SRs); they must be stored, not refused."""
+    from pynetdicom import sop_class
+
+    return uid.is_private or not hasattr(sop_class, uid.keyword or "_none_")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -18,7 +18,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 import dicomgen
 from fault_scp import FaultSCP
 from harness import delivery_states, holds, mfconsole, plant, poll, store_files, stored_sha256
-from test_forward_dimse import FAST_RETRY, deliveries, dimse_dest
+from test_forward_dimse import deliveries, dimse_dest
 
 from mfconsole.engine import engine as engine_module
 from mfconsole.engine import outbox
@@ -26,13 +26,6 @@ from mfconsole.repository import Tx, db_path, reading
 from mfconsole.repository.states import INLINE
 
 EXPLICIT_LE, EXPLICIT_BE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2"
-
-
-@pytest.fixture(params=["pynetdicom", "mfconsole"])
-def upper_layer(request, monkeypatch):
-    """A DIMSE case with both senders (``upper_layer`` through FAST_RETRY)."""
-    monkeypatch.setitem(FAST_RETRY, "upper_layer", request.param)
-    return request.param
 
 
 # -- objects ---------------------------------------------------------------------------
@@ -124,7 +117,6 @@ def settled(engine) -> bool:
 
 # -- a poison object -----------------------------------------------------------------
 
-@pytest.mark.usefixtures("upper_layer")
 def test_odd_length_object_among_100_reaches_storescp_padded_with_default_retries(
         engine_factory, storescp_factory, tmp_path):
     """DCMTK storescp aborts the association on an odd-length data set ("Odd Fragment
@@ -157,7 +149,6 @@ def test_odd_length_object_among_100_reaches_storescp_padded_with_default_retrie
     assert "padded" in delivery(engine, odd_uid)["last_reason"]
 
 
-@pytest.mark.usefixtures("upper_layer")
 @pytest.mark.parametrize("count,position", [(30, 12), (10, 0)], ids=["amid-others", "first"])
 def test_object_the_peer_aborts_on_is_dead_lettered_and_never_marks_it_down(
         engine_factory, tmp_path, count, position):
@@ -193,7 +184,6 @@ def test_object_the_peer_aborts_on_is_dead_lettered_and_never_marks_it_down(
         scp.stop()
 
 
-@pytest.mark.usefixtures("upper_layer")
 def test_a_peer_that_aborts_everything_is_down_and_dead_letters_nothing(engine_factory, tmp_path):
     """Nothing gets through: the destination is at fault, not the objects. It is marked
     down and no object is dead-lettered however often it is retried."""
@@ -211,7 +201,6 @@ def test_a_peer_that_aborts_everything_is_down_and_dead_letters_nothing(engine_f
 
 # -- exceptions never strand a batch -------------------------------------------------------
 
-@pytest.mark.usefixtures("upper_layer")
 def test_reencode_failure_is_a_dead_letter_and_its_batch_mates_are_delivered_once(
         engine_factory, storescp_factory, tmp_path):
     """A big endian object with a 3-byte US element, for a peer that takes implicit VR

@@ -171,19 +171,18 @@ def test_stow_dials_the_pinned_address_and_keeps_the_name(engine_factory, dns, t
         server.stop()
 
 
-@pytest.mark.parametrize("kind", ["dimse", "dimse-ul", "mllp", "stow"])
+@pytest.mark.parametrize("kind", ["dimse", "mllp", "stow"])
 def test_the_connection_goes_to_exactly_the_checked_address(engine_factory, dns, fault_scp, kind,
                                                             tmp_path):
     """The name resolves once per connection (request, for STOW), and the socket goes to
     that address: the name moves to 127.0.0.2 right after the check's lookup, and any
-    second resolution (pynetdicom's, socket.create_connection's, httpcore's) would
+    second resolution (socket.create_connection's, httpcore's) would
     lead to the trap."""
     stop = []
-    if kind.startswith("dimse"):   # (dimse-ul: upper_layer = "mfconsole", its own socket)
+    if kind == "dimse":
         scp = fault_scp()
         port, received = scp.port, lambda: len(scp.received())
-        dest = dimse_dest(port, host="pacs.test", max_associations=1,
-                          upper_layer="mfconsole" if kind == "dimse-ul" else "pynetdicom")
+        dest = dimse_dest(port, host="pacs.test", max_associations=1)
         egress = {"allowed_tcp": [f"pacs.test:{port}"], "allowed_http": []}
         routes = None
     elif kind == "mllp":
@@ -240,9 +239,6 @@ def test_tls_verifies_the_configured_name_not_the_dialled_address(engine_factory
     fast = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "down_after": 50, "bounded_attempts": 50,
             "connect_timeout_s": 2}
     named_scp, address_scp = scp("named", "named-server"), scp("by-address", "server")
-    # The same two peers for a destination on mfconsole's own upper layer (storescp
-    # serves one association at a time: one each).
-    named_ul, address_ul = scp("named-ul", "named-server"), scp("by-address-ul", "server")
     web = {"named": StowServer(tls=server_tls(pki, stem="named-server")).start(),
            "by-address": StowServer(tls=server_tls(pki)).start()}
     ehr = MllpPeer(tmp_path / "ehr", tls={"cert": pki["named-server.crt"],
@@ -253,30 +249,24 @@ def test_tls_verifies_the_configured_name_not_the_dialled_address(engine_factory
                   "ae_title": "PACS", "tls": ca, **fast},
                  {"name": "pacs-by-address", "kind": "dimse", "host": "pacs.test",
                   "port": address_scp.port, "ae_title": "PACS", "tls": ca, **fast},
-                 {"name": "pacs-named-ul", "kind": "dimse", "host": "pacs.test", "port": named_ul.port,
-                  "ae_title": "PACS", "tls": ca, "upper_layer": "mfconsole", **fast},
-                 {"name": "pacs-by-address-ul", "kind": "dimse", "host": "pacs.test",
-                  "port": address_ul.port, "ae_title": "PACS", "tls": ca, "upper_layer": "mfconsole",
-                  **fast},
                  {"name": "web-named", "kind": "stow", "url": urls["named"], "tls": ca, **fast},
                  {"name": "web-by-address", "kind": "stow", "url": urls["by-address"], "tls": ca, **fast},
                  ehr_dest(ehr.port, host="pacs.test", tls=ca)]
         with_handlers(tmp_path / "engine")
         engine = engine_factory(
             destinations=dests,
-            routes=[{"from": "modalities", "to": [d["name"] for d in dests[:6]]},
+            routes=[{"from": "modalities", "to": [d["name"] for d in dests[:4]]},
                     {"from": "modalities", "to": ["ehr"], "handler": SR_TO_ORU}],
             egress={"allowed_tcp": ["pacs.test:*"], "allowed_http": list(urls.values())})
         ingest(engine, srs(tmp_path, 2))
-        for name in ("pacs-named", "pacs-named-ul", "web-named", "ehr"):
+        for name in ("pacs-named", "web-named", "ehr"):
             poll(lambda: states(engine, name).get("delivered") == 2, timeout=30,
                  message=f"{name} delivered")
-        for name in ("pacs-by-address", "pacs-by-address-ul", "web-by-address"):
+        for name in ("pacs-by-address", "web-by-address"):
             st = poll(lambda: paused(engine, name), timeout=30, message=f"{name} paused")
             assert "not trusted" in st.pause_reason, st.pause_reason
             assert states(engine, name) == {"pending": 2}
         assert len(named_scp.received_files()) == 2 and not address_scp.received_files()
-        assert len(named_ul.received_files()) == 2 and not address_ul.received_files()
         assert len(web["named"].stored) == 2 and not web["by-address"].posts()
         assert len(ehr.received()) == 2
         assert {k.lower(): v for k, v in web["named"].posts()[0].headers.items()}["host"] == \

@@ -5,15 +5,12 @@ on the delivery rows, never on log lines alone."""
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 from pydicom import dcmread
 
 import dicomgen
@@ -22,14 +19,6 @@ from peers import require_tool
 
 FAST_RETRY = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "down_after": 3,
               "connect_timeout_s": 2, "acse_timeout_s": 5, "dimse_timeout_s": 5}
-
-
-@pytest.fixture(autouse=True, params=["pynetdicom", "mfconsole"])
-def upper_layer(request, monkeypatch):
-    """Every case with both senders (``upper_layer`` on the destination, through
-    FAST_RETRY; modules importing dimse_dest keep the default)."""
-    monkeypatch.setitem(FAST_RETRY, "upper_layer", request.param)
-    return request.param
 
 
 def dimse_dest(port: int, **extra) -> dict:

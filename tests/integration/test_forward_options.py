@@ -42,18 +42,11 @@ from fault_scp import FaultSCP
 from harness import holds, poll, store_files
 from mfconsole.engine import logs, outbox
 # dimse_dest: a destination named "pacs", called AE "PACS", with FAST_RETRY's policy.
-from test_forward_dimse import FAST_RETRY, deliveries, dimse_dest
+from test_forward_dimse import deliveries, dimse_dest
 
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 # One attempt, then nothing for a long while: the first failure can be timed alone.
 ONE_ATTEMPT = {"retry_initial_s": 60, "retry_max_s": 60}
-
-
-@pytest.fixture(autouse=True, params=["pynetdicom", "mfconsole"])
-def upper_layer(request, monkeypatch):
-    """Every option with both senders (``upper_layer`` through FAST_RETRY)."""
-    monkeypatch.setitem(FAST_RETRY, "upper_layer", request.param)
-    return request.param
 
 
 # -- peers ------------------------------------------------------------------------

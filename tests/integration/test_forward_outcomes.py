@@ -43,14 +43,6 @@ POLICY = {"retry_initial_s": 0.1, "retry_max_s": 0.3, "down_after": 3, "bounded_
 HOLD_S = 0.4
 
 
-@pytest.fixture(autouse=True, params=["pynetdicom", "mfconsole"])
-def upper_layer(request, monkeypatch):
-    """Every case with both senders: pynetdicom's and mfconsole's own upper layer
-    (``upper_layer`` on the destination, through POLICY)."""
-    monkeypatch.setitem(POLICY, "upper_layer", request.param)
-    return request.param
-
-
 def dest(port: int, host: str = "127.0.0.1", **extra: Any) -> dict:
     return {"name": "pacs", "kind": "dimse", "host": host, "port": port, "ae_title": "PACS",
             **POLICY, **extra}
@@ -78,16 +70,12 @@ def fault_scp(tmp_path):
 # (--status-for), success for any other UID. Each status belongs to one test only.
 ANSWERED = ("B000", "B006", "B007", "A900", "A9FF", "C000", "C122", "CFFF", "0122", "0117",
             "0210", "0211", "0212", "0110", "D000", "0105")
-# One set of UIDs per upper layer: the module's SCP is shared by both runs of a case,
-# and what it recorded for one must not count for the other.
-LAYER_STATUS_UIDS = {layer: {status: generate_uid() for status in ANSWERED}
-                     for layer in ("pynetdicom", "mfconsole")}
+STATUS_UIDS = {status: generate_uid() for status in ANSWERED}
 
 
 @pytest.fixture(scope="module")
 def answering_scp(tmp_path_factory):
-    scp = FaultSCP(None, *[f"--status-for={uid}={s}" for uids in LAYER_STATUS_UIDS.values()
-                           for s, uid in uids.items()],
+    scp = FaultSCP(None, *[f"--status-for={uid}={s}" for s, uid in STATUS_UIDS.items()],
                    record_dir=tmp_path_factory.mktemp("answering_scp"), ae_title="PACS")
     with scp:     # started and stopped by PID
         yield scp
@@ -144,7 +132,7 @@ def sr(tmp_path: Path, name: str = "sr") -> Path:
 def answered_with(tmp_path: Path, status: str) -> Path:
     """An SR that ``answering_scp`` answers with ``status``."""
     ds = dicomgen.make_sr()
-    ds.SOPInstanceUID = LAYER_STATUS_UIDS[POLICY["upper_layer"]][status]
+    ds.SOPInstanceUID = STATUS_UIDS[status]
     return dicomgen.save(ds, tmp_path / "in" / f"{status}.dcm")
 
 

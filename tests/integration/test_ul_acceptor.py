@@ -1,5 +1,4 @@
-"""The listener on mfconsole's own upper layer (``upper_layer = "mfconsole"``,
-mfconsole/ul) driven by real peers: DCMTK echoscu, storescu and dcmsend, pynetdicom
+"""The listener (mfconsole/ul/acceptor.py) driven by real peers: DCMTK echoscu, storescu and dcmsend, pynetdicom
 as SCU, and raw sockets for what no well-behaved peer sends.
 
 Assertions are on stored state (object rows; the stored bytes decrypted and hashed,
@@ -40,7 +39,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 CT = "1.2.840.10008.5.1.4.1.1.2"
-UL = {"upper_layer": "mfconsole", "acse_timeout_s": 3, "network_timeout_s": 3,
+UL = {"acse_timeout_s": 3, "network_timeout_s": 3,
       "dimse_timeout_s": 5}
 
 # storescu's proposal for a syntax, and dcmconv's option to write a file in it.
@@ -597,13 +596,10 @@ def test_thousand_idle_connections_cost_no_thread(ul, record_property):
 
 
 # --------------------------------------------------------------------------
-# Reload: live keys in place, the upper layer by a restart
+# Reload: live keys in place, the others by a restart
 # --------------------------------------------------------------------------
 
-def test_reload_live_keys_and_switching_the_upper_layer(ul):
-    from mfconsole.dimse.listener import Listener
-    from mfconsole.ul.acceptor import UpperLayerListener
-
+def test_reload_live_keys_in_place_and_the_others_by_a_restart(ul):
     engine = ul(calling_aets=["MODALITY"])
     port = port_of(engine)
     path = engine.config.path
@@ -612,18 +608,15 @@ def test_reload_live_keys_and_switching_the_upper_layer(ul):
     path.write_text(text.replace('calling_aets = ["MODALITY"]', 'calling_aets = ["MODALITY", "NEWCOMER"]'))
     report = engine.reload()
     assert report == ["listener modalities: updated (associations in progress kept)"], report
-    assert isinstance(engine.listeners[0], UpperLayerListener)
+    first = engine.listeners[0]
     assert echoscu(port, aet="NEWCOMER").returncode == 0
 
-    path.write_text(path.read_text().replace('upper_layer = "mfconsole"', 'upper_layer = "pynetdicom"'))
+    path.write_text(path.read_text().replace('calling_aets = ["MODALITY", "NEWCOMER"]',
+                                             'calling_aets = ["MODALITY", "NEWCOMER"]\nmax_pdu_kb = 64'))
     report = engine.reload()
     assert report == [f"listener modalities: restarted on 127.0.0.1:{port}"], report
-    assert isinstance(engine.listeners[0], Listener)
+    assert engine.listeners[0] is first and first.cfg.max_pdu_kb == 64
     assert echoscu(port, aet="NEWCOMER").returncode == 0
-    path.write_text(path.read_text().replace('upper_layer = "pynetdicom"', 'upper_layer = "mfconsole"'))
-    engine.reload()
-    assert isinstance(engine.listeners[0], UpperLayerListener)
-    assert echoscu(port).returncode == 0
 
 
 def test_nagle_on_sender_is_not_held_by_delayed_acks(ul, tmp_path, record_property):

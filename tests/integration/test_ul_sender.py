@@ -1,8 +1,7 @@
-"""Forwarding with ``upper_layer = "mfconsole"`` (mfconsole/ul/sender.py on
+"""Forwarding through mfconsole's own C-STORE SCU (mfconsole/ul/sender.py on
 mfconsole/ul/requestor.py) against real peers: DCMTK storescp (one association at a
-time, and --fork), Orthanc, and FaultSCP (pynetdicom) in its fault modes. The same
-assertions as the pynetdicom sender's tests: what the peer holds, byte for byte, and
-the outcome classes the engine recorded."""
+time, and --fork), Orthanc, and FaultSCP (pynetdicom) in its fault modes: what the
+peer holds, byte for byte, and the outcome classes the engine recorded."""
 
 from __future__ import annotations
 
@@ -23,12 +22,9 @@ from test_forward_dimse import deliveries, received_by_storescp, same_elements, 
 from test_forward_outcomes import (HOLD_S, POLICY, became, delivery, destination, rejections, send,
                                    settled, sr, stores_seen, uid_of)
 
-UL = {"upper_layer": "mfconsole"}
-
-
 def dest(port: int, **extra) -> dict:
     return {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": port, "ae_title": "PACS",
-            **POLICY, **UL, **extra}
+            **POLICY, **extra}
 
 
 @pytest.fixture

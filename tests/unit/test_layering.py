@@ -310,3 +310,19 @@ def test_the_reader_finds_what_it_must(tmp_path):
     assert [{i.source for i in c} for c in cycles(g)] == [{"mfconsole.dimse.b", "mfconsole.dimse.c"}]
     assert cycles(parts_graph(g)) == []    # dimse reaches the engine only lazily
     assert [i.at_load for i in g["mfconsole.ui"]] == [True]
+
+
+def test_pynetdicom_is_only_a_dictionary():
+    """mfconsole speaks DICOM itself (mfconsole/ul): of pynetdicom it takes the SOP class
+    dictionary, nothing private, nothing that associates, nothing to patch."""
+    allowed = {("pynetdicom", "AllStoragePresentationContexts"), ("pynetdicom", "sop_class"),
+               ("pynetdicom.sop_class", "Verification")}
+    used = set()
+    for path in sorted((ROOT / "mfconsole").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pynetdicom":
+                used |= {(node.module, a.name) for a in node.names}
+            elif isinstance(node, ast.Import):
+                used |= {(a.name, "") for a in node.names if a.name.split(".")[0] == "pynetdicom"}
+    assert used, "the reader found no pynetdicom import at all"
+    assert used <= allowed, f"pynetdicom used beyond its dictionary: {sorted(used - allowed)}"

@@ -208,30 +208,25 @@ def test_malformed_command_sets(raw):
         dimse.decode_command(raw)
 
 
-def test_upper_layer_key(tmp_path):
+def test_the_retired_upper_layer_key_says_why(tmp_path):
+    """``upper_layer`` chose pynetdicom in earlier versions: on a listener or a dimse
+    destination it is refused with what to do, not as an unknown key."""
     from harness import write_config
 
     from mfconsole.config import ConfigError, load
 
-    assert load(write_config(tmp_path / "a")).listeners[0].upper_layer == "pynetdicom"
-    chosen = load(write_config(tmp_path / "b", listener={"upper_layer": "mfconsole"}))
-    assert chosen.listeners[0].upper_layer == "mfconsole"
     with pytest.raises(ConfigError) as bad:
-        load(write_config(tmp_path / "c", listener={"upper_layer": "twisted"}))
-    assert ("listeners[0].upper_layer", "must be one of 'pynetdicom', 'mfconsole'") in bad.value.problems
-    # TLS is served by both upper layers: a tls table raises no upper_layer problem.
-    (tmp_path / "c.pem").write_text("x")
-    (tmp_path / "k.pem").write_text("x")
-    try:
-        load(write_config(tmp_path / "d", listener={"upper_layer": "mfconsole", "tls": {
-            "cert_file": str(tmp_path / "c.pem"), "key_file": str(tmp_path / "k.pem")}}))
-    except ConfigError as exc:
-        assert not any(key == "listeners[0].upper_layer" for key, _ in exc.problems), exc.problems
+        load(write_config(tmp_path / "a", listener={"upper_layer": "pynetdicom"}, destinations=[
+            {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 104, "ae_title": "PACS",
+             "upper_layer": "mfconsole"}]))
+    why = dict(bad.value.problems)
+    for key in ("listeners[0].upper_layer", "destinations[0].upper_layer"):
+        assert "delete this key" in why[key] and "pynetdicom upper layer was removed" in why[key], why
 
 
 def test_calling_ae_bound_to_the_client_certificate_comes_first():
     """tls.client_cert_aets: a title the certificate is not bound to is 1/1/3 before
-    anything else (pynetdicom_adapt.AcceptorACSE); an empty set binds nothing."""
+    anything else; an empty set binds nothing."""
     rq = pdu.decode_associate_rq(pynetdicom_rq([cx(1, CT, EXPLICIT_LE)], calling="CALLER",
                                                called="NOT_US")[6:])
     cfg = listener(max_associations=1)
