@@ -16,21 +16,21 @@ bench/ingest.py).
 Senders:
 
 * ``mfconsole xK``: ``mfconsole serve`` with one DIMSE destination (max_associations=K)
-  pointing at storescp; ``mfconsole ul xK`` the same with ``upper_layer = "mfconsole"``
-  (mfconsole/ul/sender.py instead of pynetdicom). The destination is paused (mfconsole.ops.pause, what
+  pointing at storescp, sent with mfconsole's own upper layer (mfconsole/ul/sender.py).
+  The destination is paused (mfconsole.ops.pause, what
   ``mfconsole pause`` runs), N-1 objects are ingested (storescu), then the clock starts,
   the destination is resumed (mfconsole.ops.resume) and the last object is sent in over
   an association opened beforehand: that ingest wakes the delivery workers, which would
   otherwise notice a resume only at their next 1 s poll (engine/delivery.py). The clock
   stops when all N deliveries are 'delivered' in the store (read-only SQLite poll every
   10 ms). So this is forwarding only: claim, read + decrypt, C-STORE, record outcome
-  (with its fsynced commit), plus one small ingest.
+  (fsynced commits, several outcomes each), plus one small ingest.
 * ``dcmsend``, ``storescu``: one process, one association, all N files (storescu -R
   proposes only the contexts the files need). Wall time is the process's lifetime.
 * ``... per object``: a new association for every object. mfconsole has no setting for
   that (a worker keeps its association until idle_timeout_s), so its cost is measured
-  on mfconsole's own DimseSender driven directly (no queue, no store; objects preloaded
-  in memory), reused vs closed after each object; likewise stock pynetdicom
+  on mfconsole's own sender (ul/sender.py UlSender) driven directly (no queue, no store;
+  objects preloaded in memory), reused vs closed after each object; likewise stock pynetdicom
   (send_c_store(path), TCP_NODELAY set) and storescu started once per file vs once.
   The Python senders run in a child process and time their own send loop (interpreter
   start and imports excluded).
@@ -83,7 +83,7 @@ DELIVERY_TIMEOUT_S = 600
 POLL_S = 0.01
 STALL_GAP_S = 1.0          # a gap this long between two completed objects is a stall
 
-MF_CASES = ("mfconsole x1", "mfconsole x2", "mfconsole ul x1", "mfconsole ul x2")
+MF_CASES = ("mfconsole x1", "mfconsole x2")
 REUSE_PAIRS = (   # (one association for all, one association per object)
     ("storescu", "storescu per object"),
     ("mfconsole sender", "mfconsole sender per object"),
@@ -187,14 +187,13 @@ class ForwardEngine(ingest._PopenReceiver):
     ae_title = MF_AET
     ready_text = "mfconsole: listener"
 
-    def __init__(self, workdir: Path, dest_port: int, max_associations: int,
-                 upper_layer: str = "pynetdicom"):
+    def __init__(self, workdir: Path, dest_port: int, max_associations: int):
         super().__init__(workdir)
         self.port = free_port()
         self.config = write_config(workdir, port=self.port, ae_title=MF_AET, destinations=[{
             "name": DEST, "kind": "dimse", "host": LOOPBACK, "port": dest_port,
             "ae_title": SCP_AET, "calling_ae_title": "MF_SCU",
-            "max_associations": max_associations, "upper_layer": upper_layer}])
+            "max_associations": max_associations}])
         self.data_dir = workdir / "var"
 
     def command(self) -> list[str]:
@@ -335,7 +334,8 @@ def run_python_sender(mode: str, ctx: Ctx, port: int, per_object: bool
         raise RuntimeError(f"{mode} sender rc={proc.returncode}: {proc.stderr[-1500:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     stolen = proc.stderr.count("Received unexpected C-STORE service message")
-    if stolen:   # see run_mfconsole_case
+    if stolen:   # pynetdicom 3.0.4's reactor can take a C-STORE response meant for the
+        # sender (its pause handshake is racy): the sender then waits and fails that object
         out["failures"].append(f"{stolen} C-STORE response(s) taken by pynetdicom's reactor")
     return out["seconds"], out["cpu_s"], out["stalled_s"], out["failures"]
 
@@ -381,7 +381,7 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
     problems: list[str] = []
     scp = ForwardSCP(Path(tempfile.mkdtemp(prefix="scp-", dir=ctx.shm)) / "received", ctx.fork)
     workdir = Path(tempfile.mkdtemp(prefix="mf-", dir=ctx.scratch))    # on disk, as in production
-    engine = ForwardEngine(workdir, scp.port, k, "mfconsole" if " ul " in case else "pynetdicom")
+    engine = ForwardEngine(workdir, scp.port, k)
     assoc = None
     try:
         scp.start()
@@ -434,12 +434,6 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
         # The workers keep their association up to idle_timeout_s: stop the engine (it
         # releases them) before waiting for storescp's children to end.
         engine.stop()
-        # pynetdicom 3.0.4's reactor can take a C-STORE response meant for the sender
-        # (its pause handshake is racy): the sender then waits dimse_timeout_s and retries.
-        log = (workdir / "var" / "logs" / "mfconsole.log").read_text(errors="replace")
-        stolen = log.count("Received unexpected C-STORE service message")
-        if stolen:
-            problems.append(f"{stolen} C-STORE response(s) taken by pynetdicom's reactor")
         left = scp.settle()
         if left:
             problems.append(f"storescp children still running after the case: killed {left}")
@@ -456,7 +450,7 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
     if received != n:
         problems.append(f"storescp wrote {received} of {n} objects")
     extra = {"first_delivery_after_s": round(first - wall0, 4) if first else None,
-             "max_associations": k, "retries": len(retries), "responses_lost_to_reactor": stolen}
+             "max_associations": k, "retries": len(retries)}
     return Result(case, ctx.corpus, n, "1" if k == 1 else f"1-{k} (workers)", elapsed, n / elapsed,
                   w.extra_cpu / n * 1000, w.receiver_cpu / n * 1000, received, w.other_pct,
                   stalls([wall0] + delivered_at), problems, extra)
@@ -533,7 +527,9 @@ def _send_mfsender(port: int, files: list[Path], per_object: bool) -> tuple[floa
     from pydicom import dcmread
 
     from mfconsole import egress
-    from mfconsole.dimse.sender import DimseSender, Outbound, Peer
+    from mfconsole.contract import Outbound
+    from mfconsole.dimse.sender import Peer
+    from mfconsole.ul.sender import UlSender
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE   # as the engine
     objects = []
@@ -541,13 +537,13 @@ def _send_mfsender(port: int, files: list[Path], per_object: bool) -> tuple[floa
         data, ts = dicomgen.dataset_bytes(path)
         ds = dcmread(path, stop_before_pixels=True)
         objects.append(Outbound(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, data))
-    sender = DimseSender(Peer(LOOPBACK, port, SCP_AET, calling_ae="MF_SCU"), egress.unchecked)
+    sender = UlSender(Peer(LOOPBACK, port, SCP_AET, calling_ae="MF_SCU"), egress.unchecked)
     failures: list[str] = []
     done: list[float] = []
 
     def loop() -> None:
         for obj in objects:
-            outcome = sender.send(obj)
+            outcome, = sender.send_many([obj])
             done.append(time.perf_counter())
             if not outcome.is_success:
                 failures.append(f"{obj.sop_instance_uid}: {outcome.label}: {outcome.reason}")
@@ -654,7 +650,7 @@ def print_costs(rows: list[dict[str, Any]]) -> None:
               f"per object {row['per_object_objects_per_s']:8.1f}/s: reuse is "
               f"{row['reuse_over_per_object']:.2f}x; {row['ms_per_association']:.2f} ms per extra association")
     print("  (mfconsole has no per-object-association setting: the engine keeps one association per "
-          "worker until idle_timeout_s; 'mfconsole sender' is its DimseSender driven directly)")
+          "worker until idle_timeout_s; 'mfconsole sender' is its UlSender driven directly)")
 
 
 # ---------------------------------------------------------------------------
