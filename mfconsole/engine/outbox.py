@@ -286,7 +286,7 @@ def record_all(tx: Tx, destination: str, results: Iterable[tuple[Claimed, Outcom
 
 def _record_delivered(tx: Tx, destination: str,
                       run: list[tuple[Claimed, Outcome, Any]]) -> list[Outcome]:
-    """``record`` of successes (not cut short), as one write per table."""
+    """``record`` of successes (not cut short): a few statements for the whole run."""
     now = time.time()
     tx.ensure_destination(destination, now)
     if state(tx, destination).down:
@@ -294,21 +294,19 @@ def _record_delivered(tx: Tx, destination: str,
                  detail="delivery succeeded; destination is up again")
     last = run[-1][1]
     tx.destination_delivered(destination, last.status, last.reason, now)
-    outcomes, audits = [], []
-    for item, outcome, handler in run:
-        attempts = item.attempts + 1
+    ids: list[int] = []
+    for n, (item, outcome, handler) in enumerate(run):
         if handler is not None:
             tx.set_handler_version(item.delivery_id, handler.version, handler.digest)
-        outcomes.append((item.delivery_id, DELIVERED, attempts, now, outcome.status,
-                         outcome.label, outcome.reason, now))
-        audits.append({"event": "delivered_with_warning" if outcome.persistence == WARNING
-                       else "delivered", "ts": now, "destination": destination,
-                       "listener": item.listener, "object_id": item.object_id,
-                       "delivery_id": item.delivery_id, "sop_instance_uid": item.sop_instance_uid,
-                       "status": outcome.status,
-                       "detail": f"attempt {attempts}: {outcome.label}: {outcome.reason}"})
-    tx.set_outcomes(outcomes)
-    tx.audit_many(audits)
+        ids.append(item.delivery_id)
+        following = run[n + 1][1] if n + 1 < len(run) else None
+        if following is None or (following.persistence, following.status, following.label,
+                                 following.reason) != (outcome.persistence, outcome.status,
+                                                       outcome.label, outcome.reason):
+            tx.delivered(destination, ids, now=now, status=outcome.status, label=outcome.label,
+                         reason=outcome.reason, event="delivered_with_warning"
+                         if outcome.persistence == WARNING else "delivered")
+            ids = []
     return [outcome for _, outcome, _ in run]
 
 

@@ -235,13 +235,13 @@ class Reads:
                                             (oldest,)).fetchone()[0]
 
     def due(self, destination: str, *, ordered: bool, suspects: bool | None, now: float,
-            limit: int) -> list[dict[str, Any]]:
+            limit: int) -> list[sqlite3.Row]:
         """Pending deliveries of a destination with what sending them needs: by retry
         time (due first), or with ``ordered`` by arrival whatever their retry time;
         ``suspects`` True/False for only/no cut-short deliveries, None for both."""
         where = "" if suspects is None else ("AND d.suspect > 0" if suspects else "AND d.suspect = 0")
         order = "d.id" if ordered else "d.retry_at, d.id"
-        return _dicts(self.conn.execute(
+        return list(self.conn.execute(
             "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, d.suspect, "
             "o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size "
             "FROM deliveries d JOIN objects o ON o.id = d.object_id "

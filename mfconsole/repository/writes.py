@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from mfconsole.repository.reads import Reads
 from mfconsole.repository.schema import SchemaError, connect, migrate
-from mfconsole.repository.states import FINISHED_STATES, IN_FLIGHT, INLINE, PENDING
+from mfconsole.repository.states import DELIVERED, FINISHED_STATES, IN_FLIGHT, INLINE, PENDING
 
 AUDIT_COLUMNS = ("ts", "event", "listener", "destination", "object_id", "delivery_id",
                  "sop_instance_uid", "calling_ae", "peer", "status", "detail", "actor")
@@ -49,12 +49,6 @@ class Tx(Reads):
         self.conn.execute(f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) "
                           f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})",
                           tuple(fields.get(c) for c in AUDIT_COLUMNS))
-
-    def audit_many(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Several audit rows (each as ``audit``'s fields, with ``event`` and ``ts``)."""
-        self.conn.executemany(f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) "
-                              f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})",
-                              [tuple(r.get(c) for c in AUDIT_COLUMNS) for r in rows])
 
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
@@ -126,8 +120,10 @@ class Tx(Reads):
         return ids
 
     def lease(self, delivery_ids: Sequence[int], until: float, now: float) -> None:
-        self.conn.executemany("UPDATE deliveries SET state = ?, lease_until = ?, updated_at = ? WHERE id = ?",
-                              [(IN_FLIGHT, until, now, i) for i in delivery_ids])
+        if delivery_ids:
+            self.conn.execute("UPDATE deliveries SET state = ?, lease_until = ?, updated_at = ? "
+                              f"WHERE id IN ({', '.join('?' * len(delivery_ids))})",
+                              (IN_FLIGHT, until, now, *delivery_ids))
 
     def unlease(self, delivery_ids: Iterable[int], now: float, *, due: bool) -> int:
         """In-flight deliveries back to pending, untouched (no attempt counted); with
@@ -152,13 +148,26 @@ class Tx(Reads):
             "last_status = ?, last_class = ?, last_reason = ?, updated_at = ? WHERE id = ?",
             (state, attempts, retry_at, status, label, reason, now, delivery_id))
 
-    def set_outcomes(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """``set_outcome`` for several deliveries: (delivery id, state, attempts,
-        retry_at, status, label, reason, now) each."""
-        self.conn.executemany(
-            "UPDATE deliveries SET state = ?, attempts = ?, retry_at = ?, lease_until = NULL, "
-            "last_status = ?, last_class = ?, last_reason = ?, updated_at = ? WHERE id = ?",
-            [(*r[1:], r[0]) for r in rows])
+    def delivered(self, destination: str, delivery_ids: Sequence[int], *, event: str,
+                  status: str, label: str, reason: str, now: float) -> None:
+        """In-flight deliveries of ``destination`` that were delivered with one answer:
+        each counts the attempt, leaves flight, and gets its audit row (in the order
+        given, detail "attempt N: label: reason"), in two statements for them all."""
+        marks = ", ".join("?" * len(delivery_ids))
+        self.conn.execute(
+            "UPDATE deliveries SET state = ?, attempts = attempts + 1, retry_at = ?, "
+            "lease_until = NULL, last_status = ?, last_class = ?, last_reason = ?, updated_at = ? "
+            f"WHERE id IN ({marks})", (DELIVERED, now, status, label, reason, now, *delivery_ids))
+        self.conn.execute(
+            f"WITH run(pos, id) AS (VALUES {', '.join('(?, ?)' for _ in delivery_ids)}) "
+            "INSERT INTO audit (ts, event, listener, destination, object_id, delivery_id, "
+            "sop_instance_uid, status, detail) "
+            "SELECT ?, ?, d.listener, ?, d.object_id, d.id, o.sop_instance_uid, ?, "
+            "'attempt ' || d.attempts || ': ' || ? "
+            "FROM run JOIN deliveries d ON d.id = run.id JOIN objects o ON o.id = d.object_id "
+            "ORDER BY run.pos",
+            (*(v for pair in enumerate(delivery_ids) for v in pair), now, event, destination,
+             status, f"{label}: {reason}"))
 
     def set_handler_version(self, delivery_id: int, version: str, digest: str) -> None:
         self.conn.execute("UPDATE deliveries SET handler_version = ?, handler_digest = ? WHERE id = ?",
