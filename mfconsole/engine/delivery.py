@@ -4,13 +4,14 @@ classification: delivered, retry with backoff, dead letter, or pause).
 
 A worker claims a small batch, sends it over one reused connection, then hands all
 outcomes to the store in one call. Neither the claim nor the outcome write (each a
-commit, an fsync) is waited for between two objects: the next batch is claimed while
-this one is sent, and outcomes are written while the next ones go (at most
-RECORDS_IN_FLIGHT writes outstanding, all of them committed before the worker idles,
-pauses or stops, or when a round stops early). Senders that take several objects per request (STOW-RS)
-say so with ``max_batch``; the batch is cut into groups of one study each, bounded by
-count and bytes, and each group is read from the store only when its turn comes. A destination-scope failure (peer down, rejected
-association) stops the batch: the rest goes back untouched, so one outage costs one
+commit, an fsync) is waited for between two objects when rounds are short: the next
+batch is claimed while this one is sent, and outcomes are written while the next
+ones go (at most RECORDS_IN_FLIGHT writes outstanding; all of them committed before
+the worker idles, pauses or stops, and when a round stops early). Senders that take
+several objects per request (STOW-RS) say so with ``max_batch``; the batch is cut
+into groups of one study each, bounded by count and bytes, and each group is read
+from the store only when its turn comes. A destination-scope failure (peer down,
+rejected association) stops the batch: the rest goes back untouched, so one outage costs one
 attempt, not one per queued object. A message-scope failure dead-letters (or
 retries) that delivery only and the batch goes on: a poison object never blocks
 the objects behind it.
