@@ -227,16 +227,20 @@ class Vault:
     def open_chunks(self, path: Path) -> Iterator[bytes]:
         """Yield the plaintext of ``path`` chunk by chunk, authenticating each."""
         with open(path, "rb") as src:
-            yield from self._open_stream(src, str(path))
+            yield from self._open_stream(src, str(path), os.fstat(src.fileno()).st_size)
 
     def open_bytes(self, path: Path) -> bytes:
         return b"".join(self.open_chunks(path))
 
     def open_sealed(self, sealed: bytes, label: str = "inline blob") -> bytes:
         """Plaintext of a blob held in memory (see seal_bytes)."""
-        return b"".join(self._open_stream(io.BytesIO(sealed), label))
+        return b"".join(self._open_stream(io.BytesIO(sealed), label, len(sealed)))
 
-    def _open_stream(self, src: BinaryIO, label: str) -> Iterator[bytes]:
+    def _open_stream(self, src: BinaryIO, label: str, size: int) -> Iterator[bytes]:
+        """``size``: the blob's length. Each read asks for no more than is left: a
+        read of a whole chunk (1 MiB) for a smaller last chunk would allocate fresh
+        memory, page-faulted in, for every object (most objects are one short chunk)."""
+        left = size - HEADER.size
         header = src.read(HEADER.size)
         if len(header) != HEADER.size:
             raise VaultError(f"blob {label} is truncated")
@@ -250,9 +254,16 @@ class Vault:
             raise VaultError(f"blob {label} was sealed with key {key_id.hex()}, which is not loaded")
         cipher = AESGCM(self._blob_key(store_key, salt))
         counter = 0
-        pending = src.read(chunk_size + TAG)
+
+        def read() -> bytes:
+            nonlocal left
+            got = src.read(max(0, min(chunk_size + TAG, left)))
+            left -= len(got)
+            return got
+
+        pending = read()
         while True:
-            following = src.read(chunk_size + TAG) if len(pending) == chunk_size + TAG else b""
+            following = read() if len(pending) == chunk_size + TAG else b""
             last = not following
             try:
                 yield cipher.decrypt(NONCE.pack(counter), pending,
