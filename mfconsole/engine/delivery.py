@@ -11,8 +11,8 @@ the worker idles, pauses or stops, and when a round stops early). Senders that t
 several objects per request (STOW-RS) say so with ``max_batch``; the batch is cut
 into groups of one study each, bounded by count and bytes, and each group is read
 from the store only when its turn comes. A destination-scope failure (peer down,
-rejected association) stops the batch: the rest goes back untouched, so one outage costs one
-attempt, not one per queued object. A message-scope failure dead-letters (or
+rejected association) stops the batch: the rest goes back untouched, so one outage
+costs one attempt, not one per queued object. A message-scope failure dead-letters (or
 retries) that delivery only and the batch goes on: a poison object never blocks
 the objects behind it.
 
@@ -221,12 +221,12 @@ class DestinationWorkers:
         early, and would take objects the extra workers could be sending (they join
         only while the backlog beyond the workers before them is deep).
 
-        Outcomes are written without the
-        worker waiting for them between two objects, at least every FLUSH_S and at
-        the end of the round, at most RECORDS_IN_FLIGHT writes outstanding; a round
-        that stops early (a failure, a stop) waits for all of them, so the next round
-        reads the state they set. Items not attempted go back untouched; if recording
-        fails, they stay in flight and ``_settle`` (or else ``sweep``) requeues them."""
+        Outcomes are written without the worker waiting for them between two objects,
+        at least every FLUSH_S and at the end of the round, at most RECORDS_IN_FLIGHT
+        writes outstanding; a round that stops early (a failure, a stop) waits for all
+        of them, so the next round reads the state they set. Items not attempted go
+        back untouched; if recording fails, they stay in flight and ``_settle`` (or
+        else ``sweep``) requeues them."""
         sender = lane.sender
         results: list[tuple[outbox.Claimed, Outcome, Any]] = []
         handed: set[int] = set()
