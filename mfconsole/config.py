@@ -44,6 +44,7 @@ EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
+    "max_pending_connections", "max_pending_per_address",
     "dimse_timeout_s", "network_timeout_s"})
 # One `tls` table everywhere; a key of the other side is an error, not ignored.
 LISTENER_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "require_client_cert",
@@ -136,7 +137,14 @@ class ListenerConfig:
     allow_cleartext: bool = False
     accept_deflate: bool = False
     max_pdu_kb: int = 256
-    acse_timeout_s: float = 30.0
+    # A connection has this long to finish its TLS handshake and send its whole
+    # A-ASSOCIATE-RQ (and a peer to close after our release or rejection).
+    acse_timeout_s: float = 10.0
+    # Connections not yet associated (handshaking, or not yet through their request),
+    # in all and per peer address; over either, the newest is closed at once. 0: half
+    # the open-files limit (at most 8192), and half of that per address.
+    max_pending_connections: int = 0
+    max_pending_per_address: int = 0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
 
@@ -448,7 +456,9 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             max_associations=r.get(t, p, "max_associations", int, 16, _range(1, 1000)),
             accept_deflate=r.get(t, p, "accept_deflate", bool, False),
             max_pdu_kb=r.get(t, p, "max_pdu_kb", int, 256, _range(4, 16384)),
-            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
+            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 10.0, _positive),
+            max_pending_connections=r.get(t, p, "max_pending_connections", int, 0, _range(0, 1 << 20)),
+            max_pending_per_address=r.get(t, p, "max_pending_per_address", int, 0, _range(0, 1 << 20)),
             dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive),
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
         )
