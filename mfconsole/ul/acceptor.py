@@ -587,7 +587,10 @@ class _Connection:
         try:
             pdu_type, body = await self._read_pdu(cfg.acse_timeout_s, first=True)
             if pdu_type != pdu.ASSOCIATE_RQ:
-                if pdu_type != pdu.ABORT:
+                if pdu_type == pdu.ABORT:
+                    self.reason = "aborted by the peer"
+                else:
+                    self.reason = f"{pdu.PDU_NAMES[pdu_type]} before an association"
                     await self._abort(pdu.UNEXPECTED_PDU)
                 return
             if not await self._associate(body):
@@ -668,7 +671,7 @@ class _Connection:
                 self.reason = "aborted by the peer"
                 return
             if pdu_type != pdu.P_DATA_TF:
-                await self._abort(pdu.UNEXPECTED_PDU)
+                await self._abort(pdu.UNEXPECTED_PDU, f"{pdu.PDU_NAMES[pdu_type]} in an association")
                 return
             try:
                 pdvs = pdu.decode_pdata(memoryview(body))
