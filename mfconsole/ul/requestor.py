@@ -1,10 +1,9 @@
-"""An association requestor on mfconsole's own upper layer: one blocking socket, no
-threads, no polling.
+"""The association requestor: one blocking socket, no threads, no polling.
 
 The caller (a delivery worker thread, sender.py) writes and reads
 on its own thread: a response is read the moment it arrives, and the next request is
-written right after, where pynetdicom's requestor hands every PDU through its DUL
-and reactor threads and a polling loop (~2 ms of waiting per object). Requests may
+written right after (pynetdicom's requestor, which mfconsole used before, handed every
+PDU through its DUL and reactor threads and a polling loop: ~2 ms of waiting per object). Requests may
 be pipelined within the asynchronous operations window the acceptor granted
 (PS3.7 D.3.3.3); responses are matched by Message ID Being Responded To.
 
@@ -28,8 +27,8 @@ from mfconsole.ul import dimse, pdu
 # A C-STORE-RSP is a few hundred bytes; an AC a few KiB. A peer announcing more in one
 # PDU is not one we will buffer.
 MAX_INCOMING_PDU = 4 * 1024 * 1024
-# What we announce as our maximum PDU length: pynetdicom's default, so the peer
-# fragments responses as it did for the pynetdicom sender.
+# What we announce as our maximum PDU length (pynetdicom's default): responses and
+# ACs are small.
 OUR_MAX_PDU = 16382
 # Data set fragments when the acceptor sets no limit (0): bounded so one PDU is not a
 # copy of a whole large object.
