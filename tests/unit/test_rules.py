@@ -422,3 +422,25 @@ def test_explain_refuses_what_it_cannot_read(tmp_path, explained):
     assert res.returncode == 2 and "would refuse it (0xA900" in res.stderr, res.stderr
     unknown = explain(explained, part10(tmp_path, "ct.dcm", dataset()), "--listener", "third")
     assert unknown.returncode == 2 and "no listener named 'third'" in unknown.stderr
+
+
+def test_the_readme_example_is_valid(tmp_path):
+    from harness import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Routing rules"):]
+    example = section[section.index("```toml\n") + 8:section.index("```\n", section.index("```toml"))]
+    handler_dir = tmp_path / "handlers"
+    handler_dir.mkdir()
+    (handler_dir / "sr_to_oru.py").write_text("VERSION = '1'\ndef handle(obj, ctx):\n    return None\n")
+    path = config(tmp_path, destinations=DESTS + [dest("ehr", 2575, "mllp")], routes=[])
+    path.write_text(path.read_text() + "\n" + example)
+    cfg = load(path)
+    assert [r.name for r in cfg.rules] == ["qa-phantoms", "ct-to-pacs", "hospital-a-reports"]
+    router = Router(cfg)
+    report = dataset("SR", "1.2.840.10008.5.1.4.1.1.88.11", InstitutionName="Hospital A")
+    assert [(r.destination, r.handler) for r in decide(router, report).routes] == \
+        [("ehr", "sr_to_oru")]
+    assert decide(router, dataset("CT", InstitutionName="QA Phantom 3")).discarded
+    assert where(decide(router, dataset("CT"), calling="CT2")) == ["pacs"]
+    assert where(decide(router, dataset("MR", MR))) == ["archive"]
