@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     rx.add_argument("--listener", metavar="NAME", help="the listener it arrives on (default: the first)")
     rx.add_argument("--calling", default="", metavar="AE", help="the calling AE title of the sender")
     rx.add_argument("--called", metavar="AE", help="the called AE title (default: the listener's)")
-    rx.add_argument("--peer", default="", metavar="ADDR", help="the sender's IP address")
+    rx.add_argument("--peer", default="", metavar="ADDR", help="the sender's IP address (no port)")
     hd = sub.add_parser("handlers", parents=[common], help="list handlers, preview one on a file")
     hds = hd.add_subparsers(dest="action", required=True, metavar="ACTION")
     hds.add_parser("list", parents=[common], help="handlers in handlers/, their version and routes")
@@ -373,7 +373,7 @@ def cmd_routes_explain(config: Config, args: Any) -> int:
     from mfconsole.dicomfile import dataset_bytes
     from mfconsole.dimse.dataset_scan import DatasetRejected, scan_dataset
     from mfconsole.engine.router import explain
-    from mfconsole.rules import header_tags
+    from mfconsole.rules import header_tags, peer_address
 
     # As in the engine: pydicom's value validation warnings would quote values (PHI).
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -382,6 +382,10 @@ def cmd_routes_explain(config: Config, args: Any) -> int:
     listener = args.listener or names[0]
     if listener not in names:
         print(f"mfconsole routes explain: no listener named {listener!r} ({', '.join(names)})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if args.peer and peer_address(args.peer) is None:
+        print(f"mfconsole routes explain: --peer {args.peer!r} is not an IP address",
               file=sys.stderr)
         return EXIT_CONFIG
     try:

@@ -422,6 +422,19 @@ def test_explain_refuses_what_it_cannot_read(tmp_path, explained):
     assert res.returncode == 2 and "would refuse it (0xA900" in res.stderr, res.stderr
     unknown = explain(explained, part10(tmp_path, "ct.dcm", dataset()), "--listener", "third")
     assert unknown.returncode == 2 and "no listener named 'third'" in unknown.stderr
+    port = explain(explained, tmp_path / "ct.dcm", "--peer", "10.1.2.3:104")
+    assert port.returncode == 2 and "--peer '10.1.2.3:104' is not an IP address" in port.stderr
+
+
+def test_rule_handlers_are_loaded_and_listed(tmp_path):
+    from mfconsole.engine.engine import handler_names
+    from mfconsole.ops import list_handlers
+
+    (tmp_path / "handlers").mkdir()
+    (tmp_path / "handlers" / "tag_it.py").write_text("VERSION = '1'\ndef handle(obj, ctx):\n    return obj\n")
+    cfg = load(config(tmp_path, [rule("tagged", to=["pacs2"], handler="tag_it")]))
+    assert handler_names(cfg) == {"tag_it"}
+    assert list_handlers(cfg)[0]["routes"] == ["rule tagged -> pacs2"]
 
 
 def test_the_readme_example_is_valid(tmp_path):
