@@ -648,11 +648,11 @@ def _print_routing(config: Config, routing: dict[str, Any]) -> None:
     for rule in routing["rules"]:
         to = "discard" if rule["action"] == "discard" else "-> " + ", ".join(rule["to"])
         counts = (f"  sent {rule['sent']:>7}  discarded {rule['discarded']:>7}" if counted else "")
-        print(f"  {rule['name']:<24} {to:<28}{counts}")
+        print(f"  {rule['name']:<24} {to:<28}{counts}".rstrip())
     fallback = ("the listeners' [[routes]]" if routing["fallback"] is None
                 else ", ".join(routing["fallback"]) or "nowhere")
-    print(f"  {'(fallback)':<24} {'-> ' + fallback:<28}"
-          + (f"  sent {routing['fallback_sent']:>7}  unrouted  {routing['unrouted']:>7}" if counted else ""))
+    print((f"  {'(fallback)':<24} {'-> ' + fallback:<28}"
+           + (f"  sent {routing['fallback_sent']:>7}  unrouted  {routing['unrouted']:>7}" if counted else "")).rstrip())
 
 
 def cmd_status(config: Config, *, as_json: bool) -> int:
