@@ -41,10 +41,13 @@ def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_S
                  store: dict[str, Any] | None = None, destinations: list[dict[str, Any]] | None = None,
                  routes: list[dict[str, Any]] | None = None, egress: dict[str, Any] | None = None,
                  engine: dict[str, Any] | None = None,
-                 more_listeners: list[dict[str, Any]] | None = None) -> Path:
+                 more_listeners: list[dict[str, Any]] | None = None,
+                 rules: list[dict[str, Any]] | None = None,
+                 routing: dict[str, Any] | None = None) -> Path:
     """A config file in ``folder`` with one listener (and ``more_listeners``: each a
     ``name`` and the keys it changes, on a free port unless given); data_dir is
-    ``folder/var``."""
+    ``folder/var``. ``rules``: [[rules]] tables (``when`` as an inline table),
+    ``routing``: the [routing] table."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     lst = {"name": "modalities", "ae_title": ae_title, "host": "127.0.0.1", "port": port,
@@ -69,6 +72,10 @@ def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_S
         lines += ["", "[[destinations]]"] + [f"{k} = {toml_value(v)}" for k, v in d.items()]
     for r in routes:
         lines += ["", "[[routes]]"] + [f"{k} = {toml_value(v)}" for k, v in r.items()]
+    for r in rules or []:
+        lines += ["", "[[rules]]"] + [f"{k} = {toml_value(v)}" for k, v in r.items()]
+    if routing is not None:
+        lines += ["", "[routing]"] + [f"{k} = {toml_value(v)}" for k, v in routing.items()]
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -782,7 +782,7 @@ class _Connection:
                 owner._pool, lambda: streamed.store(
                     owner.sink, cfg.name, message.sop_class_uid, message.sop_instance_uid,
                     calling=info.calling_ae, peer=self.peer, association=info.key,
-                    max_object_bytes=owner.max_object_bytes))
+                    max_object_bytes=owner.max_object_bytes, called=info.called_ae))
         finally:
             self._streamed = None
         self._tally(status, outcome, streamed.size)
@@ -832,7 +832,8 @@ class _Connection:
                 owner._pool, lambda: store_object(
                     owner.sink, cfg.name, view, ts, message.sop_class_uid, message.sop_instance_uid,
                     calling=info.calling_ae, peer=self.peer, association=info.key,
-                    accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes))
+                    accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes,
+                    called=info.called_ae))
         self._tally(status, outcome, size)
         return status
 
