@@ -116,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("rekey", parents=[common],
                    help="re-seal every object still under a previous key with [store].key_file "
                         "(online, in batches, resumable)")
+    ro = sub.add_parser("routes", parents=[common], help="where the rules send an object")
+    ros = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rx = ros.add_parser("explain", parents=[common],
+                        help="which rule a DICOM file matches and the destinations it would get "
+                             "(reads config.toml only: contacts neither the engine nor a peer)")
+    rx.add_argument("file", type=Path)
+    rx.add_argument("--listener", metavar="NAME", help="the listener it arrives on (default: the first)")
+    rx.add_argument("--calling", default="", metavar="AE", help="the calling AE title of the sender")
+    rx.add_argument("--called", metavar="AE", help="the called AE title (default: the listener's)")
+    rx.add_argument("--peer", default="", metavar="ADDR", help="the sender's IP address (no port)")
     hd = sub.add_parser("handlers", parents=[common], help="list handlers, preview one on a file")
     hds = hd.add_subparsers(dest="action", required=True, metavar="ACTION")
     hds.add_parser("list", parents=[common], help="handlers in handlers/, their version and routes")
@@ -157,10 +167,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if command == "check":
         print(f"{config.path}: OK ({len(config.listeners)} listener(s), "
-              f"{len(config.destinations)} destination(s), {len(config.routes)} route(s))")
+              f"{len(config.destinations)} destination(s), {len(config.routes)} route(s)"
+              + (f", {len(config.rules)} rule(s)" if config.rules else "") + ")")
         return EXIT_OK
     if command == "status":
         return cmd_status(config, as_json=args.json)
+    if command == "routes":
+        return cmd_routes_explain(config, args)
     if command == "serve":
         return cmd_serve(config, accept_empty_store=args.accept_empty_store)
     if command == "console":
@@ -349,6 +362,73 @@ def cmd_handlers(config: Config, args: Any) -> int:
         return EXIT_OK if all(not r["error"] for r in rows) else EXIT_FAIL
     preview = ops.run_handler(config, args.name, args.file, args.destination)
     print(preview, end="" if preview.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def cmd_routes_explain(config: Config, args: Any) -> int:
+    """Where the rules would send a file, and why: each rule's `when` keys that match and
+    those that do not. Never a value of the object (only rule and key names)."""
+    from pydicom import config as pydicom_config
+
+    from mfconsole.dicomfile import dataset_bytes
+    from mfconsole.dimse.dataset_scan import DatasetRejected, scan_dataset
+    from mfconsole.engine.router import explain
+    from mfconsole.rules import header_tags, peer_address
+
+    # As in the engine: pydicom's value validation warnings would quote values (PHI).
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+    names = [lc.name for lc in config.listeners]
+    listener = args.listener or names[0]
+    if listener not in names:
+        print(f"mfconsole routes explain: no listener named {listener!r} ({', '.join(names)})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if args.peer and peer_address(args.peer) is None:
+        print(f"mfconsole routes explain: --peer {args.peer!r} is not an IP address",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        data, ts = dataset_bytes(args.file)
+        summary = scan_dataset(data, ts, allow_deflate=True, wanted=header_tags(config.rules))
+    except OSError as exc:
+        print(f"mfconsole routes explain: {args.file}: cannot be read ({exc.strerror or exc})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    except DatasetRejected as exc:       # its reason names tags and offsets, never values
+        print(f"mfconsole routes explain: {args.file}: a listener would refuse it "
+              f"(0x{exc.status:04X}: {exc.reason})", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:             # whatever pydicom makes of a file that is no DICOM
+        print(f"mfconsole routes explain: {args.file}: not a readable DICOM Part 10 file "
+              f"({exc.__class__.__name__})", file=sys.stderr)
+        return EXIT_CONFIG
+    called = args.called if args.called is not None else config.listener(listener).ae_title
+    result = explain(config, summary, listener=listener, calling=args.calling, called=called,
+                     peer=args.peer)
+    given = [f"calling AE {args.calling}" if args.calling else "no calling AE (--calling)",
+             f"called AE {called}", f"peer {args.peer}" if args.peer else "no peer (--peer)"]
+    print(f"{args.file} on listener {listener}: {', '.join(given)}")
+    if config.rules:
+        print(f"rules (match = {result.match}):")
+    for rule, checks in result.rules:
+        said = "matches" if all(ok for _, ok in checks) else "no match"
+        keys = "  ".join(f"{key} {'yes' if ok else 'no'}" for key, ok in checks) or "(no when: every object)"
+        print(f"  {rule.name:<24} {said:<9} {keys}")
+    skipped = [r.name for r in config.rules if not r.applies_to(listener)]
+    if skipped:
+        print(f"  not for this listener: {', '.join(skipped)}")
+    d = result.decision
+    where = ", ".join(r.destination + (f" (handler {r.handler})" if r.handler else "")
+                      for r in d.routes) or "nowhere (stored, audited)"
+    if d.discarded:
+        print(f"decision: discarded by rule {d.rules[0]} -> {where}")
+    elif d.rules:
+        print(f"decision: {'rule' if len(d.rules) == 1 else 'rules'} {', '.join(d.rules)} -> {where}")
+    elif d.ruled:
+        print(f"decision: fallback -> {where}")
+    else:
+        print(f"decision: [[routes]] of {listener} -> {where.replace(' (stored, audited)', '')}")
     return EXIT_OK
 
 
@@ -548,12 +628,43 @@ def cmd_reload(config: Config) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def _rule_counts(config: Config) -> dict[str, Any] | None:
+    """What the rules decided since the running engine started (None: not answered)."""
+    from mfconsole.client import engine_socket
+    from mfconsole.control import request
+
+    try:
+        served = engine_socket(config, read_only=True)     # observation only
+        return request(served[1], "rule_counts", timeout=5) if served is not None else None
+    except Exception:     # an engine starting or stopping: status goes on without them
+        return None
+
+
+def _print_routing(config: Config, routing: dict[str, Any]) -> None:
+    if not config.rules and routing["fallback"] is None:
+        return        # [[routes]] alone, as before rules
+    counted = "unrouted" in routing
+    print(f"rules (match = {routing['match']}" + (", counts since the engine started):" if counted else "):"))
+    for rule in routing["rules"]:
+        to = "discard" if rule["action"] == "discard" else "-> " + ", ".join(rule["to"])
+        counts = (f"  sent {rule['sent']:>7}  discarded {rule['discarded']:>7}" if counted else "")
+        print(f"  {rule['name']:<24} {to:<28}{counts}".rstrip())
+    fallback = ("the listeners' [[routes]]" if routing["fallback"] is None
+                else ", ".join(routing["fallback"]) or "nowhere")
+    print((f"  {'(fallback)':<24} {'-> ' + fallback:<28}"
+           + (f"  sent {routing['fallback_sent']:>7}  unrouted  {routing['unrouted']:>7}" if counted else "")).rstrip())
+
+
 def cmd_status(config: Config, *, as_json: bool) -> int:
-    from mfconsole.engine.status import collect
+    from mfconsole.engine.status import collect, routing
 
     from mfconsole import ops
 
     status = collect(config)
+    if status["engine"]["running"]:
+        counts = _rule_counts(config)
+        if counts is not None:
+            status["routing"] = routing(config, counts)
     # Which key sealed how many objects (the console's snapshot leaves this out: it
     # counts the whole objects table).
     status["keys"] = ops.key_report(config)
@@ -573,6 +684,7 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
         print(f"  {d['name']:<16} {d['kind']:<6} {d.get('state', ''):<8} pending {c.get('pending', 0):>6}  "
               f"in flight {c.get('in_flight', 0):>4}  delivered {c.get('delivered', 0):>7}  "
               f"filtered {c.get('filtered', 0):>5}  dead {c.get('dead', 0):>5}")
+    _print_routing(config, status["routing"])
     print(f"objects stored: {status['objects']}   dead letters: {status['dead_letters']}")
     print("keys:")
     for k in status["keys"]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from urllib.parse import urlsplit
 
 from mfconsole import egress as egress_mod
+from mfconsole import rules as rules_mod
 from mfconsole.egress import http_prefix_allows, is_loopback, tcp_allows  # noqa: F401 (re-exported)
 from mfconsole.egress import path_problem as _path_problem
 from mfconsole.tls import TLSSetupError, client_context, server_context
@@ -36,7 +37,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
-TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes"})
+TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes",
+                      "rules", "routing"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
                         "inflight_mb"})
@@ -44,6 +46,7 @@ EGRESS_KEYS = frozenset({"allowed_tcp", "allowed_http"})
 LISTENER_KEYS = frozenset({
     "name", "ae_title", "host", "port", "calling_aets", "max_associations", "tls",
     "allow_cleartext", "accept_deflate", "max_pdu_kb", "acse_timeout_s",
+    "max_pending_connections", "max_pending_per_address",
     "dimse_timeout_s", "network_timeout_s"})
 # One `tls` table everywhere; a key of the other side is an error, not ignored.
 LISTENER_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "require_client_cert",
@@ -65,6 +68,9 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "listeners": LISTENER_KEYS,
         "destinations": frozenset().union(*(k.keys() for k in REGISTRY.kinds())),
         "routes": ROUTE_KEYS,
+        "rules": rules_mod.RULE_KEYS,
+        "rules.when": rules_mod.WHEN_KEYS,
+        "routing": rules_mod.ROUTING_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
     }
@@ -136,7 +142,14 @@ class ListenerConfig:
     allow_cleartext: bool = False
     accept_deflate: bool = False
     max_pdu_kb: int = 256
-    acse_timeout_s: float = 30.0
+    # A connection has this long to finish its TLS handshake and send its whole
+    # A-ASSOCIATE-RQ (and a peer to close after our release or rejection).
+    acse_timeout_s: float = 10.0
+    # Connections not yet associated (handshaking, or not yet through their request),
+    # in all and per peer address; over either, the newest is closed at once. 0: half
+    # the open-files limit (at most 8192), and half of that per address.
+    max_pending_connections: int = 0
+    max_pending_per_address: int = 0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
 
@@ -165,6 +178,10 @@ class Config:
     # What each name in [egress] resolved to when this configuration was loaded: a
     # connection may only go to one of those addresses (mfconsole/egress.py).
     egress_pins: egress_mod.Pins = field(default_factory=egress_mod.Pins)
+    # [[rules]] and [routing] (mfconsole/rules.py): none, and the fallback absent, is
+    # routing by [[routes]] alone.
+    rules: tuple[rules_mod.Rule, ...] = ()
+    routing: rules_mod.Routing = field(default_factory=rules_mod.Routing)
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -402,14 +419,22 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     handlers_dir = base / "handlers"
     # Routes are checked against every declared name, so a listener with a bad port
     # does not also produce a misleading "names no listener" for its routes.
-    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir,
-                     _hl7_destinations(destinations))
+    hl7 = _hl7_destinations(destinations)
+    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir, hl7)
+    # Rules: checked against every declared name too; [routing].fallback replaces the
+    # [[routes]] (as many as are written, valid or not).
+    written_routes = len(raw["routes"]) if isinstance(raw.get("routes"), list) else 0
+    rules, routing = rules_mod.read(
+        r, raw.get("rules", []), raw.get("routing", {}), listeners=listener_names,
+        destinations=dest_names, hl7=set(hl7), routes=written_routes,
+        handler_problem=lambda p, handler, to: _handler_problem(r, p, handler, to, handlers_dir, hl7))
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
                   listeners=tuple(listeners), destinations=tuple(destinations),
-                  routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins)
+                  routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins,
+                  rules=rules, routing=routing)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
@@ -448,7 +473,9 @@ def _listeners(r: _Reader, raw: Any, resolve: Callable[[str], Path]
             max_associations=r.get(t, p, "max_associations", int, 16, _range(1, 1000)),
             accept_deflate=r.get(t, p, "accept_deflate", bool, False),
             max_pdu_kb=r.get(t, p, "max_pdu_kb", int, 256, _range(4, 16384)),
-            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 30.0, _positive),
+            acse_timeout_s=r.get(t, p, "acse_timeout_s", float, 10.0, _positive),
+            max_pending_connections=r.get(t, p, "max_pending_connections", int, 0, _range(0, 1 << 20)),
+            max_pending_per_address=r.get(t, p, "max_pending_per_address", int, 0, _range(0, 1 << 20)),
             dimse_timeout_s=r.get(t, p, "dimse_timeout_s", float, 60.0, _positive),
             network_timeout_s=r.get(t, p, "network_timeout_s", float, 60.0, _positive),
         )
@@ -663,23 +690,34 @@ def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str]
         if isinstance(t.get("to"), list) and not t["to"]:
             r.fail(f"{p}.to", "must name at least one destination")
             ok = False
-        if handler is not None:
-            if not _HANDLER_NAME.match(handler):
-                r.fail(f"{p}.handler", "must be a Python module name (letters, digits, '_')")
-                ok = False
-            elif not (handlers_dir / f"{handler}.py").is_file():
-                r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} "
-                       "does not exist")
-                ok = False
-        if handler is None and any(d in hl7_destinations for d in to or ()):
-            names = ", ".join(d for d in to if d in hl7_destinations)
-            kinds = ", ".join(sorted({hl7_destinations[d] for d in to if d in hl7_destinations}))
-            r.fail(f"{p}.handler", f"is required: {names} ({kinds}) takes HL7 messages, which a "
-                   "handler makes (e.g. handler = \"sr_to_oru\")")
+        if _handler_problem(r, p, handler, to or (), handlers_dir, hl7_destinations):
             ok = False
         if ok:
             out.append(RouteConfig(from_listener=source, to=to, handler=handler))
     return out
+
+
+def _handler_problem(r: _Reader, p: str, handler: str | None, to: tuple[str, ...],
+                     handlers_dir: Path, hl7_destinations: dict[str, str]) -> bool:
+    """Record what is wrong with the handler of a route or rule (at ``p``) sending to
+    ``to``: a handler that does not exist, or none for a destination taking HL7.
+    True if anything was."""
+    if handler is not None:
+        if not _HANDLER_NAME.match(handler):
+            r.fail(f"{p}.handler", "must be a Python module name (letters, digits, '_')")
+            return True
+        if not (handlers_dir / f"{handler}.py").is_file():
+            r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} "
+                   "does not exist")
+            return True
+        return False
+    if any(d in hl7_destinations for d in to):
+        names = ", ".join(d for d in to if d in hl7_destinations)
+        kinds = ", ".join(sorted({hl7_destinations[d] for d in to if d in hl7_destinations}))
+        r.fail(f"{p}.handler", f"is required: {names} ({kinds}) takes HL7 messages, which a "
+               "handler makes (e.g. handler = \"sr_to_oru\")")
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------

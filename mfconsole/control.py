@@ -65,7 +65,7 @@ MUTATING = frozenset({"replay", "discard", "pause", "resume", "reload", "reload_
 READ_ONLY_OPS = frozenset({"snapshot", "destination", "dead_letter_groups", "dead_letters",
                            "dead_letter_count", "dead_letter", "echo", "test", "handlers",
                            "log_tail", "config_fields", "objects", "object", "audit",
-                           "audit_events"})
+                           "audit_events", "rule_counts"})
 
 
 class ControlError(Exception):
@@ -413,6 +413,10 @@ class ControlService:
 
     def op_reload(self, actor: str) -> dict[str, Any]:
         return _reload_result(self.engine.reload(actor=actor))
+
+    def op_rule_counts(self, actor: str) -> dict[str, Any]:
+        """What the rules decided since the engine started (`mfconsole status`)."""
+        return self.engine.rule_counts.view()
 
     def op_handlers(self, actor: str) -> list[dict[str, Any]]:
         """Each handler: the running version, the file on disk (loaded in isolation, so

@@ -338,6 +338,7 @@ def list_handlers(config: Config) -> list[dict[str, Any]]:
         if name.startswith("_"):
             continue
         routes = [f"{r.from_listener} -> {', '.join(r.to)}" for r in config.routes if r.handler == name]
+        routes += [f"rule {r.name} -> {', '.join(r.to)}" for r in config.rules if r.handler == name]
         try:
             h = load_handler(name, config.handlers_dir)
             out.append({"name": name, "version": h.version, "digest": h.digest, "routes": routes,
@@ -381,7 +382,7 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
 
     name = handler.name
     if destination is None:
-        targets = [d for r in config.routes if r.handler == name for d in r.to]
+        targets = [d for r in (*config.routes, *config.rules) if r.handler == name for d in r.to]
         destination = targets[0] if targets else None
     dest = next((d for d in config.destinations if d.name == destination), None)
     if dest is None:

@@ -40,14 +40,21 @@ def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_S
                  calling_aets: list[str] | None = None, listener: dict[str, Any] | None = None,
                  store: dict[str, Any] | None = None, destinations: list[dict[str, Any]] | None = None,
                  routes: list[dict[str, Any]] | None = None, egress: dict[str, Any] | None = None,
-                 engine: dict[str, Any] | None = None) -> Path:
-    """A config file in ``folder`` with one listener; data_dir is ``folder/var``."""
+                 engine: dict[str, Any] | None = None,
+                 more_listeners: list[dict[str, Any]] | None = None,
+                 rules: list[dict[str, Any]] | None = None,
+                 routing: dict[str, Any] | None = None) -> Path:
+    """A config file in ``folder`` with one listener (and ``more_listeners``: each a
+    ``name`` and the keys it changes, on a free port unless given); data_dir is
+    ``folder/var``. ``rules``: [[rules]] tables (``when`` as an inline table),
+    ``routing``: the [routing] table."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     lst = {"name": "modalities", "ae_title": ae_title, "host": "127.0.0.1", "port": port,
            "calling_aets": calling_aets or ["*"], "max_associations": 16,
            "acse_timeout_s": 5, "network_timeout_s": 10}
     lst.update(listener or {})
+    others = [{**lst, "port": free_port(), **extra} for extra in more_listeners or []]
     dests = destinations if destinations is not None else [
         {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 1, "ae_title": "PACS"}]
     egress = egress or {"allowed_tcp": [f"{d['host']}:{d['port']}" for d in dests if "host" in d],
@@ -59,11 +66,16 @@ def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_S
     lines += ["", "[store]", 'key_file = "var/keys/store.key"']
     lines += [f"{k} = {toml_value(v)}" for k, v in (store or {}).items()]
     lines += ["", "[egress]"] + [f"{k} = {toml_value(v)}" for k, v in egress.items()]
-    lines += ["", "[[listeners]]"] + [f"{k} = {toml_value(v)}" for k, v in lst.items()]
+    for one in [lst, *others]:
+        lines += ["", "[[listeners]]"] + [f"{k} = {toml_value(v)}" for k, v in one.items()]
     for d in dests:
         lines += ["", "[[destinations]]"] + [f"{k} = {toml_value(v)}" for k, v in d.items()]
     for r in routes:
         lines += ["", "[[routes]]"] + [f"{k} = {toml_value(v)}" for k, v in r.items()]
+    for r in rules or []:
+        lines += ["", "[[rules]]"] + [f"{k} = {toml_value(v)}" for k, v in r.items()]
+    if routing is not None:
+        lines += ["", "[routing]"] + [f"{k} = {toml_value(v)}" for k, v in routing.items()]
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

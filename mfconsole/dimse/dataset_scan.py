@@ -11,7 +11,9 @@ bytes are whole".  Instead we walk the raw element structure once:
   length-corrupted objects are refused before we store them;
 * values are never decoded or copied -- we jump over them by their length, so
   a 200 MiB pixel data element costs the same as a 2-byte one;
-* only the handful of top-level header values routing needs are extracted.
+* only the handful of top-level header values routing needs are extracted, plus
+  the raw values of the top-level attributes a caller asks for (``wanted``: the
+  attributes the configured rules match on, never logged).
 
 Reject reasons are logged and may be shown to remote peers, so they contain
 only tag numbers, lengths and offsets -- never element values, VR bytes or
@@ -63,6 +65,14 @@ _TAG_ACCESSION = 0x00080050
 _TAG_PATIENT_ID = 0x00100020
 _IDENTIFIERS = frozenset((_TAG_ACCESSION, _TAG_PATIENT_ID))
 _MAX_ID_RAW = 64
+# The groups of the tags above: a top-level element of another group is skipped
+# without a second look (unless a caller wants more, see _Walk).
+_GROUPS = frozenset(tag >> 16 for tag in _WANTED | _IDENTIFIERS)
+# Specific Character Set: read with any wanted attribute, to decode its text.
+TAG_SPECIFIC_CHARACTER_SET = 0x00080005
+# A wanted attribute's value is read up to this many bytes (a longer one is left out
+# of the summary): one walk step must fit the streamed scan's join (_MAX_STEP).
+MAX_WANTED_RAW = 256
 _TAG_NAMES = {
     _TAG_SOP_CLASS: "SOP Class UID",
     _TAG_SOP_INSTANCE: "SOP Instance UID",
@@ -154,6 +164,10 @@ class HeaderSummary:
     # Raw values (padding removed) for search tokens only: patient data, kept out of repr.
     accession_number: bytes | None = field(default=None, repr=False, compare=False)
     patient_id: bytes | None = field(default=None, repr=False, compare=False)
+    # tag -> raw value as received (padding kept) of each wanted top-level attribute
+    # present (at most MAX_WANTED_RAW bytes, not a sequence; the first if repeated),
+    # and the Specific Character Set with them. May be patient data: out of repr.
+    wanted: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _tag(tag: int) -> str:
@@ -249,8 +263,10 @@ def scan_dataset(
     max_depth: int = 16,
     allow_deflate: bool = False,
     max_inflated_bytes: int = 256 * 1024 * 1024,
+    wanted: frozenset[int] = frozenset(),
 ) -> HeaderSummary:
-    """Validate the element structure of ``data`` and extract routing headers.
+    """Validate the element structure of ``data`` and extract routing headers, and
+    the raw values of the top-level attributes in ``wanted`` (HeaderSummary.wanted).
 
     Raises :class:`DatasetRejected` (0xC000 for malformed structure, 0xA900
     for missing/invalid identifying UIDs).  No other exception escapes for
@@ -275,10 +291,10 @@ def scan_dataset(
                 raise _bad("deflated transfer syntax not accepted")
             inflated = memoryview(inflate(view, max_inflated_bytes))
             try:
-                return _Walk(_MODE_EXPLICIT_LE, max_depth, len(inflated)).whole(inflated)
+                return _Walk(_MODE_EXPLICIT_LE, max_depth, len(inflated), wanted).whole(inflated)
             finally:
                 inflated.release()
-        return _Walk(_mode(ts), max_depth, len(view)).whole(view)
+        return _Walk(_mode(ts), max_depth, len(view), wanted).whole(view)
     finally:
         # Release our view so a caller's bytearray/mmap can be resized or
         # closed afterwards (the caller's own view, if any, is unaffected).
@@ -313,8 +329,9 @@ class DatasetStream:
     (once the last piece is fed) raises it or returns the summary. Not for deflate
     (see can_stream)."""
 
-    def __init__(self, transfer_syntax_uid: str, *, max_depth: int = 16):
-        self._walk = _Walk(_mode(transfer_syntax_uid.rstrip("\x00 ")), max_depth, None)
+    def __init__(self, transfer_syntax_uid: str, *, max_depth: int = 16,
+                 wanted: frozenset[int] = frozenset()):
+        self._walk = _Walk(_mode(transfer_syntax_uid.rstrip("\x00 ")), max_depth, None, wanted)
         self._fed = 0
         self._tail = b""     # bytes from the walk's position to the end of what was fed
 
@@ -353,7 +370,7 @@ class DatasetStream:
 
 
 # A walk step reads at most an explicit VR long header (12 bytes) and a value routing
-# needs (at most _MAX_UID_RAW bytes) at once; a piece's first _JOIN bytes are joined to
+# needs (at most _MAX_UID_RAW = MAX_WANTED_RAW bytes) at once; a piece's first _JOIN bytes are joined to
 # a step cut by the previous piece's end.
 _MAX_STEP = 12 + 256
 _JOIN = 2 * _MAX_STEP
@@ -365,8 +382,19 @@ class _Walk:
     """The element walk, resumable: its state lives in attributes between runs, and a
     run stops (returns False) when the next step needs bytes not yet available."""
 
-    def __init__(self, mode: _Mode, max_depth: int, size: int | None):
+    def __init__(self, mode: _Mode, max_depth: int, size: int | None,
+                 wanted: frozenset[int] = frozenset()):
         self.mode = mode
+        # What a top-level element is looked at for: its group first (one set lookup
+        # for most elements), then its tag. Without wanted tags: the routing fields'.
+        if wanted:
+            wanted = wanted | {TAG_SPECIFIC_CHARACTER_SET}
+            self.groups = _GROUPS | {tag >> 16 for tag in wanted}
+            self.read = _WANTED | _IDENTIFIERS | wanted
+        else:
+            self.groups, self.read = _GROUPS, _WANTED | _IDENTIFIERS
+        self.wanted = wanted
+        self.wanted_values: dict[int, bytes] = {}
         self.max_depth = max_depth
         self.pos = 0
         # ``end`` is the hard limit of the current container: its own end for defined
@@ -413,6 +441,7 @@ class _Walk:
         # Python's recursion limit, whatever max_depth the caller sets. Current
         # container state lives in locals for speed; a push saves it as a tuple.
         stack, found, identifiers = self.stack, self.found, self.identifiers
+        groups, read, wanted, wanted_values = self.groups, self.read, self.wanted, self.wanted_values
         pos, kind, end, undefined, depth, mode = (self.pos, self.kind, self.end, self.undefined,
                                                   self.depth, self.mode)
         element_count, deepest, max_depth = self.element_count, self.deepest, self.max_depth
@@ -522,9 +551,9 @@ class _Walk:
                         f"{_tag(group << 16 | elem)} declared length {length} at offset {pos} "
                         f"exceeds the {end - value_pos} bytes remaining in its container"
                     )
-                if depth == 0 and (group == 0x0008 or group == 0x0020 or group == 0x0010):
+                if depth == 0 and group in groups:
                     tag = group << 16 | elem
-                    if tag in _WANTED or tag in _IDENTIFIERS:
+                    if tag in read:
                         # Read the value now (the bytes may not be kept): it must
                         # have arrived whole first.
                         if length <= _MAX_UID_RAW and avail - value_pos < length:
@@ -536,8 +565,12 @@ class _Walk:
                             found[tag] = _NOT_A_VALUE if sequence else (
                                 length, bytes(buf[value_pos - base:value_pos - base + length])
                                 if length <= _MAX_UID_RAW else None)
-                        elif length <= _MAX_ID_RAW and not sequence and tag not in identifiers:
+                        elif tag in _IDENTIFIERS and length <= _MAX_ID_RAW and not sequence \
+                                and tag not in identifiers:
                             identifiers[tag] = bytes(buf[value_pos - base:value_pos - base + length])
+                        if tag in wanted and length <= MAX_WANTED_RAW and not sequence \
+                                and tag not in wanted_values:
+                            wanted_values[tag] = bytes(buf[value_pos - base:value_pos - base + length])
                 element_count += 1
                 if vr == vr_sq and not implicit:
                     # Defined-length sequence: walk its items, bounded by length.
@@ -658,6 +691,7 @@ class _Walk:
             max_depth=self.deepest,
             accession_number=_identifier(self.identifiers.get(_TAG_ACCESSION)),
             patient_id=_identifier(self.identifiers.get(_TAG_PATIENT_ID)),
+            wanted=self.wanted_values,
         )
 
 

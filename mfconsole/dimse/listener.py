@@ -59,6 +59,10 @@ def transfer_syntaxes(accept_deflate: bool) -> list[str]:
 class IngestSink(Protocol):
     """What the listener needs from the engine."""
 
+    # Top-level attributes to read from each data set beyond the routing fields (those
+    # the configured rules match on; HeaderSummary.wanted). Read once per object.
+    header_tags: frozenset[int]
+
     def ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> str:
         """Commit a received object: ``data`` is its bytes, or a blob from open_blob."""
     def open_blob(self) -> Any:
@@ -140,7 +144,7 @@ class AssociationBoard:
 
 def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd_class: str,
                  cmd_inst: str, *, calling: str, peer: str, association: str,
-                 accept_deflate: bool, max_object_bytes: int) -> tuple[int, str]:
+                 accept_deflate: bool, max_object_bytes: int, called: str = "") -> tuple[int, str]:
     """(C-STORE status, outcome or refusal reason) for one received data set; the
     data set is ingested (and committed) when the status is Success. Blocks for the
     group commit: never call it on an event loop."""
@@ -149,17 +153,17 @@ def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd
         refused(sink, listener, STATUS_OUT_OF_RESOURCES, reason, calling, peer, None)
         return STATUS_OUT_OF_RESOURCES, reason
     try:
-        summary = scan_dataset(view, ts, allow_deflate=accept_deflate)
+        summary = scan_dataset(view, ts, allow_deflate=accept_deflate, wanted=sink.header_tags)
     except DatasetRejected as exc:
         refused(sink, listener, exc.status, exc.reason, calling, peer, None)
         return exc.status, exc.reason
     return commit_object(sink, listener, view, summary, ts, cmd_class, cmd_inst,
-                         calling=calling, peer=peer, association=association)
+                         calling=calling, peer=peer, association=association, called=called)
 
 
 def commit_object(sink: IngestSink, listener: str, data: Any, summary: HeaderSummary, ts: str,
                   cmd_class: str, cmd_inst: str, *, calling: str, peer: str,
-                  association: str) -> tuple[int, str]:
+                  association: str, called: str = "") -> tuple[int, str]:
     """The rest of store_object once the data set is scanned: the command must name
     the data set's SOP class and instance, then the sink ingests ``data`` (the bytes,
     or the blob a streamed object was sealed into as it arrived)."""
@@ -168,7 +172,7 @@ def commit_object(sink: IngestSink, listener: str, data: Any, summary: HeaderSum
         refused(sink, listener, STATUS_MISMATCH, reason, calling, peer, summary.sop_instance_uid)
         return STATUS_MISMATCH, reason
     meta = {"transfer_syntax": ts, "listener": listener, "calling_ae": calling,
-            "peer": peer, "association": association}
+            "called_ae": called, "peer": peer, "association": association}
     try:
         outcome = sink.ingest(data, summary, meta)
     except Exception as exc:

@@ -27,7 +27,7 @@ from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
 from mfconsole.engine.transform import Transformer
-from mfconsole.engine.router import routes_by_listener
+from mfconsole.engine.router import Router, RuleCounts
 from mfconsole.engine.sessions import Watched
 from mfconsole.engine.keys import KeyCustodyError, open_vault
 from mfconsole.engine.store import IngestRequest, Store, StoreRefused
@@ -113,7 +113,8 @@ class Engine:
         self.store: Store | None = None
         self.started_at: float | None = None
         self._lock = DataDirLock(self.data_dir)
-        self._routes = routes_by_listener(config)
+        self.router = Router(config)
+        self.rule_counts = RuleCounts()    # what the rules decided since the start
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self.deliveries: dict[str, DestinationWorkers] = {}
@@ -288,7 +289,11 @@ class Engine:
         results = self.handlers.reload(new.handlers_dir, handler_names(new), self._dry_run)
         report += [str(r) for r in results if r.outcome != "unchanged"]
         self.config = new
-        self._routes = routes_by_listener(new)
+        self.router = Router(new)          # the next object is routed by it
+        if (new.rules, new.routing) != (old.rules, old.routing):
+            report.append(f"rules: {len(new.rules)} rule(s), match = {new.routing.match}"
+                          + ("" if new.routing.fallback is None else
+                             f", fallback = [{', '.join(new.routing.fallback)}]"))
         for i, listener in enumerate(self.listeners):
             lc = new.listener(listener.cfg.name)
             if lc == listener.cfg:
@@ -398,21 +403,31 @@ class Engine:
         assert self.store is not None
         return self.store.open_blob()
 
+    @property
+    def header_tags(self) -> frozenset[int]:
+        """Top-level attributes the rules match on, read by the listeners' scan."""
+        return self.router.header_tags
+
     def ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> str:
         assert self.store is not None
         vault = self.store.vault
+        # Decided before the commit, which then holds the object and its deliveries.
+        decision = self.router.decide(summary, meta)
         request = IngestRequest(
             sop_instance_uid=summary.sop_instance_uid, sop_class_uid=summary.sop_class_uid,
             study_uid=summary.study_instance_uid, series_uid=summary.series_instance_uid,
             modality=summary.modality, transfer_syntax=meta["transfer_syntax"],
             listener=meta["listener"], calling_ae=meta["calling_ae"], peer=meta["peer"],
-            routes=self._routes.get(meta["listener"], ()), association_id=meta.get("association", ""),
+            routes=decision.routes, routed_by=decision.words, nowhere=decision.nowhere(),
+            association_id=meta.get("association", ""),
             # Keyed hashes only: the identifiers themselves stay in the sealed blob.
             accession_token=(vault.search_token("accession", summary.accession_number)
                              if summary.accession_number else None),
             patient_token=(vault.search_token("patient_id", summary.patient_id)
                            if summary.patient_id else None))
         result = self.store.ingest(data, request)
+        if result.outcome != "duplicate":
+            self.rule_counts.add(decision)
         if result.deliveries:
             for route in request.routes:
                 workers = self.deliveries.get(route.destination)
@@ -433,4 +448,4 @@ class Engine:
 
 
 def handler_names(config: Config) -> set[str]:
-    return {r.handler for r in config.routes if r.handler}
+    return {r.handler for r in (*config.routes, *config.rules) if r.handler}

@@ -59,9 +59,32 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
         entry = {"name": d.name, "kind": d.kind, "target": target(d), "counts": counts.get(d.name, {})}
         entry.update(states.get(d.name) or destination_state(None))
         out["destinations"].append(entry)
+    out["routing"] = routing(config, engine.rule_counts.view() if engine is not None else None)
     if engine is not None:
         out["associations"] = engine.board.snapshot()
         out["engine"]["uptime_s"] = time.time() - (engine.started_at or time.time())
+    return out
+
+
+def routing(config: Config, counts: dict[str, Any] | None) -> dict[str, Any]:
+    """The rules, in order, and [routing]; with ``counts`` (RuleCounts.view of the
+    running engine: since it started) how many objects each rule sent and discarded,
+    and how many the fallback took or went nowhere."""
+    out: dict[str, Any] = {"match": config.routing.match,
+                           # None: each listener's [[routes]]
+                           "fallback": (list(config.routing.fallback)
+                                        if config.routing.fallback is not None else None),
+                           "rules": []}
+    for rule in config.rules:
+        entry = {"name": rule.name, "from": list(rule.listeners),
+                 "when": [c.key for c in rule.when],
+                 "action": "discard" if rule.discard else "send", "to": list(rule.to),
+                 "handler": rule.handler}
+        if counts is not None:
+            entry.update(counts["rules"].get(rule.name) or {"sent": 0, "discarded": 0})
+        out["rules"].append(entry)
+    if counts is not None:
+        out["fallback_sent"], out["unrouted"] = counts["fallback"], counts["unrouted"]
     return out
 
 

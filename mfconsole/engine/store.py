@@ -81,6 +81,11 @@ class IngestRequest:
     # Search tokens (vault.search_token) of the accession number and patient ID.
     accession_token: str | None = None
     patient_token: str | None = None
+    # What routing decided (engine/router.py), rule names only: words for the `stored`
+    # audit row ("" with [[routes]] alone), and for an object sent nowhere on purpose
+    # its own audit row (event, status, detail), in the same transaction.
+    routed_by: str = ""
+    nowhere: tuple[str, str | None, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -413,7 +418,11 @@ class Store:
                             f"version {version} (previous object {latest['id']})")
         tx.add_deliveries(object_id, req.listener, ((r.destination, r.handler) for r in req.routes), now)
         tx.audit("stored", object_id=object_id, **who,
-                 detail=f"version={version} size={req.size} routes={len(req.routes)}")
+                 detail=f"version={version} size={req.size} routes={len(req.routes)}"
+                        + (f" ({req.routed_by})" if req.routed_by else ""))
+        if req.nowhere is not None:
+            event, status, detail = req.nowhere
+            tx.audit(event, object_id=object_id, status=status, detail=detail, **who)
         return IngestResult(outcome, object_id, version, len(req.routes))
 
     # -- reads (any thread; one read connection per thread) ----------------------

@@ -153,14 +153,17 @@ class _Closed(Exception):
     """The connection is over (closed by the peer, aborted, or timed out)."""
 
 
-def pending_limits() -> tuple[int, int]:
-    """(all, per peer address) connections not yet associated. Half the process's
-    file descriptors at most, so idle sockets can never starve the store and the
-    associations of descriptors; one address may hold half of that."""
+def pending_limits(cfg: ListenerConfig) -> tuple[int, int]:
+    """(all, per peer address) connections not yet associated: the configured ones,
+    never over half the process's file descriptors (so idle sockets can never starve
+    the store and the associations of descriptors). 0 means that bound (at most 8192),
+    and half of it per address."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
-    total = max(64, min(8192, soft // 2))
-    return total, max(16, total // 2)
+    bound = max(64, soft // 2)
+    total = min(cfg.max_pending_connections or 8192, bound)
+    per_address = min(cfg.max_pending_per_address or max(16, total // 2), total)
+    return total, per_address
 
 
 class Listener:
@@ -170,7 +173,8 @@ class Listener:
     # Settings a running listener takes for its next association; the others (address,
     # TLS, transfer syntaxes, PDU size) need the listener restarted.
     LIVE_KEYS = ("ae_title", "calling_aets", "max_associations", "acse_timeout_s",
-                 "dimse_timeout_s", "network_timeout_s")
+                 "dimse_timeout_s", "network_timeout_s", "max_pending_connections",
+                 "max_pending_per_address")
     # A hook for user identity negotiation (negotiation.UserIdentityHook); None: the
     # item is ignored.
     user_identity: negotiation.UserIdentityHook | None = None
@@ -187,7 +191,7 @@ class Listener:
         self.board = board
         self.max_object_bytes = max_object_bytes
         self.started_at: float | None = None
-        self.pending_max, self.pending_per_peer = pending_limits()
+        self.pending_max, self.pending_per_peer = pending_limits(cfg)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -278,6 +282,7 @@ class Listener:
         if replace(cfg, **{k: getattr(self.cfg, k) for k in self.LIVE_KEYS}) != self.cfg:
             return False
         self.cfg = cfg
+        self.pending_max, self.pending_per_peer = pending_limits(cfg)
         return True
 
     def stop(self, timeout: float) -> None:
@@ -582,7 +587,10 @@ class _Connection:
         try:
             pdu_type, body = await self._read_pdu(cfg.acse_timeout_s, first=True)
             if pdu_type != pdu.ASSOCIATE_RQ:
-                if pdu_type != pdu.ABORT:
+                if pdu_type == pdu.ABORT:
+                    self.reason = "aborted by the peer"
+                else:
+                    self.reason = f"{pdu.PDU_NAMES[pdu_type]} before an association"
                     await self._abort(pdu.UNEXPECTED_PDU)
                 return
             if not await self._associate(body):
@@ -663,7 +671,7 @@ class _Connection:
                 self.reason = "aborted by the peer"
                 return
             if pdu_type != pdu.P_DATA_TF:
-                await self._abort(pdu.UNEXPECTED_PDU)
+                await self._abort(pdu.UNEXPECTED_PDU, f"{pdu.PDU_NAMES[pdu_type]} in an association")
                 return
             try:
                 pdvs = pdu.decode_pdata(memoryview(body))
@@ -774,7 +782,7 @@ class _Connection:
                 owner._pool, lambda: streamed.store(
                     owner.sink, cfg.name, message.sop_class_uid, message.sop_instance_uid,
                     calling=info.calling_ae, peer=self.peer, association=info.key,
-                    max_object_bytes=owner.max_object_bytes))
+                    max_object_bytes=owner.max_object_bytes, called=info.called_ae))
         finally:
             self._streamed = None
         self._tally(status, outcome, streamed.size)
@@ -824,7 +832,8 @@ class _Connection:
                 owner._pool, lambda: store_object(
                     owner.sink, cfg.name, view, ts, message.sop_class_uid, message.sop_instance_uid,
                     calling=info.calling_ae, peer=self.peer, association=info.key,
-                    accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes))
+                    accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes,
+                    called=info.called_ae))
         self._tally(status, outcome, size)
         return status
 

@@ -47,7 +47,7 @@ class Streamed:
         self.size = 0
         self.rejected: DatasetRejected | None = None
         self.failed = False   # the blob could not be written (disk full...): 0xA700
-        self._scan = DatasetStream(ts)
+        self._scan = DatasetStream(ts, wanted=sink.header_tags)
         self._lock = threading.Lock()
         self._blob: Any = sink.open_blob()
 
@@ -80,7 +80,8 @@ class Streamed:
                 self._blob = None
 
     def store(self, sink: IngestSink, listener: str, cmd_class: str, cmd_inst: str, *,
-              calling: str, peer: str, association: str, max_object_bytes: int) -> tuple[int, str]:
+              calling: str, peer: str, association: str, max_object_bytes: int,
+              called: str = "") -> tuple[int, str]:
         """(C-STORE status, outcome or refusal reason) once the last fragment is fed:
         store_object's decision for an object that arrived as a blob. Blocks for the
         group commit."""
@@ -107,7 +108,8 @@ class Streamed:
             refused(sink, listener, status, reason, calling, peer, None)
             return status, reason
         status, outcome = commit_object(sink, listener, blob, summary, self.ts, cmd_class, cmd_inst,
-                                        calling=calling, peer=peer, association=association)
+                                        calling=calling, peer=peer, association=association,
+                                        called=called)
         if status != STATUS_SUCCESS:
             blob.discard()   # refused, or the store gave up on it (it may be gone already)
         return status, outcome

@@ -1,10 +1,9 @@
-"""An association requestor on mfconsole's own upper layer: one blocking socket, no
-threads, no polling.
+"""The association requestor: one blocking socket, no threads, no polling.
 
 The caller (a delivery worker thread, sender.py) writes and reads
 on its own thread: a response is read the moment it arrives, and the next request is
-written right after, where pynetdicom's requestor hands every PDU through its DUL
-and reactor threads and a polling loop (~2 ms of waiting per object). Requests may
+written right after (pynetdicom's requestor, which mfconsole used before, handed every
+PDU through its DUL and reactor threads and a polling loop: ~2 ms of waiting per object). Requests may
 be pipelined within the asynchronous operations window the acceptor granted
 (PS3.7 D.3.3.3); responses are matched by Message ID Being Responded To.
 
@@ -28,8 +27,8 @@ from mfconsole.ul import dimse, pdu
 # A C-STORE-RSP is a few hundred bytes; an AC a few KiB. A peer announcing more in one
 # PDU is not one we will buffer.
 MAX_INCOMING_PDU = 4 * 1024 * 1024
-# What we announce as our maximum PDU length: pynetdicom's default, so the peer
-# fragments responses as it did for the pynetdicom sender.
+# What we announce as our maximum PDU length (pynetdicom's default): responses and
+# ACs are small.
 OUR_MAX_PDU = 16382
 # Data set fragments when the acceptor sets no limit (0): bounded so one PDU is not a
 # copy of a whole large object.
@@ -97,6 +96,8 @@ class Association:
         for cx_id, (result, ts) in ac.results.items():
             if result == pdu.ACCEPTANCE and cx_id in proposed:
                 self.accepted.setdefault((proposed[cx_id][0], ts), cx_id)
+        self._accepted_ids = {cx_id for cx_id, (result, _) in ac.results.items()
+                              if result == pdu.ACCEPTANCE and cx_id in proposed}
         # Operations we may have outstanding: what the acceptor answered (0 means
         # unlimited: we keep to what we proposed); no answer means one at a time.
         if ac.async_ops is None:
@@ -152,7 +153,9 @@ class Association:
         while not self._responses:
             pdu_type, body = self.read_pdu(max(0.0, deadline - time.monotonic()))
             if pdu_type == pdu.P_DATA_TF:
-                for _cx, control, fragment in pdu.decode_pdata(memoryview(body)):
+                for cx, control, fragment in pdu.decode_pdata(memoryview(body)):
+                    if cx not in self._accepted_ids:   # as the acceptor: not a response we can take
+                        raise pdu.PDUError(f"PDV for presentation context {cx}, not accepted")
                     if not control & COMMAND:
                         continue   # a data set with a response: none of ours carries one
                     self._command += fragment
@@ -214,7 +217,8 @@ class Association:
             return True
         try:
             pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-            readable = pending or select.select([self.sock], [], [], 0)[0]
+            # (bytes already read: a PDU that came in with the previous one, the AC's say)
+            readable = self._buf or pending or select.select([self.sock], [], [], 0)[0]
         except (OSError, ValueError):
             self.ended = True
             return True
@@ -231,7 +235,9 @@ class Association:
             return True
         if pdu_type == pdu.RELEASE_RQ:
             self._answer_release()
-        else:   # anything unsolicited while idle ends it (A-ABORT, or a stray PDU)
+        elif pdu_type == pdu.ABORT:   # never answered (PS3.8 9.2.3, AA-3): we close
+            self.close()
+        else:   # anything else unsolicited while idle ends it (a stray PDU)
             self.abort()
         return True
 

@@ -1,6 +1,6 @@
-"""C-STORE SCU on mfconsole's own upper layer (``upper_layer = "mfconsole"`` on a dimse
-destination): the same contexts, re-encoding, outcomes and attribution as
-sender.DimseSender (whose helpers it reuses), over mfconsole/ul/requestor.py.
+"""The C-STORE SCU of a dimse destination, over mfconsole/ul/requestor.py. What is not
+about the wire (the address dialled, TLS context, passcode, contexts proposed,
+re-encoding, the words of failures) is mfconsole/dimse/sender.py's.
 
 Requests are pipelined within the asynchronous operations window the peer granted;
 with a window of 1 (most peers: DCMTK and pynetdicom do not grant more) the next
@@ -39,8 +39,7 @@ def _user_identity(peer: Peer, passcode: bytes | None) -> pdu.UserIdentity | Non
 def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]],
               async_invoked: int = 1) -> requestor.Association | Outcome:
     """An association proposing ``contexts`` (abstract syntax, transfer syntaxes) to the
-    address ``ready`` checked, or the Outcome saying why there is none, in the words
-    of the pynetdicom sender (sender._association_failure)."""
+    address ``ready`` checked, or the Outcome saying why there is none."""
     try:   # exactly the checked address: nothing is resolved again
         sock = requestor.connect(ready.dial.family, ready.dial.sockaddr, peer.connect_timeout_s)
     except OSError as exc:
@@ -133,8 +132,8 @@ class UlSender:
             return
         idle = time.monotonic() - self.last_used
         if idle > self.peer.network_timeout_s:
-            # As pynetdicom's requestor does (its DUL idle timer): an association silent
-            # for network_timeout_s is aborted, not released.
+            # An association silent for network_timeout_s is aborted, not released
+            # (as DCMTK and pynetdicom requestors do).
             self.drop()
         elif idle > idle_s or not self.usable():
             self.close()
@@ -183,7 +182,7 @@ class UlSender:
         failed = self.open([(o.sop_class_uid, o.transfer_syntax) for o in objs])
         if failed is not None:
             # A destination-scope failure ends the batch; a message-scope one (no
-            # context accepted) is every object's answer, as DimseSender gives it.
+            # context accepted) is every object's answer.
             return [failed] if failed.scope == contract.DESTINATION else [failed] * len(objs)
         assoc = self.assoc
         assert assoc is not None

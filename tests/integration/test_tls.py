@@ -410,9 +410,8 @@ def test_cert_binding_fails_closed_when_the_listener_could_not_bind(engine_facto
 def test_handshaking_connections_count_before_association_and_stop_closes_them(engine_factory, pki):
     """A connection in its handshake is one without an association: the per-address
     limit closes the newest at once, and a stop closes those still handshaking."""
-    engine = engine_factory(listener={**listener_tls(pki), "acse_timeout_s": 20})
+    engine = engine_factory(listener={**listener_tls(pki), "acse_timeout_s": 20, "max_pending_per_address": 3})
     listener = engine.listeners[0]
-    listener.pending_per_peer = 3
     port = listener.address[1]
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     poll(lambda: listener.pending == 3, message="3 handshaking connections")

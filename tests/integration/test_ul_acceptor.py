@@ -517,9 +517,9 @@ def test_pdv_for_an_unaccepted_context_aborts(ul):
 
 
 def test_pre_association_limit_per_peer_closes_the_newest(ul):
-    engine = ul(acse_timeout_s=20)
+    engine = ul(acse_timeout_s=20, max_pending_per_address=3)
     listener = engine.listeners[0]
-    listener.pending_per_peer = 3
+    assert listener.pending_per_peer == 3
     idle = [connect(engine) for _ in range(3)]
     poll(lambda: listener.pending == 3, message="3 pending connections")
     newest = connect(engine)
@@ -541,6 +541,16 @@ def test_pre_association_limit_per_peer_closes_the_newest(ul):
     for s in idle + [lingering, refused]:
         s.close()
     poll(lambda: listener.pending == 0, message="no pending connection")
+    # The limits are live keys: a reload changes them for the next connection.
+    path = engine.config.path
+    path.write_text(path.read_text().replace("max_pending_per_address = 3", "max_pending_per_address = 1"))
+    assert engine.reload() == ["listener modalities: updated (associations in progress kept)"]
+    first = connect(engine)
+    poll(lambda: listener.pending == 1, message="1 pending connection")
+    second = connect(engine)
+    assert read_until_closed(second, 2)[0] == b""
+    first.close()
+    second.close()
 
 
 # --------------------------------------------------------------------------

@@ -78,6 +78,23 @@ def test_budget_arithmetic():
     assert budget.used == 0 and budget.take(20, 0) and budget.refusals == 1
 
 
+def test_pre_association_limits_from_the_config():
+    """max_pending_connections / max_pending_per_address: 0 is the descriptor-based
+    bound; a configured value is kept under it; per address never exceeds the total."""
+    from dataclasses import replace
+
+    from mfconsole.config import ListenerConfig
+
+    cfg = ListenerConfig(name="l", ae_title="MF_SCP", host="127.0.0.1", port=104, calling_aets=("*",))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    bound = max(64, (1 << 20 if soft == resource.RLIM_INFINITY else soft) // 2)
+    auto = min(8192, bound)
+    assert acceptor.pending_limits(cfg) == (auto, max(16, auto // 2))
+    assert acceptor.pending_limits(replace(cfg, max_pending_connections=40, max_pending_per_address=10)) == (40, 10)
+    assert acceptor.pending_limits(replace(cfg, max_pending_connections=40, max_pending_per_address=99)) == (40, 40)
+    assert acceptor.pending_limits(replace(cfg, max_pending_connections=bound + 1))[0] == bound
+
+
 def test_an_object_over_the_in_flight_budget_is_refused_transiently_and_nothing_is_lost(
         engine_factory, tmp_path):
     # 1 MiB: what A holds of its object before it streams into its blob (and then no more).

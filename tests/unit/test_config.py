@@ -384,11 +384,12 @@ def test_shipped_config_is_valid():
 
 
 def _sections(text: str) -> dict[str, str]:
-    """Text of each [table] / [[array]] in a TOML file, comments included."""
+    """Text of each [table] / [[array]] in a TOML file, comments included. A table
+    shipped commented out (``# [[rules]]``) is documented by its commented example."""
     out: dict[str, str] = {"": ""}
     current = ""
     for line in text.splitlines():
-        header = re.match(r"^\s*\[\[?\s*([A-Za-z_]+)\s*\]\]?\s*(#.*)?$", line)
+        header = re.match(r"^\s*(?:#\s*)?\[\[?\s*([A-Za-z_]+)\s*\]\]?\s*(#.*)?$", line)
         if header:
             current = header.group(1)
             out.setdefault(current, "")

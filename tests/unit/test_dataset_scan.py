@@ -56,9 +56,10 @@ UNDEF = 0xFFFFFFFF
 _PIECES = (1, 7, 64, 4093)
 
 
-def streamed(data, ts: str, pieces, max_depth: int = 16) -> HeaderSummary:
+def streamed(data, ts: str, pieces, max_depth: int = 16, wanted: frozenset[int] = frozenset()
+             ) -> HeaderSummary:
     with memoryview(data) as raw, raw.cast("B") as view:
-        stream = DatasetStream(ts, max_depth=max_depth)
+        stream = DatasetStream(ts, max_depth=max_depth, wanted=wanted)
         for start, size in pieces:
             stream.feed(view[start:start + size])
         return stream.finish()
@@ -78,14 +79,15 @@ def scan_dataset(data, ts: str, **kw) -> HeaderSummary:
     except DatasetRejected as exc:
         want = exc
     total = len(memoryview(data).cast("B")) if memoryview(data).c_contiguous else 0
-    if can_stream(ts) and 0 < total <= 4 << 20 and set(kw) <= {"max_depth", "allow_deflate"}:
+    if can_stream(ts) and 0 < total <= 4 << 20 and set(kw) <= {"max_depth", "allow_deflate", "wanted"}:
         rng = random.Random(total)
         for size in (*_PIECES, None):
             if size == 1 and total > 1 << 16:
                 continue
             try:
                 got: HeaderSummary | DatasetRejected = streamed(
-                    data, ts, _cuts(total, size, rng), kw.get("max_depth", 16))
+                    data, ts, _cuts(total, size, rng), kw.get("max_depth", 16),
+                    kw.get("wanted", frozenset()))
             except DatasetRejected as exc:
                 got = exc
             if isinstance(want, DatasetRejected):
@@ -94,6 +96,7 @@ def scan_dataset(data, ts: str, **kw) -> HeaderSummary:
             else:
                 assert got == want, size
                 assert (got.accession_number, got.patient_id) == (want.accession_number, want.patient_id)
+                assert got.wanted == want.wanted, size
     if isinstance(want, DatasetRejected):
         raise want
     return want
@@ -763,6 +766,41 @@ def test_un_undefined_length_is_implicit_sequence() -> None:
 
 
 # --------------------------------------------------------------------------
+# Wanted attributes: the raw top-level values rules match on (HeaderSummary.wanted)
+# --------------------------------------------------------------------------
+
+RICH_WANTED = frozenset({0x00090010, 0x00100010, 0x00100020, 0x00280010, 0x0040A010, 0x0040A730,
+                         0x00080016})
+
+
+@pytest.mark.parametrize("enc", ["LE", "BE", "IMPL"])
+def test_wanted_attributes_every_encoding(enc: str) -> None:
+    got = scan_dataset(rich(enc), TS_BY_ENC[enc], wanted=RICH_WANTED)
+    rows = struct.pack(">H" if enc == "BE" else "<H", 2)
+    assert got.wanted == {
+        0x00080005: b"ISO_IR 100",                  # read with any wanted attribute
+        0x00090010: b"ACME1", 0x00100010: CANARY.encode() + b"^X", 0x00100020: b"ID7",
+        0x00280010: rows, 0x00080016: uid(SOP_CLASS),
+    }   # (0040,A010) only inside items, (0040,A730) a sequence: neither is a top-level value
+    assert CANARY not in repr(got)
+    # Without wanted attributes nothing is read beyond the routing fields.
+    assert scan_dataset(rich(enc), TS_BY_ENC[enc]).wanted == {}
+
+
+def test_wanted_attribute_limits() -> None:
+    long = b"L" * 258
+    data = build(required()[:3] + [el(0x00080080, "LO", b"HOSP A"), el(0x00080080, "LO", b"HOSP B"),
+                                   el(0x00081030, "UT", long), el(0x00081010, "SH", b"")]
+                 + required()[3:])
+    got = scan_dataset(data, EXPLICIT, wanted=frozenset({0x00080080, 0x00081030, 0x00081010,
+                                                         0x00081040}))
+    # The first of a repeated attribute; nothing over 256 bytes; empty is a value; absent is not.
+    assert got.wanted == {0x00080080: b"HOSP A", 0x00081010: b""}
+    exactly = build(required() + [el(0x00211030, "UT", b"x" * 256)])
+    assert scan_dataset(exactly, EXPLICIT, wanted=frozenset({0x00211030})).wanted == {0x00211030: b"x" * 256}
+
+
+# --------------------------------------------------------------------------
 # Canary and fuzzing
 # --------------------------------------------------------------------------
 
@@ -791,7 +829,9 @@ def test_random_byte_flips(enc: str) -> None:
         if rng.random() < 0.2:
             del data[rng.randrange(len(data)):]
         try:
-            scan_dataset(bytes(data), ts, allow_deflate=True)
+            # Half of them also read wanted attributes (rules): same verdicts, streamed too.
+            scan_dataset(bytes(data), ts, allow_deflate=True,
+                         **({"wanted": RICH_WANTED} if rng.random() < 0.5 else {}))
             outcomes["ok"] += 1
         except DatasetRejected as exc:
             outcomes["rejected"] += 1
