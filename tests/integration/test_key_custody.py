@@ -226,7 +226,9 @@ def test_backup_taken_while_ingesting_restores_whole(engines, tmp_path):
     sender = threading.Thread(target=keep_sending)
     sender.start()
     try:
-        poll(lambda: len(blob_files(data_dir)) >= 9, timeout=30, message="ingest under way")
+        # Committed rows, not blob files: a blob is written before its row commits.
+        poll(lambda: engine.store.reader().object_count() >= 9 and len(blob_files(data_dir)) >= 4,
+             timeout=30, message="ingest under way")
         restored = tmp_path / "restored"
         (restored / "var").mkdir(parents=True)
         with sqlite3.connect(db_path(data_dir)) as src, \
