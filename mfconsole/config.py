@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from mfconsole import egress as egress_mod
 from mfconsole import rules as rules_mod
+from mfconsole.names import ae_title_problem, name_problem as _name  # noqa: F401  (kinds import them from here)
 from mfconsole.egress import http_prefix_allows, is_loopback, tcp_allows  # noqa: F401 (re-exported)
 from mfconsole.egress import path_problem as _path_problem
 from mfconsole.tls import TLSSetupError, client_context, server_context
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "config.toml"
 _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
@@ -194,24 +194,6 @@ class Config:
 # Validation helpers: each returns None when fine, else the reason.
 
 
-def ae_title_problem(value: Any) -> str | None:
-    """DICOM AE title (VR AE): 1-16 characters of the default repertoire, no
-    backslash, no control characters, not only spaces."""
-    if not isinstance(value, str):
-        return "must be a string"
-    if not value.strip():
-        return "must not be empty"
-    if len(value) > 16:
-        return f"is {len(value)} characters; an AE title has at most 16"
-    if "\\" in value:
-        return "must not contain a backslash"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        return "must not contain control characters"
-    if any(ord(ch) > 0x7E for ch in value):
-        return "must be plain ASCII"
-    return None
-
-
 # is_loopback, http_prefix_allows and tcp_allows live in mfconsole/egress.py (imported
 # above): a host is judged by the addresses it resolves to, not by its spelling.
 
@@ -349,11 +331,6 @@ def _host(value: str) -> str | None:
     if not value.strip() or any(ch.isspace() for ch in value):
         return "must be a host name or IP address"
     return None
-
-
-def _name(value: str) -> str | None:
-    return None if _NAME.match(value) else (
-        "must be 1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit")
 
 
 def _log_level(value: str) -> str | None:

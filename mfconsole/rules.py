@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
+from mfconsole.names import ae_title_problem, name_problem
+
 RULE_KEYS = frozenset({"name", "from", "when", "to", "action", "handler"})
 ROUTING_KEYS = frozenset({"match", "fallback"})
 # Header attributes by name; any other top-level attribute goes in `tags`.
@@ -442,16 +444,8 @@ def _strings(r: Any, where: str, value: Any, check: Callable[[str], str | None]
     return values if ok else None
 
 
-def _ae_title(value: str) -> str | None:
-    from mfconsole.config import ae_title_problem      # config.py imports this module
-
-    return ae_title_problem(value)
-
-
-def _name(value: str) -> str | None:
-    from mfconsole.config import _name as name_problem
-
-    return name_problem(value)
+_ae_title = ae_title_problem
+_name = name_problem
 
 
 def _modality(value: str) -> str | None:
