@@ -108,7 +108,7 @@ def test_large_refusals_and_duplicates_keep_one_blob_per_stored_object(engine_fa
     over, over_uid = big_object(tmp_path, "over", int(3.5 * MiB))   # under the abort margin
     sock = associated(engine)
     # The command names another SOP instance than the data set: 0xA900, nothing kept.
-    sock.sendall(pdv(1, 0x03, store_rq(1, CT, uid[:-1] + "9")))
+    sock.sendall(pdv(1, 0x03, store_rq(1, CT, uid[:-1] + ("8" if uid.endswith("9") else "9"))))
     send_data(sock, data, last=True)
     assert status_of(sock) == 0xA900
     # Over max_object_mb, known only once it is whole: 0xA700, nothing kept.
