@@ -103,9 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--object-id", type=int)
     au.add_argument("--limit", type=int, default=100)
     au.add_argument("--json", action="store_true")
-    sub.add_parser("reload", parents=[common],
-                   help="ask the running engine to reload config.toml and handlers (over its "
-                        "control socket)")
+    rl = sub.add_parser("reload", parents=[common],
+                        help="ask the running engine to reload config.toml and handlers (over its "
+                             "control socket); --plan: what it would change, first",
+                        description="Without --plan: the running engine reloads config.toml and the "
+                                    "handlers. With --plan: nothing is reloaded or sent; the objects "
+                                    "received in the last --hours are replayed through config.toml "
+                                    "and its handlers as on disk, and what would change is printed "
+                                    "per destination and rule. --plan exits 0 when nothing would "
+                                    "change, 1 when something would, 2 when config.toml does not "
+                                    "load or the plan cannot be made.")
+    rl.add_argument("--plan", action="store_true",
+                    help="print what a reload would change for recent objects; change nothing")
+    rl.add_argument("--hours", type=float, default=None, metavar="N",
+                    help="with --plan: objects received in the last N hours (default 24)")
+    rl.add_argument("--json", action="store_true", help="with --plan: machine-readable output")
     ks = sub.add_parser("keys", parents=[common], help="store keys: which seal what, make a new one")
     kss = ks.add_subparsers(dest="action", required=True, metavar="ACTION")
     kss.add_parser("list", parents=[common], help="configured key files, their key ids and objects")
@@ -163,6 +175,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(config_path)
     except ConfigError as exc:
+        if command == "reload" and args.plan:
+            return plan_invalid(config_path, exc, as_json=args.json)
         print(f"mfconsole: invalid configuration {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if command == "check":
@@ -541,7 +555,8 @@ def cmd_audit(config: Config, args: Any) -> int:
 
 OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,
               "dead-letters": cmd_dead_letters, "keys": cmd_keys, "rekey": cmd_rekey,
-              "reload": lambda config, args: cmd_reload(config), "handlers": cmd_handlers,
+              "reload": lambda config, args: cmd_plan(config, args) if args.plan else cmd_reload(config),
+              "handlers": cmd_handlers,
               "objects": cmd_objects, "audit": cmd_audit}
 
 
@@ -626,6 +641,56 @@ def cmd_reload(config: Config) -> int:
     said = "; ".join(result.get("report") or []) or "no change"
     print(f"reload {word} (pid {pid}): {said}", file=sys.stdout if ok else sys.stderr)
     return EXIT_OK if ok else EXIT_FAIL
+
+
+def cmd_plan(config: Config, args: Any) -> int:
+    """`mfconsole reload --plan`: what a reload of config.toml would change for the
+    objects received in the last --hours, computed by the running engine (against its
+    running configuration) or, when none runs, here (against what each object got when
+    it was received). Sends nothing, reloads nothing. Exits like diff(1): 0 no change,
+    1 changes, 2 the configuration does not load or the plan could not be made."""
+    from mfconsole import ops
+    from mfconsole.client import engine_socket
+    from mfconsole.control import ControlError
+    from mfconsole.engine import plan
+    from mfconsole.engine.engine_lock import EngineError
+
+    try:
+        hours = plan.DEFAULT_HOURS if args.hours is None else plan.check_hours(args.hours)
+    except ValueError as exc:
+        print(f"mfconsole reload --plan: --hours: {exc}", file=sys.stderr)
+        return plan.EXIT_TROUBLE
+    try:
+        served = engine_socket(config)
+        if served is not None:
+            result = _ask(served[1], "plan", hours=hours)
+        else:
+            result = ops.routing_plan(config, hours, actor=_me())
+    except (ControlError, EngineError, ops.OpsError) as exc:
+        print(f"mfconsole reload --plan: {exc}", file=sys.stderr)
+        return plan.EXIT_TROUBLE
+    lines = result.pop("lines", None) or plan.render(result)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print("\n".join(lines))
+    return plan.exit_code(result)
+
+
+def plan_invalid(path: Path, exc: ConfigError, *, as_json: bool) -> int:
+    """`reload --plan` on a config.toml that does not load: every problem with its key
+    path (a reload would be refused: the running engine keeps its configuration)."""
+    from mfconsole.engine import plan
+
+    if as_json:
+        print(json.dumps({"config": str(path), "error": {"problems": [list(p) for p in exc.problems]},
+                          "changed": None}, indent=2, sort_keys=True))
+    else:
+        print(f"routing plan: {path} does not load ({len(exc.problems)} problem(s)): a reload would "
+              "be refused and the running engine keeps its configuration")
+        for key, why in exc.problems:
+            print(f"  {key}: {why}")
+    return plan.EXIT_TROUBLE
 
 
 def _rule_counts(config: Config) -> dict[str, Any] | None:

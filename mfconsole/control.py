@@ -65,7 +65,7 @@ MUTATING = frozenset({"replay", "discard", "pause", "resume", "reload", "reload_
 READ_ONLY_OPS = frozenset({"snapshot", "destination", "dead_letter_groups", "dead_letters",
                            "dead_letter_count", "dead_letter", "echo", "test", "handlers",
                            "log_tail", "config_fields", "objects", "object", "audit",
-                           "audit_events", "rule_counts"})
+                           "audit_events", "rule_counts", "plan"})
 
 
 class ControlError(Exception):
@@ -197,6 +197,7 @@ class ControlService:
     def __init__(self, engine: Any):
         self.engine = engine
         self.counters = SessionCounters(db_path(engine.data_dir))
+        self._planning = threading.Lock()       # one routing plan at a time
 
     @property
     def config(self) -> Any:
@@ -413,6 +414,35 @@ class ControlService:
 
     def op_reload(self, actor: str) -> dict[str, Any]:
         return _reload_result(self.engine.reload(actor=actor))
+
+    def op_plan(self, actor: str, hours: float | None = None) -> dict[str, Any]:
+        """What a reload of config.toml would change for the objects received in the last
+        ``hours`` (engine/plan.py): the file on disk replayed against the running
+        configuration and handler versions. Sends nothing, reloads nothing, writes one
+        `routing_plan` audit row (counts, never a value). Read-only: it changes nothing
+        and shows routing-safe fields only."""
+        from mfconsole.engine import plan
+
+        try:
+            hours = plan.DEFAULT_HOURS if hours is None else plan.check_hours(hours)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        if not self._planning.acquire(blocking=False):
+            raise ControlError("a routing plan is already being made; try again when it is done")
+        try:
+            engine = self.engine
+            config = engine.config          # the running one, whatever a reload does meanwhile
+            running = engine.handlers.active() if engine.handlers else {}
+            with self._reading() as reads:
+                result = plan.compute(config.path, plan.RunningBaseline(config, running), reads,
+                                      plan.Objects(reads, engine.store.vault, engine.store.blob_root),
+                                      hours=hours)
+        finally:
+            self._planning.release()
+        status_word, detail = plan.audit_detail(result, actor)
+        engine.audit("routing_plan", status=status_word, actor=actor, detail=detail)
+        result["lines"] = plan.render(result)
+        return result
 
     def op_rule_counts(self, actor: str) -> dict[str, Any]:
         """What the rules decided since the engine started (`mfconsole status`)."""

@@ -468,6 +468,34 @@ def _shown(element: Any) -> str:
     return str(element.value)[:200]
 
 
+# -- the routing plan -------------------------------------------------------------
+
+def routing_plan(config: Config, hours: float, *, actor: str | None = None) -> dict[str, Any]:
+    """`reload --plan` while no engine runs: the configuration on disk (``config``'s
+    file, read again) replayed over the objects received in the last ``hours``, against
+    what each object got when it was received (engine/plan.py). Opens stored objects
+    with the key file; sends nothing; audits one `routing_plan` row."""
+    from mfconsole.engine import plan
+    from mfconsole.engine.keys import KeyCustodyError, open_vault
+
+    db = _db(config)
+    key_file = config.store.key_file
+    if not key_file.exists():      # open_vault would make a key for an empty store: not here
+        raise OpsError(f"store.key_file {key_file} is missing: the plan cannot open stored objects")
+    try:
+        vault = open_vault(config.store, config.engine.data_dir)
+    except KeyCustodyError as exc:
+        raise OpsError(str(exc)) from None
+    with reading(db) as reads:
+        result = plan.compute(config.path, plan.ReceivedBaseline(reads), reads,
+                              plan.Objects(reads, vault, config.engine.data_dir / "blobs"), hours=hours)
+    who = _who(actor)
+    status, detail = plan.audit_detail(result, who)
+    _write(config, None, partial(Tx.audit, actor=who, status=status, detail=detail), "routing_plan")
+    result["lines"] = plan.render(result)
+    return result
+
+
 # -- store keys ------------------------------------------------------------------
 
 def new_key(path: Path) -> str:

@@ -452,6 +452,68 @@ class Reads:
             "ORDER BY id", (delivery_id,)))
 
 
+    # -- the routing plan (mfconsole/engine/plan.py) ---------------------------------------
+
+    _PLAN_COLUMNS = ("id", "received_at", "listener", "calling_ae", "peer", "modality",
+                     "sop_class_uid", "sop_instance_uid", "study_uid", "series_uid",
+                     "transfer_syntax", "size")
+
+    def plan_count(self, since: float) -> int:
+        """Objects a routing plan looks at: the latest version of each SOP instance,
+        received at or after ``since``, still stored."""
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM objects WHERE purged_at IS NULL AND superseded = 0 "
+            "AND received_at >= ?", (since,)).fetchone()[0]
+
+    def plan_page(self, since: float, after: tuple[float, int] | None, limit: int
+                  ) -> list[dict[str, Any]]:
+        """One page of those objects, newest first; the next page starts after the
+        (received_at, id) of this one's last row. Routing-safe columns only, and
+        ``called_ae`` where the schema has it (schema v8 on; "" before)."""
+        columns = list(self._PLAN_COLUMNS)
+        if "called_ae" in self.columns("objects"):
+            columns.append("called_ae")
+        sql = (f"SELECT {', '.join(columns)} FROM objects WHERE purged_at IS NULL AND "
+               "superseded = 0 AND received_at >= ?")
+        params: list[Any] = [since]
+        if after is not None:
+            sql += " AND (received_at < ? OR (received_at = ? AND id < ?))"
+            params += [after[0], after[0], after[1]]
+        rows = _dicts(self.conn.execute(sql + " ORDER BY received_at DESC, id DESC LIMIT ?",
+                                        params + [limit]))
+        for row in rows:
+            row.setdefault("called_ae", "")
+        return rows
+
+    def routing_received(self, object_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """What routing gave each object when it was received: the deliveries made in
+        its ingest transaction (created with it: a replay's come later), and the words
+        and events of its routing audit rows. {id: {"routes": [(destination, handler)],
+        "stored": detail or None, "discarded": rule or None, "unrouted": bool}}."""
+        ids = [int(i) for i in object_ids]
+        out: dict[int, dict[str, Any]] = {
+            i: {"routes": [], "stored": None, "discarded": None, "unrouted": False} for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self.conn.execute(
+                    "SELECT d.object_id, d.destination, d.handler FROM deliveries d JOIN objects o "
+                    f"ON o.id = d.object_id WHERE d.object_id IN ({marks}) "
+                    "AND d.created_at = o.received_at ORDER BY d.id", chunk):
+                out[r[0]]["routes"].append((r[1], r[2]))
+            for r in self.conn.execute(
+                    "SELECT object_id, event, status, detail FROM audit WHERE object_id IN "
+                    f"({marks}) AND event IN ('stored', 'discarded_by_rule', 'unrouted') "
+                    "ORDER BY id", chunk):
+                entry = out[r[0]]
+                if r[1] == "stored":
+                    entry["stored"] = r[3]
+                elif r[1] == "discarded_by_rule":
+                    entry["discarded"] = r[2]
+                else:
+                    entry["unrouted"] = True
+        return out
+
     # -- inspection: whole rows, for tests and diagnostics ---------------------------------
 
     def columns(self, table: str) -> set[str]:
