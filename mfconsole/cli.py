@@ -1,7 +1,9 @@
 """Command line: ``mfconsole [--config PATH] COMMAND``.
 
 Exit codes: 0 fine, 1 the operation failed (peer refused, engine error), 2 the
-configuration or the command line is wrong.
+configuration or the command line is wrong. ``reload --plan`` exits like diff(1): 0
+nothing would change, 1 something would, 2 config.toml does not load (or no plan could
+be made).
 """
 
 from __future__ import annotations
