@@ -596,7 +596,7 @@ def render(plan: dict[str, Any]) -> list[str]:
         elif h["running"] and h["running"] != h["on_disk"]:
             lines.append(f"  {h['name']}: running {h['running']} -> on disk {h['on_disk'] or '(no route)'}")
         elif h["on_disk"]:
-            lines.append(f"  {h['name']}: {h['on_disk']}" + (" (unchanged)" if h["running"] else ""))
+            lines.append(f"  {h['on_disk']}: " + ("running, unchanged" if h["running"] else "on disk"))
     for d in steps:
         runs = f"run on {d['handler_runs']}"
         if d["handler_not_run"]:
