@@ -616,8 +616,11 @@ def render(plan: dict[str, Any]) -> list[str]:
     if samples:
         lines.append(f"samples (at most {SAMPLES} per line above; routing-safe fields):")
         lines += samples
-    lines.append("a reload would change what these objects get" if plan["changed"]
-                 else "a reload would change nothing for these objects")
+    moved = plan["changed_objects"] or any(
+        d["handler_changed"] or d["coercion_changed"] or d["outcome_changed"] for d in plan["destinations"])
+    lines.append("a reload would change what these objects get" if moved
+                 else "a reload would change rules or handlers, not what these objects get"
+                 if plan["changed"] else "a reload would change nothing for these objects")
     return lines
 
 

@@ -268,3 +268,34 @@ def test_the_words_of_a_stored_row_give_back_the_decision():
     assert not d.ruled
     d = plan_mod.received_decision({**got, "routes": [], "discarded": "qa"})
     assert d.discarded and d.rules == ("qa",)
+
+
+def test_a_new_handler_version_on_disk_is_run_beside_the_running_one(engine_factory, tmp_path):
+    folder = tmp_path / "engine" / "handlers"
+    folder.mkdir(parents=True)
+    (folder / "keep_even.py").write_text(KEEP_EVEN.format(v="1.0", m=2))
+    rules = [{"name": "ct", "when": {"calling_aet": ["CT1"]}, "to": ["pacs"], "handler": "keep_even"}]
+    engine = engine_factory(destinations=DESTS, routes=[], rules=rules, routing=FALLBACK)
+    engine.control.service.call("pause", {"destination": "pacs"})
+    for i in range(10):
+        ingest(engine, dataset(i), "CT1")
+    (folder / "keep_even.py").write_text(KEEP_EVEN.format(v="2.0", m=3))     # config.toml unchanged
+    plan = engine.control.service.call("plan", {})
+    pacs = by_name(plan["destinations"])["pacs"]
+    # Series 0..9: 1.0 filters the odd ones, 2.0 those not divisible by 3; 2, 3, 4, 8, 9 change.
+    assert (pacs["added"], pacs["removed"], pacs["handler_changed"]) == (0, 0, 0)
+    assert (pacs["handler_runs"], pacs["filtered"], pacs["outcome_changed"]) == (10, 6, 5)
+    handler = by_name(plan["handlers"])["keep_even"]
+    assert handler["changed"] and handler["running"].startswith("keep_even 1.0")
+    assert handler["on_disk"].startswith("keep_even 2.0")
+    assert plan_mod.exit_code(plan) == plan_mod.EXIT_CHANGED
+    assert engine.handlers.get("keep_even").version == "1.0"          # still the running one
+
+
+def test_a_rule_that_decides_nothing_yet_is_still_a_change(setup):
+    engine = setup
+    rewrite(engine, rules=[{"name": "us", "when": {"modality": ["US"]}, "to": ["research"]}, *OLD_RULES])
+    plan = engine.control.service.call("plan", {})
+    assert plan["changed_objects"] == 0 and plan_mod.exit_code(plan) == plan_mod.EXIT_CHANGED
+    assert by_name(plan["rules"])["us"] == {"name": "us", "before": 0, "after": 0, "new": True, "gone": False}
+    assert plan["lines"][-1] == "a reload would change rules or handlers, not what these objects get"
