@@ -418,6 +418,7 @@ class Engine:
             study_uid=summary.study_instance_uid, series_uid=summary.series_instance_uid,
             modality=summary.modality, transfer_syntax=meta["transfer_syntax"],
             listener=meta["listener"], calling_ae=meta["calling_ae"], peer=meta["peer"],
+            called_ae=meta.get("called_ae", ""),
             routes=decision.routes, routed_by=decision.words, nowhere=decision.nowhere(),
             association_id=meta.get("association", ""),
             # Keyed hashes only: the identifiers themselves stay in the sealed blob.
