@@ -16,8 +16,8 @@ from typing import Any, Callable
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID
 
+from mfconsole import dicomheader
 from mfconsole.contract import FILTERED, MESSAGE, PERMANENT, Outbound, Outcome
 from mfconsole.engine.handlers import Handlers, HandlerError, LoadedHandler
 from mfconsole.kinds import kind_of
@@ -107,17 +107,14 @@ class Transformer:
 
 
 def with_original_pixels(header: Dataset, original: bytes, transfer_syntax: str) -> bytes:
-    """``header`` (without pixel data) in ``transfer_syntax``, then the original bytes
-    from the top-level Pixel Data element on, untouched."""
-    from pydicom.filereader import read_dataset
-
-    ts = UID(transfer_syntax)
-    fp = DicomBytesIO(original)
-    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
-    read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
-                 stop_when=lambda tag, vr, length: tag >= 0x7FE00010)
-    tail = original[fp.tell():] if fp.tell() < len(original) else b""
+    """``header`` (its elements before (7FE0,0008)) in ``transfer_syntax``, then the
+    original bytes from the first top-level element at or after (7FE0,0008) on,
+    untouched (mfconsole/dicomheader.py finds it, as for coercion). A deflated object
+    is inflated, and the result deflated again."""
+    parsed = dicomheader.parse(original, transfer_syntax)
+    syntax = parsed.syntax
     out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
-    write_dataset(out, Dataset({t: e for t, e in header.items() if t < 0x7FE00010}))
-    return out.getvalue() + tail
+    out.is_little_endian, out.is_implicit_VR = syntax.little, syntax.implicit
+    write_dataset(out, Dataset({t: e for t, e in header.items() if t < dicomheader.PIXELS_FROM}))
+    data = out.getvalue() + parsed.data[parsed.end:]
+    return dicomheader.deflate(data) if syntax.deflated else data
