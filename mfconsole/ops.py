@@ -374,8 +374,10 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
     return preview_handler(config, handler, obj, destination)
 
 
-def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None) -> tuple[str, Any, Any]:
-    """(label, what the handler made or None when it filtered, the destination)."""
+def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None,
+                 origin: Any = None) -> tuple[str, Any, Any]:
+    """(label, what the handler made or None when it filtered, the destination);
+    ``origin`` (transform.Origin): where a stored object came from."""
     from mfconsole.contract import Outcome
     from mfconsole.engine.handlers import Handlers
     from mfconsole.engine.transform import Transformer
@@ -388,7 +390,8 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
     if dest is None:
         raise OpsError(f"name a destination with --destination (no route uses {name})"
                        if destination is None else f"no destination named {destination!r}")
-    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj)
+    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj,
+                                                         origin)
     label = f"{handler.label} for {dest.name} ({dest.kind})"
     if isinstance(out, Outcome):
         if out.status == "filtered":
@@ -397,12 +400,13 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
     return label, out, dest
 
 
-def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
+def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None,
+                    origin: Any = None) -> str:
     """What a loaded handler version emits for one object, as text, values included
     (the caller decides whether that is a reveal). Sends nothing."""
     from mfconsole.kinds import kind_of
 
-    label, out, dest = _run_handler(config, handler, obj, destination)
+    label, out, dest = _run_handler(config, handler, obj, destination, origin)
     if out is None:
         return f"# {label}\nfiltered: the handler returned None (nothing would be sent)\n"
     if kind_of(dest).produces == "hl7":
@@ -417,13 +421,14 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
     return "\n".join(lines) + "\n"
 
 
-def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None) -> dict[str, Any]:
+def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None,
+                      origin: Any = None) -> dict[str, Any]:
     """What a handler version would do to one object, without any value: for a DICOM
     output the attributes it adds, removes or changes (tag and name); for HL7 the
     segments and how many fields each carries. Routing-safe: no reveal needed."""
     from mfconsole.kinds import kind_of
 
-    label, out, dest = _run_handler(config, handler, obj, destination)
+    label, out, dest = _run_handler(config, handler, obj, destination, origin)
     if out is None:
         return {"label": label, "kind": "filtered"}
     if kind_of(dest).produces == "hl7":
