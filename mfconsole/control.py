@@ -376,6 +376,13 @@ class ControlService:
             raise ControlError(f"object {row['object_id']} cannot be read "
                                f"({exc.__class__.__name__})") from None
 
+    def op_note_reveal(self, actor: str, command: str, destinations: list[str]) -> None:
+        """Audit values an operator's command showed (`routes explain --reveal`, run
+        beside this engine): the engine writes the row, as the one writer."""
+        from mfconsole import ops
+
+        ops.note_reveal(self.config, command, list(destinations), actor=actor, write=self._write)
+
     # -- destinations ---------------------------------------------------------------
 
     def _destination(self, name: str) -> Any:

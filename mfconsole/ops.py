@@ -317,6 +317,28 @@ def find_objects(config: Config, vault: Any, *, accession: str | None = None,
     return result
 
 
+# Commands whose shown values an operator may ask for (the audit row names it).
+REVEALING_COMMANDS = ("routes explain",)
+
+
+def note_reveal(config: Config, command: str, destinations: list[str], *,
+                actor: str | None = None, write: Write | None = None) -> None:
+    """Audit that ``command`` showed an operator patient values (coercion's before and
+    after, for ``destinations``): who and what, never a value nor a file name."""
+    if command not in REVEALING_COMMANDS:
+        raise OpsError(f"{command!r} is not a command that reveals values")
+    names = [d.name for d in config.destinations]
+    unknown = [d for d in destinations if d not in names]
+    if unknown or not destinations:
+        raise OpsError(f"no destination named {', '.join(map(repr, unknown))}" if unknown
+                       else "name the destinations whose values were shown")
+    who = _who(actor)
+    _write(config, write, partial(Tx.audit, actor=who,
+                                  detail=f"{command}: coercion values of a file for "
+                                         f"{', '.join(destinations)} shown to {who}"),
+           "phi_revealed")
+
+
 def list_audit(config: Config, filters: dict[str, Any] | None = None, before_id: int | None = None,
                limit: int = 200) -> list[dict[str, Any]]:
     """The audit trail, newest first, filtered (event, destination, listener, actor,
