@@ -119,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("routes", parents=[common], help="where the rules send an object")
     ros = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
     rx = ros.add_parser("explain", parents=[common],
-                        help="which rule a DICOM file matches and the destinations it would get "
-                             "(reads config.toml only: contacts neither the engine nor a peer)")
+                        help="which rule a DICOM file matches, the destinations it would get and "
+                             "their coercion (reads config.toml; contacts no peer, and the engine "
+                             "only to audit --reveal)")
     rx.add_argument("file", type=Path)
     rx.add_argument("--listener", metavar="NAME", help="the listener it arrives on (default: the first)")
     rx.add_argument("--calling", default="", metavar="AE", help="the calling AE title of the sender")
