@@ -269,7 +269,10 @@ def record(tx: Tx, destination: str, item: Claimed, outcome: Outcome,
                  sop_instance_uid=item.sop_instance_uid, status=outcome.status,
                  detail=f"attempt {attempts}: {outcome.label}: {outcome.reason}"
                         + (f"; next try in {retry_at - now:.1f} s"
-                           if event == "retry_scheduled" and retry_at else ""))
+                           if event == "retry_scheduled" and retry_at else "")
+                        # as Tx.delivered words it for a run of plain successes
+                        + (f"; coerced: {coerced or 'nothing changed'}"
+                           if outcome.is_success and coerced is not None else ""))
     return outcome
 
 
