@@ -109,6 +109,10 @@ class DestinationWorkers:
                                     destination.down_after, destination.bounded_attempts)
         self.held = held if held is not None else outbox.Held()   # shared with the sweep
         self.wake = threading.Event()
+        # Set while a worker waits out a pause or a backoff: new objects change
+        # neither, so they do not wake it (at ingest rates that would be a state
+        # read per object); operators and the sweep still do (``wake``).
+        self._holding = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.sent = 0
@@ -127,9 +131,22 @@ class DestinationWorkers:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
 
+    def new_work(self) -> None:
+        """Deliveries were queued: wake an idle worker (one that is not holding)."""
+        if not self._holding and not self.wake.is_set():
+            self.wake.set()
+
     def _wait(self, seconds: float) -> None:
         self.wake.wait(max(0.0, min(seconds, 1.0)))
         self.wake.clear()
+
+    def _hold(self, seconds: float) -> None:
+        """Wait out a pause or a backoff (new objects do not end it; see ``_holding``)."""
+        self._holding = True
+        try:
+            self._wait(seconds)
+        finally:
+            self._holding = False
 
     def _run(self, index: int) -> None:
         lane = _Lane(self.make_sender(), index, threading.current_thread().name)
@@ -160,13 +177,13 @@ class DestinationWorkers:
         if st.paused:
             self._settle(lane)
             sender.close()
-            self._wait(1.0)
+            self._hold(1.0)
             return True
         wait = st.next_attempt_at - time.time()
         if wait > 0:
             self._settle(lane)
             sender.close()
-            self._wait(wait)
+            self._hold(wait)
             return True
         # A destination marked down is probed with one object at a time.
         # A round is at least one full request of a batching sender (STOW).
