@@ -191,7 +191,9 @@ def test_a_rule_removed_while_its_delivery_waits_dead_letters_it(engine_factory,
     assert not [line for line in engine.reload() if line.startswith("refused")]
     engine.store.call(outbox.replay, [dead["id"]])
     engine.deliveries["pacs"].wake.set()
-    poll(lambda: storescp.received_files(), timeout=20, message="the replay received")
+    # Delivered: storescp has written the file before it answered.
+    poll(lambda: deliveries(engine)[0]["state"] == "delivered", timeout=20,
+         message="the replay delivered")
     got = dcmread(storescp.received_files()[0])
     assert got.PatientID == f"CT1-{CANARY_ID}" and got.IssuerOfPatientID == "HOSP_A"
 
@@ -200,7 +202,8 @@ def test_a_rule_removed_while_its_delivery_waits_dead_letters_it(engine_factory,
     files = [image(tmp_path, "fine1"), image(tmp_path, "long", patient_id="L" * 62),
              image(tmp_path, "fine2")]
     storescu(port, "CT1", files)
-    poll(lambda: len(storescp.received_files()) == 3, timeout=30, message="the two fine ones")
+    poll(lambda: [d["state"] for d in deliveries(engine)].count("delivered") == 3, timeout=30,
+         message="the two fine ones delivered")
     failed = poll(lambda: [d for d in deliveries(engine) if d["state"] == "dead"], timeout=10,
                   message="the one that cannot be coerced dead-lettered")
     assert len(failed) == 1 and failed[0]["last_status"] == "coercion"
@@ -226,7 +229,8 @@ def test_handler_context_says_where_the_object_came_from(engine_factory, storesc
                                            "port": storescp.port, "ae_title": storescp.ae_title, **FAST}],
                             routes=[{"from": "modalities", "to": ["pacs"], "handler": "origin"}])
     storescu(engine.listeners[0].address[1], "CT1", [image(tmp_path, "ct")])
-    poll(lambda: storescp.received_files(), timeout=20, message="the object received")
+    poll(lambda: [d["state"] for d in deliveries(engine)] == ["delivered"], timeout=20,
+         message="the object delivered")
     calling, called, peer, listener, zone, stamp = \
         dcmread(storescp.received_files()[0]).ImageComments.split("|")
     received = engine.store.reader().rows("objects")[0]["received_at"]
