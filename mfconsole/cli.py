@@ -133,13 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("routes", parents=[common], help="where the rules send an object")
     ros = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
     rx = ros.add_parser("explain", parents=[common],
-                        help="which rule a DICOM file matches and the destinations it would get "
-                             "(reads config.toml only: contacts neither the engine nor a peer)")
+                        help="which rule a DICOM file matches, the destinations it would get and "
+                             "their coercion (reads config.toml; contacts no peer, and the engine "
+                             "only to audit --reveal)")
     rx.add_argument("file", type=Path)
     rx.add_argument("--listener", metavar="NAME", help="the listener it arrives on (default: the first)")
     rx.add_argument("--calling", default="", metavar="AE", help="the calling AE title of the sender")
     rx.add_argument("--called", metavar="AE", help="the called AE title (default: the listener's)")
     rx.add_argument("--peer", default="", metavar="ADDR", help="the sender's IP address (no port)")
+    rx.add_argument("--reveal", action="store_true",
+                    help="also show the values coercion would change, before and after (patient "
+                         "data: the reveal is audited)")
     hd = sub.add_parser("handlers", parents=[common], help="list handlers, preview one on a file")
     hds = hd.add_subparsers(dest="action", required=True, metavar="ACTION")
     hds.add_parser("list", parents=[common], help="handlers in handlers/, their version and routes")
@@ -320,7 +324,8 @@ def cmd_dead_letters(config: Config, args: Any) -> int:
             return EXIT_OK
         for key in ("id", "destination", "sop_instance_uid", "sop_class_uid", "study_uid",
                     "transfer_syntax", "size", "calling_ae", "listener", "attempts",
-                    "last_status", "last_class", "last_reason", "handler", "handler_version"):
+                    "last_status", "last_class", "last_reason", "handler", "handler_version",
+                    "rule", "coerced"):
             print(f"{key:>18}: {row.get(key) if row.get(key) is not None else ''}")
         for h in row["history"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["ts"]))
@@ -445,7 +450,63 @@ def cmd_routes_explain(config: Config, args: Any) -> int:
         print(f"decision: fallback -> {where}")
     else:
         print(f"decision: [[routes]] of {listener} -> {where.replace(' (stored, audited)', '')}")
+    return _explain_coercion(config, d.routes, data, ts, reveal=args.reveal)
+
+
+def _explain_coercion(config: Config, routes: Any, data: bytes, ts: str, *, reveal: bool) -> int:
+    """The coercion each delivery of the decision would get, and what it would change
+    in this file: operations and attributes; values only with ``reveal``, audited
+    first (nothing is shown when the audit row cannot be written)."""
+    from mfconsole import coerce
+    from mfconsole.contract import Outcome
+    from mfconsole.engine.coercion import Coercer
+
+    rules = {rule.name: rule for rule in config.rules}
+    shown: list[tuple[str, list[str]]] = []
+    for route in routes:
+        coercer = Coercer(config.destination(route.destination), lambda: rules)
+        ops = coercer.operations(route.rule) if coercer.dicom else ()
+        if isinstance(ops, Outcome) or not ops:
+            continue
+        print(f"coercion for {route.destination}: {coerce.describe(ops)}"
+              + (f" (on what handler {route.handler} returns; shown on the file as it is)"
+                 if route.handler else ""))
+        try:
+            result = coerce.apply(ops, data, ts, keep_values=reveal)
+        except coerce.CoercionError as exc:
+            print(f"  would fail (dead letter): {exc}")
+            continue
+        print(f"  would change: {result.words or 'nothing in this file'}")
+        if reveal and result.values:
+            shown.append((route.destination, [f"    {name}: {_shown(before)} -> {_shown(after)}"
+                                              for name, before, after in result.values]))
+    if shown:
+        try:
+            _audit_reveal(config, [name for name, _ in shown])
+        except Exception as exc:
+            print(f"mfconsole routes explain: values not shown: the reveal could not be audited "
+                  f"({exc})", file=sys.stderr)
+            return EXIT_FAIL
+        for name, lines in shown:
+            print(f"  values for {name} (revealed, audited):")
+            print("\n".join(lines))
     return EXIT_OK
+
+
+def _shown(value: str | None) -> str:
+    return "(absent)" if value is None else repr(value)
+
+
+def _audit_reveal(config: Config, destinations: list[str]) -> None:
+    """An audit row for values a command shows: through the running engine (its one
+    writer), else written here (the data directory's database must exist)."""
+    from mfconsole import ops
+
+    sock = _engine_socket(config)
+    if sock is not None:
+        _ask(sock, "note_reveal", command="routes explain", destinations=destinations)
+    else:
+        ops.note_reveal(config, "routes explain", destinations, actor=_me())
 
 
 def cmd_keys(config: Config, args: Any) -> int:
@@ -497,7 +558,7 @@ def cmd_objects(config: Config, args: Any) -> int:
             return EXIT_OK
         o = t["object"]
         for key in ("id", "sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "modality",
-                    "transfer_syntax", "size", "version", "listener", "calling_ae", "peer"):
+                    "transfer_syntax", "size", "version", "listener", "calling_ae", "called_ae", "peer"):
             print(f"{key:>18}: {o.get(key) if o.get(key) is not None else ''}")
         print(f"{'received':>18}: {_when(o['received_at'])}"
               + ("  (superseded by a later version)" if o["superseded"] else "")
@@ -505,6 +566,11 @@ def cmd_objects(config: Config, args: Any) -> int:
         for d in t["deliveries"]:
             print(f"  delivery {d['id']} to {d['destination']}: {d['state']} after {d['attempts']} "
                   f"attempt(s)" + (f", last {d['last_status']}: {d['last_reason']}" if d["last_status"] else ""))
+            if d.get("rule") or d.get("coerced") is not None:
+                print("    " + "; ".join(x for x in (
+                    f"rule {d['rule']}" if d.get("rule") else "",
+                    f"coerced: {d['coerced'] or 'nothing changed'}" if d.get("coerced") is not None
+                    else "") if x))
         for e in t["events"]:
             print(f"  {_when(e['ts'])} {e['event']:<22} {e['destination'] or e['listener'] or '':<12} "
                   f"{e['status'] or '':<10} {e['detail'] or ''}")

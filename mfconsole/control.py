@@ -377,6 +377,13 @@ class ControlService:
             raise ControlError(f"object {row['object_id']} cannot be read "
                                f"({exc.__class__.__name__})") from None
 
+    def op_note_reveal(self, actor: str, command: str, destinations: list[str]) -> None:
+        """Audit values an operator's command showed (`routes explain --reveal`, run
+        beside this engine): the engine writes the row, as the one writer."""
+        from mfconsole import ops
+
+        ops.note_reveal(self.config, command, list(destinations), actor=actor, write=self._write)
+
     # -- destinations ---------------------------------------------------------------
 
     def _destination(self, name: str) -> Any:
@@ -500,6 +507,7 @@ class ControlService:
         from mfconsole import ops
         from mfconsole.contract import Outbound
         from mfconsole.engine.handlers import HandlerError
+        from mfconsole.engine.transform import Origin
 
         try:
             handler = self.engine.handlers.get(name)
@@ -523,10 +531,11 @@ class ControlService:
         self._dataset(row)       # readable at all? (a clear error instead of a handler one)
         obj = Outbound(row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],
                        self.engine.store.read_object(row["object_id"]), row["study_uid"] or "")
+        origin = Origin.of(row)
         if not reveal:
             return {"delivery_id": row["id"], "object_id": row["object_id"],
-                    **ops.preview_structure(self.config, handler, obj, row["destination"])}
-        text = ops.preview_handler(self.config, handler, obj, row["destination"])
+                    **ops.preview_structure(self.config, handler, obj, row["destination"], origin)}
+        text = ops.preview_handler(self.config, handler, obj, row["destination"], origin)
         self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
                           delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
                           detail=f"handler {handler.label} preview shown to {actor}", actor=actor)

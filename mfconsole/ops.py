@@ -317,6 +317,28 @@ def find_objects(config: Config, vault: Any, *, accession: str | None = None,
     return result
 
 
+# Commands whose shown values an operator may ask for (the audit row names it).
+REVEALING_COMMANDS = ("routes explain",)
+
+
+def note_reveal(config: Config, command: str, destinations: list[str], *,
+                actor: str | None = None, write: Write | None = None) -> None:
+    """Audit that ``command`` showed an operator patient values (coercion's before and
+    after, for ``destinations``): who and what, never a value nor a file name."""
+    if command not in REVEALING_COMMANDS:
+        raise OpsError(f"{command!r} is not a command that reveals values")
+    names = [d.name for d in config.destinations]
+    unknown = [d for d in destinations if d not in names]
+    if unknown or not destinations:
+        raise OpsError(f"no destination named {', '.join(map(repr, unknown))}" if unknown
+                       else "name the destinations whose values were shown")
+    who = _who(actor)
+    _write(config, write, partial(Tx.audit, actor=who,
+                                  detail=f"{command}: coercion values of a file for "
+                                         f"{', '.join(destinations)} shown to {who}"),
+           "phi_revealed")
+
+
 def list_audit(config: Config, filters: dict[str, Any] | None = None, before_id: int | None = None,
                limit: int = 200) -> list[dict[str, Any]]:
     """The audit trail, newest first, filtered (event, destination, listener, actor,
@@ -374,8 +396,10 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
     return preview_handler(config, handler, obj, destination)
 
 
-def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None) -> tuple[str, Any, Any]:
-    """(label, what the handler made or None when it filtered, the destination)."""
+def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None,
+                 origin: Any = None) -> tuple[str, Any, Any]:
+    """(label, what the handler made or None when it filtered, the destination);
+    ``origin`` (transform.Origin): where a stored object came from."""
     from mfconsole.contract import Outcome
     from mfconsole.engine.handlers import Handlers
     from mfconsole.engine.transform import Transformer
@@ -388,7 +412,8 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
     if dest is None:
         raise OpsError(f"name a destination with --destination (no route uses {name})"
                        if destination is None else f"no destination named {destination!r}")
-    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj)
+    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj,
+                                                         origin)
     label = f"{handler.label} for {dest.name} ({dest.kind})"
     if isinstance(out, Outcome):
         if out.status == "filtered":
@@ -397,12 +422,13 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
     return label, out, dest
 
 
-def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
+def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None,
+                    origin: Any = None) -> str:
     """What a loaded handler version emits for one object, as text, values included
     (the caller decides whether that is a reveal). Sends nothing."""
     from mfconsole.kinds import kind_of
 
-    label, out, dest = _run_handler(config, handler, obj, destination)
+    label, out, dest = _run_handler(config, handler, obj, destination, origin)
     if out is None:
         return f"# {label}\nfiltered: the handler returned None (nothing would be sent)\n"
     if kind_of(dest).produces == "hl7":
@@ -417,13 +443,14 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
     return "\n".join(lines) + "\n"
 
 
-def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None) -> dict[str, Any]:
+def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None,
+                      origin: Any = None) -> dict[str, Any]:
     """What a handler version would do to one object, without any value: for a DICOM
     output the attributes it adds, removes or changes (tag and name); for HL7 the
     segments and how many fields each carries. Routing-safe: no reveal needed."""
     from mfconsole.kinds import kind_of
 
-    label, out, dest = _run_handler(config, handler, obj, destination)
+    label, out, dest = _run_handler(config, handler, obj, destination, origin)
     if out is None:
         return {"label": label, "kind": "filtered"}
     if kind_of(dest).produces == "hl7":

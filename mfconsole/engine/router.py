@@ -126,9 +126,10 @@ def _decision(found: tuple[Rule, ...]) -> Decision:
     routes: list[Route] = []
     for rule in found:
         for dest in rule.to:
-            route = Route(dest, rule.handler)
-            if route not in routes:          # the same destination and handler: once
-                routes.append(route)
+            # The same destination and handler: once, made by the first rule (whose
+            # coercion then applies to it).
+            if not any((r.destination, r.handler) == (dest, rule.handler) for r in routes):
+                routes.append(Route(dest, rule.handler, rule.name))
     return Decision(tuple(routes), rules=tuple(r.name for r in found), ruled=True)
 
 

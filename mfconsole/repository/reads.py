@@ -22,7 +22,8 @@ from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, IN_FLIGH
 ERROR_EVENTS = ("refused", "association_rejected", "dead_lettered", "store_failed")
 
 _DEAD_COLUMNS = ("d.id, d.destination, d.object_id, d.attempts, d.last_status, d.last_class, "
-                 "d.last_reason, d.handler, d.handler_version, d.updated_at, o.sop_instance_uid, "
+                 "d.last_reason, d.handler, d.handler_version, d.rule, d.coerced, d.updated_at, "
+                 "o.sop_instance_uid, "
                  "o.sop_class_uid, o.study_uid, o.transfer_syntax, o.size, o.calling_ae, o.listener, "
                  "o.version, o.superseded")
 _DEAD_FROM = "FROM deliveries d JOIN objects o ON o.id = d.object_id"
@@ -114,7 +115,8 @@ class ObjectFilter:
 # Columns the browser may sort by (names checked here, never pasted from a request).
 OBJECT_SORTS = ("id", "received_at", "listener", "calling_ae", "modality", "sop_class_uid",
                 "sop_instance_uid", "study_uid", "series_uid", "size")
-_OBJECT_COLUMNS = ("o.id, o.received_at, o.listener, o.calling_ae, o.peer, o.association, o.modality, "
+_OBJECT_COLUMNS = ("o.id, o.received_at, o.listener, o.calling_ae, o.called_ae, o.peer, o.association, "
+                   "o.modality, "
                    "o.sop_class_uid, o.sop_instance_uid, o.study_uid, o.series_uid, o.transfer_syntax, "
                    "o.size, o.version, o.superseded, o.purged_at, "
                    "(SELECT group_concat(x.destination || '=' || x.state, ' ') FROM "
@@ -243,7 +245,8 @@ class Reads:
         order = "d.id" if ordered else "d.retry_at, d.id"
         return list(self.conn.execute(
             "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, d.suspect, "
-            "o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size "
+            "d.rule, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size, "
+            "o.calling_ae, o.called_ae, o.peer, o.received_at "
             "FROM deliveries d JOIN objects o ON o.id = d.object_id "
             f"WHERE d.destination = ? AND d.state = ? AND (? OR d.retry_at <= ?) {where} "
             f"ORDER BY {order} LIMIT ?", (destination, PENDING, ordered, now, limit)))
@@ -270,8 +273,9 @@ class Reads:
         """One delivery with its object's routing fields (any state, purged or not)."""
         row = self.conn.execute(
             "SELECT d.id, d.destination, d.object_id, d.state, d.handler, d.attempts, d.suspect, "
-            "d.retry_at, d.last_status, d.last_class, d.last_reason, o.sop_instance_uid, "
-            "o.sop_class_uid, o.transfer_syntax, o.study_uid, o.purged_at "
+            "d.retry_at, d.last_status, d.last_class, d.last_reason, d.rule, d.coerced, "
+            "d.listener, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, "
+            "o.purged_at, o.calling_ae, o.called_ae, o.peer, o.received_at "
             f"{_DEAD_FROM} WHERE d.id = ?", (int(delivery_id),)).fetchone()
         return dict(row) if row is not None else None
 
@@ -279,7 +283,8 @@ class Reads:
         """The latest deliveries through a handler whose object is still stored."""
         return _dicts(self.conn.execute(
             "SELECT d.id, d.destination, d.listener, d.object_id, o.sop_class_uid, "
-            "o.sop_instance_uid, o.transfer_syntax, o.study_uid, o.purged_at "
+            "o.sop_instance_uid, o.transfer_syntax, o.study_uid, o.purged_at, o.calling_ae, "
+            "o.called_ae, o.peer, o.received_at "
             f"{_DEAD_FROM} WHERE d.handler = ? AND o.purged_at IS NULL ORDER BY d.id DESC LIMIT ?",
             (handler, limit)))
 
@@ -357,7 +362,8 @@ class Reads:
             return None
         deliveries = _dicts(self.conn.execute(
             "SELECT id, destination, handler, state, attempts, last_status, last_class, last_reason, "
-            "handler_version, created_at, updated_at FROM deliveries WHERE object_id = ? ORDER BY id",
+            "handler_version, rule, coerced, created_at, updated_at FROM deliveries "
+            "WHERE object_id = ? ORDER BY id",
             (object_id,)))
         ids = [d["id"] for d in deliveries]
         events = _dicts(self.conn.execute(
