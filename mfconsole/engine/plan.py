@@ -2,8 +2,9 @@
 screen): the objects received in the last N hours replayed through the configuration on
 disk — its rules, fallback and handlers — beside what they get now. Per destination the
 objects that would newly go there and those that would not any more (``+312 / -40``),
-handler changes and what the new handlers would filter, per rule how many objects it
-decides, discards and unrouted objects, with a few routing-safe samples of each change.
+handler and coercion changes and what the new handlers would filter, per rule how many
+objects it decides, discards and unrouted objects, with a few routing-safe samples of
+each change.
 
 Nothing is sent, reloaded or written here: the caller audits one ``routing_plan`` row.
 What each object gets now is a ``Baseline``:
@@ -38,8 +39,9 @@ from mfconsole.dimse.dataset_scan import DatasetRejected, DatasetStream, HeaderS
 from mfconsole.engine.handlers import HandlerError, Handlers, LoadedHandler, load as load_handler
 from mfconsole.engine.router import Decision, Router
 from mfconsole.engine.store import Route
-from mfconsole.engine.transform import Transformer
+from mfconsole.engine.transform import Origin, Transformer
 from mfconsole.engine.vault import Vault, VaultError
+from mfconsole.kinds import kind_of
 from mfconsole.repository import Reads
 from mfconsole.repository.states import INLINE
 
@@ -109,7 +111,7 @@ def received_decision(got: dict[str, Any]) -> Decision:
     """The Decision an object was routed by, from Reads.routing_received."""
     if got["discarded"]:
         return Decision((), rules=(got["discarded"],), discarded=True, ruled=True)
-    routes = tuple(Route(d, h) for d, h in got["routes"])
+    routes = tuple(Route(*route) for route in got["routes"])
     words = _WORDS.search(got["stored"] or "")
     said = words.group(1) if words else ""
     rules: tuple[str, ...] = ()
@@ -211,8 +213,8 @@ class DestinationPlan(Tally):
     unchanged: int = 0
     handler_changed: int = 0                 # same destination, another handler
     handler_changes: Counter = field(default_factory=Counter)    # "none -> x": n
-    # HOOK(coerce): objects whose coercion of this destination would change (rules'
-    # and destinations' `coerce`, mfconsole/coerce.py); counted by coercion_changed().
+    # Objects going there before and after whose copy would be coerced otherwise (rules'
+    # and destinations' `coerce`, mfconsole/coerce.py): coercion_changed().
     coercion_changed: int = 0
     runs: int = 0                            # handler steps evaluated (new configuration)
     not_run: int = 0                         # beyond HANDLER_RUNS
@@ -222,14 +224,27 @@ class DestinationPlan(Tally):
     reasons: list[str] = field(default_factory=list)
 
 
-def coercion_changed(old: Config | None, new: Config, destination: str, before: Route,
-                     after: Route, row: dict[str, Any]) -> bool:
-    """HOOK(coerce): whether the coercions an object would get on its way to
-    ``destination`` differ between the two configurations. Coercion (mfconsole/coerce.py,
-    `coerce = [...]` on rules and destinations) is not part of this tree yet; when it
-    lands, compare the coercions of the rule(s) that decided and of the destination
-    here (old is None: unknown, say no change)."""
-    return False
+def coercion_of(config: Config | None, route: Route) -> tuple[Any, ...] | None:
+    """The coercion operations a delivery by ``route`` gets under ``config``, as the
+    engine's Coercer applies them at send time (engine/coercion.py): the rule's that
+    made the route, then the destination's; none for a destination taking HL7. None:
+    not known (no configuration: what ran when each object was received)."""
+    if config is None:
+        return None
+    dest = next((d for d in config.destinations if d.name == route.destination), None)
+    if dest is None or kind_of(dest).produces != "dicom":
+        return ()
+    rule = next((r for r in config.rules if r.name == route.rule), None) if route.rule else None
+    return tuple(getattr(rule, "coerce", ()) or ()) + tuple(getattr(dest, "coerce", ()) or ())
+
+
+def coercion_changed(old: Config | None, new: Config, before: Route, after: Route) -> bool:
+    """Whether the copy sent by ``after`` would be coerced otherwise than by ``before``
+    (the same destination): other operations, or the same in another order. Operations
+    are compared, not their effect on each object (an operation on an attribute an
+    object lacks counts too). Unknown (no engine runs): no change said."""
+    was = coercion_of(old, before)
+    return was is not None and was != coercion_of(new, after)
 
 
 class _Handlers:
@@ -250,15 +265,16 @@ class _Handlers:
                 self.on_disk[name] = str(exc)
         return self.on_disk[name]
 
-    def run(self, handler: LoadedHandler | str, dest: Any, obj: Outbound) -> str:
-        """SENT, FILTERED or a routing-safe error."""
+    def run(self, handler: LoadedHandler | str, dest: Any, obj: Outbound, row: dict[str, Any]) -> str:
+        """SENT, FILTERED or a routing-safe error (the handler's Context carries the
+        object's origin, as at send time)."""
         if isinstance(handler, str):
             return handler
         key = (handler.name, handler.digest, dest.name)
         step = self._transformers.get(key)
         if step is None:
             step = self._transformers[key] = Transformer(Handlers.single(handler), dest)
-        out, _ = step(handler.name, f"plan->{dest.name}", 0, obj)
+        out, _ = step(handler.name, f"plan->{dest.name}", 0, obj, Origin.of(row))
         if isinstance(out, Outcome):
             return FILTERED if out.status == FILTERED else (out.reason or out.status or "handler error")
         return SENT
@@ -316,7 +332,10 @@ class _Run:
         self.discarded.count(row, before.discarded, after.discarded)
         self.unrouted.count(row, not before.routes and not before.discarded,
                             not after.routes and not after.discarded)
-        if set(before.routes) != set(after.routes) or before.discarded != after.discarded:
+        # Where and through which handler: the rule that made a route matters for its
+        # coercion only (counted per destination below).
+        if {_key(r) for r in before.routes} != {_key(r) for r in after.routes} \
+                or before.discarded != after.discarded:
             self.changed_objects += 1
         old = _by_destination(before.routes)
         new = _by_destination(after.routes)
@@ -324,16 +343,15 @@ class _Run:
             dp = self.dest(name)
             dp.count(row, name in old, name in new)
             if name in old and name in new:
-                if old[name] != new[name]:
+                if _names(old[name]) != _names(new[name]):
                     dp.handler_changed += 1
                     dp.handler_changes[f"{_names(old[name])} -> {_names(new[name])}"] += 1
                     dp.note("handler_changed", row)
                 else:
                     dp.unchanged += 1
-                    if coercion_changed(self.baseline.config, self.new, name, old[name][0],
-                                        new[name][0], row):
-                        dp.coercion_changed += 1
-                        dp.note("coercion_changed", row)
+                if coercion_changed(self.baseline.config, self.new, old[name][0], new[name][0]):
+                    dp.coercion_changed += 1
+                    dp.note("coercion_changed", row)
             if name in new:
                 try:
                     data = self._handler_step(dp, row, name, old.get(name), new[name], data)
@@ -373,7 +391,7 @@ class _Run:
                        data, row["study_uid"] or "")
         dp.runs += 1
         disk = self.handlers.disk(new_handler) if new_handler else None
-        after = SENT if disk is None else self.handlers.run(disk, dest, obj)
+        after = SENT if disk is None else self.handlers.run(disk, dest, obj, row)
         if after == FILTERED:
             dp.filtered += 1
             dp.note("filtered", row)
@@ -394,7 +412,7 @@ class _Run:
                         if self.baseline.config is not None else dest)
             same = (isinstance(disk, LoadedHandler) and disk.digest == running.digest
                     and old_dest == dest)
-            before = after if same else self.handlers.run(running, old_dest, obj)
+            before = after if same else self.handlers.run(running, old_dest, obj, row)
         if _kind(before) != _kind(after):
             dp.outcome_changed += 1
             dp.note("outcome_changed", row)
@@ -406,6 +424,10 @@ def _by_destination(routes: Iterable[Route]) -> dict[str, list[Route]]:
     for route in routes:
         out.setdefault(route.destination, []).append(route)
     return out
+
+
+def _key(route: Route) -> tuple[str, str | None]:
+    return route.destination, route.handler
 
 
 def _names(routes: list[Route]) -> str:

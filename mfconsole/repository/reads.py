@@ -475,9 +475,9 @@ class Reads:
                   ) -> list[dict[str, Any]]:
         """One page of those objects, newest first; the next page starts after the
         (received_at, id) of this one's last row. Routing-safe columns only, and
-        ``called_ae`` where the schema has it (schema v8 on; "" before)."""
+        ``called_ae`` ("" for objects stored before schema v8 recorded it)."""
         columns = list(self._PLAN_COLUMNS)
-        if "called_ae" in self.columns("objects"):
+        if "called_ae" in self.columns("objects"):    # a database not yet at schema v8
             columns.append("called_ae")
         sql = (f"SELECT {', '.join(columns)} FROM objects WHERE purged_at IS NULL AND "
                "superseded = 0 AND received_at >= ?")
@@ -494,19 +494,20 @@ class Reads:
     def routing_received(self, object_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """What routing gave each object when it was received: the deliveries made in
         its ingest transaction (created with it: a replay's come later), and the words
-        and events of its routing audit rows. {id: {"routes": [(destination, handler)],
+        and events of its routing audit rows. {id: {"routes": [(destination, handler, rule)],
         "stored": detail or None, "discarded": rule or None, "unrouted": bool}}."""
         ids = [int(i) for i in object_ids]
         out: dict[int, dict[str, Any]] = {
             i: {"routes": [], "stored": None, "discarded": None, "unrouted": False} for i in ids}
+        rule = "d.rule" if "rule" in self.columns("deliveries") else "NULL"     # schema v8 on
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for r in self.conn.execute(
-                    "SELECT d.object_id, d.destination, d.handler FROM deliveries d JOIN objects o "
-                    f"ON o.id = d.object_id WHERE d.object_id IN ({marks}) "
+                    f"SELECT d.object_id, d.destination, d.handler, {rule} FROM deliveries d JOIN "
+                    f"objects o ON o.id = d.object_id WHERE d.object_id IN ({marks}) "
                     "AND d.created_at = o.received_at ORDER BY d.id", chunk):
-                out[r[0]]["routes"].append((r[1], r[2]))
+                out[r[0]]["routes"].append((r[1], r[2], r[3]))
             for r in self.conn.execute(
                     "SELECT object_id, event, status, detail FROM audit WHERE object_id IN "
                     f"({marks}) AND event IN ('stored', 'discarded_by_rule', 'unrouted') "

@@ -299,3 +299,17 @@ def test_a_rule_that_decides_nothing_yet_is_still_a_change(setup):
     assert plan["changed_objects"] == 0 and plan_mod.exit_code(plan) == plan_mod.EXIT_CHANGED
     assert by_name(plan["rules"])["us"] == {"name": "us", "before": 0, "after": 0, "new": True, "gone": False}
     assert plan["lines"][-1] == "a reload would change rules or handlers, not what these objects get"
+
+
+def test_a_changed_coercion_is_counted_per_destination(setup):
+    engine = setup
+    archive = {**DESTS[1], "coerce": [{"issuer_of_patient_id": "HOSP_A"}]}
+    rewrite(engine, destinations=[DESTS[0], archive, DESTS[2]],
+            rules=[{**OLD_RULES[0], "coerce": [{"prefix": "PatientID", "value": "A-"}]}])
+    plan = engine.control.service.call("plan", {})
+    d = by_name(plan["destinations"])
+    assert (d["pacs"]["added"], d["pacs"]["removed"], d["pacs"]["coercion_changed"]) == (0, 0, 10)
+    assert (d["archive"]["unchanged"], d["archive"]["coercion_changed"]) == (10, 10)
+    assert plan["changed_objects"] == 0 and plan_mod.exit_code(plan) == plan_mod.EXIT_CHANGED
+    assert "coercion changes 10" in "\n".join(plan["lines"])
+    assert "HOSP_A" not in json.dumps(plan) and "A-" not in "\n".join(plan["lines"])
