@@ -14,6 +14,30 @@ from harness import ServeProcess, write_config  # noqa: E402
 from peers import free_port  # noqa: E402
 
 
+def _keep_responses_for_the_caller() -> None:
+    """Work around a race in pynetdicom 3.0's requestor, which the tests use as a
+    sending modality. ``send_c_store`` pauses the reactor thread by clearing an Event and
+    polling ``_is_paused`` -- which the reactor sets True just *before* it waits. When
+    the peer answers within that window (our listener answers a small object in about
+    0.1 ms), the reactor takes the C-STORE-RSP off the queue, logs "Received unexpected
+    C-STORE service message" and drops it; the caller then waits for a response that
+    never comes. A response the reactor cannot serve is put back for the caller."""
+    from pynetdicom.association import Association
+
+    serve = Association._serve_request
+
+    def _serve_request(self, msg, context_id):
+        if self.is_requestor and not msg.is_valid_request:
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(self, msg, context_id)
+
+    Association._serve_request = _serve_request
+
+
+_keep_responses_for_the_caller()
+
+
 @pytest.fixture
 def engine_factory(tmp_path):
     """Start in-process engines: ``engine = engine_factory(**write_config kwargs)``."""
