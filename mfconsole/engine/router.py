@@ -57,7 +57,9 @@ class Decision:
         if self.discarded:
             return f"discarded by rule {self.rules[0]}"
         if self.rules:
-            return ("rule " if len(self.rules) == 1 else "rules ") + ", ".join(self.rules)
+            urgent = any(r.priority for r in self.routes)
+            return (("rule " if len(self.rules) == 1 else "rules ") + ", ".join(self.rules)
+                    + (", urgent" if urgent else ""))
         return "fallback" if self.routes else "fallback (empty)"
 
     def nowhere(self) -> tuple[str, str | None, str] | None:
@@ -123,13 +125,15 @@ class Router:
 def _decision(found: tuple[Rule, ...]) -> Decision:
     if found[0].discard:
         return Decision((), rules=(found[0].name,), discarded=True, ruled=True)
-    routes: list[Route] = []
+    # The same destination and handler: one delivery, urgent if any rule sending it
+    # there is (match = "all" may find several).
+    routes: dict[tuple[str, str | None], Route] = {}
     for rule in found:
         for dest in rule.to:
-            route = Route(dest, rule.handler)
-            if route not in routes:          # the same destination and handler: once
-                routes.append(route)
-    return Decision(tuple(routes), rules=tuple(r.name for r in found), ruled=True)
+            known = routes.get((dest, rule.handler))
+            if known is None or rule.priority > known.priority:
+                routes[(dest, rule.handler)] = Route(dest, rule.handler, rule.priority)
+    return Decision(tuple(routes.values()), rules=tuple(r.name for r in found), ruled=True)
 
 
 def facts_of(summary: HeaderSummary, meta: dict[str, Any], peer: str | None = None) -> Facts:

@@ -56,6 +56,7 @@ class StoreError(Exception):
 class Route:
     destination: str
     handler: str | None = None
+    priority: int = 0        # rules.URGENT: claimed before the destination's other deliveries
 
 
 @dataclass
@@ -416,7 +417,8 @@ class Store:
             tx.audit("conflict", object_id=object_id, **who,
                      detail=f"same SOP Instance UID, different bytes: stored as "
                             f"version {version} (previous object {latest['id']})")
-        tx.add_deliveries(object_id, req.listener, ((r.destination, r.handler) for r in req.routes), now)
+        tx.add_deliveries(object_id, req.listener,
+                          ((r.destination, r.handler, r.priority) for r in req.routes), now)
         tx.audit("stored", object_id=object_id, **who,
                  detail=f"version={version} size={req.size} routes={len(req.routes)}"
                         + (f" ({req.routed_by})" if req.routed_by else ""))

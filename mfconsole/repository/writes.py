@@ -108,14 +108,16 @@ class Tx(Reads):
     # -- deliveries ---------------------------------------------------------------------------
 
     def add_deliveries(self, object_id: int, listener: str | None,
-                       targets: Iterable[tuple[str, str | None]], now: float) -> list[int]:
-        """New pending deliveries of an object: (destination, handler) each."""
+                       targets: Iterable[tuple[Any, ...]], now: float) -> list[int]:
+        """New pending deliveries of an object: (destination, handler) each, or
+        (destination, handler, priority) (1: urgent, claimed first; else 0, normal)."""
         ids = []
-        for destination, handler in targets:
+        for destination, handler, *more in targets:
+            priority = more[0] if more else 0
             cur = self.conn.execute(
                 "INSERT INTO deliveries (object_id, destination, listener, handler, state, attempts, "
-                "retry_at, created_at, updated_at) VALUES (?,?,?,?,?,0,?,?,?)",
-                (object_id, destination, listener, handler, PENDING, now, now, now))
+                "retry_at, created_at, updated_at, priority) VALUES (?,?,?,?,?,0,?,?,?,?)",
+                (object_id, destination, listener, handler, PENDING, now, now, now, priority))
             ids.append(cur.lastrowid)
         return ids
 
