@@ -81,6 +81,8 @@ def _default(value: Any) -> str:
         return "—"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_default(v) for v in value) + "]"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return f'"{value}"' if isinstance(value, str) else str(value)
@@ -102,7 +104,8 @@ def docs_markdown(registry: Registry | None = None) -> str:
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for f in fields:
             typ = "table" if f.name == "tls" else {str: "string", int: "integer", float: "number",
-                                                   bool: "boolean", Path: "path"}[value_type(f)]
+                                                   bool: "boolean", Path: "path",
+                                                   tuple: "list of strings"}[value_type(f)]
             rows.append(f"| `{f.name}` | {typ} | {_default(f.default)} | {f.metadata['doc']} |")
         return rows + [""]
 
