@@ -21,6 +21,13 @@ what the workers before them hold; they connect before claiming, and a connectio
 they cannot get is not held against the destination: many PACS take one association
 at a time, and the extra workers must not turn that into retries and a "down"
 destination.
+
+Pacing (engine/pacing.py): outside the destination's delivery windows the workers
+claim nothing (and close their connections); a round under way stops before its next
+send. With a rate cap, each group waits for its slot. Urgent deliveries (a rule's
+priority) are claimed first; one that is stored while a round is under way makes a
+worker stop that round after the group it is sending and give back the rest (and
+what it claimed ahead), so it waits for one group, not a whole batch.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, Callable
 from mfconsole import contract
 from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome, Sender
 from mfconsole.engine import outbox
+from mfconsole.engine.pacing import CLOSED, OPEN, URGENT_ONLY, Pacer
 from mfconsole.engine.store import Store, StoreError
 from mfconsole.engine.vault import VaultError
 from mfconsole.repository import Tx
@@ -89,7 +97,7 @@ class DestinationWorkers:
 
     def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
                  transform: Callable[..., tuple[Any, Any]] | None = None,
-                 held: outbox.Held | None = None):
+                 held: outbox.Held | None = None, pacer: Pacer | None = None):
         self.cfg = destination
         self.name = destination.name
         self.store = store
@@ -99,6 +107,10 @@ class DestinationWorkers:
                                     destination.down_after, destination.bounded_attempts)
         self.held = held if held is not None else outbox.Held()   # shared with the sweep
         self.wake = threading.Event()
+        # Set when an urgent delivery is stored for it (Engine.ingest); cleared by the
+        # worker that claims next, which takes urgent deliveries first.
+        self.urgent = threading.Event()
+        self.pacer = pacer or Pacer(destination)    # windows and rate cap, shared by the workers
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.sent = 0
@@ -152,6 +164,14 @@ class DestinationWorkers:
             sender.close()
             self._wait(1.0)
             return True
+        window = self.pacer.window(sender.in_order)
+        if window == CLOSED:
+            # Outside its window: no claim, no attempt, no connection held.
+            self._settle(lane)
+            sender.close()
+            self._wait(self.pacer.seconds_to_change())
+            return True
+        urgent_only = window == URGENT_ONLY
         wait = st.next_attempt_at - time.time()
         if wait > 0:
             self._settle(lane)
@@ -162,7 +182,7 @@ class DestinationWorkers:
         # A round is at least one full request of a batching sender (STOW).
         batch = max(BATCH, sender.max_batch[0])
         size = 1 if st.down else batch
-        if lane.ahead is not None and not st.down:
+        if lane.ahead is not None and not st.down and window == OPEN and not self.urgent.is_set():
             # Claimed while the previous round was sending (its lease is committed by now).
             items = self._take_ahead(lane)
             if not items:
@@ -176,9 +196,11 @@ class DestinationWorkers:
                 self._give_back(items[1:])   # one attempt, of the oldest object
                 items = items[:1]
         else:
+            # An urgent delivery stored since the batch ahead was claimed overtakes it.
             self._drop_ahead(lane)
+            self.urgent.clear()     # what is claimed next takes urgent deliveries first
             mine = outbox.due(self.store.reader(), self.name, index * batch + size,
-                              ordered=sender.in_order)[index * batch:]
+                              ordered=sender.in_order, urgent_only=urgent_only)[index * batch:]
             if not mine or (index > 0 and st.down):
                 if index > 0:
                     sender.close()   # extras are for bursts: give the association back
@@ -192,12 +214,13 @@ class DestinationWorkers:
                 self._stop.wait(self.policy.retry_initial_s)
                 return True
             items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
-                                    None, sender.in_order, self.held, lane.owner)
+                                    None, sender.in_order, self.held, lane.owner, urgent_only)
             if not items:
                 return False
         # The next batch may be claimed while this one is sent (see _work). Not when
-        # probing a peer that is down, nor when this batch took everything due.
-        ahead = refused is None and not st.down and len(items) >= size
+        # probing a peer that is down, nor when this batch took everything due, nor
+        # outside the window (urgent deliveries only).
+        ahead = refused is None and not st.down and len(items) >= size and not urgent_only
         self._work(lane, items, refused, size if ahead else 0)
         return True
 
@@ -251,11 +274,11 @@ class DestinationWorkers:
                 results.append((items[0], refused, None))
                 batches = []
             else:
-                batches = groups(items, *sender.max_batch)
+                batches = groups(items, *self.pacer.group_limits(*sender.max_batch))
                 completed = True
             started, attempted = time.monotonic(), 0
             for group in batches:
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._may_send(sender, group, attempted):
                     completed = False
                     break
                 if ahead and attempted and lane.ahead is None and (
@@ -294,6 +317,19 @@ class DestinationWorkers:
                     log.error("destination %s: %d claimed deliveries could not be released "
                               "(%s); they are requeued by the next sweep", self.name,
                               len(untouched), exc.__class__.__name__)
+
+    def _may_send(self, sender: Sender, group: list[outbox.Claimed], attempted: int) -> bool:
+        """Whether the next group of a round goes now (after its rate-cap slot): not
+        when an urgent delivery waits for this round to end (it is not in it: it was
+        stored after the claim), nor outside the window (but for urgent deliveries,
+        when they may go then), nor when the worker stops."""
+        if attempted and self.urgent.is_set() and not sender.in_order:
+            return False
+        wait = self.pacer.reserve(len(group), sum(item.size for item in group))
+        if wait > 0 and self._stop.wait(wait):
+            return False
+        window = self.pacer.window(sender.in_order)
+        return window == OPEN or (window == URGENT_ONLY and all(item.priority for item in group))
 
     # -- the lane: claims ahead and outcome writes in flight ------------------------
 

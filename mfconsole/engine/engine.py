@@ -432,6 +432,8 @@ class Engine:
             for route in request.routes:
                 workers = self.deliveries.get(route.destination)
                 if workers is not None:
+                    if route.priority:      # a round under way gives way (delivery.py)
+                        workers.urgent.set()
                     workers.wake.set()
         return result.outcome
 
