@@ -198,7 +198,6 @@ class DestinationWorkers:
         else:
             # An urgent delivery stored since the batch ahead was claimed overtakes it.
             self._drop_ahead(lane)
-            self.urgent.clear()     # what is claimed next takes urgent deliveries first
             mine = outbox.due(self.store.reader(), self.name, index * batch + size,
                               ordered=sender.in_order, urgent_only=urgent_only)[index * batch:]
             if not mine or (index > 0 and st.down):
@@ -213,6 +212,10 @@ class DestinationWorkers:
                 # An extra association the peer would not give is not held against it.
                 self._stop.wait(self.policy.retry_initial_s)
                 return True
+            # This claim takes the urgent deliveries stored so far first (cleared only
+            # now: a worker that finds nothing of its share to claim leaves it set for
+            # the one whose round must give way).
+            self.urgent.clear()
             items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
                                     None, sender.in_order, self.held, lane.owner, urgent_only)
             if not items:

@@ -19,6 +19,7 @@ from mfconsole.contract import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANE
 from mfconsole.repository import DeadLetterFilter, Reads, Tx
 from mfconsole.repository.states import DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED
 from mfconsole.repository.states import FILTERED as FILTERED_STATE
+from mfconsole.rules import NORMAL, URGENT
 
 LEASE_S = 300.0
 
@@ -58,9 +59,6 @@ def state(reads: Reads, name: str) -> DestinationState:
     return DestinationState(name, bool(row["paused"]), row["pause_reason"], bool(row["down"]),
                             row["failures"], row["next_attempt_at"], row["suspect_delivery"],
                             bool(row["delivered_since_suspect"]))
-
-
-URGENT, NORMAL = 1, 0     # deliveries.priority (rules.URGENT, rules.NORMAL)
 
 
 def due(reads: Reads, destination: str, limit: int, now: float | None = None,

@@ -158,6 +158,35 @@ def test_an_urgent_study_overtakes_the_batch_a_slow_peer_is_working_through(
     assert not engine.store.reader().rows("audit", event="retry_scheduled")
 
 
+def test_with_two_workers_the_one_sending_a_batch_gives_way(engine_factory, tmp_path):
+    """fault_scp taking a quarter of a second per object, two associations, 40 queued:
+    worker 0 holds 32, worker 1 the other 8. The urgent CT is stored while worker 0 has
+    most of its batch left; worker 1, finding nothing of its own share, must leave the
+    signal to worker 0, which gives way after its group."""
+    scp = FaultSCP(None, "--delay-s", "0.25", record_dir=tmp_path / "scp", ae_title="PACS").start()
+    try:
+        engine = engine_factory(destinations=[dest(scp, max_associations=2)], routes=[],
+                                rules=[STROKE], routing={"fallback": ["pacs"]})
+        engine.store.call(outbox.pause, "pacs", "test: queue first")
+        backlog(engine, 40)
+        engine.store.call(outbox.resume, "pacs")
+        engine.deliveries["pacs"].wake.set()
+        scp.wait_received(3, timeout=20)
+        storescu(engine.listeners[0].address[1], [stroke_ct(tmp_path)])
+        stored, before = time.monotonic(), len(scp.received())
+        poll(lambda: any(r["sop_class_uid"] == dicomgen.CT_IMAGE for r in scp.received()),
+             timeout=20, interval=0.05, message="the urgent CT at fault_scp")
+        waited = time.monotonic() - stored
+        order = [r["sop_class_uid"] for r in scp.received()]
+        ahead_of_it = order.index(dicomgen.CT_IMAGE) - before
+        print(f"two workers: urgent CT after {waited:.2f} s at 0.25 s per object, "
+              f"{ahead_of_it} object(s) ahead of it")
+        # One group (8) of worker 0 and what worker 1 still had, never worker 0's batch.
+        assert waited < 4.0 and ahead_of_it <= 16
+    finally:
+        scp.stop()
+
+
 def test_outside_its_window_a_destination_receives_nothing_until_a_reload_opens_it(
         engine_factory, storescp, tmp_path):
     hour = time.localtime().tm_hour
