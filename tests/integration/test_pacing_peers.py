@@ -191,11 +191,13 @@ def test_outside_its_window_a_destination_receives_nothing_until_a_reload_opens_
         engine_factory, storescp, tmp_path):
     hour = time.localtime().tm_hour
     closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"      # opens in 1-2 h
-    engine = engine_factory(destinations=[dest(storescp, windows=[closed])])
+    engine = engine_factory(destinations=[dest(storescp, windows=[closed])], routes=[],
+                            rules=[STROKE], routing={"fallback": ["pacs"]})
     files = dicomgen.write_corpus(tmp_path / "sr", 5)
     store_files(engine.listeners[0].address[1], files)
-    assert deliveries(engine) == {"pending": 5}
-    assert holds(lambda: not files_of(storescp) and deliveries(engine) == {"pending": 5}, 2.0)
+    storescu(engine.listeners[0].address[1], [stroke_ct(tmp_path)])     # urgent, and waits too
+    assert deliveries(engine) == {"pending": 6}
+    assert holds(lambda: not files_of(storescp) and deliveries(engine) == {"pending": 6}, 2.0)
     rows = engine.store.reader().rows("deliveries")
     assert all(d["attempts"] == 0 for d in rows)
     assert not engine.store.reader().rows("audit", destination="pacs", event="retry_scheduled")
@@ -204,18 +206,24 @@ def test_outside_its_window_a_destination_receives_nothing_until_a_reload_opens_
     opens = f"{(hour + 2) % 24:02d}:00"
     assert status["state"] == "outside_window" and status["window"]["open"] is False
     assert status["window"]["next_change"].endswith(opens) and status["failures"] == 0
+    assert status["urgent_pending"] == 1
     text = mfconsole("--config", str(engine.config.path), "status").stdout
     assert "outside_window" in text and f"outside window, next opens at {opens}" in text
+    assert "urgent pending 1 (sent before the rest)" in text
 
     path = engine.config.path
     inside = f"{(hour - 1) % 24:02d}:00-{(hour + 2) % 24:02d}:00"
     path.write_text(path.read_text().replace(closed, inside))
     res = mfconsole("--config", str(path), "reload")
     assert res.returncode == 0 and "destination pacs: updated" in res.stdout, res.stdout + res.stderr
-    storescp.wait_for_files(5, timeout=30)
-    poll(lambda: deliveries(engine) == {"delivered": 5}, timeout=10, message="all delivered")
+    storescp.wait_for_files(6, timeout=30)
+    poll(lambda: deliveries(engine) == {"delivered": 6}, timeout=10, message="all delivered")
     assert all(d["attempts"] == 1 for d in engine.store.reader().rows("deliveries"))
     assert status_of(engine)["state"] == "up"
+    # The window opened on a queue: the urgent CT, stored last, went first.
+    delivered = engine.store.reader().rows("audit", event="delivered", destination="pacs")
+    urgent, = engine.store.reader().rows("deliveries", priority=1)
+    assert delivered[0]["delivery_id"] == urgent["id"]
 
 
 def test_a_blackout_holds_normal_objects_and_lets_urgent_ones_through(engine_factory, storescp, tmp_path):
