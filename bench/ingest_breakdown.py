@@ -6,7 +6,7 @@ wrappers around each ingest stage, while DCMTK storescu sends the SR (or CT) cor
 
 Printed per stage: calls, mean and p95 wall milliseconds, and the share of the C-STORE
 handler's wall time. "handler" is the whole C-STORE handling of one data set (scan,
-seal, wait for the group commit): store_object on the listener's worker pool;
+seal, wait for the group commit): on the listener's event loop for small objects;
 "response gap" is the time from a handler's
 return to the next handler's start on the same association (encoding and sending the
 response, the sender's next request, receiving and reassembling it). "everything else"
@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -80,26 +80,35 @@ def install() -> None:
 
     last_end: dict[Any, float] = {}
 
-    def handling(key: Any, run: Callable[[], Any]) -> Any:
-        t, c = time.perf_counter(), time.thread_time()
+    # The whole handling of one C-STORE data set on the listener's connection: scanned
+    # and sealed on the event loop (small objects) or its worker pool, then the wait
+    # for the group commit. Wall time only: on the loop, thread CPU is everyone's.
+    original_store = acceptor_mod._Connection._store
+
+    async def store(self: Any, *args: Any, **kw: Any) -> Any:
+        key, t = self.info.key, time.perf_counter()
         if key in last_end:
             record("response gap (upper layer + sender)", t - last_end[key])
         try:
-            return run()
+            return await original_store(self, *args, **kw)
         finally:
             end = time.perf_counter()
-            record("handler (total)", end - t, time.thread_time() - c)
+            record("handler (total)", end - t)
             last_end[key] = end
 
-    original_store_object = acceptor_mod.store_object
+    acceptor_mod._Connection._store = store
+    original_wait = listener_mod.Committing.wait_async
 
-    def store_object(*args: Any, **kw: Any) -> Any:
-        return handling(kw.get("association"), lambda: original_store_object(*args, **kw))
+    async def wait_async(self: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return await original_wait(self)
+        finally:
+            record("  wait for group commit", time.perf_counter() - t)
 
-    acceptor_mod.store_object = store_object
+    listener_mod.Committing.wait_async = wait_async
     timed(listener_mod, "scan_dataset", "  scan_dataset")
     timed(store_mod.Store, "seal", "  Store.seal (encrypt + write + fsync)")
-    timed(store_mod.Store, "_submit", "  wait for group commit")
     timed(store_mod.Store, "_commit_group", "writer: commit group")
     timed(store_mod, "fsync_dir", "writer:   fsync blob dirs")
     timed(store_mod.Store, "_insert", "writer:   insert rows (per object)")

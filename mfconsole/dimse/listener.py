@@ -10,9 +10,11 @@ module knows nothing of SQLite: it talks to an ``IngestSink``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,8 +65,9 @@ class IngestSink(Protocol):
     # the configured rules match on; HeaderSummary.wanted). Read once per object.
     header_tags: frozenset[int]
 
-    def ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> str:
-        """Commit a received object: ``data`` is its bytes, or a blob from open_blob."""
+    def begin_ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> Future:
+        """Seal a received object (``data``: its bytes, or a blob from open_blob) and
+        hand it to the writer: the Future of its outcome, set once committed."""
     def open_blob(self) -> Any:
         """A blob to seal a large object into as it arrives: write(bytes), discard()."""
     def audit(self, event: str, **fields: Any) -> None: ...
@@ -147,7 +150,19 @@ def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd
                  accept_deflate: bool, max_object_bytes: int, called: str = "") -> tuple[int, str]:
     """(C-STORE status, outcome or refusal reason) for one received data set; the
     data set is ingested (and committed) when the status is Success. Blocks for the
-    group commit: never call it on an event loop."""
+    group commit: never call it on an event loop (``begin_store`` does not)."""
+    begun = begin_store(sink, listener, view, ts, cmd_class, cmd_inst, calling=calling, peer=peer,
+                        association=association, accept_deflate=accept_deflate,
+                        max_object_bytes=max_object_bytes, called=called)
+    return begun if isinstance(begun, tuple) else begun.wait()
+
+
+def begin_store(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd_class: str,
+                cmd_inst: str, *, calling: str, peer: str, association: str,
+                accept_deflate: bool, max_object_bytes: int, called: str = ""
+                ) -> "tuple[int, str] | Committing":
+    """``store_object`` up to the commit: a refusal (status, reason), or the object
+    sealed and handed to the writer (``Committing``). Waits for nothing."""
     if len(view) > max_object_bytes:
         reason = "object exceeds store.max_object_mb"
         refused(sink, listener, STATUS_OUT_OF_RESOURCES, reason, calling, peer, None)
@@ -157,30 +172,72 @@ def store_object(sink: IngestSink, listener: str, view: memoryview, ts: str, cmd
     except DatasetRejected as exc:
         refused(sink, listener, exc.status, exc.reason, calling, peer, None)
         return exc.status, exc.reason
-    return commit_object(sink, listener, view, summary, ts, cmd_class, cmd_inst,
-                         calling=calling, peer=peer, association=association, called=called)
+    return begin_commit(sink, listener, view, summary, ts, cmd_class, cmd_inst,
+                        calling=calling, peer=peer, association=association, called=called)
 
 
 def commit_object(sink: IngestSink, listener: str, data: Any, summary: HeaderSummary, ts: str,
                   cmd_class: str, cmd_inst: str, *, calling: str, peer: str,
                   association: str, called: str = "") -> tuple[int, str]:
-    """The rest of store_object once the data set is scanned: the command must name
-    the data set's SOP class and instance, then the sink ingests ``data`` (the bytes,
-    or the blob a streamed object was sealed into as it arrived)."""
+    """The rest of store_object once the data set is scanned (blocks for the commit)."""
+    begun = begin_commit(sink, listener, data, summary, ts, cmd_class, cmd_inst,
+                         calling=calling, peer=peer, association=association, called=called)
+    return begun if isinstance(begun, tuple) else begun.wait()
+
+
+def begin_commit(sink: IngestSink, listener: str, data: Any, summary: HeaderSummary, ts: str,
+                 cmd_class: str, cmd_inst: str, *, calling: str, peer: str,
+                 association: str, called: str = "") -> "tuple[int, str] | Committing":
+    """The command must name the data set's SOP class and instance, then the sink
+    seals ``data`` (the bytes, or the blob a streamed object was sealed into as it
+    arrived) and queues its commit."""
     if cmd_class != summary.sop_class_uid or cmd_inst != summary.sop_instance_uid:
         reason = "command SOP Class/Instance UID does not match the data set"
         refused(sink, listener, STATUS_MISMATCH, reason, calling, peer, summary.sop_instance_uid)
         return STATUS_MISMATCH, reason
     meta = {"transfer_syntax": ts, "listener": listener, "calling_ae": calling,
             "called_ae": called, "peer": peer, "association": association}
+    committing = Committing(listener, summary.sop_instance_uid, calling)
     try:
-        outcome = sink.ingest(data, summary, meta)
+        committing.future = sink.begin_ingest(data, summary, meta)
     except Exception as exc:
+        return committing.failed(exc)
+    return committing
+
+
+@dataclass
+class Committing:
+    """An object sealed and handed to the writer: Success once its commit is in."""
+    listener: str
+    sop_instance_uid: str
+    calling: str
+    future: Future | None = None
+
+    def wait(self) -> tuple[int, str]:
+        """(status, outcome), blocking until the commit (or its failure)."""
+        assert self.future is not None
+        try:
+            return self.committed(self.future.result())
+        except Exception as exc:
+            return self.failed(exc)
+
+    async def wait_async(self) -> tuple[int, str]:
+        """``wait`` on an event loop."""
+        assert self.future is not None
+        try:
+            return self.committed(await asyncio.wrap_future(self.future))
+        except Exception as exc:
+            return self.failed(exc)
+
+    def committed(self, outcome: str) -> tuple[int, str]:
+        log.debug("listener %s: %s %s from %s", self.listener, outcome, self.sop_instance_uid,
+                  self.calling)
+        return STATUS_SUCCESS, outcome
+
+    def failed(self, exc: BaseException) -> tuple[int, str]:
         log.error("listener %s: store failed for %s from %s: %s; answered 0xA700",
-                  listener, summary.sop_instance_uid, calling, exc.__class__.__name__)
+                  self.listener, self.sop_instance_uid, self.calling, exc.__class__.__name__)
         return STATUS_OUT_OF_RESOURCES, "store failure"
-    log.debug("listener %s: %s %s from %s", listener, outcome, summary.sop_instance_uid, calling)
-    return STATUS_SUCCESS, outcome
 
 
 def refused(sink: IngestSink, listener: str, status: int, reason: str, calling: str, peer: str,

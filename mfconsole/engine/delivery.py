@@ -107,10 +107,14 @@ class DestinationWorkers:
                                     destination.down_after, destination.bounded_attempts)
         self.held = held if held is not None else outbox.Held()   # shared with the sweep
         self.wake = threading.Event()
-        # Set when an urgent delivery is stored for it (Engine.ingest); cleared by the
+        # Set when an urgent delivery is stored for it (``new_work``); cleared by the
         # worker that claims next, which takes urgent deliveries first.
         self.urgent = threading.Event()
         self.pacer = pacer or Pacer(destination)    # windows and rate cap, shared by the workers
+        # Set while a worker waits out a pause, a backoff or a closed window: new
+        # objects change none of them, so they do not wake it (at ingest rates that
+        # would be a state read per object); operators and the sweep still do (``wake``).
+        self._holding = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.sent = 0
@@ -129,9 +133,26 @@ class DestinationWorkers:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
 
+    def new_work(self, urgent: bool = False) -> None:
+        """Deliveries were queued: wake an idle worker (one that is not holding).
+        ``urgent``: one of them is, and a round under way gives way to it."""
+        if urgent:
+            self.urgent.set()
+        if not self._holding and not self.wake.is_set():
+            self.wake.set()
+
     def _wait(self, seconds: float) -> None:
         self.wake.wait(max(0.0, min(seconds, 1.0)))
         self.wake.clear()
+
+    def _hold(self, seconds: float) -> None:
+        """Wait out a pause, a backoff or a closed window (new objects do not end it;
+        see ``_holding``)."""
+        self._holding = True
+        try:
+            self._wait(seconds)
+        finally:
+            self._holding = False
 
     def _run(self, index: int) -> None:
         lane = _Lane(self.make_sender(), index, threading.current_thread().name)
@@ -162,21 +183,21 @@ class DestinationWorkers:
         if st.paused:
             self._settle(lane)
             sender.close()
-            self._wait(1.0)
+            self._hold(1.0)
             return True
         window = self.pacer.window(sender.in_order)
         if window == CLOSED:
             # Outside its window: no claim, no attempt, no connection held.
             self._settle(lane)
             sender.close()
-            self._wait(self.pacer.seconds_to_change())
+            self._hold(self.pacer.seconds_to_change())
             return True
         urgent_only = window == URGENT_ONLY
         wait = st.next_attempt_at - time.time()
         if wait > 0:
             self._settle(lane)
             sender.close()
-            self._wait(wait)
+            self._hold(wait)
             return True
         # A destination marked down is probed with one object at a time.
         # A round is at least one full request of a batching sender (STOW).

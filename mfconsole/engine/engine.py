@@ -8,6 +8,8 @@ then drain the writer.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import logging
 import os
 import resource
@@ -408,7 +410,10 @@ class Engine:
         """Top-level attributes the rules match on, read by the listeners' scan."""
         return self.router.header_tags
 
-    def ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> str:
+    def begin_ingest(self, data: Any, summary: HeaderSummary, meta: dict[str, Any]) -> Future:
+        """Route, seal and queue the commit of a received object: the Future of its
+        outcome ("stored", "duplicate", ...), set once the object and its deliveries
+        are committed (the listener answers Success then, not before)."""
         assert self.store is not None
         vault = self.store.vault
         # Decided before the commit, which then holds the object and its deliveries.
@@ -425,17 +430,26 @@ class Engine:
                              if summary.accession_number else None),
             patient_token=(vault.search_token("patient_id", summary.patient_id)
                            if summary.patient_id else None))
-        result = self.store.ingest(data, request)
-        if result.outcome != "duplicate":
-            self.rule_counts.add(decision)
-        if result.deliveries:
-            for route in request.routes:
-                workers = self.deliveries.get(route.destination)
-                if workers is not None:
-                    if route.priority:      # a round under way gives way (delivery.py)
-                        workers.urgent.set()
-                    workers.wake.set()
-        return result.outcome
+        committed = self.store.begin_ingest(data, request)
+        outcome: Future = Future()
+
+        def done(future: Future) -> None:     # on the writer thread, after the commit
+            try:
+                result = future.result()
+            except BaseException as exc:
+                outcome.set_exception(exc)
+                return
+            if result.outcome != "duplicate":
+                self.rule_counts.add(decision)
+            if result.deliveries:
+                for route in request.routes:
+                    workers = self.deliveries.get(route.destination)
+                    if workers is not None:
+                        workers.new_work(urgent=bool(route.priority))
+            outcome.set_result(result.outcome)
+
+        committed.add_done_callback(done)
+        return outcome
 
     def audit(self, event: str, **fields: Any) -> None:
         if self.store is not None:

@@ -279,6 +279,16 @@ class Store:
 
     def ingest(self, data: "memoryview | bytes | BlobFile", request: IngestRequest) -> IngestResult:
         """Seal, then commit through the writer; returns only once committed."""
+        committed = self.begin_ingest(data, request)
+        try:
+            return committed.result()
+        except BaseException:
+            self._remove_file(request.blob)   # (the callback does too; this is before we return)
+            raise
+
+    def begin_ingest(self, data: "memoryview | bytes | BlobFile", request: IngestRequest) -> Future:
+        """Seal now, then queue the commit: the Future of the IngestResult, set once
+        committed. A commit that fails leaves no blob behind."""
         try:
             self.seal(data, request)
         except BaseException:
@@ -286,13 +296,18 @@ class Store:
                 data.discard()
             raise
         try:
-            return self._submit("ingest", request)
+            committed = self._enqueue("ingest", request)
         except BaseException:
+            self._ingested(request, None)
+            raise
+        committed.add_done_callback(lambda future: self._ingested(request, future))
+        return committed
+
+    def _ingested(self, request: IngestRequest, future: Future | None) -> None:
+        request.sealed = None
+        if future is None or future.exception() is not None:
             # The blob was never referenced; leave nothing behind.
             self._remove_file(request.blob)
-            raise
-        finally:
-            request.sealed = None
 
     def _remove_file(self, rel: str) -> None:
         if rel and rel != INLINE:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import logging
 import resource
 import socket
@@ -47,8 +48,9 @@ from dataclasses import replace
 from mfconsole import tls
 from mfconsole.config import ListenerConfig, is_loopback
 from mfconsole.dimse import cstore
-from mfconsole.dimse.listener import (STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, AssociationBoard,
-                                      AssociationInfo, IngestSink, refused, store_object)
+from mfconsole.dimse.listener import (DEFLATED_LE, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS,
+                                      AssociationBoard, AssociationInfo, IngestSink, begin_store,
+                                      refused, store_object)
 from mfconsole.dimse.dataset_scan import can_stream
 from mfconsole.ul import dimse, incoming, negotiation, pdu
 
@@ -61,6 +63,10 @@ PDU_SLACK = 1024                     # peers that count the PDU header in the ma
 # 1 MiB would otherwise make us hold gigabytes before any of them is associated.
 LARGE_RQ, RQ_BUDGET = 64 * 1024, 16 * 1024 * 1024
 ABORT_OVER = 1024 * 1024             # the listener's abort threshold over max_object_mb
+# Objects up to this size are scanned and sealed on the event loop (SHA-256 and AES-GCM
+# of 64 KiB: well under a millisecond); larger ones, and deflated ones (inflating may
+# take long), on the listener's worker pool.
+ON_LOOP_MAX = 64 * 1024
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
@@ -825,15 +831,21 @@ class _Connection:
 
     async def _store(self, message: dimse.Command, ts: str, data: bytearray | memoryview) -> int:
         owner, cfg, info = self.owner, self.cfg, self.info
-        loop = asyncio.get_running_loop()
         with memoryview(data) as view:
             size = len(view)
-            status, outcome = await loop.run_in_executor(
-                owner._pool, lambda: store_object(
-                    owner.sink, cfg.name, view, ts, message.sop_class_uid, message.sop_instance_uid,
-                    calling=info.calling_ae, peer=self.peer, association=info.key,
-                    accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes,
-                    called=info.called_ae))
+            store = functools.partial(
+                store_object if size > ON_LOOP_MAX or ts == DEFLATED_LE else begin_store,
+                owner.sink, cfg.name, view, ts, message.sop_class_uid, message.sop_instance_uid,
+                calling=info.calling_ae, peer=self.peer, association=info.key,
+                accept_deflate=cfg.accept_deflate, max_object_bytes=owner.max_object_bytes,
+                called=info.called_ae)
+            if store.func is store_object:
+                begun = await asyncio.get_running_loop().run_in_executor(owner._pool, store)
+            else:
+                # Small: scanned and sealed here (tens of microseconds), then only the
+                # commit is waited for. A pool thread in between cost more than that.
+                begun = store()
+        status, outcome = begun if isinstance(begun, tuple) else await begun.wait_async()
         self._tally(status, outcome, size)
         return status
 
@@ -895,39 +907,33 @@ class _Connection:
     async def _read_pdu(self, idle: float, first: bool = False) -> tuple[int, bytes]:
         """The next PDU: its first byte within ``idle`` seconds, all of it within
         network_timeout_s of that byte; a declared length over the limit is refused
-        before its body is read."""
+        before its body is read. One timer per PDU, moved once its first byte is in
+        (a PDU is a few reads: a timer each cost a visible share of ingest CPU)."""
         reader = self.reader
+        started = False          # the first byte is in: network_timeout_s applies
+        length, body, busy = 0, b"", False
         try:
-            async with asyncio.timeout(idle):
+            async with asyncio.timeout(idle) as deadline:
                 self._quickack()
                 head = await reader.readexactly(1)
-        except TimeoutError:
-            if first:
-                self.reason = f"no A-ASSOCIATE-RQ within acse_timeout_s={idle:g}"
-            else:
-                self.reason = f"nothing received for {idle:g} s"
-                await self._abort(pdu.REASON_NOT_SPECIFIED)
-            raise _Closed from None
-        except asyncio.IncompleteReadError:
-            raise _Closed from None
-        pdu_type = head[0]
-        if pdu_type not in pdu.PDU_TYPES:
-            # Not DICOM (an HTTP request, a TLS ClientHello, a scanner): nothing more of
-            # it is read, and no ARTIM: such a peer would not understand an A-ABORT.
-            self.owner.quiet["connection(s) that sent no DICOM PDU"].log(
-                logging.INFO, "listener %s: connection from %s sent no DICOM PDU (first byte "
-                "0x%02X); closed", self.cfg.name, self.peer, pdu_type)
-            self.reason = "not a DICOM PDU"
-            self._abort_now(pdu.UNRECOGNIZED_PDU)
-        body = b""
-        try:
-            async with asyncio.timeout(self.cfg.network_timeout_s):
-                self._quickack()
+                pdu_type = head[0]
+                if pdu_type not in pdu.PDU_TYPES:
+                    # Not DICOM (an HTTP request, a TLS ClientHello, a scanner): nothing
+                    # more of it is read, and no ARTIM: such a peer would not understand
+                    # an A-ABORT.
+                    self.owner.quiet["connection(s) that sent no DICOM PDU"].log(
+                        logging.INFO, "listener %s: connection from %s sent no DICOM PDU "
+                        "(first byte 0x%02X); closed", self.cfg.name, self.peer, pdu_type)
+                    self.reason = "not a DICOM PDU"
+                    self._abort_now(pdu.UNRECOGNIZED_PDU)
+                started = True
+                deadline.reschedule(asyncio.get_running_loop().time() + self.cfg.network_timeout_s)
+                # The six-byte header travels in one segment; the body may follow in
+                # another, held by a Nagle-on peer until we ACK: re-armed before it.
                 rest = await reader.readexactly(5)
                 length = int.from_bytes(rest[1:], "big")
                 limit = (self.cfg.max_pdu_kb * 1024 + PDU_SLACK if pdu_type == pdu.P_DATA_TF
                          else MAX_CONTROL_PDU)
-                busy = False
                 if length > LARGE_RQ and pdu_type == pdu.ASSOCIATE_RQ and length <= limit:
                     busy = self.owner.large_rq_bytes + length > RQ_BUDGET
                     if not busy:
@@ -939,10 +945,19 @@ class _Connection:
                     self._quickack()
                     body = await reader.readexactly(length)
         except TimeoutError:
-            self.reason = f"PDU not received within network_timeout_s={self.cfg.network_timeout_s:g}"
-            self._abort_now(pdu.REASON_NOT_SPECIFIED)
+            if started:
+                self.reason = (f"PDU not received within network_timeout_s="
+                               f"{self.cfg.network_timeout_s:g}")
+                self._abort_now(pdu.REASON_NOT_SPECIFIED)
+            if first:
+                self.reason = f"no A-ASSOCIATE-RQ within acse_timeout_s={idle:g}"
+            else:
+                self.reason = f"nothing received for {idle:g} s"
+                await self._abort(pdu.REASON_NOT_SPECIFIED)
+            raise _Closed from None
         except asyncio.IncompleteReadError:
-            self.reason = "connection closed in the middle of a PDU"
+            if started:
+                self.reason = "connection closed in the middle of a PDU"
             raise _Closed from None
         finally:
             self.owner.large_rq_bytes -= self._large
@@ -973,6 +988,8 @@ class _Connection:
 
     async def _send(self, data: bytes) -> None:
         self.writer.write(data)
+        if not self.writer.transport.get_write_buffer_size():
+            return     # the socket took it all: nothing to wait for (nor a timer to set)
         try:
             async with asyncio.timeout(self.cfg.network_timeout_s):
                 await self.writer.drain()
