@@ -1,7 +1,9 @@
 """Command line: ``mfconsole [--config PATH] COMMAND``.
 
 Exit codes: 0 fine, 1 the operation failed (peer refused, engine error), 2 the
-configuration or the command line is wrong.
+configuration or the command line is wrong. ``reload --plan`` exits like diff(1): 0
+nothing would change, 1 something would, 2 config.toml does not load (or no plan could
+be made).
 """
 
 from __future__ import annotations
@@ -103,9 +105,21 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--object-id", type=int)
     au.add_argument("--limit", type=int, default=100)
     au.add_argument("--json", action="store_true")
-    sub.add_parser("reload", parents=[common],
-                   help="ask the running engine to reload config.toml and handlers (over its "
-                        "control socket)")
+    rl = sub.add_parser("reload", parents=[common],
+                        help="ask the running engine to reload config.toml and handlers (over its "
+                             "control socket); --plan: what it would change, first",
+                        description="Without --plan: the running engine reloads config.toml and the "
+                                    "handlers. With --plan: nothing is reloaded or sent; the objects "
+                                    "received in the last --hours are replayed through config.toml "
+                                    "and its handlers as on disk, and what would change is printed "
+                                    "per destination and rule. --plan exits 0 when nothing would "
+                                    "change, 1 when something would, 2 when config.toml does not "
+                                    "load or the plan cannot be made.")
+    rl.add_argument("--plan", action="store_true",
+                    help="print what a reload would change for recent objects; change nothing")
+    rl.add_argument("--hours", type=float, default=None, metavar="N",
+                    help="with --plan: objects received in the last N hours (default 24)")
+    rl.add_argument("--json", action="store_true", help="with --plan: machine-readable output")
     ks = sub.add_parser("keys", parents=[common], help="store keys: which seal what, make a new one")
     kss = ks.add_subparsers(dest="action", required=True, metavar="ACTION")
     kss.add_parser("list", parents=[common], help="configured key files, their key ids and objects")
@@ -119,13 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("routes", parents=[common], help="where the rules send an object")
     ros = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
     rx = ros.add_parser("explain", parents=[common],
-                        help="which rule a DICOM file matches and the destinations it would get "
-                             "(reads config.toml only: contacts neither the engine nor a peer)")
+                        help="which rule a DICOM file matches, the destinations it would get and "
+                             "their coercion (reads config.toml; contacts no peer, and the engine "
+                             "only to audit --reveal)")
     rx.add_argument("file", type=Path)
     rx.add_argument("--listener", metavar="NAME", help="the listener it arrives on (default: the first)")
     rx.add_argument("--calling", default="", metavar="AE", help="the calling AE title of the sender")
     rx.add_argument("--called", metavar="AE", help="the called AE title (default: the listener's)")
     rx.add_argument("--peer", default="", metavar="ADDR", help="the sender's IP address (no port)")
+    rx.add_argument("--reveal", action="store_true",
+                    help="also show the values coercion would change, before and after (patient "
+                         "data: the reveal is audited)")
     hd = sub.add_parser("handlers", parents=[common], help="list handlers, preview one on a file")
     hds = hd.add_subparsers(dest="action", required=True, metavar="ACTION")
     hds.add_parser("list", parents=[common], help="handlers in handlers/, their version and routes")
@@ -163,6 +181,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(config_path)
     except ConfigError as exc:
+        if command == "reload" and args.plan:
+            return plan_invalid(config_path, exc, as_json=args.json)
         print(f"mfconsole: invalid configuration {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if command == "check":
@@ -304,7 +324,8 @@ def cmd_dead_letters(config: Config, args: Any) -> int:
             return EXIT_OK
         for key in ("id", "destination", "sop_instance_uid", "sop_class_uid", "study_uid",
                     "transfer_syntax", "size", "calling_ae", "listener", "attempts",
-                    "last_status", "last_class", "last_reason", "handler", "handler_version"):
+                    "last_status", "last_class", "last_reason", "handler", "handler_version",
+                    "rule", "coerced"):
             print(f"{key:>18}: {row.get(key) if row.get(key) is not None else ''}")
         for h in row["history"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["ts"]))
@@ -430,7 +451,63 @@ def cmd_routes_explain(config: Config, args: Any) -> int:
         print(f"decision: fallback -> {where}")
     else:
         print(f"decision: [[routes]] of {listener} -> {where.replace(' (stored, audited)', '')}")
+    return _explain_coercion(config, d.routes, data, ts, reveal=args.reveal)
+
+
+def _explain_coercion(config: Config, routes: Any, data: bytes, ts: str, *, reveal: bool) -> int:
+    """The coercion each delivery of the decision would get, and what it would change
+    in this file: operations and attributes; values only with ``reveal``, audited
+    first (nothing is shown when the audit row cannot be written)."""
+    from mfconsole import coerce
+    from mfconsole.contract import Outcome
+    from mfconsole.engine.coercion import Coercer
+
+    rules = {rule.name: rule for rule in config.rules}
+    shown: list[tuple[str, list[str]]] = []
+    for route in routes:
+        coercer = Coercer(config.destination(route.destination), lambda: rules)
+        ops = coercer.operations(route.rule) if coercer.dicom else ()
+        if isinstance(ops, Outcome) or not ops:
+            continue
+        print(f"coercion for {route.destination}: {coerce.describe(ops)}"
+              + (f" (on what handler {route.handler} returns; shown on the file as it is)"
+                 if route.handler else ""))
+        try:
+            result = coerce.apply(ops, data, ts, keep_values=reveal)
+        except coerce.CoercionError as exc:
+            print(f"  would fail (dead letter): {exc}")
+            continue
+        print(f"  would change: {result.words or 'nothing in this file'}")
+        if reveal and result.values:
+            shown.append((route.destination, [f"    {name}: {_shown(before)} -> {_shown(after)}"
+                                              for name, before, after in result.values]))
+    if shown:
+        try:
+            _audit_reveal(config, [name for name, _ in shown])
+        except Exception as exc:
+            print(f"mfconsole routes explain: values not shown: the reveal could not be audited "
+                  f"({exc})", file=sys.stderr)
+            return EXIT_FAIL
+        for name, lines in shown:
+            print(f"  values for {name} (revealed, audited):")
+            print("\n".join(lines))
     return EXIT_OK
+
+
+def _shown(value: str | None) -> str:
+    return "(absent)" if value is None else repr(value)
+
+
+def _audit_reveal(config: Config, destinations: list[str]) -> None:
+    """An audit row for values a command shows: through the running engine (its one
+    writer), else written here (the data directory's database must exist)."""
+    from mfconsole import ops
+
+    sock = _engine_socket(config)
+    if sock is not None:
+        _ask(sock, "note_reveal", command="routes explain", destinations=destinations)
+    else:
+        ops.note_reveal(config, "routes explain", destinations, actor=_me())
 
 
 def cmd_keys(config: Config, args: Any) -> int:
@@ -482,7 +559,7 @@ def cmd_objects(config: Config, args: Any) -> int:
             return EXIT_OK
         o = t["object"]
         for key in ("id", "sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "modality",
-                    "transfer_syntax", "size", "version", "listener", "calling_ae", "peer"):
+                    "transfer_syntax", "size", "version", "listener", "calling_ae", "called_ae", "peer"):
             print(f"{key:>18}: {o.get(key) if o.get(key) is not None else ''}")
         print(f"{'received':>18}: {_when(o['received_at'])}"
               + ("  (superseded by a later version)" if o["superseded"] else "")
@@ -490,6 +567,11 @@ def cmd_objects(config: Config, args: Any) -> int:
         for d in t["deliveries"]:
             print(f"  delivery {d['id']} to {d['destination']}: {d['state']} after {d['attempts']} "
                   f"attempt(s)" + (f", last {d['last_status']}: {d['last_reason']}" if d["last_status"] else ""))
+            if d.get("rule") or d.get("coerced") is not None:
+                print("    " + "; ".join(x for x in (
+                    f"rule {d['rule']}" if d.get("rule") else "",
+                    f"coerced: {d['coerced'] or 'nothing changed'}" if d.get("coerced") is not None
+                    else "") if x))
         for e in t["events"]:
             print(f"  {_when(e['ts'])} {e['event']:<22} {e['destination'] or e['listener'] or '':<12} "
                   f"{e['status'] or '':<10} {e['detail'] or ''}")
@@ -542,7 +624,8 @@ def cmd_audit(config: Config, args: Any) -> int:
 
 OPERATIONS = {"echo": cmd_echo, "test": cmd_test, "pause": cmd_pause, "resume": cmd_resume,
               "dead-letters": cmd_dead_letters, "keys": cmd_keys, "rekey": cmd_rekey,
-              "reload": lambda config, args: cmd_reload(config), "handlers": cmd_handlers,
+              "reload": lambda config, args: cmd_plan(config, args) if args.plan else cmd_reload(config),
+              "handlers": cmd_handlers,
               "objects": cmd_objects, "audit": cmd_audit}
 
 
@@ -627,6 +710,56 @@ def cmd_reload(config: Config) -> int:
     said = "; ".join(result.get("report") or []) or "no change"
     print(f"reload {word} (pid {pid}): {said}", file=sys.stdout if ok else sys.stderr)
     return EXIT_OK if ok else EXIT_FAIL
+
+
+def cmd_plan(config: Config, args: Any) -> int:
+    """`mfconsole reload --plan`: what a reload of config.toml would change for the
+    objects received in the last --hours, computed by the running engine (against its
+    running configuration) or, when none runs, here (against what each object got when
+    it was received). Sends nothing, reloads nothing. Exits like diff(1): 0 no change,
+    1 changes, 2 the configuration does not load or the plan could not be made."""
+    from mfconsole import ops
+    from mfconsole.client import engine_socket
+    from mfconsole.control import ControlError
+    from mfconsole.engine import plan
+    from mfconsole.engine.engine_lock import EngineError
+
+    try:
+        hours = plan.DEFAULT_HOURS if args.hours is None else plan.check_hours(args.hours)
+    except ValueError as exc:
+        print(f"mfconsole reload --plan: --hours: {exc}", file=sys.stderr)
+        return plan.EXIT_TROUBLE
+    try:
+        served = engine_socket(config)
+        if served is not None:
+            result = _ask(served[1], "plan", hours=hours)
+        else:
+            result = ops.routing_plan(config, hours, actor=_me())
+    except (ControlError, EngineError, ops.OpsError) as exc:
+        print(f"mfconsole reload --plan: {exc}", file=sys.stderr)
+        return plan.EXIT_TROUBLE
+    lines = result.pop("lines", None) or plan.render(result)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print("\n".join(lines))
+    return plan.exit_code(result)
+
+
+def plan_invalid(path: Path, exc: ConfigError, *, as_json: bool) -> int:
+    """`reload --plan` on a config.toml that does not load: every problem with its key
+    path (a reload would be refused: the running engine keeps its configuration)."""
+    from mfconsole.engine import plan
+
+    if as_json:
+        print(json.dumps({"config": str(path), "error": {"problems": [list(p) for p in exc.problems]},
+                          "changed": None}, indent=2, sort_keys=True))
+    else:
+        print(f"routing plan: {path} does not load ({len(exc.problems)} problem(s)): a reload would "
+              "be refused and the running engine keeps its configuration")
+        for key, why in exc.problems:
+            print(f"  {key}: {why}")
+    return plan.EXIT_TROUBLE
 
 
 def _rule_counts(config: Config) -> dict[str, Any] | None:

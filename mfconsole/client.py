@@ -26,6 +26,11 @@ from mfconsole.repository.reads import OBJECT_SORTS  # noqa: F401 (the browser's
 from mfconsole.control import RO_SOCKET_NAME, SOCKET_NAME, ControlError, request, serve_control
 
 
+# Seconds an operation may take before the console gives up on its answer: a routing
+# plan replays up to 100 000 objects.
+SLOW_OPS = {"plan": 1800.0}
+
+
 class ClientError(Exception):
     """An operation the engine refused or could not do; the message is for the operator."""
 
@@ -126,6 +131,10 @@ class Client:
         return self.call("preview_handler", name=name, delivery_id=delivery_id, object_id=object_id,
                          reveal=reveal)
 
+    def plan(self, hours: float | None = None) -> dict[str, Any]:
+        """What a reload of config.toml would change (engine/plan.py); sends nothing."""
+        return self.call("plan", hours=hours)
+
     def config_fields(self) -> list[dict[str, Any]]:
         return self.call("config_fields")
 
@@ -181,7 +190,7 @@ class AttachedClient(Client):
 
     def call(self, op: str, **args: Any) -> Any:
         try:
-            result = request(self.socket_path, op, args)
+            result = request(self.socket_path, op, args, timeout=SLOW_OPS.get(op, 120.0))
             if op == "snapshot":
                 # The engine behind the socket may have been restarted: name the one answering.
                 pid = (result.get("engine") or {}).get("pid")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from urllib.parse import urlsplit
 
+from mfconsole import coerce as coerce_mod
 from mfconsole import egress as egress_mod
 from mfconsole import rules as rules_mod
 from mfconsole import windows as windows_mod
@@ -71,6 +72,7 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "routes": ROUTE_KEYS,
         "rules": rules_mod.RULE_KEYS,
         "rules.when": rules_mod.WHEN_KEYS,
+        "rules.coerce": coerce_mod.ALL_KEYS,
         "routing": rules_mod.ROUTING_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
@@ -405,7 +407,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     rules, routing = rules_mod.read(
         r, raw.get("rules", []), raw.get("routing", {}), listeners=listener_names,
         destinations=dest_names, hl7=set(hl7), routes=written_routes,
-        handler_problem=lambda p, handler, to: _handler_problem(r, p, handler, to, handlers_dir, hl7))
+        handler_problem=lambda p, handler, to: _handler_problem(r, p, handler, to, handlers_dir, hl7),
+        read_coercion=lambda p, value: coerce_mod.read(r, value, p, lambda v: resolve(v, v)))
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
@@ -747,6 +750,10 @@ def _window_problem(value: str) -> str | None:
     return windows_mod.parse(value)[1]
 
 
+def _read_coerce(r: _Reader, t: dict[str, Any], p: str, resolve: Callable[[str], Path]) -> Any:
+    return coerce_mod.read(r, t["coerce"], f"{p}.coerce", resolve) if "coerce" in t else ()
+
+
 @dataclass(frozen=True, kw_only=True)
 class DestinationConfig:
     """The keys every destination has; a kind's subclass adds its own. ``kind`` is the
@@ -777,6 +784,10 @@ class DestinationConfig:
         "system store.", read=_read_tls)
     allow_cleartext: bool = setting(
         False, doc="Accept cleartext to a host that is not a loopback address (PHI on the network).")
+    # Header changes to every copy sent here (mfconsole/coerce.py), after a rule's.
+    coerce: tuple[Any, ...] = setting(
+        (), doc="Coercion of every copy sent there, after the rule's: a list of operations, as on "
+        "a rule (DICOM destinations only).", read=_read_coerce)
     # Pacing (mfconsole/windows.py, engine/pacing.py): when the workers may send, and
     # how fast, whatever the queue holds.
     windows: tuple[str, ...] = setting(

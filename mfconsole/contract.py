@@ -34,6 +34,8 @@ class Outbound:
     transfer_syntax: str
     data: bytes
     study_uid: str = ""
+    # The calling AE title the object arrived with (a destination may present it).
+    calling_ae: str = ""
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ MUTATING = frozenset({"replay", "discard", "pause", "resume", "reload", "reload_
 READ_ONLY_OPS = frozenset({"snapshot", "destination", "dead_letter_groups", "dead_letters",
                            "dead_letter_count", "dead_letter", "echo", "test", "handlers",
                            "log_tail", "config_fields", "objects", "object", "audit",
-                           "audit_events", "rule_counts"})
+                           "audit_events", "rule_counts", "plan"})
 
 
 class ControlError(Exception):
@@ -197,6 +197,7 @@ class ControlService:
     def __init__(self, engine: Any):
         self.engine = engine
         self.counters = SessionCounters(db_path(engine.data_dir))
+        self._planning = threading.Lock()       # one routing plan at a time
 
     @property
     def config(self) -> Any:
@@ -377,6 +378,13 @@ class ControlService:
             raise ControlError(f"object {row['object_id']} cannot be read "
                                f"({exc.__class__.__name__})") from None
 
+    def op_note_reveal(self, actor: str, command: str, destinations: list[str]) -> None:
+        """Audit values an operator's command showed (`routes explain --reveal`, run
+        beside this engine): the engine writes the row, as the one writer."""
+        from mfconsole import ops
+
+        ops.note_reveal(self.config, command, list(destinations), actor=actor, write=self._write)
+
     # -- destinations ---------------------------------------------------------------
 
     def _destination(self, name: str) -> Any:
@@ -414,6 +422,35 @@ class ControlService:
 
     def op_reload(self, actor: str) -> dict[str, Any]:
         return _reload_result(self.engine.reload(actor=actor))
+
+    def op_plan(self, actor: str, hours: float | None = None) -> dict[str, Any]:
+        """What a reload of config.toml would change for the objects received in the last
+        ``hours`` (engine/plan.py): the file on disk replayed against the running
+        configuration and handler versions. Sends nothing, reloads nothing, writes one
+        `routing_plan` audit row (counts, never a value). Read-only: it changes nothing
+        and shows routing-safe fields only."""
+        from mfconsole.engine import plan
+
+        try:
+            hours = plan.DEFAULT_HOURS if hours is None else plan.check_hours(hours)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        if not self._planning.acquire(blocking=False):
+            raise ControlError("a routing plan is already being made; try again when it is done")
+        try:
+            engine = self.engine
+            config = engine.config          # the running one, whatever a reload does meanwhile
+            running = engine.handlers.active() if engine.handlers else {}
+            with self._reading() as reads:
+                result = plan.compute(config.path, plan.RunningBaseline(config, running), reads,
+                                      plan.Objects(reads, engine.store.vault, engine.store.blob_root),
+                                      hours=hours)
+        finally:
+            self._planning.release()
+        status_word, detail = plan.audit_detail(result, actor)
+        engine.audit("routing_plan", status=status_word, actor=actor, detail=detail)
+        result["lines"] = plan.render(result)
+        return result
 
     def op_rule_counts(self, actor: str) -> dict[str, Any]:
         """What the rules decided since the engine started (`mfconsole status`)."""
@@ -471,6 +508,7 @@ class ControlService:
         from mfconsole import ops
         from mfconsole.contract import Outbound
         from mfconsole.engine.handlers import HandlerError
+        from mfconsole.engine.transform import Origin
 
         try:
             handler = self.engine.handlers.get(name)
@@ -494,10 +532,11 @@ class ControlService:
         self._dataset(row)       # readable at all? (a clear error instead of a handler one)
         obj = Outbound(row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],
                        self.engine.store.read_object(row["object_id"]), row["study_uid"] or "")
+        origin = Origin.of(row)
         if not reveal:
             return {"delivery_id": row["id"], "object_id": row["object_id"],
-                    **ops.preview_structure(self.config, handler, obj, row["destination"])}
-        text = ops.preview_handler(self.config, handler, obj, row["destination"])
+                    **ops.preview_structure(self.config, handler, obj, row["destination"], origin)}
+        text = ops.preview_handler(self.config, handler, obj, row["destination"], origin)
         self.engine.audit("phi_revealed", destination=row["destination"], object_id=row["object_id"],
                           delivery_id=row["id"], sop_instance_uid=row["sop_instance_uid"],
                           detail=f"handler {handler.label} preview shown to {actor}", actor=actor)

@@ -77,12 +77,10 @@ def kind_of(destination: DestinationConfig) -> DestinationKind:
 def _default(value: Any) -> str:
     if value is MISSING:
         return "required"
-    if value is None:
+    if value is None or value == ():
         return "—"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_default(v) for v in value) + "]"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return f'"{value}"' if isinstance(value, str) else str(value)
@@ -103,9 +101,9 @@ def docs_markdown(registry: Registry | None = None) -> str:
     def table(fields: list[Any]) -> list[str]:
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for f in fields:
-            typ = "table" if f.name == "tls" else {str: "string", int: "integer", float: "number",
-                                                   bool: "boolean", Path: "path",
-                                                   tuple: "list of strings"}[value_type(f)]
+            typ = {"tls": "table", "coerce": "array of tables"}.get(f.name) or {
+                str: "string", int: "integer", float: "number", bool: "boolean",
+                Path: "path", tuple: "list of strings"}[value_type(f)]
             rows.append(f"| `{f.name}` | {typ} | {_default(f.default)} | {f.metadata['doc']} |")
         return rows + [""]
 

@@ -317,6 +317,28 @@ def find_objects(config: Config, vault: Any, *, accession: str | None = None,
     return result
 
 
+# Commands whose shown values an operator may ask for (the audit row names it).
+REVEALING_COMMANDS = ("routes explain",)
+
+
+def note_reveal(config: Config, command: str, destinations: list[str], *,
+                actor: str | None = None, write: Write | None = None) -> None:
+    """Audit that ``command`` showed an operator patient values (coercion's before and
+    after, for ``destinations``): who and what, never a value nor a file name."""
+    if command not in REVEALING_COMMANDS:
+        raise OpsError(f"{command!r} is not a command that reveals values")
+    names = [d.name for d in config.destinations]
+    unknown = [d for d in destinations if d not in names]
+    if unknown or not destinations:
+        raise OpsError(f"no destination named {', '.join(map(repr, unknown))}" if unknown
+                       else "name the destinations whose values were shown")
+    who = _who(actor)
+    _write(config, write, partial(Tx.audit, actor=who,
+                                  detail=f"{command}: coercion values of a file for "
+                                         f"{', '.join(destinations)} shown to {who}"),
+           "phi_revealed")
+
+
 def list_audit(config: Config, filters: dict[str, Any] | None = None, before_id: int | None = None,
                limit: int = 200) -> list[dict[str, Any]]:
     """The audit trail, newest first, filtered (event, destination, listener, actor,
@@ -374,8 +396,10 @@ def run_handler(config: Config, name: str, file: Path, destination: str | None =
     return preview_handler(config, handler, obj, destination)
 
 
-def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None) -> tuple[str, Any, Any]:
-    """(label, what the handler made or None when it filtered, the destination)."""
+def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None,
+                 origin: Any = None) -> tuple[str, Any, Any]:
+    """(label, what the handler made or None when it filtered, the destination);
+    ``origin`` (transform.Origin): where a stored object came from."""
     from mfconsole.contract import Outcome
     from mfconsole.engine.handlers import Handlers
     from mfconsole.engine.transform import Transformer
@@ -388,7 +412,8 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
     if dest is None:
         raise OpsError(f"name a destination with --destination (no route uses {name})"
                        if destination is None else f"no destination named {destination!r}")
-    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj)
+    out, _ = Transformer(Handlers.single(handler), dest)(name, f"preview->{dest.name}", 0, obj,
+                                                         origin)
     label = f"{handler.label} for {dest.name} ({dest.kind})"
     if isinstance(out, Outcome):
         if out.status == "filtered":
@@ -397,12 +422,13 @@ def _run_handler(config: Config, handler: Any, obj: Any, destination: str | None
     return label, out, dest
 
 
-def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None) -> str:
+def preview_handler(config: Config, handler: Any, obj: Any, destination: str | None = None,
+                    origin: Any = None) -> str:
     """What a loaded handler version emits for one object, as text, values included
     (the caller decides whether that is a reveal). Sends nothing."""
     from mfconsole.kinds import kind_of
 
-    label, out, dest = _run_handler(config, handler, obj, destination)
+    label, out, dest = _run_handler(config, handler, obj, destination, origin)
     if out is None:
         return f"# {label}\nfiltered: the handler returned None (nothing would be sent)\n"
     if kind_of(dest).produces == "hl7":
@@ -417,13 +443,14 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
     return "\n".join(lines) + "\n"
 
 
-def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None) -> dict[str, Any]:
+def preview_structure(config: Config, handler: Any, obj: Any, destination: str | None = None,
+                      origin: Any = None) -> dict[str, Any]:
     """What a handler version would do to one object, without any value: for a DICOM
     output the attributes it adds, removes or changes (tag and name); for HL7 the
     segments and how many fields each carries. Routing-safe: no reveal needed."""
     from mfconsole.kinds import kind_of
 
-    label, out, dest = _run_handler(config, handler, obj, destination)
+    label, out, dest = _run_handler(config, handler, obj, destination, origin)
     if out is None:
         return {"label": label, "kind": "filtered"}
     if kind_of(dest).produces == "hl7":
@@ -466,6 +493,34 @@ def _shown(element: Any) -> str:
     if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
         return f"({len(element.value or b'')} bytes)"
     return str(element.value)[:200]
+
+
+# -- the routing plan -------------------------------------------------------------
+
+def routing_plan(config: Config, hours: float, *, actor: str | None = None) -> dict[str, Any]:
+    """`reload --plan` while no engine runs: the configuration on disk (``config``'s
+    file, read again) replayed over the objects received in the last ``hours``, against
+    what each object got when it was received (engine/plan.py). Opens stored objects
+    with the key file; sends nothing; audits one `routing_plan` row."""
+    from mfconsole.engine import plan
+    from mfconsole.engine.keys import KeyCustodyError, open_vault
+
+    db = _db(config)
+    key_file = config.store.key_file
+    if not key_file.exists():      # open_vault would make a key for an empty store: not here
+        raise OpsError(f"store.key_file {key_file} is missing: the plan cannot open stored objects")
+    try:
+        vault = open_vault(config.store, config.engine.data_dir)
+    except KeyCustodyError as exc:
+        raise OpsError(str(exc)) from None
+    with reading(db) as reads:
+        result = plan.compute(config.path, plan.ReceivedBaseline(reads), reads,
+                              plan.Objects(reads, vault, config.engine.data_dir / "blobs"), hours=hours)
+    who = _who(actor)
+    status, detail = plan.audit_detail(result, who)
+    _write(config, None, partial(Tx.audit, actor=who, status=status, detail=detail), "routing_plan")
+    result["lines"] = plan.render(result)
+    return result
 
 
 # -- store keys ------------------------------------------------------------------

@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Union
 
 from mfconsole.names import ae_title_problem, name_problem
 
-RULE_KEYS = frozenset({"name", "from", "when", "to", "action", "handler", "priority"})
+RULE_KEYS = frozenset({"name", "from", "when", "to", "action", "handler", "coerce",
+                       "priority"})
 ROUTING_KEYS = frozenset({"match", "fallback"})
 # Header attributes by name; any other top-level attribute goes in `tags`.
 NAMED_ATTRIBUTES = {
@@ -186,6 +187,9 @@ class Rule:
     handler: str | None = None                # for each of them, as a route's handler
     discard: bool = False
     listeners: tuple[str, ...] = ()           # `from`; empty: every listener
+    # Coercion of the copies its deliveries send (mfconsole/coerce.py), looked up by the
+    # rule's name at send time: what the current configuration says runs.
+    coerce: tuple[Any, ...] = ()
     priority: int = NORMAL                    # of the deliveries it makes (URGENT: first)
 
     def applies_to(self, listener: str) -> bool:
@@ -234,16 +238,18 @@ def header_tags(rules: Iterable[Rule]) -> frozenset[int]:
 # -- reading config.toml -----------------------------------------------------------------
 
 HandlerCheck = Callable[[str, "str | None", "tuple[str, ...]"], bool]
+CoercionReader = Callable[[str, Any], "tuple[Any, ...]"]
 
 
 def read(r: Any, raw_rules: Any, raw_routing: Any, *, listeners: set[str], destinations: set[str],
-         hl7: set[str], routes: int, handler_problem: HandlerCheck
-         ) -> tuple[tuple[Rule, ...], Routing]:
+         hl7: set[str], routes: int, handler_problem: HandlerCheck,
+         read_coercion: CoercionReader = lambda p, raw: ()) -> tuple[tuple[Rule, ...], Routing]:
     """[[rules]] and [routing] with config.py's reader ``r`` (problems with key paths).
     ``listeners``/``destinations``: every name declared; ``hl7``: the destinations that
     take HL7 messages (only a handler makes those); ``routes``: how many [[routes]] there
     are; ``handler_problem(path, handler, to)`` records what is wrong with the handler
-    of the table at ``path`` for destinations ``to`` (as for a route), True if anything."""
+    of the table at ``path`` for destinations ``to`` (as for a route), True if anything;
+    ``read_coercion(path, raw)`` reads a `coerce` list (mfconsole/coerce.py)."""
     out: list[Rule] = []
     names: dict[str, int] = {}
     if not isinstance(raw_rules, list):
@@ -264,11 +270,27 @@ def read(r: Any, raw_rules: Any, raw_routing: Any, *, listeners: set[str], desti
         sources = _names(r, t, p, "from", listeners, "listener")
         when = _when(r, t.get("when", {}), f"{p}.when") if "when" in t else ()
         to, discard, handler = _action(r, t, p, destinations, handler_problem)
+        coerce = _coerce(r, t, p, to, discard, hl7, read_coercion) if "coerce" in t else ()
         priority = _priority(r, t, p)
         if len(r.problems) == before:
             out.append(Rule(name=name, when=when, to=to, handler=handler, discard=discard,
-                            listeners=sources, priority=priority))
+                            listeners=sources, coerce=coerce, priority=priority))
     return tuple(out), _routing(r, raw_routing, destinations, hl7, routes)
+
+
+def _coerce(r: Any, t: dict[str, Any], p: str, to: tuple[str, ...], discard: bool, hl7: set[str],
+            read_coercion: CoercionReader) -> tuple[Any, ...]:
+    """A rule's `coerce`: only for a rule that sends DICOM somewhere (coercion changes
+    the header of the copy a DICOM destination gets; an HL7 destination's handler reads
+    the object as stored)."""
+    coerce = read_coercion(f"{p}.coerce", t["coerce"])
+    if discard:
+        r.fail(f"{p}.coerce", "only applies with `to` (a discarding rule sends nothing)")
+    elif to and all(d in hl7 for d in to):
+        r.fail(f"{p}.coerce", f"applies to DICOM destinations only: {', '.join(to)} take"
+               f"{'s' if len(to) == 1 else ''} HL7 messages, which the handler makes from the "
+               "object as stored")
+    return coerce
 
 
 def _routing(r: Any, raw: Any, destinations: set[str], hl7: set[str], routes: int) -> Routing:

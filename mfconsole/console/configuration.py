@@ -1,7 +1,14 @@
 """6 Configuration: listener AE titles and calling-AE allowlists, where destinations
 are, the egress allowlists. Edits are staged, then written together: validated as
 `mfconsole check` validates, saved with config.toml's comments kept, hot-reloaded.
-A refused edit names its key and why, and nothing of it is applied."""
+A refused edit names its key and why, and nothing of it is applied.
+
+``p`` shows the routing plan of config.toml as it is on disk (rules, fallback and
+handlers an administrator edited there) against the running configuration: per
+destination the objects of the last 24 hours that would newly go there or no longer
+would, per rule, discards, what the handlers on disk would filter — nothing sent,
+nothing reloaded (`mfconsole reload --plan`). Allowed read-only: it changes nothing and
+shows routing-safe fields only."""
 
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ class ConfigurationScreen(ConsoleScreen):
     BINDINGS = [Binding("enter", "edit", "Edit", priority=True, id="config.edit"),
                 Binding("w", "write", "Save + reload", id="config.write"),
                 Binding("u", "undo", "Undo edits", id="config.undo"),
+                # Over the app's p (pause refresh), as the timeline's preview is.
+                Binding("p", "plan", "Plan", id="config.plan"),
                 Binding("ctrl+r", "reload_fields", "Re-read", show=False, id="config.reread")]
     MUTATING = frozenset({"edit", "write", "undo"})
 
@@ -118,6 +127,16 @@ class ConfigurationScreen(ConsoleScreen):
         self.notify(word.lstrip("✓✗ "), severity="error" if result.get("refused") else "information")
         self.action_reload_fields()
 
+    def action_plan(self) -> None:
+        self._say(Text("making the routing plan of config.toml on disk (objects of the last 24 h; "
+                       "nothing is sent)…"))
+        self.app.perform("routing plan", self.client.plan, done=self._show_plan,
+                         failed=lambda why: self._say(Text(f"✗ no plan: {why}", style="bold")),
+                         refresh=False)
+
+    def _show_plan(self, plan: dict[str, Any]) -> None:
+        self._say(plan_text(plan, read_only=self.app.read_only))
+
     def _field_name(self, key: str) -> str:
         """``destination pacs · port`` rather than ``destinations[2].port``."""
         field = self._field(key)
@@ -131,3 +150,15 @@ def show(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) if value else "(none)"
     return "" if value is None else str(value)
+
+
+def plan_text(plan: dict[str, Any], *, read_only: bool = False) -> Text:
+    """The engine's words for a routing plan, headings in bold, and what to do next."""
+    text = Text()
+    for line in plan.get("lines") or []:
+        text.append(line + "\n", style="" if line.startswith(" ") else "bold")
+    if plan.get("error"):
+        text.append("fix config.toml (mfconsole check names the same problems), then p again\n")
+    elif plan.get("changed") and not read_only:
+        text.append("to apply: reload (ctrl+p or : → reload), or `mfconsole reload`\n")
+    return text

@@ -391,7 +391,7 @@ FIELDS = (("destination", "destination"), ("sop_instance_uid", "SOP instance UID
           ("transfer_syntax", "transfer syntax"), ("size", "bytes"), ("calling_ae", "from AE"),
           ("listener", "listener"), ("attempts", "attempts"), ("last_status", "status"),
           ("last_class", "class"), ("last_reason", "reason"), ("handler", "handler"),
-          ("handler_version", "handler version"))
+          ("handler_version", "handler version"), ("rule", "rule"), ("coerced", "coerced"))
 
 
 def letter_detail(row: dict[str, Any], revealed: list[list[str]] | None) -> Group:

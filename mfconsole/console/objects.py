@@ -426,7 +426,8 @@ def object_row(r: dict[str, Any]) -> tuple[Any, ...]:
 OBJECT_FIELDS = (("sop_instance_uid", "SOP instance UID"), ("sop_class_uid", "SOP class UID"),
                  ("study_uid", "study UID"), ("series_uid", "series UID"), ("modality", "modality"),
                  ("transfer_syntax", "transfer syntax"), ("version", "version"), ("listener", "listener"),
-                 ("calling_ae", "calling AE"), ("peer", "peer"), ("association", "association"))
+                 ("calling_ae", "calling AE"), ("called_ae", "called AE"), ("peer", "peer"),
+                 ("association", "association"))
 
 
 def timeline(result: dict[str, Any]) -> Group:
@@ -457,6 +458,10 @@ def timeline(result: dict[str, Any]) -> Group:
                         + (f" — {d['last_reason']}" if d.get("last_reason") else ""))
         if d.get("handler"):
             line.append(f"\n    handler {d['handler']} {d.get('handler_version') or ''}".rstrip())
+        if d.get("rule"):
+            line.append(f"\n    rule {d['rule']}")
+        if d.get("coerced") is not None:     # attributes and operations, never values
+            line.append(f"\n    coerced: {d['coerced'] or 'nothing changed'}")
         parts.append(line)
     parts.append(Text("\nevents", style="bold"))
     events = sorted(result.get("events") or [], key=lambda e: (e.get("ts") or 0, e.get("id") or 0))

@@ -24,6 +24,13 @@ def _priority(value: str) -> str | None:
     return None if value in PRIORITIES else "must be low, medium or high"
 
 
+SEND_AS = ("configured", "calling_ae")
+
+
+def _send_as(value: str) -> str | None:
+    return None if value in SEND_AS else 'must be "calling_ae" or "configured"'
+
+
 @dataclass(frozen=True, kw_only=True)
 class DimseDestination(DestinationConfig):
     kind: ClassVar[str] = "dimse"
@@ -45,6 +52,10 @@ class DimseDestination(DestinationConfig):
     passcode_file: Path | None = setting(
         None, doc="Its passcode, in a file only this user may read (never sent in clear to "
         "another host).", check=secret_file_problem)
+    send_as: str = setting(
+        "configured", doc='"calling_ae": present the calling AE title each object arrived with '
+        '(objects of different senders go on different associations); "configured": '
+        "calling_ae_title.", check=_send_as)
 
 
 def _check(found: Found) -> None:

@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification
 
 from mfconsole import contract, egress, tls
 from mfconsole.config import TLSConfig
+from mfconsole.names import ae_title_problem
 from mfconsole.contract import Outbound, Outcome
 from mfconsole.dimse import sockets
 from mfconsole.dicomvalues import sop_name, ts_name
@@ -66,6 +67,8 @@ class Peer:
     passcode_file: Path | None = None
     tls: TLSConfig | None = None
     allow_cleartext: bool = False
+    # "calling_ae": associate as the calling AE title each object arrived with.
+    send_as: str = "configured"
 
     @property
     def address(self) -> str:
@@ -77,7 +80,18 @@ class Peer:
                    connect_timeout_s=d.connect_timeout_s, acse_timeout_s=d.acse_timeout_s,
                    dimse_timeout_s=d.dimse_timeout_s, network_timeout_s=d.network_timeout_s,
                    priority=d.priority, username=d.username, passcode_file=d.passcode_file,
-                   tls=d.tls, allow_cleartext=d.allow_cleartext)
+                   tls=d.tls, allow_cleartext=d.allow_cleartext, send_as=d.send_as)
+
+    @property
+    def presents_origin(self) -> bool:
+        return self.send_as == "calling_ae"
+
+    def calling_for(self, origin: str) -> str:
+        """The calling AE title to present for an object that arrived with ``origin``:
+        it, with send_as = "calling_ae" and when it is a valid AE title; else ours."""
+        if self.presents_origin and origin and ae_title_problem(origin) is None:
+            return origin.strip()
+        return self.calling_ae
 
     @property
     def loopback_only(self) -> bool:

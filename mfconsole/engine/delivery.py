@@ -45,6 +45,7 @@ from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcom
 from mfconsole.engine import outbox
 from mfconsole.engine.pacing import CLOSED, OPEN, URGENT_ONLY, Pacer
 from mfconsole.engine.store import Store, StoreError
+from mfconsole.engine.transform import Origin
 from mfconsole.engine.vault import VaultError
 from mfconsole.repository import Tx
 
@@ -64,14 +65,21 @@ AHEAD_ROUND_S = 0.2
 IDLE_POLL_S = 0.25
 
 
-def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int) -> list[list[outbox.Claimed]]:
+def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int,
+           by_calling_ae: bool = False) -> list[list[outbox.Claimed]]:
     """Consecutive items of one study, at most ``max_count`` objects and ``max_bytes``
-    (an object larger than that travels alone)."""
+    (an object larger than that travels alone). ``by_calling_ae``: the sender presents
+    each object's calling AE title, so a group holds one, and the items are taken by
+    calling AE first (one association each, not one per change), urgent ones still
+    before the others."""
+    if by_calling_ae:     # stable: order kept within
+        items = sorted(items, key=lambda item: (-item.priority, item.calling_ae))
     out: list[list[outbox.Claimed]] = []
     size = 0
     for item in items:
         current = out[-1] if out else None
         if (current is None or len(current) >= max_count or item.study_uid != current[0].study_uid
+                or (by_calling_ae and item.calling_ae != current[0].calling_ae)
                 or (max_bytes and size + item.size > max_bytes)):
             out.append([item])
             size = item.size
@@ -88,7 +96,8 @@ class _Lane:
     def __init__(self, sender: Sender, index: int, owner: str):
         self.sender, self.index, self.owner = sender, index, owner
         self.ahead: Future | None = None
-        self.records: deque[tuple[Future, list[tuple[outbox.Claimed, Outcome, Any]]]] = deque()
+        # Each outcome with the handler version it ran and what coercion changed.
+        self.records: deque[tuple[Future, list[tuple[outbox.Claimed, Outcome, Any, Any]]]] = deque()
         self.unrecorded: list[int] = []    # deliveries whose outcome write failed
 
 
@@ -97,12 +106,14 @@ class DestinationWorkers:
 
     def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
                  transform: Callable[..., tuple[Any, Any]] | None = None,
-                 held: outbox.Held | None = None, pacer: Pacer | None = None):
+                 held: outbox.Held | None = None,
+                 coerce: Callable[..., tuple[Any, Any]] | None = None, pacer: Pacer | None = None):
         self.cfg = destination
         self.name = destination.name
         self.store = store
         self.make_sender = make_sender
         self.transform = transform    # the route's handler step (engine/transform.py)
+        self.coerce = coerce          # then coercion (engine/coercion.py)
         self.policy = outbox.Policy(destination.retry_initial_s, destination.retry_max_s,
                                     destination.down_after, destination.bounded_attempts)
         self.held = held if held is not None else outbox.Held()   # shared with the sweep
@@ -275,7 +286,7 @@ class DestinationWorkers:
         back untouched; if recording fails, they stay in flight and ``_settle`` (or
         else ``sweep``) requeues them."""
         sender = lane.sender
-        results: list[tuple[outbox.Claimed, Outcome, Any]] = []
+        results: list[tuple[outbox.Claimed, Outcome, Any, Any]] = []
         handed: set[int] = set()
         flushed = time.monotonic()
 
@@ -286,7 +297,7 @@ class DestinationWorkers:
                 return []
             batch, results[:] = list(results), []
             self._hand_over(lane, batch)
-            handed.update(item.delivery_id for item, _, _ in batch)
+            handed.update(entry[0].delivery_id for entry in batch)
             attributed: list[Outcome] = []
             while wait and lane.records:
                 attributed = self._collect(lane, strict=True)
@@ -295,10 +306,11 @@ class DestinationWorkers:
         completed = False
         try:
             if refused is not None:    # counted as one attempt, of the oldest object
-                results.append((items[0], refused, None))
+                results.append((items[0], refused, None, None))
                 batches = []
             else:
-                batches = groups(items, *self.pacer.group_limits(*sender.max_batch))
+                batches = groups(items, *self.pacer.group_limits(*sender.max_batch),
+                                 by_calling_ae=getattr(sender, "by_calling_ae", False))
                 completed = True
             started, attempted = time.monotonic(), 0
             for group in batches:
@@ -311,9 +323,8 @@ class DestinationWorkers:
                                                    sender.in_order, self.held, lane.owner)
                 attempted += len(group)
                 group_outcomes = self._attempt(sender, group)
-                results += [(item, outcome, stamp)
-                            for item, (outcome, stamp) in zip(group, group_outcomes)]
-                final = [o for o, _ in group_outcomes]
+                results += [(item, *done) for item, done in zip(group, group_outcomes)]
+                final = [o for o, _, _ in group_outcomes]
                 if any(o.ambiguous for o in final):
                     # Whose fault a cut-short transfer is decides whether the batch goes on.
                     final = flush(wait=True)[-len(final):]
@@ -373,7 +384,7 @@ class DestinationWorkers:
         if lane.ahead is not None:
             self._give_back(self._take_ahead(lane))
 
-    def _hand_over(self, lane: _Lane, batch: list[tuple[outbox.Claimed, Outcome, Any]]) -> None:
+    def _hand_over(self, lane: _Lane, batch: list[tuple[outbox.Claimed, Outcome, Any, Any]]) -> None:
         """Outcomes to the store, not waited for (beyond RECORDS_IN_FLIGHT writes
         outstanding, the oldest is)."""
         while len(lane.records) >= RECORDS_IN_FLIGHT:
@@ -385,7 +396,7 @@ class DestinationWorkers:
         leaves its deliveries in flight for ``_settle`` to give back (StoreError when
         ``strict``: the round ends there, as the worker error it is)."""
         future, batch = lane.records.popleft()
-        ids = [item.delivery_id for item, _, _ in batch]
+        ids = [entry[0].delivery_id for entry in batch]
         try:
             attributed: list[Outcome] = future.result()
         except Exception as exc:
@@ -396,7 +407,7 @@ class DestinationWorkers:
                 raise StoreError(f"outcomes not recorded: {exc.__class__.__name__}") from exc
             return []
         self.held.discard(ids)
-        for (item, _, _), outcome in zip(batch, attributed):
+        for (item, *_), outcome in zip(batch, attributed):
             if outcome.is_success:
                 self.sent += 1
             elif not outcome.is_done:
@@ -421,43 +432,53 @@ class DestinationWorkers:
             lane.ahead = None
             self.held.drop(lane.owner)
 
-    def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any]]:
-        """Send one group: (outcome, handler stamp) per object, shorter when the sender
-        stopped early. An object that cannot be read, or that its handler filters or
-        fails on, or that raises anywhere on its way out, is settled on its own and the
-        rest of the group still goes."""
+    def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any, Any]]:
+        """Send one group: (outcome, handler stamp, what coercion changed) per object,
+        shorter when the sender stopped early. An object that cannot be read, or that
+        its handler filters or fails on, or whose coercion cannot be made, or that
+        raises anywhere on its way out, is settled on its own and the rest of the group
+        still goes."""
         objs: list[Outbound] = []
-        positions: list[int] = []
-        settled: dict[int, tuple[Outcome, Any]] = {}
+        settled: dict[int, tuple[Outcome, Any, Any]] = {}
         stamps: dict[int, Any] = {}
+        coerced: dict[int, str | None] = {}
         for i, item in enumerate(group):
             try:
                 data = self.store.read_object(item.object_id)
             except (KeyError, VaultError, OSError) as exc:
                 settled[i] = (Outcome(PERMANENT, MESSAGE, "unreadable",
                                       f"stored object {item.object_id} cannot be read "
-                                      f"({exc.__class__.__name__})"), None)
+                                      f"({exc.__class__.__name__})"), None, None)
                 continue
             except Exception as exc:
-                settled[i] = (contract.internal_error(exc, "reading the stored object"), None)
+                settled[i] = (contract.internal_error(exc, "reading the stored object"), None, None)
                 continue
             obj: Any = Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
-                                data, item.study_uid)
+                                data, item.study_uid, item.calling_ae)
             if item.handler and self.transform is not None:
                 try:
                     obj, stamps[i] = self.transform(item.handler, f"{item.listener}->{self.name}",
-                                                    item.delivery_id, obj)
+                                                    item.delivery_id, obj, Origin.of(item))
                 except Exception as exc:
                     settled[i] = (contract.internal_error(exc, f"running handler {item.handler}"),
-                                  None)
+                                  None, None)
                     continue
                 if isinstance(obj, Outcome):
-                    settled[i] = (obj, stamps[i])
+                    settled[i] = (obj, stamps[i], None)
+                    continue
+            if self.coerce is not None:
+                try:
+                    obj, coerced[i] = self.coerce(item, obj)
+                except Exception as exc:
+                    settled[i] = (contract.internal_error(exc, "coercing the outgoing copy"),
+                                  stamps.get(i), None)
+                    continue
+                if isinstance(obj, Outcome):
+                    settled[i] = (obj, stamps.get(i), None)
                     continue
             objs.append(obj)
-            positions.append(i)
         sent = iter(self._send(sender, objs))
-        out: list[tuple[Outcome, Any]] = []
+        out: list[tuple[Outcome, Any, Any]] = []
         for i in range(len(group)):
             if i in settled:
                 out.append(settled[i])
@@ -465,7 +486,7 @@ class DestinationWorkers:
             outcome = next(sent, None)
             if outcome is None:    # the batch stopped early
                 break
-            out.append((outcome, stamps.get(i)))
+            out.append((outcome, stamps.get(i), coerced.get(i)))
         return out
 
     def _send(self, sender: Sender, objs: list[Outbound]) -> list[Outcome]:
@@ -488,5 +509,5 @@ class DestinationWorkers:
                 break
         return out
 
-    def _record(self, tx: Tx, results: list[tuple[outbox.Claimed, Outcome, Any]]) -> list[Outcome]:
+    def _record(self, tx: Tx, results: list[tuple[outbox.Claimed, Outcome, Any, Any]]) -> list[Outcome]:
         return outbox.record_all(tx, self.name, results, self.policy)

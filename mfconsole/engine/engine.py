@@ -28,7 +28,8 @@ from mfconsole.engine import logs, outbox
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
-from mfconsole.engine.transform import Transformer
+from mfconsole.engine.coercion import Coercer
+from mfconsole.engine.transform import Origin, Transformer
 from mfconsole.engine.router import Router, RuleCounts
 from mfconsole.engine.sessions import Watched
 from mfconsole.engine.keys import KeyCustodyError, open_vault
@@ -116,6 +117,8 @@ class Engine:
         self.started_at: float | None = None
         self._lock = DataDirLock(self.data_dir)
         self.router = Router(config)
+        # The rules by name: a delivery's coercion is its rule's, as configured now.
+        self.rules_by_name = {rule.name: rule for rule in config.rules}
         self.rule_counts = RuleCounts()    # what the rules decided since the start
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -235,7 +238,7 @@ class Engine:
                            getattr(dest, "calling_ae_title", ""), getattr(dest, "ae_title", "") or "")
         assert self.handlers is not None
         workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest),
-                                     self.held)
+                                     self.held, Coercer(dest, lambda: self.rules_by_name))
         workers.start()
         self.deliveries[dest.name] = workers
 
@@ -292,6 +295,7 @@ class Engine:
         report += [str(r) for r in results if r.outcome != "unchanged"]
         self.config = new
         self.router = Router(new)          # the next object is routed by it
+        self.rules_by_name = {rule.name: rule for rule in new.rules}   # the next delivery sent
         if (new.rules, new.routing) != (old.rules, old.routing):
             report.append(f"rules: {len(new.rules)} rule(s), match = {new.routing.match}"
                           + ("" if new.routing.fallback is None else
@@ -345,7 +349,8 @@ class Engine:
                     results.append(None)
                     continue
                 single = Handlers.single(version)
-                out, _ = Transformer(single, dest)(version.name, route, row["id"], obj)
+                out, _ = Transformer(single, dest)(version.name, route, row["id"], obj,
+                                                   Origin.of(row))
                 failed = isinstance(out, Outcome) and out.status == "handler error"
                 results.append(out.reason if failed else None)
             new_error, old_error = results
@@ -423,6 +428,7 @@ class Engine:
             study_uid=summary.study_instance_uid, series_uid=summary.series_instance_uid,
             modality=summary.modality, transfer_syntax=meta["transfer_syntax"],
             listener=meta["listener"], calling_ae=meta["calling_ae"], peer=meta["peer"],
+            called_ae=meta.get("called_ae", ""),
             routes=decision.routes, routed_by=decision.words, nowhere=decision.nowhere(),
             association_id=meta.get("association", ""),
             # Keyed hashes only: the identifiers themselves stay in the sealed blob.

@@ -37,6 +37,13 @@ class Claimed:
     handler: str | None = None
     listener: str | None = None
     suspect: int = 0      # earlier transfers of this delivery that were cut short
+    rule: str | None = None          # the rule that made it (its coercion applies)
+    # Where the object came from: what a handler's Context says, and the calling AE a
+    # destination with send_as = "calling_ae" presents.
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer: str = ""                   # "address:port", as the listener wrote it
+    received_at: float = 0.0
     priority: int = 0     # 1: urgent (a rule's priority = "urgent")
 
 
@@ -94,7 +101,8 @@ def _due(reads: Reads, destination: str, ordered: bool, suspects: bool | None,
         items.append(Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
                              r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "",
                              r["size"] or 0, r["handler"], r["listener"], r["suspect"] or 0,
-                             r["priority"] or 0))
+                             r["rule"], r["calling_ae"] or "", r["called_ae"] or "",
+                             r["peer"] or "", r["received_at"] or 0.0, r["priority"] or 0))
     return items
 
 
@@ -204,11 +212,12 @@ def attribute(dest: DestinationState, item: Claimed, outcome: Outcome, policy: P
 
 
 def record(tx: Tx, destination: str, item: Claimed, outcome: Outcome,
-           policy: Policy, handler: Any = None) -> Outcome:
+           policy: Policy, handler: Any = None, coerced: str | None = None) -> Outcome:
     """Apply one attempt's outcome to its delivery (and the destination's state);
     return the outcome as recorded (a cut-short transfer attributed, see
     ``attribute``). ``handler`` (name, version, digest) is the handler version this
-    attempt ran."""
+    attempt ran; ``coerced`` what coercion changed on the copy it sent (None: no
+    coercion applied)."""
     now = time.time()
     attempts = item.attempts + 1
     tx.ensure_destination(destination, now)
@@ -220,6 +229,7 @@ def record(tx: Tx, destination: str, item: Claimed, outcome: Outcome,
         tx.mark_suspect(destination, item.delivery_id)
     if handler is not None:
         tx.set_handler_version(item.delivery_id, handler.version, handler.digest)
+    _set_coerced(tx, item, coerced)
     if outcome.persistence == FILTERED:
         new_state, retry_at, event = FILTERED_STATE, None, "filtered"
     elif outcome.is_success:
@@ -269,34 +279,47 @@ def record(tx: Tx, destination: str, item: Claimed, outcome: Outcome,
                  sop_instance_uid=item.sop_instance_uid, status=outcome.status,
                  detail=f"attempt {attempts}: {outcome.label}: {outcome.reason}"
                         + (f"; next try in {retry_at - now:.1f} s"
-                           if event == "retry_scheduled" and retry_at else ""))
+                           if event == "retry_scheduled" and retry_at else "")
+                        # as Tx.delivered words it for a run of plain successes
+                        + (f"; coerced: {coerced or 'nothing changed'}"
+                           if outcome.is_success and coerced is not None else ""))
     return outcome
 
 
-def record_all(tx: Tx, destination: str, results: Iterable[tuple[Claimed, Outcome, Any]],
+def _set_coerced(tx: Tx, item: Claimed, coerced: str | None) -> None:
+    """Record what coercion changed; a delivery tried before is cleared when it no
+    longer applies (its configuration changed since), others are not written to."""
+    if coerced is not None or item.attempts or item.suspect:
+        tx.set_coerced(item.delivery_id, coerced)
+
+
+Result = tuple  # (Claimed, Outcome, handler stamp) or (…, what coercion changed)
+
+
+def record_all(tx: Tx, destination: str, results: Iterable[Result],
                policy: Policy) -> list[Outcome]:
-    """``record`` for each (item, outcome, handler stamp), in order; the outcomes as
-    recorded. A run of deliveries that simply succeeded is written in bulk (a few
-    statements for the run, not five per delivery), with what ``record`` would
-    write for each one in turn."""
+    """``record`` for each (item, outcome, handler stamp[, coerced]), in order; the
+    outcomes as recorded. A run of deliveries that simply succeeded is written in bulk
+    (a few statements for the run, not five per delivery), with what ``record``
+    would write for each one in turn."""
     out: list[Outcome] = []
-    run: list[tuple[Claimed, Outcome, Any]] = []
+    run: list[Result] = []
     for entry in results:
-        _, outcome, _ = entry
+        outcome = entry[1]
         if outcome.is_success and not outcome.ambiguous:
             run.append(entry)
             continue
         if run:
             out += _record_delivered(tx, destination, run)
             run = []
-        out.append(record(tx, destination, entry[0], outcome, policy, entry[2]))
+        out.append(record(tx, destination, entry[0], outcome, policy, entry[2],
+                          entry[3] if len(entry) > 3 else None))
     if run:
         out += _record_delivered(tx, destination, run)
     return out
 
 
-def _record_delivered(tx: Tx, destination: str,
-                      run: list[tuple[Claimed, Outcome, Any]]) -> list[Outcome]:
+def _record_delivered(tx: Tx, destination: str, run: list[Result]) -> list[Outcome]:
     """``record`` of successes (not cut short): a few statements for the whole run."""
     now = time.time()
     tx.ensure_destination(destination, now)
@@ -306,9 +329,10 @@ def _record_delivered(tx: Tx, destination: str,
     last = run[-1][1]
     tx.destination_delivered(destination, last.status, last.reason, now)
     ids: list[int] = []
-    for n, (item, outcome, handler) in enumerate(run):
+    for n, (item, outcome, handler, *coerced) in enumerate(run):
         if handler is not None:
             tx.set_handler_version(item.delivery_id, handler.version, handler.digest)
+        _set_coerced(tx, item, coerced[0] if coerced else None)
         ids.append(item.delivery_id)
         following = run[n + 1][1] if n + 1 < len(run) else None
         if following is None or (following.persistence, following.status, following.label,
@@ -318,7 +342,7 @@ def _record_delivered(tx: Tx, destination: str,
                          reason=outcome.reason, event="delivered_with_warning"
                          if outcome.persistence == WARNING else "delivered")
             ids = []
-    return [outcome for _, outcome, _ in run]
+    return [entry[1] for entry in run]
 
 
 def pause(tx: Tx, destination: str, reason: str, *, status: str = "operator",
@@ -392,8 +416,10 @@ def replay(tx: Tx, delivery_ids: Iterable[int], *, to: str | None = None,
             tx.requeue(row["id"], now)
             new_id = row["id"]
         else:
+            # The rule goes with it: its coercion is about the object, wherever it goes;
+            # so does its priority.
             new_id, = tx.add_deliveries(object_id, row["listener"],
-                                        [(target, row["handler"], row["priority"])], now)
+                                        [(target, row["handler"], row["rule"], row["priority"])], now)
             tx.set_state(row["id"], REPLAYED, now)
         queued.append(new_id)
         _replay_audit(tx, now, row, target, object_id, new_id, actor, said)

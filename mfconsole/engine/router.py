@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,7 @@ class Decision:
         if self.rules:
             urgent = any(r.priority for r in self.routes)
             return (("rule " if len(self.rules) == 1 else "rules ") + ", ".join(self.rules)
-                    + (", urgent" if urgent else ""))
+                    + ("; urgent" if urgent else ""))   # ";": never in a rule name
         return "fallback" if self.routes else "fallback (empty)"
 
     def nowhere(self) -> tuple[str, str | None, str] | None:
@@ -125,14 +126,17 @@ class Router:
 def _decision(found: tuple[Rule, ...]) -> Decision:
     if found[0].discard:
         return Decision((), rules=(found[0].name,), discarded=True, ruled=True)
-    # The same destination and handler: one delivery, urgent if any rule sending it
-    # there is (match = "all" may find several).
     routes: dict[tuple[str, str | None], Route] = {}
     for rule in found:
         for dest in rule.to:
-            known = routes.get((dest, rule.handler))
-            if known is None or rule.priority > known.priority:
-                routes[(dest, rule.handler)] = Route(dest, rule.handler, rule.priority)
+            # The same destination and handler: once (match = "all" may find several),
+            # made by the first rule (whose coercion then applies to it), urgent if any
+            # rule sending it there is.
+            key = (dest, rule.handler)
+            if key not in routes:
+                routes[key] = Route(dest, rule.handler, rule.name, rule.priority)
+            elif rule.priority > routes[key].priority:
+                routes[key] = dataclasses.replace(routes[key], priority=rule.priority)
     return Decision(tuple(routes.values()), rules=tuple(r.name for r in found), ruled=True)
 
 

@@ -24,6 +24,8 @@ class Watched:
         self.calling_ae, self.called_ae = calling_ae, called_ae
         self.max_batch = inner.max_batch
         self.in_order = inner.in_order
+        # The inner sender presents each object's calling AE (send_as = "calling_ae").
+        self.by_calling_ae = getattr(inner, "by_calling_ae", False)
         self._open = False
         self._used = time.monotonic()
 
@@ -54,6 +56,8 @@ class Watched:
         self._used = time.monotonic()
         info = self.board.get(id(self))
         if info is not None:
+            if self.by_calling_ae:    # the calling AE title this association presents
+                info.calling_ae = getattr(self.inner, "presented", self.calling_ae)
             for obj, outcome in zip(objs, outcomes):
                 if outcome.is_success:
                     info.objects += 1

@@ -81,7 +81,9 @@ def routing(config: Config, counts: dict[str, Any] | None) -> dict[str, Any]:
         entry = {"name": rule.name, "from": list(rule.listeners),
                  "when": [c.key for c in rule.when],
                  "action": "discard" if rule.discard else "send", "to": list(rule.to),
-                 "handler": rule.handler, "priority": "urgent" if rule.priority else "normal"}
+                 "handler": rule.handler, "priority": "urgent" if rule.priority else "normal",
+                 # Its coercion's operations and attributes (never a value).
+                 "coerce": [op.describe() for op in rule.coerce]}
         if counts is not None:
             entry.update(counts["rules"].get(rule.name) or {"sent": 0, "discarded": 0})
         out["rules"].append(entry)

@@ -56,7 +56,8 @@ class StoreError(Exception):
 class Route:
     destination: str
     handler: str | None = None
-    priority: int = 0        # rules.URGENT: claimed before the destination's other deliveries
+    rule: str | None = None       # the rule that made it: its coercion applies at send time
+    priority: int = 0             # rules.URGENT: claimed before the destination's other deliveries
 
 
 @dataclass
@@ -72,6 +73,7 @@ class IngestRequest:
     calling_ae: str
     peer: str
     routes: tuple[Route, ...]
+    called_ae: str = ""
     blob: str = ""          # path relative to the blob root, or INLINE
     sealed: bytes | None = field(default=None, repr=False)   # the INLINE blob
     size: int = 0
@@ -421,7 +423,8 @@ class Store:
             "series_uid": req.series_uid, "modality": req.modality,
             "transfer_syntax": req.transfer_syntax, "size": req.size, "digest": req.digest,
             "blob": req.blob, "key_id": req.key_id, "listener": req.listener,
-            "calling_ae": req.calling_ae, "peer": req.peer, "received_at": now, "superseded": 0,
+            "calling_ae": req.calling_ae, "called_ae": req.called_ae or None, "peer": req.peer,
+            "received_at": now, "superseded": 0,
             "accession_token": req.accession_token, "patient_token": req.patient_token,
             "association": req.association_id or None,
         }, req.sealed)
@@ -433,7 +436,7 @@ class Store:
                      detail=f"same SOP Instance UID, different bytes: stored as "
                             f"version {version} (previous object {latest['id']})")
         tx.add_deliveries(object_id, req.listener,
-                          ((r.destination, r.handler, r.priority) for r in req.routes), now)
+                          ((r.destination, r.handler, r.rule, r.priority) for r in req.routes), now)
         tx.audit("stored", object_id=object_id, **who,
                  detail=f"version={version} size={req.size} routes={len(req.routes)}"
                         + (f" ({req.routed_by})" if req.routed_by else ""))

@@ -16,13 +16,37 @@ from typing import Any, Callable
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID
 
+from mfconsole import dicomheader
 from mfconsole.contract import FILTERED, MESSAGE, PERMANENT, Outbound, Outcome
 from mfconsole.engine.handlers import Handlers, HandlerError, LoadedHandler
 from mfconsole.kinds import kind_of
 
 HL7_ENCODING = "utf-8"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a delivery's object came from, as a handler's Context says it."""
+    listener: str = ""
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer: str = ""                        # the sender's address, no port
+    received_at: datetime | None = None   # timezone-aware (UTC)
+
+    @classmethod
+    def of(cls, row: Any) -> "Origin":
+        """From a claimed delivery (outbox.Claimed) or a delivery row with its object's
+        fields (listener, calling_ae, called_ae, peer "address:port", received_at)."""
+        get = row.get if isinstance(row, dict) else (lambda key: getattr(row, key, None))
+        peer = get("peer") or ""
+        # The listener writes "address:port", an IPv6 address unbracketed: the port is
+        # what follows the last colon.
+        address = peer.rpartition(":")[0] if ":" in peer else peer
+        at = get("received_at")
+        return cls(listener=get("listener") or "", calling_ae=(get("calling_ae") or "").strip(),
+                   called_ae=(get("called_ae") or "").strip(), peer=address.strip("[]"),
+                   received_at=datetime.fromtimestamp(at, timezone.utc) if at else None)
 
 
 @dataclass(frozen=True)
@@ -47,20 +71,24 @@ class Transformer:
         self.destination = destination
         self.now = now
 
-    def context(self, handler: LoadedHandler, route: str, delivery_id: int) -> Any:
+    def context(self, handler: LoadedHandler, route: str, delivery_id: int,
+                origin: Origin | None = None) -> Any:
         from mfconsole.handlers.api import Context
 
         d = self.destination
+        o = origin or Origin()
         return Context(route=route, destination=d.name, destination_kind=d.kind,
                        sending_application=getattr(d, "sending_application", "MFCONSOLE") or "",
                        sending_facility=getattr(d, "sending_facility", "") or "",
                        receiving_application=getattr(d, "receiving_application", "") or "",
                        receiving_facility=getattr(d, "receiving_facility", "") or "",
                        message_control_id=control_id(delivery_id), handler_name=handler.name,
-                       handler_version=handler.version, now=self.now)
+                       handler_version=handler.version, now=self.now, calling_ae=o.calling_ae,
+                       called_ae=o.called_ae, peer=o.peer, listener=o.listener,
+                       received_at=o.received_at)
 
-    def __call__(self, handler_name: str, route: str, delivery_id: int, obj: Outbound
-                 ) -> tuple[Outbound | Outcome, Stamp | None]:
+    def __call__(self, handler_name: str, route: str, delivery_id: int, obj: Outbound,
+                 origin: Origin | None = None) -> tuple[Outbound | Outcome, Stamp | None]:
         """The object to send, or the Outcome that settles the delivery here."""
         try:
             handler = self.handlers.get(handler_name)
@@ -73,7 +101,7 @@ class Transformer:
             source = DicomObject.from_bytes(obj.data, obj.transfer_syntax,
                                             sop_class_uid=obj.sop_class_uid,
                                             sop_instance_uid=obj.sop_instance_uid)
-            result = handler.run(source, self.context(handler, route, delivery_id))
+            result = handler.run(source, self.context(handler, route, delivery_id, origin))
             return self._outbound(handler, obj, result), stamp
         except HandlerError as exc:
             return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
@@ -107,17 +135,14 @@ class Transformer:
 
 
 def with_original_pixels(header: Dataset, original: bytes, transfer_syntax: str) -> bytes:
-    """``header`` (without pixel data) in ``transfer_syntax``, then the original bytes
-    from the top-level Pixel Data element on, untouched."""
-    from pydicom.filereader import read_dataset
-
-    ts = UID(transfer_syntax)
-    fp = DicomBytesIO(original)
-    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
-    read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
-                 stop_when=lambda tag, vr, length: tag >= 0x7FE00010)
-    tail = original[fp.tell():] if fp.tell() < len(original) else b""
+    """``header`` (its elements before (7FE0,0008)) in ``transfer_syntax``, then the
+    original bytes from the first top-level element at or after (7FE0,0008) on,
+    untouched (mfconsole/dicomheader.py finds it, as for coercion). A deflated object
+    is inflated, and the result deflated again."""
+    parsed = dicomheader.parse(original, transfer_syntax)
+    syntax = parsed.syntax
     out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
-    write_dataset(out, Dataset({t: e for t, e in header.items() if t < 0x7FE00010}))
-    return out.getvalue() + tail
+    out.is_little_endian, out.is_implicit_VR = syntax.little, syntax.implicit
+    write_dataset(out, Dataset({t: e for t, e in header.items() if t < dicomheader.PIXELS_FROM}))
+    data = out.getvalue() + parsed.data[parsed.end:]
+    return dicomheader.deflate(data) if syntax.deflated else data

@@ -59,6 +59,11 @@ class Context:
     same id, so an HL7 handler must put exactly it in MSH-10 (never invent one) and
     the receiver can recognise the duplicate. ``now()`` is the clock to stamp
     messages with (timezone-aware; fixed in tests, so output is reproducible).
+
+    Where the object came from: the association's ``calling_ae`` and ``called_ae``,
+    the sender's address ``peer`` (no port), the ``listener`` it arrived on and when it
+    was stored, ``received_at`` (timezone-aware, UTC). Empty (None) where unknown: a
+    preview on a file, an object stored before mfconsole recorded the called AE.
     """
 
     route: str
@@ -73,6 +78,11 @@ class Context:
     handler_version: str = ""
     now: Callable[[], datetime] = field(default=_utc_now, compare=False)
     processing_id: str = "P"        # MSH-11: P production, T training, D debugging
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer: str = ""
+    listener: str = ""
+    received_at: datetime | None = None
 
 
 class DicomParseError(ValueError):

@@ -47,6 +47,10 @@ class MllpDestination(DestinationConfig):
 
 
 def _check(found: Found) -> None:
+    if "coerce" in found.raw:
+        found.fail("coerce", "does not apply to an mllp destination: it takes HL7 messages, "
+                   "which a handler makes from the object as stored (coercion changes the "
+                   "DICOM header a DICOM destination gets)")
     check_tcp_peer(found)
 
 

@@ -22,7 +22,8 @@ from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, IN_FLIGH
 ERROR_EVENTS = ("refused", "association_rejected", "dead_lettered", "store_failed")
 
 _DEAD_COLUMNS = ("d.id, d.destination, d.object_id, d.attempts, d.last_status, d.last_class, "
-                 "d.last_reason, d.handler, d.handler_version, d.updated_at, o.sop_instance_uid, "
+                 "d.last_reason, d.handler, d.handler_version, d.rule, d.coerced, d.updated_at, "
+                 "o.sop_instance_uid, "
                  "o.sop_class_uid, o.study_uid, o.transfer_syntax, o.size, o.calling_ae, o.listener, "
                  "o.version, o.superseded, d.priority")
 _DEAD_FROM = "FROM deliveries d JOIN objects o ON o.id = d.object_id"
@@ -114,7 +115,8 @@ class ObjectFilter:
 # Columns the browser may sort by (names checked here, never pasted from a request).
 OBJECT_SORTS = ("id", "received_at", "listener", "calling_ae", "modality", "sop_class_uid",
                 "sop_instance_uid", "study_uid", "series_uid", "size")
-_OBJECT_COLUMNS = ("o.id, o.received_at, o.listener, o.calling_ae, o.peer, o.association, o.modality, "
+_OBJECT_COLUMNS = ("o.id, o.received_at, o.listener, o.calling_ae, o.called_ae, o.peer, o.association, "
+                   "o.modality, "
                    "o.sop_class_uid, o.sop_instance_uid, o.study_uid, o.series_uid, o.transfer_syntax, "
                    "o.size, o.version, o.superseded, o.purged_at, "
                    "(SELECT group_concat(x.destination || '=' || x.state, ' ') FROM "
@@ -250,7 +252,8 @@ class Reads:
             order = "d.retry_at, d.id"
         return list(self.conn.execute(
             "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, d.suspect, "
-            "d.priority, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size "
+            "d.rule, d.priority, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, "
+            "o.study_uid, o.size, o.calling_ae, o.called_ae, o.peer, o.received_at "
             "FROM deliveries d JOIN objects o ON o.id = d.object_id "
             f"WHERE d.destination = ? AND d.state = ? {where} "
             f"ORDER BY {order} LIMIT ?", (*params, limit)))
@@ -291,8 +294,9 @@ class Reads:
         """One delivery with its object's routing fields (any state, purged or not)."""
         row = self.conn.execute(
             "SELECT d.id, d.destination, d.object_id, d.state, d.handler, d.attempts, d.suspect, "
-            "d.retry_at, d.last_status, d.last_class, d.last_reason, o.sop_instance_uid, "
-            "o.sop_class_uid, o.transfer_syntax, o.study_uid, o.purged_at "
+            "d.retry_at, d.last_status, d.last_class, d.last_reason, d.rule, d.coerced, "
+            "d.listener, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, "
+            "o.purged_at, o.calling_ae, o.called_ae, o.peer, o.received_at "
             f"{_DEAD_FROM} WHERE d.id = ?", (int(delivery_id),)).fetchone()
         return dict(row) if row is not None else None
 
@@ -300,7 +304,8 @@ class Reads:
         """The latest deliveries through a handler whose object is still stored."""
         return _dicts(self.conn.execute(
             "SELECT d.id, d.destination, d.listener, d.object_id, o.sop_class_uid, "
-            "o.sop_instance_uid, o.transfer_syntax, o.study_uid, o.purged_at "
+            "o.sop_instance_uid, o.transfer_syntax, o.study_uid, o.purged_at, o.calling_ae, "
+            "o.called_ae, o.peer, o.received_at "
             f"{_DEAD_FROM} WHERE d.handler = ? AND o.purged_at IS NULL ORDER BY d.id DESC LIMIT ?",
             (handler, limit)))
 
@@ -378,7 +383,8 @@ class Reads:
             return None
         deliveries = _dicts(self.conn.execute(
             "SELECT id, destination, handler, state, attempts, last_status, last_class, last_reason, "
-            "handler_version, created_at, updated_at FROM deliveries WHERE object_id = ? ORDER BY id",
+            "handler_version, rule, coerced, created_at, updated_at FROM deliveries "
+            "WHERE object_id = ? ORDER BY id",
             (object_id,)))
         ids = [d["id"] for d in deliveries]
         events = _dicts(self.conn.execute(
@@ -472,6 +478,69 @@ class Reads:
             "SELECT ts, event, destination, status, detail FROM audit WHERE delivery_id = ? "
             "ORDER BY id", (delivery_id,)))
 
+
+    # -- the routing plan (mfconsole/engine/plan.py) ---------------------------------------
+
+    _PLAN_COLUMNS = ("id", "received_at", "listener", "calling_ae", "peer", "modality",
+                     "sop_class_uid", "sop_instance_uid", "study_uid", "series_uid",
+                     "transfer_syntax", "size")
+
+    def plan_count(self, since: float) -> int:
+        """Objects a routing plan looks at: the latest version of each SOP instance,
+        received at or after ``since``, still stored."""
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM objects WHERE purged_at IS NULL AND superseded = 0 "
+            "AND received_at >= ?", (since,)).fetchone()[0]
+
+    def plan_page(self, since: float, after: tuple[float, int] | None, limit: int
+                  ) -> list[dict[str, Any]]:
+        """One page of those objects, newest first; the next page starts after the
+        (received_at, id) of this one's last row. Routing-safe columns only, and
+        ``called_ae`` ("" for objects stored before schema v8 recorded it)."""
+        columns = list(self._PLAN_COLUMNS)
+        if "called_ae" in self.columns("objects"):    # a database not yet at schema v8
+            columns.append("called_ae")
+        sql = (f"SELECT {', '.join(columns)} FROM objects WHERE purged_at IS NULL AND "
+               "superseded = 0 AND received_at >= ?")
+        params: list[Any] = [since]
+        if after is not None:
+            sql += " AND (received_at < ? OR (received_at = ? AND id < ?))"
+            params += [after[0], after[0], after[1]]
+        rows = _dicts(self.conn.execute(sql + " ORDER BY received_at DESC, id DESC LIMIT ?",
+                                        params + [limit]))
+        for row in rows:
+            row.setdefault("called_ae", "")
+        return rows
+
+    def routing_received(self, object_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """What routing gave each object when it was received: the deliveries made in
+        its ingest transaction (created with it: a replay's come later), and the words
+        and events of its routing audit rows. {id: {"routes": [(destination, handler, rule)],
+        "stored": detail or None, "discarded": rule or None, "unrouted": bool}}."""
+        ids = [int(i) for i in object_ids]
+        out: dict[int, dict[str, Any]] = {
+            i: {"routes": [], "stored": None, "discarded": None, "unrouted": False} for i in ids}
+        rule = "d.rule" if "rule" in self.columns("deliveries") else "NULL"     # schema v8 on
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self.conn.execute(
+                    f"SELECT d.object_id, d.destination, d.handler, {rule} FROM deliveries d JOIN "
+                    f"objects o ON o.id = d.object_id WHERE d.object_id IN ({marks}) "
+                    "AND d.created_at = o.received_at ORDER BY d.id", chunk):
+                out[r[0]]["routes"].append((r[1], r[2], r[3]))
+            for r in self.conn.execute(
+                    "SELECT object_id, event, status, detail FROM audit WHERE object_id IN "
+                    f"({marks}) AND event IN ('stored', 'discarded_by_rule', 'unrouted') "
+                    "ORDER BY id", chunk):
+                entry = out[r[0]]
+                if r[1] == "stored":
+                    entry["stored"] = r[3]
+                elif r[1] == "discarded_by_rule":
+                    entry["discarded"] = r[2]
+                else:
+                    entry["unrouted"] = True
+        return out
 
     # -- inspection: whole rows, for tests and diagnostics ---------------------------------
 

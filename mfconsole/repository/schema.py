@@ -147,6 +147,15 @@ def _v7_object_browser(conn: sqlite3.Connection) -> None:
                  "WHERE delivery_id IS NOT NULL")
 
 
+def _v8_coercion(conn: sqlite3.Connection) -> None:
+    """Which rule made a delivery (its coercion is looked up by that name at send time),
+    what coercion changed on the copy sent (attributes and operations, never values),
+    and the called AE title an object arrived for (a handler's Context)."""
+    _add_column(conn, "deliveries", "rule", "TEXT")
+    _add_column(conn, "deliveries", "coerced", "TEXT")
+    _add_column(conn, "objects", "called_ae", "TEXT")
+
+
 def _v9_priority(conn: sqlite3.Connection) -> None:
     """Urgent deliveries (a rule's priority = "urgent": 1, else 0) are claimed before a
     destination's other due ones. The due query is one index range per priority, in
@@ -161,7 +170,7 @@ def _v9_priority(conn: sqlite3.Connection) -> None:
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
-    _v6_unpurged_index, _v7_object_browser, _v9_priority)
+    _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -110,14 +110,16 @@ class Tx(Reads):
     def add_deliveries(self, object_id: int, listener: str | None,
                        targets: Iterable[tuple[Any, ...]], now: float) -> list[int]:
         """New pending deliveries of an object: (destination, handler) each, or
-        (destination, handler, priority) (1: urgent, claimed first; else 0, normal)."""
+        (destination, handler, rule) for one a rule made, or (destination, handler,
+        rule, priority) (1: urgent, claimed first; else 0, normal)."""
         ids = []
         for destination, handler, *more in targets:
-            priority = more[0] if more else 0
+            rule = more[0] if more else None
+            priority = more[1] if len(more) > 1 else 0
             cur = self.conn.execute(
-                "INSERT INTO deliveries (object_id, destination, listener, handler, state, attempts, "
-                "retry_at, created_at, updated_at, priority) VALUES (?,?,?,?,?,0,?,?,?,?)",
-                (object_id, destination, listener, handler, PENDING, now, now, now, priority))
+                "INSERT INTO deliveries (object_id, destination, listener, handler, rule, state, "
+                "attempts, retry_at, created_at, updated_at, priority) VALUES (?,?,?,?,?,?,0,?,?,?,?)",
+                (object_id, destination, listener, handler, rule, PENDING, now, now, now, priority))
             ids.append(cur.lastrowid)
         return ids
 
@@ -154,7 +156,8 @@ class Tx(Reads):
                   status: str, label: str, reason: str, now: float) -> None:
         """In-flight deliveries of ``destination`` that were delivered with one answer:
         each counts the attempt, leaves flight, and gets its audit row (in the order
-        given, detail "attempt N: label: reason"), in two statements for them all."""
+        given, detail "attempt N: label: reason", and "; coerced: …" with what coercion
+        changed, see ``set_coerced``), in two statements for them all."""
         marks = ", ".join("?" * len(delivery_ids))
         self.conn.execute(
             "UPDATE deliveries SET state = ?, attempts = attempts + 1, retry_at = ?, "
@@ -165,11 +168,18 @@ class Tx(Reads):
             "INSERT INTO audit (ts, event, listener, destination, object_id, delivery_id, "
             "sop_instance_uid, status, detail) "
             "SELECT ?, ?, d.listener, ?, d.object_id, d.id, o.sop_instance_uid, ?, "
-            "'attempt ' || d.attempts || ': ' || ? "
+            "'attempt ' || d.attempts || ': ' || ? || COALESCE('; coerced: ' || "
+            "CASE d.coerced WHEN '' THEN 'nothing changed' ELSE d.coerced END, '') "
             "FROM run JOIN deliveries d ON d.id = run.id JOIN objects o ON o.id = d.object_id "
             "ORDER BY run.pos",
             (*(v for pair in enumerate(delivery_ids) for v in pair), now, event, destination,
              status, f"{label}: {reason}"))
+
+    def set_coerced(self, delivery_id: int, changes: str | None) -> None:
+        """What coercion changed on the copy this attempt sent: attributes and operations
+        ("PatientID prefix, IssuerOfPatientID set"), never values; "" when it changed
+        nothing, NULL when no coercion applies."""
+        self.conn.execute("UPDATE deliveries SET coerced = ? WHERE id = ?", (changes, delivery_id))
 
     def set_handler_version(self, delivery_id: int, version: str, digest: str) -> None:
         self.conn.execute("UPDATE deliveries SET handler_version = ?, handler_digest = ? WHERE id = ?",
@@ -180,10 +190,10 @@ class Tx(Reads):
                           (state, now, delivery_id))
 
     def requeue(self, delivery_id: int, now: float) -> None:
-        """A dead letter queued again as new: due now, its attempts and cut-short
-        transfers forgotten."""
+        """A dead letter queued again as new: due now, its attempts, cut-short transfers
+        and what coercion changed forgotten."""
         self.conn.execute("UPDATE deliveries SET state = ?, retry_at = ?, attempts = 0, suspect = 0, "
-                          "updated_at = ? WHERE id = ?", (PENDING, now, now, delivery_id))
+                          "coerced = NULL, updated_at = ? WHERE id = ?", (PENDING, now, now, delivery_id))
 
     def make_due(self, destination: str, now: float) -> None:
         """A destination's queued deliveries due now rather than at their backed-off time."""

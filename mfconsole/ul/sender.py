@@ -37,9 +37,11 @@ def _user_identity(peer: Peer, passcode: bytes | None) -> pdu.UserIdentity | Non
 
 
 def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]],
-              async_invoked: int = 1) -> requestor.Association | Outcome:
+              async_invoked: int = 1, calling_ae: str | None = None
+              ) -> requestor.Association | Outcome:
     """An association proposing ``contexts`` (abstract syntax, transfer syntaxes) to the
-    address ``ready`` checked, or the Outcome saying why there is none."""
+    address ``ready`` checked, as ``calling_ae`` (default: the peer's configured one),
+    or the Outcome saying why there is none."""
     try:   # exactly the checked address: nothing is resolved again
         sock = requestor.connect(ready.dial.family, ready.dial.sockaddr, peer.connect_timeout_s)
     except OSError as exc:
@@ -52,7 +54,7 @@ def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]
             sock.close()
             return contract.tls_failure(exc, peer.address)
     proposal = requestor.Proposal(
-        peer.called_ae, peer.calling_ae, contexts, async_invoked=async_invoked,
+        peer.called_ae, calling_ae or peer.calling_ae, contexts, async_invoked=async_invoked,
         user_identity=_user_identity(peer, ready.passcode),
         implementation_class_uid=negotiation.IMPLEMENTATION_UID,
         implementation_version=negotiation.IMPLEMENTATION_VERSION)
@@ -76,7 +78,11 @@ def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]
 
 class UlSender:
     """An association to one peer, opened on demand, reused, released when idle.
-    Not thread-safe: one sender per delivery worker thread."""
+    Not thread-safe: one sender per delivery worker thread.
+
+    With send_as = "calling_ae" an association presents the calling AE title its
+    objects arrived with: objects of another one are sent on another association (the
+    current one is released first); the delivery workers group them so (``groups``)."""
 
     # Objects of one study handed over together, so that they can be pipelined when the
     # peer grants a window (each is still its own C-STORE with its own outcome); the
@@ -89,6 +95,7 @@ class UlSender:
         self.egress_dial = egress_dial
         self.async_invoked = async_invoked
         self.assoc: requestor.Association | None = None
+        self.presented = peer.calling_ae     # the calling AE title of the association
         self.pairs: dict[tuple[str, str], None] = {}
         self.last_used = 0.0
         self._msg_id = 0
@@ -100,9 +107,15 @@ class UlSender:
     def usable(self) -> bool:
         return self.assoc is not None and not self.assoc.peer_ended()
 
-    def open(self, pairs: Iterable[tuple[str, str]]) -> Outcome | None:
+    @property
+    def by_calling_ae(self) -> bool:
+        """Objects of one calling AE title per association (see the class)."""
+        return self.peer.presents_origin
+
+    def open(self, pairs: Iterable[tuple[str, str]], calling: str | None = None) -> Outcome | None:
         pairs = list(dict.fromkeys(pairs))
-        if self.usable() and not any(p not in self.pairs for p in pairs):
+        calling = calling or self.peer.calling_ae
+        if self.usable() and calling == self.presented and not any(p not in self.pairs for p in pairs):
             return None
         self.close()
         remember(self.pairs, pairs)
@@ -110,10 +123,11 @@ class UlSender:
         ready = preflight(p, self.egress_dial, self._tls, loopback_only=p.loopback_only)
         if isinstance(ready, Outcome):   # checked before every connect
             return ready
-        assoc = associate(p, ready, proposed(self.pairs), self.async_invoked)
+        assoc = associate(p, ready, proposed(self.pairs), self.async_invoked, calling)
         if isinstance(assoc, Outcome):
             return assoc
         self.assoc, self._stored, self.last_used = assoc, 0, time.monotonic()
+        self.presented = calling
         return None
 
     def close(self) -> None:
@@ -141,7 +155,11 @@ class UlSender:
     # -- C-STORE -----------------------------------------------------------------
 
     def prepare(self, items: Iterable[Any]) -> Outcome | None:
-        return self.open((i.sop_class_uid, i.transfer_syntax) for i in items)
+        items = list(items)
+        # The calling AE the first group will need (delivery.groups takes them in order).
+        calling = (self.peer.calling_for(min((getattr(i, "calling_ae", "") for i in items),
+                                             default="")) if self.by_calling_ae else None)
+        return self.open(((i.sop_class_uid, i.transfer_syntax) for i in items), calling)
 
     def _choose(self, obj: Outbound) -> tuple[bytes, str, int | None]:
         """(data, transfer syntax, context id): the object's own syntax if accepted,
@@ -179,7 +197,25 @@ class UlSender:
     def send_many(self, objs: list[Outbound]) -> list[Outcome]:
         if not objs:
             return []
-        failed = self.open([(o.sop_class_uid, o.transfer_syntax) for o in objs])
+        if self.by_calling_ae:
+            callings = [self.peer.calling_for(o.calling_ae) for o in objs]
+            if len(set(callings)) > 1:    # one association per calling AE, in turn
+                out: list[Outcome] = []
+                start = 0
+                for end in range(1, len(objs) + 1):
+                    if end == len(objs) or callings[end] != callings[start]:
+                        done = self._send_as(objs[start:end], callings[start])
+                        out += done
+                        if len(done) < end - start or (done and not done[-1].is_success
+                                                        and done[-1].scope == contract.DESTINATION):
+                            break
+                        start = end
+                return out
+            return self._send_as(objs, callings[0])
+        return self._send_as(objs, None)
+
+    def _send_as(self, objs: list[Outbound], calling: str | None) -> list[Outcome]:
+        failed = self.open([(o.sop_class_uid, o.transfer_syntax) for o in objs], calling)
         if failed is not None:
             # A destination-scope failure ends the batch; a message-scope one (no
             # context accepted) is every object's answer.

@@ -142,6 +142,45 @@ DESTINATION = {
 }
 
 
+def _sample(i: int, ae: str) -> dict[str, Any]:
+    return {"id": 18_200 + i, "received_at": NOW - 600 * i, "listener": "modalities", "calling_ae": ae,
+            "modality": "CT", "sop_class": "CT Image Storage",
+            "sop_instance_uid": f"1.2.826.0.1.3680043.8.498.{4000 + i}"}
+
+
+def _plan() -> dict[str, Any]:
+    """A routing plan as the engine makes it (engine/plan.py), with its lines."""
+    from mfconsole.engine.plan import changed, render
+
+    def dest(name: str, before: int, after: int, added: int, removed: int, **more: Any) -> dict[str, Any]:
+        row = {"name": name, "before": before, "after": after, "added": added, "removed": removed,
+               "unchanged": before - removed, "handler_changed": 0, "handler_changes": {},
+               "coercion_changed": 0, "handler_runs": 0, "handler_not_run": 0, "filtered": 0,
+               "errors": 0, "outcome_changed": 0, "error_reasons": [], "removed_from_config": False,
+               "samples": {"added": [_sample(1, "MR02")]} if added else {}}
+        row.update(more)
+        return row
+    plan: dict[str, Any] = {
+        "config": "/srv/mfconsole/config.toml", "baseline": "the running configuration", "hours": 24.0,
+        "since": NOW - 86_400, "until": NOW, "error": None, "objects": 1000, "total": 1000,
+        "capped": False, "cap": 100_000, "handler_cap": 1000, "changed_objects": 352,
+        "unreadable": 0, "unreadable_samples": [],
+        "destinations": [dest("pacs", 600, 872, 312, 40),
+                         dest("ris", 120, 120, 0, 0, handler_runs=120, filtered=7)],
+        "rules": [{"name": "qa-phantoms", "before": 0, "after": 40, "new": True, "gone": False},
+                  {"name": "ct", "before": 600, "after": 560, "new": False, "gone": False},
+                  {"name": "mr", "before": 0, "after": 312, "new": True, "gone": False},
+                  {"name": "(fallback)", "before": 400, "after": 88, "new": False, "gone": False}],
+        "discarded": {"before": 0, "after": 40, "added": 40, "removed": 0,
+                      "samples": {"added": [_sample(2, "CT01")]}},
+        "unrouted": {"before": 0, "after": 0, "added": 0, "removed": 0, "samples": {}},
+        "handlers": [{"name": "sr_to_oru", "running": "sr_to_oru 1.4.0 (3f2a9c1d0b7e)",
+                      "on_disk": "sr_to_oru 1.4.0 (3f2a9c1d0b7e)", "error": "", "changed": False}]}
+    plan["changed"] = changed(plan)
+    plan["lines"] = render(plan)
+    return plan
+
+
 class FakeClient(Client):
     """Answers from the tables above; records what the console asked."""
 
@@ -177,6 +216,8 @@ class FakeClient(Client):
             return FIELDS
         if op == "handlers":
             return HANDLERS
+        if op == "plan":
+            return _plan()
         if op == "echo":
             return {"ok": True, "rtt_ms": 3.0, "detail": ""}
         if op in BROWSER:                  # the Objects and Audit screens (below)

@@ -45,7 +45,8 @@ def test_screen_no_color(snap_compare, frozen_clock, monkeypatch, number):
 @pytest.mark.parametrize("what, keys", [("help", ("3", "question_mark")),
                                         ("dead_letter_detail", ("4", "enter")),
                                         ("quit_confirmation", ("q",)),
-                                        ("read_only_dead_letters", ("4",))])
+                                        ("read_only_dead_letters", ("4",)),
+                                        ("configuration_plan", ("6", "p"))])
 def test_overlay(snap_compare, frozen_clock, what, keys):
     app = ConsoleApp(FakeClient(read_only=what.startswith("read_only")), refresh_s=0)
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle_on(*keys))

@@ -125,7 +125,7 @@ def test_an_urgent_study_overtakes_a_5000_object_backlog(engine_factory, storesc
     delivery, = reads.rows("deliveries", object_id=obj["id"])
     assert (delivery["priority"], delivery["state"]) == (1, "delivered")
     stored_row, = reads.rows("audit", event="stored", object_id=obj["id"])
-    assert stored_row["detail"].endswith("(rule stroke, urgent)")
+    assert stored_row["detail"].endswith("(rule stroke; urgent)")
 
 
 def test_an_urgent_study_overtakes_the_batch_a_slow_peer_is_working_through(

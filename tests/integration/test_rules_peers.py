@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
 import dicomgen
 from harness import CANARY_ID, CANARY_NAME, holds, mfconsole, poll
@@ -45,7 +47,17 @@ def uid_of(path: Path) -> str:
 
 
 def received(scp) -> set[str]:
-    return {uid_of(p) for p in scp.received_files()}
+    """The SOP Instance UIDs of the files storescp wrote. It writes them in place: one
+    that appeared may still be being written, so a file that does not read yet is read
+    again (for at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return {uid_of(p) for p in scp.received_files()}
+        except (InvalidDicomError, EOFError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def routed(engine) -> dict[str, list[str]]:

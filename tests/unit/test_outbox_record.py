@@ -118,13 +118,13 @@ def test_record_all_writes_what_record_writes_one_by_one(tmp_path):
     from mfconsole.contract import PERMANENT, WARNING, Outcome as O
 
     stamp = type("Stamp", (), {"version": "v2", "digest": "abc"})()
-    outcomes = [(O(TRANSIENT, DESTINATION, "transport", "refused"), None)] * 5 + [
-        (O("delivered", status="0x0000", reason="ok"), None),
-        (O("delivered", status="0x0000", reason="ok"), stamp),
-        (O(PERMANENT, MESSAGE, "0xA900", "no match"), None),
-        (no_response("aborted", others_delivered=True), None),
-        (O("delivered", status="0x0000", reason="ok"), None),
-        (O(WARNING, status="0xB000", reason="coerced"), stamp),
+    outcomes = [(O(TRANSIENT, DESTINATION, "transport", "refused"), None, None)] * 5 + [
+        (O("delivered", status="0x0000", reason="ok"), None, None),
+        (O("delivered", status="0x0000", reason="ok"), stamp, "PatientID prefix"),
+        (O(PERMANENT, MESSAGE, "0xA900", "no match"), None, None),
+        (no_response("aborted", others_delivered=True), None, ""),
+        (O("delivered", status="0x0000", reason="ok"), None, ""),
+        (O(WARNING, status="0xB000", reason="coerced"), stamp, "IssuerOfPatientID set"),
     ]
 
     def run(path, bulk):
@@ -132,9 +132,9 @@ def test_record_all_writes_what_record_writes_one_by_one(tmp_path):
         migrate(c)
         tx = Tx(c)
         items = queued(tx, len(outcomes))
-        entries = [(item, o, s) for item, (o, s) in zip(items, outcomes)]
+        entries = [(item, o, s, c) for item, (o, s, c) in zip(items, outcomes)]
         recorded = (outbox.record_all(tx, "pacs", entries, POLICY) if bulk else
-                    [outbox.record(tx, "pacs", i, o, POLICY, s) for i, o, s in entries])
+                    [outbox.record(tx, "pacs", i, o, POLICY, s, c) for i, o, s, c in entries])
         skip = ("updated_at", "retry_at", "created_at", "next_attempt_at", "ts", "id")
         deliveries = [{k: v for k, v in r.items() if k not in skip} for r in tx.rows("deliveries")]
         dest = {k: v for k, v in tx.destination_state("pacs").items() if k not in skip}
@@ -149,3 +149,9 @@ def test_record_all_writes_what_record_writes_one_by_one(tmp_path):
     assert one_by_one[2]["down"] == 0 and "destination_up" in [a["event"] for a in one_by_one[3]]
     assert [d["state"] for d in one_by_one[1]].count("delivered") == 4
     assert one_by_one[2]["last_status"] == "0xB000"
+    # What coercion changed: on the delivery, and in its delivered audit row.
+    assert [d["coerced"] for d in one_by_one[1]][5:] == [None, "PatientID prefix", None, "", "",
+                                                          "IssuerOfPatientID set"]
+    assert [a["detail"].partition("; coerced: ")[2] for a in one_by_one[3]
+            if a["event"].startswith("delivered")] == ["", "PatientID prefix", "nothing changed",
+                                                        "IssuerOfPatientID set"]

@@ -188,7 +188,7 @@ def add(tx: Tx, n: int, priority: int = 0, retry_at: float = 0.0, start: int = 0
     for i in range(start, start + n):
         object_id = tx.insert_object({"sop_instance_uid": f"1.2.{i}", "version": 1, "digest": "d",
                                       "blob": "file", "received_at": 0}, None)
-        ids += tx.add_deliveries(object_id, None, [("pacs", None, priority)], retry_at)
+        ids += tx.add_deliveries(object_id, None, [("pacs", None, None, priority)], retry_at)
     return ids
 
 
@@ -228,6 +228,18 @@ def test_the_due_query_is_one_index_range_with_100000_pending(tx):
     assert per_claim < 0.005, f"{per_claim * 1000:.2f} ms per due query"
 
 
+def test_urgent_deliveries_stay_first_when_groups_take_one_calling_ae_each():
+    from mfconsole.engine.delivery import groups
+
+    def item(i: int, calling: str, priority: int = 0) -> outbox.Claimed:
+        return outbox.Claimed(i, i, 0, f"1.2.{i}", "1.2.3", "1.2.840.10008.1.2.1", study_uid="s",
+                              size=10, calling_ae=calling, priority=priority)
+
+    claimed = [item(1, "CT1", URGENT), item(2, "BACKLOG"), item(3, "CT1"), item(4, "BACKLOG")]
+    assert [[i.delivery_id for i in g] for g in groups(claimed, 8, 0, by_calling_ae=True)] == \
+        [[1], [2, 4], [3]]
+
+
 # -- rules: priority ------------------------------------------------------------------------
 
 def rules_config(tmp_path: Path, rules: list[dict[str, Any]], match: str = "first") -> Path:
@@ -255,7 +267,7 @@ def test_with_match_all_urgent_wins_for_the_same_destination(tmp_path):
     facts = Facts(listener="modalities", modality="CT", values={0x00081030: b"CT STROKE PROTOCOL"})
     decision = router.decide_for(facts)
     assert [(r.destination, r.priority) for r in decision.routes] == [("pacs", URGENT), ("archive", 0)]
-    assert decision.words == "rules ct, stroke, urgent"
+    assert decision.words == "rules ct, stroke; urgent"
     plain = router.decide_for(Facts(listener="modalities", modality="CT"))
     assert [(r.destination, r.priority) for r in plain.routes] == [("pacs", 0), ("archive", 0)]
     assert plain.words == "rule ct"
