@@ -440,8 +440,9 @@ def cmd_routes_explain(config: Config, args: Any) -> int:
     if skipped:
         print(f"  not for this listener: {', '.join(skipped)}")
     d = result.decision
-    where = ", ".join(r.destination + (f" (handler {r.handler})" if r.handler else "")
-                      for r in d.routes) or "nowhere (stored, audited)"
+    where = ", ".join(r.destination + "".join(f" ({w})" for w in (
+        f"handler {r.handler}" if r.handler else "", "urgent" if r.priority else "") if w)
+        for r in d.routes) or "nowhere (stored, audited)"
     if d.discarded:
         print(f"decision: discarded by rule {d.rules[0]} -> {where}")
     elif d.rules:
@@ -780,12 +781,40 @@ def _print_routing(config: Config, routing: dict[str, Any]) -> None:
     print(f"rules (match = {routing['match']}" + (", counts since the engine started):" if counted else "):"))
     for rule in routing["rules"]:
         to = "discard" if rule["action"] == "discard" else "-> " + ", ".join(rule["to"])
+        if rule.get("priority") == "urgent":
+            to += " (urgent)"
         counts = (f"  sent {rule['sent']:>7}  discarded {rule['discarded']:>7}" if counted else "")
         print(f"  {rule['name']:<24} {to:<28}{counts}".rstrip())
     fallback = ("the listeners' [[routes]]" if routing["fallback"] is None
                 else ", ".join(routing["fallback"]) or "nowhere")
     print((f"  {'(fallback)':<24} {'-> ' + fallback:<28}"
            + (f"  sent {routing['fallback_sent']:>7}  unrouted  {routing['unrouted']:>7}" if counted else "")).rstrip())
+
+
+def _pacing_lines(d: dict[str, Any]) -> list[str]:
+    """Under a destination's line: urgent deliveries queued, its window and rate caps
+    (nothing when it has none of them)."""
+    lines = []
+    if d.get("urgent_pending"):
+        lines.append(f"urgent pending {d['urgent_pending']} (sent before the rest)")
+    window = d.get("window")
+    if window:
+        ranges = ", ".join(window["windows"]) or "always"
+        if window["blackout"]:
+            ranges += "; blackout " + ", ".join(window["blackout"])
+        when = window["next_change"]
+        if window["open"]:
+            said = "inside window" + (f", closes at {when}" if when else "")
+        else:
+            said = "outside window, " + (f"next opens at {when}" if when else "no opening within a week")
+            if window["urgent_ignores_window"]:
+                said += " (urgent deliveries still go)"
+        lines.append(f"{said} (windows {ranges})")
+    caps = [f"{d['max_objects_per_s']:g} objects/s" if d.get("max_objects_per_s") else "",
+            f"{d['max_mb_per_s']:g} MiB/s" if d.get("max_mb_per_s") else ""]
+    if any(caps):
+        lines.append("rate cap " + ", ".join(c for c in caps if c))
+    return lines
 
 
 def cmd_status(config: Config, *, as_json: bool) -> int:
@@ -817,6 +846,8 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
         print(f"  {d['name']:<16} {d['kind']:<6} {d.get('state', ''):<8} pending {c.get('pending', 0):>6}  "
               f"in flight {c.get('in_flight', 0):>4}  delivered {c.get('delivered', 0):>7}  "
               f"filtered {c.get('filtered', 0):>5}  dead {c.get('dead', 0):>5}")
+        for line in _pacing_lines(d):
+            print(f"  {'':<16} {line}")
     _print_routing(config, status["routing"])
     print(f"objects stored: {status['objects']}   dead letters: {status['dead_letters']}")
     print("keys:")

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from mfconsole import coerce as coerce_mod
 from mfconsole import egress as egress_mod
 from mfconsole import rules as rules_mod
+from mfconsole import windows as windows_mod
 from mfconsole.names import ae_title_problem, name_problem as _name  # noqa: F401  (kinds import them from here)
 from mfconsole.egress import http_prefix_allows, is_loopback, tcp_allows  # noqa: F401 (re-exported)
 from mfconsole.egress import path_problem as _path_problem
@@ -715,7 +716,9 @@ def _handler_problem(r: _Reader, p: str, handler: str | None, to: tuple[str, ...
 port_problem, host_problem, positive, not_empty, in_range = _port, _host, _positive, _not_empty, _range
 http_prefix_problem = _http_prefix
 
-_TOML_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
+# A ``tuple[str, ...]`` setting is a TOML list of strings, each checked by its check.
+_TOML_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path,
+                                "tuple[str,...]": tuple}
 
 
 def setting(default: Any = MISSING, *, doc: str, check: Callable[[Any], str | None] | None = None,
@@ -741,6 +744,10 @@ def value_type(f: dataclasses.Field) -> type:
 
 def _read_tls(r: _Reader, t: dict[str, Any], p: str, resolve: Callable[[str], Path]) -> Any:
     return _tls(r, t, p, "destination", resolve)
+
+
+def _window_problem(value: str) -> str | None:
+    return windows_mod.parse(value)[1]
 
 
 def _read_coerce(r: _Reader, t: dict[str, Any], p: str, resolve: Callable[[str], Path]) -> Any:
@@ -781,6 +788,27 @@ class DestinationConfig:
     coerce: tuple[Any, ...] = setting(
         (), doc="Coercion of every copy sent there, after the rule's: a list of operations, as on "
         "a rule (DICOM destinations only).", read=_read_coerce)
+    # Pacing (mfconsole/windows.py, engine/pacing.py): when the workers may send, and
+    # how fast, whatever the queue holds.
+    windows: tuple[str, ...] = setting(
+        (), doc='Send only inside these local-time ranges, e.g. ["Mon-Fri 18:00-07:00"] '
+        "(none: always).", check=_window_problem)
+    blackout: tuple[str, ...] = setting(
+        (), doc='Never send inside these ranges, e.g. ["Sun 01:00-03:00"] (over windows).',
+        check=_window_problem)
+    urgent_ignores_window: bool = setting(
+        False, doc="Urgent deliveries (a rule's priority) go out outside windows and in "
+        "blackouts too (not on an in-order destination).")
+    max_objects_per_s: float | None = setting(
+        None, doc="Rate cap: objects per second, all its connections together (none: no cap).",
+        check=_positive)
+    max_mb_per_s: float | None = setting(
+        None, doc="Rate cap: MiB per second of objects as stored, all its connections together.",
+        check=_positive)
+
+    def schedule(self) -> windows_mod.Schedule:
+        """Its windows and blackout (empty: always open)."""
+        return windows_mod.schedule(self.windows, self.blackout)
 
 
 def _tls_table_given(found: "Found") -> bool:
@@ -905,6 +933,8 @@ def _read_setting(r: _Reader, t: dict[str, Any], p: str, f: dataclasses.Field,
         return meta["read"](r, t, p, resolve)
     default = ... if f.default is MISSING else f.default
     kind, check = value_type(f), meta.get("check")
+    if kind is tuple:    # a list of strings, each checked
+        return r.string_list(t, p, f.name, list(default) if default is not ... else ..., check)
     if kind is Path:     # a file named relative to the config's folder
         value = r.get(t, p, f.name, str, default, _not_empty)
         if value is None or f.name not in t:
@@ -957,6 +987,9 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, pins: egress_mod.P
             r.fail(f"{p}.retry_max_s", "must not be less than retry_initial_s")
         if values["allow_cleartext"] and kind.encrypted(found):
             r.fail(f"{p}.allow_cleartext", "does not apply: this connection uses TLS")
+        if values["urgent_ignores_window"] and not t.get("windows") and not t.get("blackout"):
+            r.fail(f"{p}.urgent_ignores_window", "does not apply: this destination has no "
+                   "windows or blackout")
         if kind.check is not None:
             kind.check(found)
         if not found.failed:

@@ -103,7 +103,7 @@ def docs_markdown(registry: Registry | None = None) -> str:
         for f in fields:
             typ = {"tls": "table", "coerce": "array of tables"}.get(f.name) or {
                 str: "string", int: "integer", float: "number", bool: "boolean",
-                Path: "path"}[value_type(f)]
+                Path: "path", tuple: "list of strings"}[value_type(f)]
             rows.append(f"| `{f.name}` | {typ} | {_default(f.default)} | {f.metadata['doc']} |")
         return rows + [""]
 

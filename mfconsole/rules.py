@@ -7,6 +7,7 @@ name = "ct-to-pacs"
 from = ["modalities"]
 when = { calling_aet = ["CT1"], modality = ["CT"] }    # every key must match
 to = ["pacs"]                   # or: action = "discard"
+priority = "urgent"             # optional: ahead of the destination's queue
 [routing]
 match = "first"                 # or "all"
 fallback = ["archive"]          # unmatched objects; absent: the listener's [[routes]]
@@ -38,7 +39,8 @@ from typing import Any, Callable, Iterable, Union
 
 from mfconsole.names import ae_title_problem, name_problem
 
-RULE_KEYS = frozenset({"name", "from", "when", "to", "action", "handler", "coerce"})
+RULE_KEYS = frozenset({"name", "from", "when", "to", "action", "handler", "coerce",
+                       "priority"})
 ROUTING_KEYS = frozenset({"match", "fallback"})
 # Header attributes by name; any other top-level attribute goes in `tags`.
 NAMED_ATTRIBUTES = {
@@ -56,6 +58,10 @@ WHEN_HINTS = {
 }
 MATCH_MODES = ("first", "all")
 DISCARD = "discard"
+# A rule's `priority`: the value a delivery row carries (deliveries.priority). Urgent
+# deliveries are claimed before the rest of a destination's queue.
+NORMAL, URGENT = 0, 1
+PRIORITIES = {"normal": NORMAL, "urgent": URGENT}
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 # VRs whose values are text (PS3.5 6.2): the only ones a pattern can sensibly match.
@@ -184,6 +190,7 @@ class Rule:
     # Coercion of the copies its deliveries send (mfconsole/coerce.py), looked up by the
     # rule's name at send time: what the current configuration says runs.
     coerce: tuple[Any, ...] = ()
+    priority: int = NORMAL                    # of the deliveries it makes (URGENT: first)
 
     def applies_to(self, listener: str) -> bool:
         return not self.listeners or listener in self.listeners
@@ -264,9 +271,10 @@ def read(r: Any, raw_rules: Any, raw_routing: Any, *, listeners: set[str], desti
         when = _when(r, t.get("when", {}), f"{p}.when") if "when" in t else ()
         to, discard, handler = _action(r, t, p, destinations, handler_problem)
         coerce = _coerce(r, t, p, to, discard, hl7, read_coercion) if "coerce" in t else ()
+        priority = _priority(r, t, p)
         if len(r.problems) == before:
             out.append(Rule(name=name, when=when, to=to, handler=handler, discard=discard,
-                            listeners=sources, coerce=coerce))
+                            listeners=sources, coerce=coerce, priority=priority))
     return tuple(out), _routing(r, raw_routing, destinations, hl7, routes)
 
 
@@ -323,6 +331,15 @@ def _action(r: Any, t: dict[str, Any], p: str, destinations: set[str],
     if to and handler_problem(p, handler, to):
         return (), False, None
     return to, False, handler
+
+
+def _priority(r: Any, t: dict[str, Any], p: str) -> int:
+    """priority = "urgent" | "normal" (absent: normal); only on a rule that sends."""
+    word = r.get(t, p, "priority", str, "normal",
+                 lambda v: None if v in PRIORITIES else 'must be "urgent" or "normal"')
+    if "priority" in t and "action" in t and "to" not in t and word is not None:
+        r.fail(f"{p}.priority", "only applies with `to` (a discarding rule sends nothing)")
+    return PRIORITIES.get(word or "normal", NORMAL)
 
 
 def _names(r: Any, t: dict[str, Any], p: str, key: str, known: set[str], what: str,

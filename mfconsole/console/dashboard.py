@@ -101,7 +101,7 @@ def destination_row(item: dict[str, Any], wide: bool = True) -> tuple[Any, ...]:
                 fmt.now_and_lifetime(session.get("sent"), life.get("sent"), narrow=True),
                 fmt.now_and_lifetime(session.get("errored"), life.get("errored"), narrow=True),
                 fmt.spark(item.get("history"), NARROW_SPARK))
-    return (item["name"], fmt.destination_state(item), fmt.count(counts.get("pending")),
+    return (item["name"], fmt.destination_state(item), fmt.pending(counts, item.get("urgent_pending")),
             fmt.count(counts.get("in_flight")),
             fmt.now_and_lifetime(session.get("sent"), life.get("sent")),
             fmt.now_and_lifetime(session.get("errored"), life.get("errored")),

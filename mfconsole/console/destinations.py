@@ -137,7 +137,9 @@ class DestinationsScreen(ConsoleScreen):
 def destination_row(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> tuple[Any, ...]:
     counts = d.get("counts") or {}
     nxt = d.get("next_attempt_at") if d.get("state") in ("retrying", "down") else None
-    return (d["name"], fmt.destination_state(d, wide=False), fmt.count(counts.get("pending")),
+    if d.get("state") == "outside_window":      # when it opens
+        nxt = (d.get("window") or {}).get("next_change_at")
+    return (d["name"], fmt.destination_state(d, wide=False), fmt.pending(counts, d.get("urgent_pending")),
             fmt.count(counts.get("in_flight")),
             fmt.duration(now - d["oldest_pending_at"]) if d.get("oldest_pending_at") else "",
             fmt.until(nxt, now), str(d.get("failures") or 0), fmt.count(counts.get("delivered")),
@@ -161,6 +163,10 @@ def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group
         head.append(f"\nnext attempt {fmt.until(d.get('next_attempt_at'), now)}")
     head.append(f"\nbackoff {d.get('retry_initial_s')} s doubling to {d.get('retry_max_s')} s; "
                 f"{d.get('max_associations')} association(s)")
+    for line in fmt.pacing(d):
+        head.append(f"\n{line}")
+    if d.get("urgent_pending"):
+        head.append(f"\nurgent pending {fmt.count(d['urgent_pending'])} (sent before the rest)")
     if check is not None:
         head.append("\necho ")
         head.append_text(fmt.echo_result(check, now=time.time()))

@@ -18,6 +18,8 @@ STATES = {
     "retrying": ("↻ retrying", "bold"),
     "down": ("✗ DOWN", "bold reverse"),
     "paused": ("⏸ PAUSED", "bold reverse"),
+    # Expected, not a fault: said in words, not shouted.
+    "outside_window": ("◷ outside window", "bold"),
     "listening": ("✓ listening", ""),
     "stopped": ("✗ STOPPED", "bold reverse"),
 }
@@ -131,7 +133,49 @@ def problem(item: dict[str, Any], now: float) -> Text | None:
         text.append(f"; last: {health['last_failure']}")
     if word in ("retrying", "down") and item.get("next_attempt_at"):
         text.append(f" · next attempt {until(item['next_attempt_at'], now)}")
+    if word == "outside_window":
+        text.append(f" · {window_opens(item)}")
     return text
+
+
+def window_opens(item: dict[str, Any]) -> str:
+    """"nothing is sent until 18:00" for a destination outside its delivery window."""
+    window = item.get("window") or {}
+    said = (f"nothing is sent until {window['next_change']}" if window.get("next_change")
+            else "no window opens within a week")
+    if window.get("urgent_ignores_window"):
+        said += " (urgent deliveries still go)"
+    return said
+
+
+def pacing(item: dict[str, Any]) -> list[str]:
+    """A destination's windows and rate caps in words, one line each (none unset)."""
+    lines = []
+    window = item.get("window")
+    if window:
+        ranges = ", ".join(window["windows"]) if window["windows"] else "always"
+        if window["blackout"]:
+            ranges += f"; never {', '.join(window['blackout'])}"
+        change = window.get("next_change")
+        state = ("open" + (f" until {change}" if change else "") if window["open"]
+                 else "closed" + (f" until {change}" if change else ""))
+        lines.append(f"window {ranges}: {state}"
+                     + (" (urgent deliveries ignore it)" if window.get("urgent_ignores_window") else ""))
+    caps = [f"{rate_number(item['max_objects_per_s'])} objects/s" if item.get("max_objects_per_s") else "",
+            f"{rate_number(item['max_mb_per_s'])} MiB/s" if item.get("max_mb_per_s") else ""]
+    if any(caps):
+        lines.append("rate cap " + ", ".join(c for c in caps if c))
+    return lines
+
+
+def rate_number(value: float) -> str:
+    return f"{value:g}"
+
+
+def pending(counts: dict[str, Any], urgent: int | None) -> str:
+    """Pending deliveries, and how many of them are urgent when any are."""
+    n = count(counts.get("pending"))
+    return f"{n} ({count(urgent)} urgent)" if urgent else n
 
 
 def rate(value: float | None) -> str:

@@ -21,6 +21,13 @@ what the workers before them hold; they connect before claiming, and a connectio
 they cannot get is not held against the destination: many PACS take one association
 at a time, and the extra workers must not turn that into retries and a "down"
 destination.
+
+Pacing (engine/pacing.py): outside the destination's delivery windows the workers
+claim nothing (and close their connections); a round under way stops before its next
+send. With a rate cap, each group waits for its slot. Urgent deliveries (a rule's
+priority) are claimed first; one that is stored while a round is under way makes a
+worker stop that round after the group it is sending and give back the rest (and
+what it claimed ahead), so it waits for one group, not a whole batch.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, Callable
 from mfconsole import contract
 from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome, Sender
 from mfconsole.engine import outbox
+from mfconsole.engine.pacing import CLOSED, OPEN, URGENT_ONLY, Pacer
 from mfconsole.engine.store import Store, StoreError
 from mfconsole.engine.transform import Origin
 from mfconsole.engine.vault import VaultError
@@ -62,9 +70,10 @@ def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int,
     """Consecutive items of one study, at most ``max_count`` objects and ``max_bytes``
     (an object larger than that travels alone). ``by_calling_ae``: the sender presents
     each object's calling AE title, so a group holds one, and the items are taken by
-    calling AE first (one association each, not one per change)."""
-    if by_calling_ae:
-        items = sorted(items, key=lambda item: item.calling_ae)    # stable: order kept within
+    calling AE first (one association each, not one per change), urgent ones still
+    before the others."""
+    if by_calling_ae:     # stable: order kept within
+        items = sorted(items, key=lambda item: (-item.priority, item.calling_ae))
     out: list[list[outbox.Claimed]] = []
     size = 0
     for item in items:
@@ -98,7 +107,7 @@ class DestinationWorkers:
     def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
                  transform: Callable[..., tuple[Any, Any]] | None = None,
                  held: outbox.Held | None = None,
-                 coerce: Callable[..., tuple[Any, Any]] | None = None):
+                 coerce: Callable[..., tuple[Any, Any]] | None = None, pacer: Pacer | None = None):
         self.cfg = destination
         self.name = destination.name
         self.store = store
@@ -109,9 +118,13 @@ class DestinationWorkers:
                                     destination.down_after, destination.bounded_attempts)
         self.held = held if held is not None else outbox.Held()   # shared with the sweep
         self.wake = threading.Event()
-        # Set while a worker waits out a pause or a backoff: new objects change
-        # neither, so they do not wake it (at ingest rates that would be a state
-        # read per object); operators and the sweep still do (``wake``).
+        # Set when an urgent delivery is stored for it (``new_work``); cleared by the
+        # worker that claims next, which takes urgent deliveries first.
+        self.urgent = threading.Event()
+        self.pacer = pacer or Pacer(destination)    # windows and rate cap, shared by the workers
+        # Set while a worker waits out a pause, a backoff or a closed window: new
+        # objects change none of them, so they do not wake it (at ingest rates that
+        # would be a state read per object); operators and the sweep still do (``wake``).
         self._holding = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -131,8 +144,11 @@ class DestinationWorkers:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
 
-    def new_work(self) -> None:
-        """Deliveries were queued: wake an idle worker (one that is not holding)."""
+    def new_work(self, urgent: bool = False) -> None:
+        """Deliveries were queued: wake an idle worker (one that is not holding).
+        ``urgent``: one of them is, and a round under way gives way to it."""
+        if urgent:
+            self.urgent.set()
         if not self._holding and not self.wake.is_set():
             self.wake.set()
 
@@ -141,7 +157,8 @@ class DestinationWorkers:
         self.wake.clear()
 
     def _hold(self, seconds: float) -> None:
-        """Wait out a pause or a backoff (new objects do not end it; see ``_holding``)."""
+        """Wait out a pause, a backoff or a closed window (new objects do not end it;
+        see ``_holding``)."""
         self._holding = True
         try:
             self._wait(seconds)
@@ -179,6 +196,14 @@ class DestinationWorkers:
             sender.close()
             self._hold(1.0)
             return True
+        window = self.pacer.window(sender.in_order)
+        if window == CLOSED:
+            # Outside its window: no claim, no attempt, no connection held.
+            self._settle(lane)
+            sender.close()
+            self._hold(self.pacer.seconds_to_change())
+            return True
+        urgent_only = window == URGENT_ONLY
         wait = st.next_attempt_at - time.time()
         if wait > 0:
             self._settle(lane)
@@ -189,7 +214,7 @@ class DestinationWorkers:
         # A round is at least one full request of a batching sender (STOW).
         batch = max(BATCH, sender.max_batch[0])
         size = 1 if st.down else batch
-        if lane.ahead is not None and not st.down:
+        if lane.ahead is not None and not st.down and window == OPEN and not self.urgent.is_set():
             # Claimed while the previous round was sending (its lease is committed by now).
             items = self._take_ahead(lane)
             if not items:
@@ -203,9 +228,10 @@ class DestinationWorkers:
                 self._give_back(items[1:])   # one attempt, of the oldest object
                 items = items[:1]
         else:
+            # An urgent delivery stored since the batch ahead was claimed overtakes it.
             self._drop_ahead(lane)
             mine = outbox.due(self.store.reader(), self.name, index * batch + size,
-                              ordered=sender.in_order)[index * batch:]
+                              ordered=sender.in_order, urgent_only=urgent_only)[index * batch:]
             if not mine or (index > 0 and st.down):
                 if index > 0:
                     sender.close()   # extras are for bursts: give the association back
@@ -218,13 +244,18 @@ class DestinationWorkers:
                 # An extra association the peer would not give is not held against it.
                 self._stop.wait(self.policy.retry_initial_s)
                 return True
+            # This claim takes the urgent deliveries stored so far first (cleared only
+            # now: a worker that finds nothing of its share to claim leaves it set for
+            # the one whose round must give way).
+            self.urgent.clear()
             items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
-                                    None, sender.in_order, self.held, lane.owner)
+                                    None, sender.in_order, self.held, lane.owner, urgent_only)
             if not items:
                 return False
         # The next batch may be claimed while this one is sent (see _work). Not when
-        # probing a peer that is down, nor when this batch took everything due.
-        ahead = refused is None and not st.down and len(items) >= size
+        # probing a peer that is down, nor when this batch took everything due, nor
+        # outside the window (urgent deliveries only).
+        ahead = refused is None and not st.down and len(items) >= size and not urgent_only
         self._work(lane, items, refused, size if ahead else 0)
         return True
 
@@ -278,12 +309,12 @@ class DestinationWorkers:
                 results.append((items[0], refused, None, None))
                 batches = []
             else:
-                batches = groups(items, *sender.max_batch,
+                batches = groups(items, *self.pacer.group_limits(*sender.max_batch),
                                  by_calling_ae=getattr(sender, "by_calling_ae", False))
                 completed = True
             started, attempted = time.monotonic(), 0
             for group in batches:
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._may_send(sender, group, attempted):
                     completed = False
                     break
                 if ahead and attempted and lane.ahead is None and (
@@ -321,6 +352,19 @@ class DestinationWorkers:
                     log.error("destination %s: %d claimed deliveries could not be released "
                               "(%s); they are requeued by the next sweep", self.name,
                               len(untouched), exc.__class__.__name__)
+
+    def _may_send(self, sender: Sender, group: list[outbox.Claimed], attempted: int) -> bool:
+        """Whether the next group of a round goes now (after its rate-cap slot): not
+        when an urgent delivery waits for this round to end (it is not in it: it was
+        stored after the claim), nor outside the window (but for urgent deliveries,
+        when they may go then), nor when the worker stops."""
+        if attempted and self.urgent.is_set() and not sender.in_order:
+            return False
+        wait = self.pacer.reserve(len(group), sum(item.size for item in group))
+        if wait > 0 and self._stop.wait(wait):
+            return False
+        window = self.pacer.window(sender.in_order)
+        return window == OPEN or (window == URGENT_ONLY and all(item.priority for item in group))
 
     # -- the lane: claims ahead and outcome writes in flight ------------------------
 

@@ -451,7 +451,7 @@ class Engine:
                 for route in request.routes:
                     workers = self.deliveries.get(route.destination)
                     if workers is not None:
-                        workers.new_work()
+                        workers.new_work(urgent=bool(route.priority))
             outcome.set_result(result.outcome)
 
         committed.add_done_callback(done)

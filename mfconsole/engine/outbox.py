@@ -19,6 +19,7 @@ from mfconsole.contract import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANE
 from mfconsole.repository import DeadLetterFilter, Reads, Tx
 from mfconsole.repository.states import DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED
 from mfconsole.repository.states import FILTERED as FILTERED_STATE
+from mfconsole.rules import NORMAL, URGENT
 
 LEASE_S = 300.0
 
@@ -43,6 +44,7 @@ class Claimed:
     called_ae: str = ""
     peer: str = ""                   # "address:port", as the listener wrote it
     received_at: float = 0.0
+    priority: int = 0     # 1: urgent (a rule's priority = "urgent")
 
 
 @dataclass(frozen=True)
@@ -67,24 +69,31 @@ def state(reads: Reads, name: str) -> DestinationState:
 
 
 def due(reads: Reads, destination: str, limit: int, now: float | None = None,
-        ordered: bool = False) -> list[Claimed]:
-    """Up to ``limit`` due pending deliveries, not leased: the oldest due first, or with
-    ``ordered`` strictly in arrival order, stopping at the first one not yet due (an
-    in-order destination never lets a message overtake one waiting for its retry).
-    Unordered, deliveries whose earlier transfers were cut short (suspects) come after
-    the others: a possible poison object is never the one that probes a peer."""
+        ordered: bool = False, urgent_only: bool = False) -> list[Claimed]:
+    """Up to ``limit`` due pending deliveries, not leased: urgent ones first, then the
+    others, each the oldest due first; or with ``ordered`` strictly in arrival order
+    whatever their priority, stopping at the first one not yet due (an in-order
+    destination never lets a message overtake another, urgent or waiting for its
+    retry). Unordered, deliveries whose earlier transfers were cut short (suspects)
+    come after all the others, urgent or not: a possible poison object is never the
+    one that probes a peer. ``urgent_only``: none but urgent ones (a destination
+    outside its delivery window that lets urgent deliveries through); nothing when
+    ``ordered``, as those would overtake."""
     now = now or time.time()
     if ordered:
-        return _due(reads, destination, True, None, now, limit)
-    items = _due(reads, destination, False, False, now, limit)
-    if len(items) < limit:
-        items += _due(reads, destination, False, True, now, limit - len(items))
+        return [] if urgent_only else _due(reads, destination, True, None, None, now, limit)
+    items: list[Claimed] = []
+    for suspects in (False, True):
+        for priority in (URGENT,) if urgent_only else (URGENT, NORMAL):
+            if len(items) < limit:
+                items += _due(reads, destination, False, suspects, priority, now, limit - len(items))
     return items
 
 
-def _due(reads: Reads, destination: str, ordered: bool, suspects: bool | None, now: float,
-         limit: int) -> list[Claimed]:
-    rows = reads.due(destination, ordered=ordered, suspects=suspects, now=now, limit=limit)
+def _due(reads: Reads, destination: str, ordered: bool, suspects: bool | None,
+         priority: int | None, now: float, limit: int) -> list[Claimed]:
+    rows = reads.due(destination, ordered=ordered, suspects=suspects, now=now, limit=limit,
+                     priority=priority)
     items = []
     for r in rows:
         if r["retry_at"] > now:
@@ -93,7 +102,7 @@ def _due(reads: Reads, destination: str, ordered: bool, suspects: bool | None, n
                              r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "",
                              r["size"] or 0, r["handler"], r["listener"], r["suspect"] or 0,
                              r["rule"], r["calling_ae"] or "", r["called_ae"] or "",
-                             r["peer"] or "", r["received_at"] or 0.0))
+                             r["peer"] or "", r["received_at"] or 0.0, r["priority"] or 0))
     return items
 
 
@@ -127,7 +136,8 @@ class Held:
 
 
 def claim(tx: Tx, destination: str, limit: int, now: float | None = None,
-          ordered: bool = False, held: Held | None = None, owner: str = "") -> list[Claimed]:
+          ordered: bool = False, held: Held | None = None, owner: str = "",
+          urgent_only: bool = False) -> list[Claimed]:
     """Lease up to ``limit`` due pending deliveries (see ``due``), held by ``owner``.
     Nothing from a paused destination: a worker that was connecting when an operator
     paused it must not make an attempt after the pause (checked in the same
@@ -135,7 +145,7 @@ def claim(tx: Tx, destination: str, limit: int, now: float | None = None,
     now = now or time.time()
     if state(tx, destination).paused:
         return []
-    items = due(tx, destination, limit, now, ordered)
+    items = due(tx, destination, limit, now, ordered, urgent_only)
     tx.lease([item.delivery_id for item in items], now + LEASE_S, now)
     if held is not None:
         held.add(owner, (item.delivery_id for item in items))
@@ -406,9 +416,10 @@ def replay(tx: Tx, delivery_ids: Iterable[int], *, to: str | None = None,
             tx.requeue(row["id"], now)
             new_id = row["id"]
         else:
-            # The rule goes with it: its coercion is about the object, wherever it goes.
+            # The rule goes with it: its coercion is about the object, wherever it goes;
+            # so does its priority.
             new_id, = tx.add_deliveries(object_id, row["listener"],
-                                        [(target, row["handler"], row["rule"])], now)
+                                        [(target, row["handler"], row["rule"], row["priority"])], now)
             tx.set_state(row["id"], REPLAYED, now)
         queued.append(new_id)
         _replay_audit(tx, now, row, target, object_id, new_id, actor, said)

@@ -113,7 +113,8 @@ def received_decision(got: dict[str, Any]) -> Decision:
         return Decision((), rules=(got["discarded"],), discarded=True, ruled=True)
     routes = tuple(Route(*route) for route in got["routes"])
     words = _WORDS.search(got["stored"] or "")
-    said = words.group(1) if words else ""
+    # "rule stroke; urgent": the priority is not a rule's name.
+    said = (words.group(1) if words else "").removesuffix("; urgent")
     rules: tuple[str, ...] = ()
     if said.startswith("rule "):
         rules = (said[len("rule "):],)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,9 @@ class Decision:
         if self.discarded:
             return f"discarded by rule {self.rules[0]}"
         if self.rules:
-            return ("rule " if len(self.rules) == 1 else "rules ") + ", ".join(self.rules)
+            urgent = any(r.priority for r in self.routes)
+            return (("rule " if len(self.rules) == 1 else "rules ") + ", ".join(self.rules)
+                    + ("; urgent" if urgent else ""))   # ";": never in a rule name
         return "fallback" if self.routes else "fallback (empty)"
 
     def nowhere(self) -> tuple[str, str | None, str] | None:
@@ -123,14 +126,18 @@ class Router:
 def _decision(found: tuple[Rule, ...]) -> Decision:
     if found[0].discard:
         return Decision((), rules=(found[0].name,), discarded=True, ruled=True)
-    routes: list[Route] = []
+    routes: dict[tuple[str, str | None], Route] = {}
     for rule in found:
         for dest in rule.to:
-            # The same destination and handler: once, made by the first rule (whose
-            # coercion then applies to it).
-            if not any((r.destination, r.handler) == (dest, rule.handler) for r in routes):
-                routes.append(Route(dest, rule.handler, rule.name))
-    return Decision(tuple(routes), rules=tuple(r.name for r in found), ruled=True)
+            # The same destination and handler: once (match = "all" may find several),
+            # made by the first rule (whose coercion then applies to it), urgent if any
+            # rule sending it there is.
+            key = (dest, rule.handler)
+            if key not in routes:
+                routes[key] = Route(dest, rule.handler, rule.name, rule.priority)
+            elif rule.priority > routes[key].priority:
+                routes[key] = dataclasses.replace(routes[key], priority=rule.priority)
+    return Decision(tuple(routes.values()), rules=tuple(r.name for r in found), ruled=True)
 
 
 def facts_of(summary: HeaderSummary, meta: dict[str, Any], peer: str | None = None) -> Facts:

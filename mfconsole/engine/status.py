@@ -12,6 +12,7 @@ from typing import Any
 from mfconsole.config import Config
 from mfconsole.engine.engine_lock import holder_pid
 from mfconsole.repository import db_path, reading
+from mfconsole.windows import describe
 
 RECENT_ERRORS = 10
 
@@ -50,14 +51,15 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
             for name, by_state in reads.delivery_counts().items():
                 counts.setdefault(name, {}).update(by_state)
             for d in config.destinations:
-                states[d.name] = destination_state(reads.destination_state(d.name))
+                states[d.name] = destination_state(reads.destination_state(d.name),
+                                                   pacing(d, reads, out["generated_at"]))
                 states[d.name]["oldest_pending_at"] = reads.oldest_pending_at(d.name)
             out["dead_letters"] = reads.dead_letter_count()
             out["objects"] = reads.object_count()
             out["recent_errors"] = reads.recent_errors(RECENT_ERRORS)
     for d in config.destinations:
         entry = {"name": d.name, "kind": d.kind, "target": target(d), "counts": counts.get(d.name, {})}
-        entry.update(states.get(d.name) or destination_state(None))
+        entry.update(states.get(d.name) or destination_state(None, pacing(d, None, out["generated_at"])))
         out["destinations"].append(entry)
     out["routing"] = routing(config, engine.rule_counts.view() if engine is not None else None)
     if engine is not None:
@@ -79,7 +81,7 @@ def routing(config: Config, counts: dict[str, Any] | None) -> dict[str, Any]:
         entry = {"name": rule.name, "from": list(rule.listeners),
                  "when": [c.key for c in rule.when],
                  "action": "discard" if rule.discard else "send", "to": list(rule.to),
-                 "handler": rule.handler,
+                 "handler": rule.handler, "priority": "urgent" if rule.priority else "normal",
                  # Its coercion's operations and attributes (never a value).
                  "coerce": [op.describe() for op in rule.coerce]}
         if counts is not None:
@@ -97,8 +99,10 @@ def target(d: Any) -> str:
     return kind_of(d).target(d)
 
 
-def destination_state(row: Any) -> dict[str, Any]:
-    """up / retrying / down / paused, with why and when the next attempt is."""
+def destination_state(row: Any, paced: dict[str, Any] | None = None) -> dict[str, Any]:
+    """up / retrying / down / paused, or outside_window (unless paused: outside its
+    delivery windows nothing is tried, whatever the last attempts said), with why and
+    when the next attempt is; with ``paced`` (``pacing``) its keys too."""
     row = dict(row) if row is not None else {}
     if row.get("paused"):
         word = "paused"
@@ -109,9 +113,29 @@ def destination_state(row: Any) -> dict[str, Any]:
     else:
         word = "up"
     failing = word != "up"
+    window = (paced or {}).get("window")
+    if word != "paused" and window is not None and not window["open"]:
+        word = "outside_window"
     return {"state": word, "pause_reason": row.get("pause_reason"),
             "failures": row.get("failures") or 0,
             "next_attempt_at": row.get("next_attempt_at") or None,
             "last_status": row.get("last_status") if failing else None,
             "last_error": (row.get("pause_reason") or row.get("last_reason")) if failing else None,
-            "oldest_pending_at": None}
+            "oldest_pending_at": None, **(paced or {})}
+
+
+def pacing(d: Any, reads: Any, now: float) -> dict[str, Any]:
+    """A destination's urgent deliveries queued (``reads``: None before the database
+    exists), its rate caps, and its delivery window now: None without windows, else
+    whether it is open, when that changes next (``next_change_at``, None: never), in
+    words (``next_change``), and the ranges."""
+    schedule = d.schedule()
+    window = None
+    if schedule:
+        change = schedule.next_change(now)
+        window = {"open": schedule.open_at(now), "next_change_at": change,
+                  "next_change": describe(change), "windows": list(d.windows),
+                  "blackout": list(d.blackout), "urgent_ignores_window": d.urgent_ignores_window}
+    return {"urgent_pending": reads.urgent_pending(d.name) if reads is not None else 0,
+            "max_objects_per_s": d.max_objects_per_s, "max_mb_per_s": d.max_mb_per_s,
+            "window": window}

@@ -57,6 +57,7 @@ class Route:
     destination: str
     handler: str | None = None
     rule: str | None = None       # the rule that made it: its coercion applies at send time
+    priority: int = 0             # rules.URGENT: claimed before the destination's other deliveries
 
 
 @dataclass
@@ -435,7 +436,7 @@ class Store:
                      detail=f"same SOP Instance UID, different bytes: stored as "
                             f"version {version} (previous object {latest['id']})")
         tx.add_deliveries(object_id, req.listener,
-                          ((r.destination, r.handler, r.rule) for r in req.routes), now)
+                          ((r.destination, r.handler, r.rule, r.priority) for r in req.routes), now)
         tx.audit("stored", object_id=object_id, **who,
                  detail=f"version={version} size={req.size} routes={len(req.routes)}"
                         + (f" ({req.routed_by})" if req.routed_by else ""))

@@ -25,7 +25,7 @@ _DEAD_COLUMNS = ("d.id, d.destination, d.object_id, d.attempts, d.last_status, d
                  "d.last_reason, d.handler, d.handler_version, d.rule, d.coerced, d.updated_at, "
                  "o.sop_instance_uid, "
                  "o.sop_class_uid, o.study_uid, o.transfer_syntax, o.size, o.calling_ae, o.listener, "
-                 "o.version, o.superseded")
+                 "o.version, o.superseded, d.priority")
 _DEAD_FROM = "FROM deliveries d JOIN objects o ON o.id = d.object_id"
 
 
@@ -237,19 +237,40 @@ class Reads:
                                             (oldest,)).fetchone()[0]
 
     def due(self, destination: str, *, ordered: bool, suspects: bool | None, now: float,
-            limit: int) -> list[sqlite3.Row]:
-        """Pending deliveries of a destination with what sending them needs: by retry
-        time (due first), or with ``ordered`` by arrival whatever their retry time;
-        ``suspects`` True/False for only/no cut-short deliveries, None for both."""
+            limit: int, priority: int | None = None) -> list[sqlite3.Row]:
+        """Pending deliveries of a destination with what sending them needs: due ones
+        of one ``priority`` by retry time (one range of the deliveries_due index), or
+        with ``ordered`` every pending one by arrival whatever its retry time and
+        priority; ``suspects`` True/False for only/no cut-short deliveries, None for both."""
         where = "" if suspects is None else ("AND d.suspect > 0" if suspects else "AND d.suspect = 0")
-        order = "d.id" if ordered else "d.retry_at, d.id"
+        params: list[Any] = [destination, PENDING]
+        if ordered:
+            order = "d.id"
+        else:
+            where += " AND d.priority = ? AND d.retry_at <= ?"
+            params += [priority or 0, now]
+            order = "d.retry_at, d.id"
         return list(self.conn.execute(
             "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, d.suspect, "
-            "d.rule, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, o.study_uid, o.size, "
-            "o.calling_ae, o.called_ae, o.peer, o.received_at "
+            "d.rule, d.priority, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, "
+            "o.study_uid, o.size, o.calling_ae, o.called_ae, o.peer, o.received_at "
             "FROM deliveries d JOIN objects o ON o.id = d.object_id "
-            f"WHERE d.destination = ? AND d.state = ? AND (? OR d.retry_at <= ?) {where} "
-            f"ORDER BY {order} LIMIT ?", (destination, PENDING, ordered, now, limit)))
+            f"WHERE d.destination = ? AND d.state = ? {where} "
+            f"ORDER BY {order} LIMIT ?", (*params, limit)))
+
+    def urgent_pending(self, destination: str) -> int:
+        """Urgent deliveries queued for a destination (due or waiting for a retry)."""
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE destination = ? AND state = ? AND priority = 1",
+            (destination, PENDING)).fetchone()[0]
+
+    def due_plan(self, destination: str) -> str:
+        """How SQLite plans the due query of one priority (EXPLAIN QUERY PLAN details,
+        joined): whether it is a range of deliveries_due, with no sort."""
+        return " ".join(r[3] for r in self.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT d.id FROM deliveries d JOIN objects o ON o.id = d.object_id "
+            "WHERE d.destination = ? AND d.state = ? AND d.suspect = 0 AND d.priority = 1 "
+            "AND d.retry_at <= 0 ORDER BY d.retry_at, d.id LIMIT 5", (destination, PENDING)))
 
     def in_flight(self) -> list[dict[str, Any]]:
         return _dicts(self.conn.execute(

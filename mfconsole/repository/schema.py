@@ -156,10 +156,21 @@ def _v8_coercion(conn: sqlite3.Connection) -> None:
     _add_column(conn, "objects", "called_ae", "TEXT")
 
 
+def _v9_priority(conn: sqlite3.Connection) -> None:
+    """Urgent deliveries (a rule's priority = "urgent": 1, else 0) are claimed before a
+    destination's other due ones. The due query is one index range per priority, in
+    retry order (deliveries_due); it replaces (destination, state, retry_at), which
+    every query that used it finds in the new index's first two columns."""
+    _add_column(conn, "deliveries", "priority", "INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX IF NOT EXISTS deliveries_due "
+                 "ON deliveries (destination, state, priority, retry_at)")
+    conn.execute("DROP INDEX IF EXISTS idx_deliveries_destination_state_retry_at")
+
+
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
-    _v6_unpurged_index, _v7_object_browser, _v8_coercion)
+    _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

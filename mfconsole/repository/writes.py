@@ -108,17 +108,18 @@ class Tx(Reads):
     # -- deliveries ---------------------------------------------------------------------------
 
     def add_deliveries(self, object_id: int, listener: str | None,
-                       targets: Iterable[tuple[str, str | None] | tuple[str, str | None, str | None]],
-                       now: float) -> list[int]:
+                       targets: Iterable[tuple[Any, ...]], now: float) -> list[int]:
         """New pending deliveries of an object: (destination, handler) each, or
-        (destination, handler, rule) for one a rule made."""
+        (destination, handler, rule) for one a rule made, or (destination, handler,
+        rule, priority) (1: urgent, claimed first; else 0, normal)."""
         ids = []
-        for destination, handler, *rule in targets:
+        for destination, handler, *more in targets:
+            rule = more[0] if more else None
+            priority = more[1] if len(more) > 1 else 0
             cur = self.conn.execute(
                 "INSERT INTO deliveries (object_id, destination, listener, handler, rule, state, "
-                "attempts, retry_at, created_at, updated_at) VALUES (?,?,?,?,?,?,0,?,?,?)",
-                (object_id, destination, listener, handler, rule[0] if rule else None, PENDING,
-                 now, now, now))
+                "attempts, retry_at, created_at, updated_at, priority) VALUES (?,?,?,?,?,?,0,?,?,?,?)",
+                (object_id, destination, listener, handler, rule, PENDING, now, now, now, priority))
             ids.append(cur.lastrowid)
         return ids
 

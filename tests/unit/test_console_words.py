@@ -53,3 +53,36 @@ def test_a_failed_connect_says_which_way_it_failed():
     assert connect_failure(socket.timeout("timed out"), 10).startswith("no answer within connect_timeout_s=10")
     assert connect_failure(OSError(errno.EHOSTUNREACH, "no route"), 10).startswith("unreachable (EHOSTUNREACH")
     assert "connect_timeout_s=10" in connect_failure(None, 10)
+
+
+def test_a_paced_destination_says_its_window_cap_and_urgent_queue(tmp_path):
+    """From what `status` collects (no database yet) to the console's words: outside
+    its window with the next opening, not shouted; its rate cap; urgent pending."""
+    import time
+
+    from harness import write_config
+    from mfconsole.config import load
+    from mfconsole.console.destinations import destination_row, detail
+    from mfconsole.engine.status import collect
+
+    hour = time.localtime().tm_hour
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"
+    config = load(write_config(tmp_path, destinations=[
+        {"name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 11113, "ae_title": "PACS",
+         "windows": [closed], "urgent_ignores_window": True, "max_objects_per_s": 20,
+         "max_mb_per_s": 2.5}]))
+    item = collect(config)["destinations"][0]
+    assert item["state"] == "outside_window" and item["urgent_pending"] == 0
+    opens = f"{(hour + 2) % 24:02d}:00"
+    assert item["window"]["next_change"].endswith(opens)
+    state = fmt.destination_state(item)
+    assert state.plain == "◷ outside window" and "reverse" not in str(state.style)
+    assert fmt.problem(item, NOW).plain.endswith(
+        f"nothing is sent until {item['window']['next_change']} (urgent deliveries still go)")
+    assert fmt.pacing(item) == [
+        f"window {closed}: closed until {item['window']['next_change']} (urgent deliveries ignore it)",
+        "rate cap 20 objects/s, 2.5 MiB/s"]
+    row = destination_row({**item, "counts": {"pending": 1204}, "urgent_pending": 3}, NOW, None)
+    assert row[2] == "1 204 (3 urgent)"
+    text = detail({**item, "urgent_pending": 3, "outcomes": []}, NOW, None).renderables[0].plain
+    assert "rate cap 20 objects/s" in text and "urgent pending 3" in text

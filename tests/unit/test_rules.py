@@ -449,7 +449,7 @@ def test_the_readme_example_is_valid(tmp_path):
     path = config(tmp_path, destinations=DESTS + [dest("ehr", 2575, "mllp")], routes=[])
     path.write_text(path.read_text() + "\n" + example)
     cfg = load(path)
-    assert [r.name for r in cfg.rules] == ["qa-phantoms", "ct-to-pacs", "hospital-a-reports"]
+    assert [r.name for r in cfg.rules] == ["qa-phantoms", "stroke", "ct-to-pacs", "hospital-a-reports"]
     router = Router(cfg)
     report = dataset("SR", "1.2.840.10008.5.1.4.1.1.88.11", InstitutionName="Hospital A")
     assert [(r.destination, r.handler) for r in decide(router, report).routes] == \
@@ -457,3 +457,5 @@ def test_the_readme_example_is_valid(tmp_path):
     assert decide(router, dataset("CT", InstitutionName="QA Phantom 3")).discarded
     assert where(decide(router, dataset("CT"), calling="CT2")) == ["pacs"]
     assert where(decide(router, dataset("MR", MR))) == ["archive"]
+    stroke = decide(router, dataset("CT", StudyDescription="CT Head Stroke"), calling="CT2")
+    assert [(r.destination, r.priority) for r in stroke.routes] == [("pacs", 1)]
