@@ -357,6 +357,9 @@ def test_oversize_object_aborted_and_next_association_stores(engine_factory, tmp
     assert "Status" not in rsp, f"expected an abort, got {rsp}"
     poll(lambda: assoc.is_aborted, timeout=3, message="the SCU to see the A-ABORT")
     assert elapsed < 5, f"oversize refusal took {elapsed:.1f}s"
+    # The partial blob goes on a pool thread after the abort (behind any write of it in
+    # progress): wait for exactly that, then check nothing else was kept.
+    poll(lambda: blob_files(engine) == [], timeout=5, message="the aborted object's blob removed")
     assert_nothing_stored(engine)
     [row] = refused_rows(engine, 1)
     assert row["status"] == "abort" and "max_object_mb" in row["detail"], row

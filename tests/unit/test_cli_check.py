@@ -84,7 +84,7 @@ def test_config_option_before_the_command(tmp_path):
 def test_handlers_resolve_next_to_the_config_not_the_working_directory(tmp_path):
     site = tmp_path / "site"
     handler_file(site, "sr_to_oru")
-    path = write_config(site, routes=[{"from": "modalities", "to": ["pacs"],
+    write_config(site, routes=[{"from": "modalities", "to": ["pacs"],
                                        "handler": "sr_to_oru"}])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
