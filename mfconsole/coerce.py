@@ -49,7 +49,6 @@ value encoded.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import re
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from typing import Any, Callable
 
 from mfconsole import dicomheader
 from mfconsole.dicomheader import PIXELS_FROM, tag_text
+from mfconsole.names import attribute_named
 
 OPERATIONS = ("set", "remove", "prefix", "suffix", "copy", "map", "issuer_of_patient_id")
 # The keys each operation's table takes (the first names it).
@@ -106,7 +106,6 @@ _CHARACTERS = {
 }
 _CONTROL = re.compile(r"[\x00-\x1F\x7F]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0B\x0E-\x1F\x7F]")    # LT/ST/UT: TAB LF FF CR allowed
-_TAG_TEXT = re.compile(r"^\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)$")
 
 
 # -- what the configuration holds --------------------------------------------------------
@@ -284,17 +283,9 @@ def _attribute(r: Any, where: str, raw: Any, kind: str, vr_given: str | None,
 
 def attribute_tag(text: str) -> tuple[int, str | None]:
     """(tag, None) for a keyword or "(gggg,eeee)" that coercion may touch, else (0, why)."""
-    from pydicom.datadict import keyword_dict
-
-    found = _TAG_TEXT.match(text.strip())
-    if found:
-        tag = int(found.group(1), 16) << 16 | int(found.group(2), 16)
-    elif text in keyword_dict:
-        tag = keyword_dict[text]
-    else:
-        hint = difflib.get_close_matches(text, keyword_dict, n=1, cutoff=0.8)
-        return 0, ("is neither a DICOM keyword nor (gggg,eeee)"
-                   + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    tag, why = attribute_named(text)
+    if why:
+        return 0, why
     group = tag >> 16
     if group in (0x0000, 0x0002, 0xFFFE) or tag & 0xFFFF == 0 or tag >= PIXELS_FROM:
         return 0, ("cannot be coerced: command, file meta, item, group length, pixel data and "

@@ -3,9 +3,11 @@ names): below config.py and rules.py alike, so neither imports the other for the
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
+_TAG_TEXT = re.compile(r"^\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -30,3 +32,18 @@ def ae_title_problem(value: Any) -> str | None:
 def name_problem(value: str) -> str | None:
     return None if _NAME.match(value) else (
         "must be 1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit")
+
+
+def attribute_named(text: str) -> tuple[int, str | None]:
+    """(tag, None) for a DICOM keyword or "(gggg,eeee)", else (0, why) with the closest
+    keyword as a hint. Which tags a setting may then name is the caller's to say."""
+    from pydicom.datadict import keyword_dict
+
+    found = _TAG_TEXT.match(text.strip())
+    if found:
+        return int(found.group(1), 16) << 16 | int(found.group(2), 16), None
+    if text in keyword_dict:
+        return keyword_dict[text], None
+    hint = difflib.get_close_matches(text, keyword_dict, n=1, cutoff=0.8)
+    return 0, ("is neither a DICOM keyword nor (gggg,eeee)"
+               + (f" (did you mean '{hint[0]}'?)" if hint else ""))

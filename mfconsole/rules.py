@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
-from mfconsole.names import ae_title_problem, name_problem
+from mfconsole.names import ae_title_problem, attribute_named, name_problem
 
 RULE_KEYS = frozenset({"name", "from", "when", "to", "action", "handler", "coerce",
                        "priority"})
@@ -67,7 +67,6 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 # VRs whose values are text (PS3.5 6.2): the only ones a pattern can sensibly match.
 TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
                       "TM", "UC", "UI", "UR", "UT"})
-_TAG_TEXT = re.compile(r"^\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)$")
 _MODALITY = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -431,17 +430,11 @@ def _tags(r: Any, p: str, raw: Any) -> list[Matches]:
 
 def attribute_tag(name: str) -> tuple[int, str | None]:
     """(tag, None) for a keyword or "(gggg,eeee)" a rule may match on, else (0, why)."""
-    from pydicom.datadict import dictionary_VR, keyword_dict
+    from pydicom.datadict import dictionary_VR
 
-    found = _TAG_TEXT.match(name)
-    if found:
-        tag = int(found.group(1), 16) << 16 | int(found.group(2), 16)
-    elif name in keyword_dict:
-        tag = keyword_dict[name]
-    else:
-        hint = difflib.get_close_matches(name, keyword_dict, n=1, cutoff=0.8)
-        return 0, ("is neither a DICOM keyword nor (gggg,eeee)"
-                   + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    tag, why = attribute_named(name)
+    if why:
+        return 0, why
     group = tag >> 16
     if group <= 0x0002 or group == 0xFFFE or tag == 0x7FE00010 or tag == SPECIFIC_CHARACTER_SET:
         return 0, "is not an attribute a rule can match (command, file meta, item or pixel data)"
