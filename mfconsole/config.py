@@ -746,6 +746,14 @@ def _read_tls(r: _Reader, t: dict[str, Any], p: str, resolve: Callable[[str], Pa
     return _tls(r, t, p, "destination", resolve)
 
 
+TRIGGERS = ("instance", "study_stable")
+LATE_INSTANCE = ("alone", "update")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    return lambda v: None if v in choices else "must be " + _choices([f'"{c}"' for c in choices])
+
+
 def _window_problem(value: str) -> str | None:
     return windows_mod.parse(value)[1]
 
@@ -806,6 +814,25 @@ class DestinationConfig:
         None, doc="Rate cap: MiB per second of objects as stored, all its connections together.",
         check=_positive)
 
+    # When objects go out (engine/holds.py): each as it is stored, or a study at a time
+    # once no instance of it has arrived for stable_after_s.
+    trigger: str = setting(
+        "instance", doc='"instance": each object as soon as it is stored; "study_stable": a '
+        "study's objects held until none has arrived for stable_after_s, then sent together.",
+        check=_one_of(TRIGGERS))
+    stable_after_s: float = setting(
+        30.0, doc="With trigger = \"study_stable\": the quiet period (seconds, 1-86400) after a "
+        "study's last instance before it is released.", check=_range(1, 86400))
+    late_instance: str = setting(
+        "alone", doc='With trigger = "study_stable", an instance of a study already released: '
+        '"alone" sends it by itself; "update" holds it again and, when quiet, sends the late '
+        "group together (a study-level handler runs again on every object of the study).",
+        check=_one_of(LATE_INSTANCE))
+
+    @property
+    def study_stable(self) -> bool:
+        return self.trigger == "study_stable"
+
     def schedule(self) -> windows_mod.Schedule:
         """Its windows and blackout (empty: always open)."""
         return windows_mod.schedule(self.windows, self.blackout)
@@ -813,6 +840,11 @@ class DestinationConfig:
 
 def _tls_table_given(found: "Found") -> bool:
     return "tls" in found.raw
+
+
+# What a handler makes for a kind: a DICOM data set, an HL7 message, or (study-level
+# handlers) one FHIR R4 resource as a dict.
+PRODUCES = ("dicom", "hl7", "fhir")
 
 
 @dataclass(frozen=True)
@@ -828,7 +860,7 @@ class DestinationKind:
     doc: str                                         # one line: what it delivers to
     sender: Callable[[Any, egress_mod.Checks], "Sender"]
     target: Callable[[Any], str]                     # e.g. "AE@host:port", a URL
-    produces: str = "dicom"                          # a handler's result: "dicom" or "hl7"
+    produces: str = "dicom"                # a handler's result: "dicom", "hl7" or "fhir"
     check: Callable[["Found"], None] | None = None   # rules across keys (egress, credentials)
     echo: Callable[[Any, egress_mod.Checks], Any] | None = None   # .ok, .rtt_ms, .detail
     # Whether the connection is encrypted as configured (allow_cleartext then does not
@@ -838,8 +870,8 @@ class DestinationKind:
     def __post_init__(self) -> None:
         if not self.config.kind or not _HANDLER_NAME.match(self.config.kind):
             raise TypeError(f"{self.config.__name__}.kind must name the kind (letters, digits, '_')")
-        if self.produces not in ("dicom", "hl7"):
-            raise TypeError(f"kind {self.config.kind}: produces is 'dicom' or 'hl7'")
+        if self.produces not in PRODUCES:
+            raise TypeError(f"kind {self.config.kind}: produces is 'dicom', 'hl7' or 'fhir'")
         for f in self.settings():
             value_type(f)          # fails at declaration, not at the first load
 
@@ -990,6 +1022,10 @@ def _destinations(r: _Reader, raw: Any, egress: EgressConfig, pins: egress_mod.P
         if values["urgent_ignores_window"] and not t.get("windows") and not t.get("blackout"):
             r.fail(f"{p}.urgent_ignores_window", "does not apply: this destination has no "
                    "windows or blackout")
+        if values["trigger"] != "study_stable":
+            for key in ("stable_after_s", "late_instance"):
+                if key in t:
+                    r.fail(f"{p}.{key}", 'does not apply: trigger is not "study_stable"')
         if kind.check is not None:
             kind.check(found)
         if not found.failed:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from mfconsole import contract
 from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome, Sender
-from mfconsole.engine import outbox
+from mfconsole.engine import holds, outbox
 from mfconsole.engine.pacing import CLOSED, OPEN, URGENT_ONLY, Pacer
 from mfconsole.engine.store import Store, StoreError
 from mfconsole.engine.transform import Origin
@@ -129,6 +129,10 @@ class DestinationWorkers:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.sent = 0
+        # Study-stable (engine/holds.py): claims take whole studies; worker 0 releases
+        # held studies when the clock says one is due.
+        self.whole_studies = bool(getattr(destination, "study_stable", False))
+        self.releases = holds.ReleaseClock()
 
     def start(self) -> None:
         for i in range(self.cfg.max_associations):
@@ -151,6 +155,24 @@ class DestinationWorkers:
             self.urgent.set()
         if not self._holding and not self.wake.is_set():
             self.wake.set()
+
+    def held(self, release_at: float) -> None:
+        """A delivery was held for its study until about ``release_at`` (ingest)."""
+        self.releases.noted(release_at)
+
+    def _release_studies(self) -> None:
+        """Worker 0: release the studies whose time has passed (all it holds when the
+        destination is no longer study-stable); a failure is retried next round."""
+        if not self.whole_studies and self.store.reader().next_release(self.name) is None:
+            self.releases.set(None)      # nothing held: no write at all
+            return
+        try:
+            at = self.store.call(holds.release, self.name, not self.whole_studies)
+        except Exception as exc:
+            log.error("destination %s: releasing held studies failed (%s); retried",
+                      self.name, exc.__class__.__name__)
+            return
+        self.releases.set(at)
 
     def _wait(self, seconds: float) -> None:
         self.wake.wait(max(0.0, min(seconds, 1.0)))
@@ -190,6 +212,8 @@ class DestinationWorkers:
     def _round(self, lane: _Lane) -> bool:
         """One claim-send-record round; False when there was nothing to do."""
         sender, index = lane.sender, lane.index
+        if index == 0 and self.releases.due(time.time()):
+            self._release_studies()
         st = outbox.state(self.store.reader(), self.name)
         if st.paused:
             self._settle(lane)
@@ -249,7 +273,8 @@ class DestinationWorkers:
             # the one whose round must give way).
             self.urgent.clear()
             items = self.store.call(outbox.claim, self.name, 1 if refused is not None else size,
-                                    None, sender.in_order, self.held, lane.owner, urgent_only)
+                                    None, sender.in_order, self.held, lane.owner, urgent_only,
+                                    self.whole_studies)
             if not items:
                 return False
         # The next batch may be claimed while this one is sent (see _work). Not when
@@ -309,8 +334,7 @@ class DestinationWorkers:
                 results.append((items[0], refused, None, None))
                 batches = []
             else:
-                batches = groups(items, *self.pacer.group_limits(*sender.max_batch),
-                                 by_calling_ae=getattr(sender, "by_calling_ae", False))
+                batches = self._groups(sender, items)
                 completed = True
             started, attempted = time.monotonic(), 0
             for group in batches:
@@ -320,7 +344,8 @@ class DestinationWorkers:
                 if ahead and attempted and lane.ahead is None and (
                         (time.monotonic() - started) / attempted * len(items) < AHEAD_ROUND_S):
                     lane.ahead = self.store.submit(outbox.claim, self.name, ahead, None,
-                                                   sender.in_order, self.held, lane.owner)
+                                                   sender.in_order, self.held, lane.owner, False,
+                                                   self.whole_studies)
                 attempted += len(group)
                 group_outcomes = self._attempt(sender, group)
                 results += [(item, *done) for item, done in zip(group, group_outcomes)]
@@ -352,6 +377,20 @@ class DestinationWorkers:
                     log.error("destination %s: %d claimed deliveries could not be released "
                               "(%s); they are requeued by the next sweep", self.name,
                               len(untouched), exc.__class__.__name__)
+
+    def _groups(self, sender: Sender, items: list[outbox.Claimed]) -> list[list[outbox.Claimed]]:
+        """The round's groups (``groups``); the deliveries through a study-level handler
+        make one group per study and handler, whatever the batch limits: the handler
+        runs once over the study and its one result is sent."""
+        study: dict[tuple[str, str], list[outbox.Claimed]] = {}
+        rest: list[outbox.Claimed] = []
+        for item in items:
+            if self.transform is not None and self.transform.is_study(item.handler):
+                study.setdefault((item.study_uid, item.handler or ""), []).append(item)
+            else:
+                rest.append(item)
+        return [*study.values(), *groups(rest, *self.pacer.group_limits(*sender.max_batch),
+                                         by_calling_ae=getattr(sender, "by_calling_ae", False))]
 
     def _may_send(self, sender: Sender, group: list[outbox.Claimed], attempted: int) -> bool:
         """Whether the next group of a round goes now (after its rate-cap slot): not
@@ -438,6 +477,8 @@ class DestinationWorkers:
         its handler filters or fails on, or whose coercion cannot be made, or that
         raises anywhere on its way out, is settled on its own and the rest of the group
         still goes."""
+        if self.transform is not None and self.transform.is_study(group[0].handler):
+            return self._attempt_study(sender, group)
         objs: list[Outbound] = []
         settled: dict[int, tuple[Outcome, Any, Any]] = {}
         stamps: dict[int, Any] = {}
@@ -487,6 +528,68 @@ class DestinationWorkers:
             if outcome is None:    # the batch stopped early
                 break
             out.append((outcome, stamps.get(i), coerced.get(i)))
+        return out
+
+    def _read(self, object_id: int) -> bytes | Outcome:
+        try:
+            return self.store.read_object(object_id)
+        except (KeyError, VaultError, OSError) as exc:
+            return Outcome(PERMANENT, MESSAGE, "unreadable", f"stored object {object_id} cannot be "
+                           f"read ({exc.__class__.__name__})")
+        except Exception as exc:
+            return contract.internal_error(exc, "reading the stored object")
+
+    def _attempt_study(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any, Any]]:
+        """One study through a study-level handler: the handler runs once over the
+        group's objects (with late_instance = "update", also over the objects of the
+        study sent here before: the peer gets the study as it now is), and the one
+        Outbound's outcome is each delivery's. An object that cannot be read is settled
+        on its own; the others still go."""
+        assert self.transform is not None
+        settled: dict[int, tuple[Outcome, Any, Any]] = {}
+        sources: list[tuple[int, Outbound]] = []
+        for i, item in enumerate(group):
+            data = self._read(item.object_id)
+            if isinstance(data, Outcome):
+                settled[i] = (data, None, None)
+                continue
+            sources.append((item.object_id, Outbound(item.sop_class_uid, item.sop_instance_uid,
+                                                     item.transfer_syntax, data, item.study_uid,
+                                                     item.calling_ae)))
+        if getattr(self.cfg, "late_instance", "alone") == "update" and sources:
+            mine = {item.object_id for item in group}
+            for row in self.store.reader().study_objects_sent(self.name, group[0].study_uid):
+                if row["object_id"] in mine:
+                    continue
+                data = self._read(row["object_id"])
+                if not isinstance(data, Outcome):    # purged since: the study as still stored
+                    sources.append((row["object_id"], Outbound(
+                        row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],
+                        data, row["study_uid"] or "")))
+        outcome: Outcome | None = None
+        stamp: Any = None
+        if sources:
+            sources.sort(key=lambda pair: pair[0])     # arrival order
+            first = group[0]
+            try:
+                result, stamp = self.transform.study(first.handler or "", f"{first.listener}->{self.name}",
+                                                     first.delivery_id, [o for _, o in sources],
+                                                     Origin.of(first))
+            except Exception as exc:
+                result = contract.internal_error(exc, f"running handler {first.handler}")
+            if isinstance(result, Outcome):
+                outcome = result
+            else:
+                sent = self._send(sender, [result])
+                outcome = sent[0] if sent else None
+        out: list[tuple[Outcome, Any, Any]] = []
+        for i in range(len(group)):
+            if i in settled:
+                out.append(settled[i])
+            elif outcome is None:     # the send stopped early
+                break
+            else:
+                out.append((outcome, stamp, None))
         return out
 
     def _send(self, sender: Sender, objs: list[Outbound]) -> list[Outcome]:

@@ -24,7 +24,7 @@ from mfconsole.config import Config
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard
 from mfconsole.ul.acceptor import InflightBudget, Listener
-from mfconsole.engine import logs, outbox
+from mfconsole.engine import holds, logs, outbox
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
@@ -317,12 +317,23 @@ class Engine:
             if new_dests.get(name) != dest and name in self.deliveries:
                 self.deliveries.pop(name).stop(new.engine.shutdown_timeout_s)
                 if name not in new_dests:
-                    report.append(f"destination {name}: removed (its queue stays in the store)")
+                    report.append(f"destination {name}: removed (its queue stays in the store)"
+                                  + self._release_all_held(name))
         for name, dest in new_dests.items():
             if old_dests.get(name) != dest:
                 self._start_destination(dest)
                 report.append(f"destination {name}: {'updated' if name in old_dests else 'added'}")
         return report
+
+    def _release_all_held(self, name: str) -> str:
+        """A destination removed: what it held is queued at once, as its pending
+        deliveries stay (engine/holds.py). Words for the reload's report."""
+        assert self.store is not None
+        if self.store.reader().next_release(name) is None:
+            return ""
+        held = self.store.reader().delivery_counts(name).get(name, {}).get("held", 0)
+        self.store.call(holds.release, name, True)
+        return f"; its {held} held deliveries were queued"
 
     def _dry_run(self, new: Any, old: Any) -> str | None:
         """Run a new handler version on a few recent objects of its routes, sending
@@ -399,6 +410,9 @@ class Engine:
         try:
             if self.store is not None:
                 n = self.store.purge_expired(self.config.store.retention_days, stop=self._stop)
+                # Hold rows of studies released before the retention: forgotten.
+                self.store.call(Tx.forget_released_holds,
+                                time.time() - self.config.store.retention_days * 86400)
                 if n:
                     log.info("retention: purged %d object(s)", n)
         except Exception as exc:
@@ -451,6 +465,8 @@ class Engine:
                 for route in request.routes:
                     workers = self.deliveries.get(route.destination)
                     if workers is not None:
+                        if route.hold_s:     # held for its study (or a late one, alone)
+                            workers.held(time.time() + route.hold_s)
                         workers.new_work(urgent=bool(route.priority))
             outcome.set_result(result.outcome)
 

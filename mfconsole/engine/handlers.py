@@ -35,7 +35,8 @@ class LoadedHandler:
     version: str
     digest: str          # SHA-256 of the source, hex
     path: Path
-    handle: Callable[[Any, Any], Any]
+    handle: Callable[[Any, Any], Any]    # handle(obj, ctx), or handle_study(study, ctx)
+    level: str = "instance"              # "study": handle_study over a study's objects
 
     @property
     def label(self) -> str:
@@ -83,18 +84,27 @@ def load(name: str, handlers_dir: Path) -> LoadedHandler:
         raise HandlerError(f"handler {name}: import failed with {exc.__class__.__name__}"
                            f"{where(exc, path)}") from None
     version = getattr(module, "VERSION", None)
-    handle = getattr(module, "handle", None)
+    level = getattr(module, "LEVEL", "instance")
     if not isinstance(version, str) or not version.strip():
         raise HandlerError(f"handler {name}: VERSION must be a non-empty string")
+    if level not in LEVELS:
+        raise HandlerError(f"handler {name}: LEVEL must be \"instance\" or \"study\"")
+    function, args = ("handle_study", "(study, ctx)") if level == "study" else ("handle", "(obj, ctx)")
+    handle = getattr(module, function, None)
     if not callable(handle):
-        raise HandlerError(f"handler {name}: no handle(obj, ctx) function")
+        raise HandlerError(f"handler {name}: no {function}{args} function")
     try:
         inspect.signature(handle).bind(None, None)
     except TypeError:
-        raise HandlerError(f"handler {name}: handle must take two arguments (obj, ctx)") from None
+        raise HandlerError(f"handler {name}: {function} must take two arguments {args}") from None
     except ValueError:
         pass    # no signature to inspect (a builtin): let it be
-    return LoadedHandler(name, version.strip(), digest, path, handle)
+    return LoadedHandler(name, version.strip(), digest, path, handle, level)
+
+
+# A handler's LEVEL: "instance" (handle(obj, ctx), per object; the default) or "study"
+# (handle_study(study, ctx), once over a study's objects held for one destination).
+LEVELS = ("instance", "study")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 from mfconsole.contract import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANENT, TRANSIENT,
                                 WARNING, Outcome)
 from mfconsole.repository import DeadLetterFilter, Reads, Tx
-from mfconsole.repository.states import DEAD, DELIVERED, DISCARDED, IN_FLIGHT, PENDING, REPLAYED
+from mfconsole.repository.states import DEAD, DELIVERED, DISCARDED, HELD, IN_FLIGHT, PENDING, REPLAYED
 from mfconsole.repository.states import FILTERED as FILTERED_STATE
 from mfconsole.rules import NORMAL, URGENT
 
@@ -98,16 +98,44 @@ def _due(reads: Reads, destination: str, ordered: bool, suspects: bool | None,
     for r in rows:
         if r["retry_at"] > now:
             break
-        items.append(Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
-                             r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "",
-                             r["size"] or 0, r["handler"], r["listener"], r["suspect"] or 0,
-                             r["rule"], r["calling_ae"] or "", r["called_ae"] or "",
-                             r["peer"] or "", r["received_at"] or 0.0, r["priority"] or 0))
+        items.append(_claimed(r))
     return items
 
 
+def _claimed(r: Any) -> Claimed:
+    return Claimed(r["id"], r["object_id"], r["attempts"], r["sop_instance_uid"],
+                   r["sop_class_uid"], r["transfer_syntax"], r["study_uid"] or "",
+                   r["size"] or 0, r["handler"], r["listener"], r["suspect"] or 0,
+                   r["rule"], r["calling_ae"] or "", r["called_ae"] or "",
+                   r["peer"] or "", r["received_at"] or 0.0, r["priority"] or 0)
+
+
+# The most deliveries a claim takes to complete its studies (whole_studies).
+STUDY_CLAIM_MAX = 10_000
+
+
+def whole(reads: Reads, destination: str, items: list[Claimed]) -> list[Claimed]:
+    """``items`` with every other pending delivery of their studies to the destination
+    (due or not): a study-stable destination sends a study together and retries it
+    together (its deliveries' backoffs differ by their jitter). Each study's
+    deliveries follow its first one, in arrival order."""
+    if not items:
+        return items
+    studies = list(dict.fromkeys(item.study_uid for item in items))
+    rows = reads.pending_of_studies(destination, studies, STUDY_CLAIM_MAX)
+    mine = {item.delivery_id for item in items}
+    by_study: dict[str, list[Claimed]] = {uid: [] for uid in studies}
+    for item in items:
+        by_study[item.study_uid].append(item)
+    for r in rows:
+        if r["id"] not in mine:
+            by_study[r["study_uid"] or ""].append(_claimed(r))
+    return [item for uid in studies for item in by_study[uid]]
+
+
 class Held:
-    """Which in-flight deliveries a live worker of this process is working on. Only
+    """Which in-flight deliveries a live worker of this process is working on (claimed:
+    not the ``held`` state of a study-stable destination's deliveries). Only
     one engine serves a data directory, so an in-flight row nobody holds is stranded
     (its outcome could not be written): ``sweep`` puts it back."""
 
@@ -137,15 +165,18 @@ class Held:
 
 def claim(tx: Tx, destination: str, limit: int, now: float | None = None,
           ordered: bool = False, held: Held | None = None, owner: str = "",
-          urgent_only: bool = False) -> list[Claimed]:
-    """Lease up to ``limit`` due pending deliveries (see ``due``), held by ``owner``.
-    Nothing from a paused destination: a worker that was connecting when an operator
-    paused it must not make an attempt after the pause (checked in the same
-    transaction as the lease)."""
+          urgent_only: bool = False, whole_studies: bool = False) -> list[Claimed]:
+    """Lease up to ``limit`` due pending deliveries (see ``due``), held by ``owner``;
+    with ``whole_studies`` (a study-stable destination) then the rest of their
+    studies too (see ``whole``). Nothing from a paused destination: a worker that
+    was connecting when an operator paused it must not make an attempt after the
+    pause (checked in the same transaction as the lease)."""
     now = now or time.time()
     if state(tx, destination).paused:
         return []
     items = due(tx, destination, limit, now, ordered, urgent_only)
+    if whole_studies:
+        items = whole(tx, destination, items)
     tx.lease([item.delivery_id for item in items], now + LEASE_S, now)
     if held is not None:
         held.add(owner, (item.delivery_id for item in items))
@@ -399,7 +430,7 @@ def replay(tx: Tx, delivery_ids: Iterable[int], *, to: str | None = None,
                     f"{row['sop_instance_uid']}, superseded by version {current['version']} "
                     f"(object {current['id']})")
             existing = tx.latest_delivery_of(current["id"], target,
-                                             (PENDING, IN_FLIGHT, DELIVERED, FILTERED_STATE))
+                                             (HELD, PENDING, IN_FLIGHT, DELIVERED, FILTERED_STATE))
             object_id = current["id"]
             if existing is not None:
                 said += f", whose delivery {existing['id']} to {target} is {existing['state']}: nothing queued"

@@ -88,6 +88,9 @@ class Router:
 
     def __init__(self, config: Config):
         self.match = config.routing.match
+        # Study-stable destinations: their deliveries are made held (engine/holds.py).
+        self._holds = {d.name: (d.stable_after_s, d.late_instance)
+                       for d in config.destinations if d.study_stable}
         # What the header scan must read for these rules (nothing more without them).
         self.header_tags = rules_mod.header_tags(config.rules)
         ruled = bool(config.rules) or config.routing.fallback is not None
@@ -98,8 +101,10 @@ class Router:
                         else tuple(Route(d) for d in config.routing.fallback))
             self._plans[lc.name] = _Plan(tuple(r for r in config.rules if r.applies_to(lc.name)),
                                          Decision(fallback, ruled=ruled))
+            self._plans[lc.name] = dataclasses.replace(
+                self._plans[lc.name], fallback=self._held(self._plans[lc.name].fallback))
         # One decision per rule, made once (match = "first" picks one of these).
-        self._single = {rule.name: _decision((rule,)) for rule in config.rules}
+        self._single = {rule.name: self._held(_decision((rule,))) for rule in config.rules}
 
     def decide(self, summary: HeaderSummary, meta: dict[str, Any]) -> Decision:
         """Where an object goes (``meta``: what the listener hands the engine)."""
@@ -117,7 +122,16 @@ class Router:
             return plan.fallback
         if len(found) == 1:
             return self._single[found[0].name]
-        return _decision(found)
+        return self._held(_decision(found))
+
+    def _held(self, decision: Decision) -> Decision:
+        """The decision with each route to a study-stable destination marked as held."""
+        if not any(r.destination in self._holds for r in decision.routes):
+            return decision
+        return dataclasses.replace(decision, routes=tuple(
+            dataclasses.replace(r, hold_s=self._holds[r.destination][0],
+                                late=self._holds[r.destination][1])
+            if r.destination in self._holds else r for r in decision.routes))
 
     def rules_of(self, listener: str) -> tuple[Rule, ...]:
         return self._plans[listener].rules

@@ -33,7 +33,7 @@ from mfconsole.engine.vault import SealResult, Vault, fsync_dir
 from mfconsole.repository import Reads, SchemaError, Tx, connect, db_path, migrate
 from mfconsole.repository.writes import transaction
 from mfconsole.repository.reads import objects_table_exists, reading
-from mfconsole.repository.states import INLINE
+from mfconsole.repository.states import HELD, INLINE, PENDING
 
 log = logging.getLogger("mfconsole.store")
 
@@ -58,6 +58,10 @@ class Route:
     handler: str | None = None
     rule: str | None = None       # the rule that made it: its coercion applies at send time
     priority: int = 0             # rules.URGENT: claimed before the destination's other deliveries
+    # A study-stable destination (engine/holds.py): the quiet period before the study
+    # is released (0: not held), and its late_instance policy.
+    hold_s: float = 0.0
+    late: str = ""
 
 
 @dataclass
@@ -436,7 +440,10 @@ class Store:
                      detail=f"same SOP Instance UID, different bytes: stored as "
                             f"version {version} (previous object {latest['id']})")
         tx.add_deliveries(object_id, req.listener,
-                          ((r.destination, r.handler, r.rule, r.priority) for r in req.routes), now)
+                          ((r.destination, r.handler, r.rule, r.priority,
+                            HELD if r.hold_s and tx.hold_study(r.destination, req.study_uid, now, r.hold_s,
+                                                               r.late == "update") else PENDING)
+                           for r in req.routes), now)
         tx.audit("stored", object_id=object_id, **who,
                  detail=f"version={version} size={req.size} routes={len(req.routes)}"
                         + (f" ({req.routed_by})" if req.routed_by else ""))

@@ -4,11 +4,18 @@ what the destination sends.
 ``None`` → the delivery is filtered (counted and audited as such); an HL7 message →
 its bytes, for an MLLP destination; a DICOM data set → for a DIMSE or STOW destination,
 its header written in the object's own transfer syntax followed by the original
-pixel data bytes (handlers see headers only and never decode pixels).
+pixel data bytes (handlers see headers only and never decode pixels); a dict (one FHIR
+R4 resource) → compact UTF-8 JSON, for a kind that produces "fhir".
+
+A study-level handler (LEVEL = "study", ``handle_study(study, ctx)``) runs once over
+the objects of one study for one destination (``Transformer.study``): its one result
+stands for all of that study's deliveries (the contract: docs/destinations.md, Study-
+stable delivery). Run on a single object (a dry run, a preview) it gets a study of one.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -23,6 +30,7 @@ from mfconsole.engine.handlers import Handlers, HandlerError, LoadedHandler
 from mfconsole.kinds import kind_of
 
 HL7_ENCODING = "utf-8"
+FHIR_JSON = "application/fhir+json"    # Outbound.transfer_syntax of a FHIR resource
 
 
 @dataclass(frozen=True)
@@ -101,23 +109,68 @@ class Transformer:
             source = DicomObject.from_bytes(obj.data, obj.transfer_syntax,
                                             sop_class_uid=obj.sop_class_uid,
                                             sop_instance_uid=obj.sop_instance_uid)
-            result = handler.run(source, self.context(handler, route, delivery_id, origin))
-            return self._outbound(handler, obj, result), stamp
+            ctx = self.context(handler, route, delivery_id, origin)
+            if handler.level == "study":
+                return self._study_outbound(handler, obj.study_uid, handler.run([source], ctx)), stamp
+            return self._outbound(handler, obj, result=handler.run(source, ctx)), stamp
         except HandlerError as exc:
             return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
         except ValueError as exc:    # DicomParseError: the stored bytes do not parse
             return Outcome(PERMANENT, MESSAGE, "handler input",
                            f"handler {handler.name} {handler.version} not run: {exc}"), stamp
 
+    def is_study(self, handler_name: str | None) -> bool:
+        """Whether the handler (as active now) is a study-level one."""
+        if not handler_name:
+            return False
+        try:
+            return self.handlers.get(handler_name).level == "study"
+        except HandlerError:
+            return False
+
+    def study(self, handler_name: str, route: str, delivery_id: int, objs: list[Outbound],
+              origin: Origin | None = None) -> tuple[Outbound | Outcome, Stamp | None]:
+        """Run a study-level handler once over ``objs`` (one study, arrival order): the
+        one Outbound for all of them, or the Outcome that settles them all here.
+        ``delivery_id`` (the study's first delivery) names the message control id."""
+        try:
+            handler = self.handlers.get(handler_name)
+        except HandlerError as exc:
+            return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), None
+        stamp = Stamp(handler.name, handler.version, handler.digest)
+        try:
+            from mfconsole.handlers.api import DicomObject
+
+            study = [DicomObject.from_bytes(o.data, o.transfer_syntax, sop_class_uid=o.sop_class_uid,
+                                            sop_instance_uid=o.sop_instance_uid) for o in objs]
+            result = handler.run(study, self.context(handler, route, delivery_id, origin))
+            return self._study_outbound(handler, objs[0].study_uid, result), stamp
+        except HandlerError as exc:
+            return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
+        except ValueError as exc:    # DicomParseError: the stored bytes do not parse
+            return Outcome(PERMANENT, MESSAGE, "handler input",
+                           f"handler {handler.name} {handler.version} not run: {exc}"), stamp
+
+    def _study_outbound(self, handler: LoadedHandler, study_uid: str, result: Any) -> Outbound | Outcome:
+        """A study-level result as one Outbound: named by the study (its SOP Instance
+        UID is the Study Instance UID, no SOP class), never a DICOM data set."""
+        if isinstance(result, Dataset):
+            raise HandlerError(f"handler {handler.name} {handler.version} (study level) returned a "
+                               "DICOM data set; a study-level handler returns None, an HL7 message "
+                               "or a FHIR resource (dict)")
+        obj = Outbound("", study_uid, "", b"", study_uid)
+        return self._outbound(handler, obj, result)
+
     def _outbound(self, handler: LoadedHandler, obj: Outbound, result: Any) -> Outbound | Outcome:
         kind = self.destination.kind
         # What the destination's kind takes: DICOM data sets, or HL7 messages (mllp).
-        takes_hl7 = kind_of(self.destination).produces == "hl7"
+        produces = kind_of(self.destination).produces
+        takes_hl7 = produces == "hl7"
         if result is None:
             return Outcome(FILTERED, MESSAGE, "filtered", f"handler {handler.name} {handler.version} "
                            "returned None")
         if isinstance(result, Dataset):
-            if takes_hl7:
+            if produces != "dicom":
                 raise HandlerError(f"handler {handler.name} {handler.version} returned a DICOM "
                                    f"data set for an {kind.upper()} destination")
             try:
@@ -130,8 +183,22 @@ class Transformer:
                 raise HandlerError(f"handler {handler.name} {handler.version} returned an HL7 "
                                    f"message for a {kind} destination")
             return replace(obj, data=result.encode().encode(HL7_ENCODING))
+        if isinstance(result, dict):
+            if produces != "fhir":
+                raise HandlerError(f"handler {handler.name} {handler.version} returned a dict (a FHIR "
+                                   f"resource) for a {kind} destination")
+            try:
+                data = json.dumps(result, separators=(",", ":"), ensure_ascii=False,
+                                  allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                raise HandlerError(f"handler {handler.name} {handler.version} returned a resource "
+                                   f"that is not JSON ({exc.__class__.__name__})") from None
+            # The study's resource (contract): named by the Study Instance UID.
+            return replace(obj, sop_class_uid="", sop_instance_uid=obj.study_uid,
+                           transfer_syntax=FHIR_JSON, data=data)
         raise HandlerError(f"handler {handler.name} {handler.version} returned "
-                           f"{type(result).__name__}; expected None, a DICOM data set or an HL7 message")
+                           f"{type(result).__name__}; expected None, a DICOM data set, an HL7 "
+                           "message or (for a FHIR destination) a dict")
 
 
 def with_original_pixels(header: Dataset, original: bytes, transfer_syntax: str) -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mfconsole.repository.schema import connect
-from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, IN_FLIGHT, PENDING
+from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, HELD, IN_FLIGHT, PENDING
 
 # The errors `status` lists.
 ERROR_EVENTS = ("refused", "association_rejected", "dead_lettered", "store_failed")
@@ -258,6 +258,61 @@ class Reads:
             f"WHERE d.destination = ? AND d.state = ? {where} "
             f"ORDER BY {order} LIMIT ?", (*params, limit)))
 
+    def pending_of_studies(self, destination: str, study_uids: Iterable[str],
+                           limit: int) -> list[sqlite3.Row]:
+        """Every pending delivery (due or not) of these studies to a destination, by
+        id, with the columns of ``due``: what a study-stable destination's claim adds
+        so that a study goes out whole (and is retried whole)."""
+        uids = tuple(study_uids)
+        return list(self.conn.execute(
+            "SELECT d.id, d.object_id, d.attempts, d.retry_at, d.handler, d.listener, d.suspect, "
+            "d.rule, d.priority, o.sop_instance_uid, o.sop_class_uid, o.transfer_syntax, "
+            "o.study_uid, o.size, o.calling_ae, o.called_ae, o.peer, o.received_at "
+            "FROM deliveries d JOIN objects o ON o.id = d.object_id "
+            f"WHERE d.destination = ? AND d.state = ? AND o.study_uid IN ({','.join('?' * len(uids))}) "
+            "ORDER BY d.id LIMIT ?", (destination, PENDING, *uids, limit)))
+
+    def study_objects_sent(self, destination: str, study_uid: str) -> list[dict[str, Any]]:
+        """The objects of a study already delivered (or filtered) to a destination and
+        still stored, latest version each, in arrival order: what an update of the
+        study-level message is made from beside its late group."""
+        return _dicts(self.conn.execute(
+            "SELECT DISTINCT o.id AS object_id, o.sop_instance_uid, o.sop_class_uid, "
+            "o.transfer_syntax, o.study_uid FROM objects o JOIN deliveries d ON d.object_id = o.id "
+            "WHERE o.study_uid = ? AND d.destination = ? AND d.state IN ('delivered', 'filtered') "
+            "AND o.purged_at IS NULL AND o.superseded = 0 ORDER BY o.id", (study_uid, destination)))
+
+    def holds_due(self, destination: str, now: float) -> list[dict[str, Any]]:
+        """A destination's holds whose release time has passed, the earliest first."""
+        return _dicts(self.conn.execute(
+            "SELECT study_uid, first_at, last_at, release_at, objects, updating FROM study_holds "
+            "WHERE destination = ? AND release_at IS NOT NULL AND release_at <= ? "
+            "ORDER BY release_at", (destination, now)))
+
+    def next_release(self, destination: str) -> float | None:
+        """The earliest release time of a destination's holds (None: nothing held)."""
+        return self.conn.execute("SELECT MIN(release_at) FROM study_holds WHERE destination = ? "
+                                 "AND release_at IS NOT NULL", (destination,)).fetchone()[0]
+
+    def held_studies(self, destination: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Studies held now (per destination), the next release first: study UID,
+        deliveries held, first and last arrival, release time, whether an update."""
+        if not self.table_exists("study_holds"):
+            return []
+        where, params = "release_at IS NOT NULL", []
+        if destination is not None:
+            where += " AND destination = ?"
+            params.append(destination)
+        return _dicts(self.conn.execute(
+            "SELECT destination, study_uid, objects, first_at, last_at, release_at, updating "
+            f"FROM study_holds WHERE {where} ORDER BY release_at LIMIT ?", (*params, limit)))
+
+    def held_study_count(self, destination: str) -> int:
+        if not self.table_exists("study_holds"):
+            return 0
+        return self.conn.execute("SELECT COUNT(*) FROM study_holds WHERE destination = ? AND "
+                                 "release_at IS NOT NULL", (destination,)).fetchone()[0]
+
     def urgent_pending(self, destination: str) -> int:
         """Urgent deliveries queued for a destination (due or waiting for a retry)."""
         return self.conn.execute(
@@ -315,7 +370,8 @@ class Reads:
         return [(r[0], r[1]) for r in self.conn.execute(
             "SELECT o.sop_class_uid, o.transfer_syntax, COUNT(*) AS n FROM deliveries d "
             "JOIN objects o ON o.id = d.object_id WHERE d.destination = ? AND "
-            "(d.state IN (?, ?, ?) OR d.updated_at > ?) GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
+            f"(d.state IN ({','.join('?' * (len(ACTIVE_STATES) + 1))}) OR d.updated_at > ?) "
+            "GROUP BY 1, 2 ORDER BY n DESC LIMIT ?",
             (destination, *ACTIVE_STATES, DEAD, since, limit))]
 
     # -- dead letters (one filter: DeadLetterFilter) ------------------------------------
@@ -562,7 +618,7 @@ class Reads:
             "EXPLAIN QUERY PLAN SELECT id FROM objects INDEXED BY objects_unpurged "
             "WHERE purged_at IS NULL AND received_at < 1 ORDER BY received_at, id LIMIT 5"))
 
-    TABLES = ("objects", "deliveries", "audit", "destination_state", "meta", "blob_data")
+    TABLES = ("objects", "deliveries", "audit", "destination_state", "meta", "blob_data", "study_holds")
 
     def rows(self, table: str, *, order_by: str | None = None, **equals: Any) -> list[dict[str, Any]]:
         """Every row of a table whose columns equal ``equals`` (None matches NULL), in
@@ -571,7 +627,8 @@ class Reads:
         if table not in self.TABLES:
             raise ValueError(f"no table {table!r}")
         columns = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
-        order_by = order_by or {"destination_state": "name", "meta": "key", "blob_data": "object_id"}.get(table, "id")
+        order_by = order_by or {"destination_state": "name", "meta": "key", "blob_data": "object_id",
+                                "study_holds": "release_at"}.get(table, "id")
         for name in [*equals, order_by.removesuffix(" DESC")]:
             if name not in columns:
                 raise ValueError(f"no column {name!r} in {table}")

@@ -167,10 +167,26 @@ def _v9_priority(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS idx_deliveries_destination_state_retry_at")
 
 
+def _v10_study_hold(conn: sqlite3.Connection) -> None:
+    """Study-stable delivery: one row per (destination, study) held or once released.
+    ``release_at`` is when the held deliveries of the study go out (wall clock, so a
+    restart keeps the timer; NULL: nothing held now), pushed back by each new instance;
+    ``released_at`` the last release (a late instance then follows the destination's
+    late_instance policy); ``objects`` the deliveries of the hold under way; ``updating``
+    1 when that hold is a late group of a study released before."""
+    conn.execute("CREATE TABLE IF NOT EXISTS study_holds ("
+                 "destination TEXT NOT NULL, study_uid TEXT NOT NULL, first_at REAL NOT NULL, "
+                 "last_at REAL NOT NULL, release_at REAL, released_at REAL, "
+                 "objects INTEGER NOT NULL DEFAULT 0, updating INTEGER NOT NULL DEFAULT 0, "
+                 "PRIMARY KEY (destination, study_uid))")
+    conn.execute("CREATE INDEX IF NOT EXISTS study_holds_release ON study_holds "
+                 "(destination, release_at) WHERE release_at IS NOT NULL")
+
+
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
-    _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority)
+    _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority, _v10_study_hold)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,10 +1,13 @@
 """Delivery states. pending → in_flight → delivered | filtered | dead; a dead letter is
 then replayed (back to pending, or "replayed" when re-targeted to a new delivery row)
-or discarded by an operator."""
+or discarded by an operator. A delivery to a destination with trigger = "study_stable"
+starts as held (waiting for its study to be quiet, see engine/holds.py) and becomes
+pending, with the rest of its study, when the study is released."""
 
+HELD = "held"
 PENDING, IN_FLIGHT, DELIVERED, FILTERED, DEAD = "pending", "in_flight", "delivered", "filtered", "dead"
 REPLAYED, DISCARDED = "replayed", "discarded"
-ACTIVE_STATES = (PENDING, IN_FLIGHT)
+ACTIVE_STATES = (HELD, PENDING, IN_FLIGHT)     # queued, not yet settled
 FINISHED_STATES = (DELIVERED, FILTERED, REPLAYED, DISCARDED)
 
 # objects.blob of an object whose sealed bytes live in blob_data, not in a file.

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from mfconsole.repository.reads import Reads
 from mfconsole.repository.schema import SchemaError, connect, migrate
-from mfconsole.repository.states import DELIVERED, FINISHED_STATES, IN_FLIGHT, INLINE, PENDING
+from mfconsole.repository.states import DELIVERED, FINISHED_STATES, HELD, IN_FLIGHT, INLINE, PENDING
 
 AUDIT_COLUMNS = ("ts", "event", "listener", "destination", "object_id", "delivery_id",
                  "sop_instance_uid", "calling_ae", "peer", "status", "detail", "actor")
@@ -111,15 +111,17 @@ class Tx(Reads):
                        targets: Iterable[tuple[Any, ...]], now: float) -> list[int]:
         """New pending deliveries of an object: (destination, handler) each, or
         (destination, handler, rule) for one a rule made, or (destination, handler,
-        rule, priority) (1: urgent, claimed first; else 0, normal)."""
+        rule, priority) (1: urgent, claimed first; else 0, normal), or (…, priority,
+        state) for one made in another state (HELD: waiting for its study)."""
         ids = []
         for destination, handler, *more in targets:
             rule = more[0] if more else None
             priority = more[1] if len(more) > 1 else 0
+            state = more[2] if len(more) > 2 else PENDING
             cur = self.conn.execute(
                 "INSERT INTO deliveries (object_id, destination, listener, handler, rule, state, "
                 "attempts, retry_at, created_at, updated_at, priority) VALUES (?,?,?,?,?,?,0,?,?,?,?)",
-                (object_id, destination, listener, handler, rule, PENDING, now, now, now, priority))
+                (object_id, destination, listener, handler, rule, state, now, now, now, priority))
             ids.append(cur.lastrowid)
         return ids
 
@@ -205,6 +207,53 @@ class Tx(Reads):
         self.conn.execute("UPDATE deliveries SET suspect = suspect + 1 WHERE id = ?", (delivery_id,))
         self.conn.execute("UPDATE destination_state SET suspect_delivery = ?, delivered_since_suspect = 0 "
                           "WHERE name = ?", (delivery_id, destination))
+
+    # -- study holds (engine/holds.py) ---------------------------------------------------
+
+    def hold_study(self, destination: str, study_uid: str, now: float, stable_after_s: float,
+                   update: bool) -> bool:
+        """One new instance of a study for a study-stable destination, in one upsert:
+        a new hold (release in ``stable_after_s``), or the hold under way pushed back;
+        a study released before is held again only with ``update`` (its late group).
+        Whether the instance's delivery is held (else it goes alone, pending)."""
+        row = self.conn.execute(
+            "INSERT INTO study_holds (destination, study_uid, first_at, last_at, release_at, "
+            "objects, updating) VALUES (?, ?, ?, ?, ?, 1, 0) "
+            "ON CONFLICT (destination, study_uid) DO UPDATE SET last_at = excluded.last_at, "
+            "first_at = CASE WHEN release_at IS NULL AND ?6 THEN excluded.first_at ELSE first_at END, "
+            "objects = CASE WHEN release_at IS NOT NULL THEN objects + 1 WHEN ?6 THEN 1 "
+            "ELSE objects END, "
+            "updating = CASE WHEN release_at IS NOT NULL THEN updating WHEN ?6 THEN 1 ELSE 0 END, "
+            "release_at = CASE WHEN release_at IS NOT NULL OR ?6 THEN excluded.release_at END "
+            "RETURNING release_at",
+            (destination, study_uid, now, now, now + stable_after_s, int(update))).fetchone()
+        return row[0] is not None
+
+    def release_study(self, destination: str, study_uid: str, now: float, retry_at: float) -> int:
+        """A study's held deliveries to a destination become pending (due at ``retry_at``)
+        and its hold ends (``released_at`` now); how many were released."""
+        n = self.conn.execute(
+            "UPDATE deliveries SET state = ?, retry_at = ?, updated_at = ? "
+            "WHERE destination = ? AND state = ? AND object_id IN "
+            "(SELECT id FROM objects WHERE study_uid = ?)",
+            (PENDING, retry_at, now, destination, HELD, study_uid)).rowcount
+        self.conn.execute("UPDATE study_holds SET release_at = NULL, released_at = ?, objects = 0, "
+                          "updating = 0 WHERE destination = ? AND study_uid = ?",
+                          (now, destination, study_uid))
+        return n
+
+    def release_stray_held(self, destination: str, now: float) -> int:
+        """Held deliveries of a destination that no hold row covers (a hold row
+        removed by hand, a study UID changed): pending, so nothing stays held forever."""
+        return self.conn.execute(
+            "UPDATE deliveries SET state = ?, retry_at = ?, updated_at = ? "
+            "WHERE destination = ? AND state = ?", (PENDING, now, now, destination, HELD)).rowcount
+
+    def forget_released_holds(self, before: float) -> int:
+        """Hold rows of studies released before ``before`` and not held since (the
+        retention: a later instance is then a new study for the policy)."""
+        return self.conn.execute("DELETE FROM study_holds WHERE release_at IS NULL AND "
+                                 "released_at < ?", (before,)).rowcount
 
     # -- destination state --------------------------------------------------------------------
 
