@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from harness import plant
 from mfconsole.config import ConfigError, parse
 from mfconsole.engine import holds, outbox
 from mfconsole.repository import Tx, connect, migrate
@@ -74,7 +75,7 @@ def test_a_whole_study_claim_takes_the_rest_of_the_study_beyond_the_limit_and_no
         ingest(tx, f"{i}", "S", t0)
     ingest(tx, "other", "T", t0 + 50)
     holds.release(tx, "web", now=t0 + 10)
-    tx.conn.execute("UPDATE deliveries SET retry_at = ? WHERE id IN (4, 5)", (t0 + 99,))  # backed off
+    plant(tx, "UPDATE deliveries SET retry_at = ? WHERE id IN (4, 5)", (t0 + 99,))   # backed off
     items = outbox.claim(tx, "web", 2, now=t0 + 10, whole_studies=True)
     assert sorted(i.sop_instance_uid for i in items) == ["0", "1", "2", "3", "4"]
 
