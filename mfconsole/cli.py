@@ -817,6 +817,23 @@ def _pacing_lines(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _held_lines(d: dict[str, Any]) -> list[str]:
+    """A study-stable destination's held studies: how many, and each shown with its
+    countdown (the next release first)."""
+    if d.get("trigger") != "study_stable" and not d.get("held_studies"):
+        return []
+    n = d.get("held_study_count") or 0
+    lines = [f"study_stable after {d['stable_after_s']:g} s quiet: {n} stud{'y' if n == 1 else 'ies'} held"
+             if d.get("trigger") == "study_stable" else f"{n} stud{'y' if n == 1 else 'ies'} held "
+             "(no longer study_stable: released at the worker's next round)"]
+    for h in d.get("held_studies") or []:
+        left = h["seconds_to_release"]
+        lines.append(f"  study {h['study_uid']}: {h['objects']} object(s), "
+                     + (f"release in {left:.0f} s" if left >= 1 else "releasing now")
+                     + (" (late group: update)" if h.get("update") else ""))
+    return lines
+
+
 def cmd_status(config: Config, *, as_json: bool) -> int:
     from mfconsole.engine.status import collect, routing
 
@@ -845,8 +862,9 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
         c = d["counts"]
         print(f"  {d['name']:<16} {d['kind']:<6} {d.get('state', ''):<8} pending {c.get('pending', 0):>6}  "
               f"in flight {c.get('in_flight', 0):>4}  delivered {c.get('delivered', 0):>7}  "
-              f"filtered {c.get('filtered', 0):>5}  dead {c.get('dead', 0):>5}")
-        for line in _pacing_lines(d):
+              f"filtered {c.get('filtered', 0):>5}  dead {c.get('dead', 0):>5}"
+              + (f"  held {c.get('held', 0):>5}" if c.get("held") or d.get("trigger") == "study_stable" else ""))
+        for line in _held_lines(d) + _pacing_lines(d):
             print(f"  {'':<16} {line}")
     _print_routing(config, status["routing"])
     print(f"objects stored: {status['objects']}   dead letters: {status['dead_letters']}")

@@ -156,7 +156,7 @@ class DestinationWorkers:
         if not self._holding and not self.wake.is_set():
             self.wake.set()
 
-    def held(self, release_at: float) -> None:
+    def hold_until(self, release_at: float) -> None:
         """A delivery was held for its study until about ``release_at`` (ingest)."""
         self.releases.noted(release_at)
 

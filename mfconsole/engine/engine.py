@@ -466,7 +466,7 @@ class Engine:
                     workers = self.deliveries.get(route.destination)
                     if workers is not None:
                         if route.hold_s:     # held for its study (or a late one, alone)
-                            workers.held(time.time() + route.hold_s)
+                            workers.hold_until(time.time() + route.hold_s)
                         workers.new_work(urgent=bool(route.priority))
             outcome.set_result(result.outcome)
 

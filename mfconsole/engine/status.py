@@ -54,6 +54,7 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
                 states[d.name] = destination_state(reads.destination_state(d.name),
                                                    pacing(d, reads, out["generated_at"]))
                 states[d.name]["oldest_pending_at"] = reads.oldest_pending_at(d.name)
+                states[d.name].update(held(d, reads, out["generated_at"]))
             out["dead_letters"] = reads.dead_letter_count()
             out["objects"] = reads.object_count()
             out["recent_errors"] = reads.recent_errors(RECENT_ERRORS)
@@ -92,6 +93,23 @@ def routing(config: Config, counts: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+# Held studies listed per destination (the count says how many there are in all).
+HELD_STUDIES_SHOWN = 20
+
+
+def held(d: Any, reads: Any, now: float) -> dict[str, Any]:
+    """A destination's trigger, and the studies it holds now (study-stable delivery,
+    engine/holds.py), the next release first, each with the seconds left before it
+    goes (0: due, released at the worker's next round)."""
+    studies = [{"study_uid": h["study_uid"], "objects": h["objects"], "release_at": h["release_at"],
+                "seconds_to_release": round(max(0.0, h["release_at"] - now), 1),
+                "last_arrival_at": h["last_at"], "update": bool(h["updating"])}
+               for h in reads.held_studies(d.name, HELD_STUDIES_SHOWN)]
+    return {"trigger": d.trigger, "stable_after_s": d.stable_after_s if d.study_stable else None,
+            "held_study_count": reads.held_study_count(d.name) if studies else 0,
+            "held_studies": studies}
+
+
 def target(d: Any) -> str:
     """Where a destination sends, in the words an administrator uses (its kind's)."""
     from mfconsole.kinds import kind_of
@@ -121,7 +139,7 @@ def destination_state(row: Any, paced: dict[str, Any] | None = None) -> dict[str
             "next_attempt_at": row.get("next_attempt_at") or None,
             "last_status": row.get("last_status") if failing else None,
             "last_error": (row.get("pause_reason") or row.get("last_reason")) if failing else None,
-            "oldest_pending_at": None, **(paced or {})}
+            "oldest_pending_at": None, "held_study_count": 0, "held_studies": [], **(paced or {})}
 
 
 def pacing(d: Any, reads: Any, now: float) -> dict[str, Any]:
