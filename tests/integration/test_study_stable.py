@@ -198,7 +198,7 @@ def handle_study(study, ctx):
         msh_segment(ctx.sending_application, ctx.sending_facility, ctx.receiving_application,
                     ctx.receiving_facility, ctx.now().strftime("%Y%m%d%H%M%S"), "", ["ORU", "R01"],
                     ctx.message_control_id, ctx.processing_id, "2.5.1"),
-        segment("ZST", str(first.StudyInstanceUID), str(len(uids)), "~".join(uids)),
+        segment("ZST", str(first.StudyInstanceUID), str(len(uids)), " ".join(uids)),
     ])
 '''
 
@@ -230,7 +230,7 @@ def test_a_study_level_handler_makes_one_hl7_message_per_study(engine_factory, t
         got, = peer.received()
         fields = zst(got["message"])
         assert fields[1] == study and fields[2] == "5"
-        assert set(fields[3].split("~")) == uids(first + more[:2])
+        assert set(fields[3].split(" ")) == uids(first + more[:2])
         rows = engine.store.reader().rows("deliveries", destination="ehr")
         # One message stands for the five deliveries: the first one's control id.
         assert got["control_id"] == f"MF{rows[0]['id']:012d}"
@@ -241,9 +241,9 @@ def test_a_study_level_handler_makes_one_hl7_message_per_study(engine_factory, t
         second = peer.received()[1]
         fields = zst(second["message"])
         if late == "alone":
-            assert fields[2] == "1" and set(fields[3].split("~")) == uids(more[2:])
+            assert fields[2] == "1" and set(fields[3].split(" ")) == uids(more[2:])
         else:
-            assert fields[2] == "6" and set(fields[3].split("~")) == uids(first + more)
+            assert fields[2] == "6" and set(fields[3].split(" ")) == uids(first + more)
         assert len(peer.received()) == 2
     finally:
         peer.stop()
