@@ -266,11 +266,13 @@ class ControlService:
             row = reads.destination_state(name)
             outcomes = reads.last_outcomes(name, 10, OUTCOMES_SCAN)
             paced = status.pacing(dest, reads, time.time())
+            held = status.held(dest, reads, time.time())
         out = {"name": name, "kind": dest.kind, "target": status.target(dest), "counts": counts,
                "outcomes": outcomes, "max_associations": dest.max_associations,
                "retry_initial_s": dest.retry_initial_s, "retry_max_s": dest.retry_max_s,
                "down_after": dest.down_after}
         out.update(status.destination_state(row, paced))
+        out.update(held)
         out["health"] = self.counters.health(name)
         return out
 

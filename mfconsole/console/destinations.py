@@ -1,5 +1,6 @@
 """3 Destinations: queue by state, oldest pending, backoff and next attempt, last
-outcomes; C-ECHO, test connection, pause/resume."""
+outcomes, held studies (study-stable) with their countdown; C-ECHO, test connection,
+pause/resume."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mfconsole.console import format as fmt
 from mfconsole.console.dialogs import TextScreen
 from mfconsole.console.widgets import ConsoleScreen, KeyedTable
 
-STATES_SHOWN = ("pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded")
+STATES_SHOWN = ("held", "pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded")
 
 
 class DestinationsScreen(ConsoleScreen):
@@ -139,7 +140,8 @@ def destination_row(d: dict[str, Any], now: float, check: dict[str, Any] | None)
     nxt = d.get("next_attempt_at") if d.get("state") in ("retrying", "down") else None
     if d.get("state") == "outside_window":      # when it opens
         nxt = (d.get("window") or {}).get("next_change_at")
-    return (d["name"], fmt.destination_state(d, wide=False), fmt.pending(counts, d.get("urgent_pending")),
+    return (d["name"], fmt.destination_state(d, wide=False),
+            fmt.pending(counts, d.get("urgent_pending")) + fmt.held(counts, d.get("held_studies"), now),
             fmt.count(counts.get("in_flight")),
             fmt.duration(now - d["oldest_pending_at"]) if d.get("oldest_pending_at") else "",
             fmt.until(nxt, now), str(d.get("failures") or 0), fmt.count(counts.get("delivered")),
@@ -167,6 +169,8 @@ def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group
         head.append(f"\n{line}")
     if d.get("urgent_pending"):
         head.append(f"\nurgent pending {fmt.count(d['urgent_pending'])} (sent before the rest)")
+    for line in fmt.held_lines(d, now):
+        head.append(f"\n{line}")
     if check is not None:
         head.append("\necho ")
         head.append_text(fmt.echo_result(check, now=time.time()))

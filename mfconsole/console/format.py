@@ -178,6 +178,31 @@ def pending(counts: dict[str, Any], urgent: int | None) -> str:
     return f"{n} ({count(urgent)} urgent)" if urgent else n
 
 
+def held(counts: dict[str, Any], studies: list[dict[str, Any]] | None, now: float) -> str:
+    """Beside pending: deliveries held for their study (study-stable), and when the
+    next study goes ("" when none is held)."""
+    n = counts.get("held")
+    if not n:
+        return ""
+    first = (studies or [{}])[0].get("release_at")
+    return f" +{count(n)} held" + (f" ({until(first, now)})" if first else "")
+
+
+def held_lines(d: dict[str, Any], now: float) -> list[str]:
+    """A study-stable destination's held studies, the next release first, each with
+    its countdown (the detail pane)."""
+    if d.get("trigger") != "study_stable" and not d.get("held_studies"):
+        return []
+    studies = d.get("held_studies") or []
+    n = d.get("held_study_count") or len(studies)
+    lines = [f"study-stable: released after {d.get('stable_after_s') or 0:g} s quiet; "
+             f"{n} stud{'y' if n == 1 else 'ies'} held"]
+    for h in studies:
+        lines.append(f"  {h['study_uid']}  {h['objects']} obj  release {until(h['release_at'], now)}"
+                     + ("  (update)" if h.get("update") else ""))
+    return lines
+
+
 def rate(value: float | None) -> str:
     return f"{value or 0:.1f}/s"
 

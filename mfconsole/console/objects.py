@@ -39,13 +39,13 @@ KEYS = {"ae": "calling_ae", "mod": "modality", "since": "since", "until": "until
         "dest": "destination", "study": "study_uid", "sop": "sop_instance_uid",
         "class": "sop_class_uid", "listener": "listener", "assoc": "association"}
 SEARCH = {"acc": "accession", "pid": "patient_id"}
-DELIVERY_STATES = ("pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded")
+DELIVERY_STATES = ("held", "pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded")
 
 # Never colour alone: a symbol, and a word for every state but the good one.
-MARKS = {"delivered": ("✓", ""), "pending": ("…pending", ""), "in_flight": ("↗sending", ""),
+MARKS = {"delivered": ("✓", ""), "held": ("⏸held", ""), "pending": ("…pending", ""), "in_flight": ("↗sending", ""),
          "filtered": ("∅filtered", ""), "dead": ("✉dead", "bold"), "replayed": ("↻replayed", ""),
          "discarded": ("✗discarded", "")}
-WORDS = {"delivered": "✓ delivered", "pending": "… pending", "in_flight": "↗ sending",
+WORDS = {"delivered": "✓ delivered", "held": "⏸ held for its study", "pending": "… pending", "in_flight": "↗ sending",
          "filtered": "∅ filtered", "dead": "✉ DEAD", "replayed": "↻ replayed", "discarded": "✗ discarded"}
 
 # What leaves the console in an export: the rows' routing fields, by name (never
