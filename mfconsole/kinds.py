@@ -108,14 +108,21 @@ def docs_markdown(registry: Registry | None = None) -> str:
         return rows + [""]
 
     lines += ["## Every kind", ""] + table(list(dataclasses.fields(DestinationConfig)))
+    lines += ["With `trigger = \"study_stable\"` the deliveries of a study are `held` until no "
+              "instance of it has arrived for `stable_after_s`, then go out together (one STOW "
+              "request per study within its batch limits; a study-level handler, `LEVEL = "
+              "\"study\"` and `handle_study(study, ctx)`, runs once over them and its one "
+              "result's outcome is each delivery's). The release time is stored (a restart keeps "
+              "it). README, \"Study-stable delivery\", says more.", ""]
     for kind in registry.kinds():
         own = [f for f in kind.settings() if f.name not in common
                or f.default != DestinationConfig.__dataclass_fields__[f.name].default]
         lines += [f"## kind = \"{kind.name}\"", "", kind.doc[:1].upper() + kind.doc[1:] + ".", ""]
         lines += table(own)
         editable = ", ".join(f"`{key}`" for key, _, _ in kind.editable()) or "none"
-        made = ("an HL7 message (a route to it must name a handler)" if kind.produces == "hl7"
-                else "a DICOM data set")
+        made = {"hl7": "an HL7 message (a route to it must name a handler)",
+                "fhir": "a FHIR resource as a dict (a study-level handler)"}.get(
+                    kind.produces, "a DICOM data set")
         lines += [f"Editable from the console: {editable}. A handler on a route to it returns "
                   f"None (filtered) or {made}.", ""]
     return "\n".join(lines)
