@@ -59,6 +59,7 @@ MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SENDER_TIMEOUT_S = 600
 NAGLE_CAP = 400            # objects in the Nagle-on case (stock DCMTK peers: ~11/s)
+TRIGGER = "instance"     # --trigger: the mfconsole destination's
 RECEIVERS = ("mfconsole", "orthanc", "orthanc-stock", "bare-pynetdicom", "storescp")
 PEERS = RECEIVERS[1:]
 
@@ -215,8 +216,14 @@ class MfconsoleReceiver(_PopenReceiver):
         self.port = free_port()
         # One unreachable DIMSE destination: every object gets a queued delivery row,
         # as in production, but nothing is ever sent during the benchmark.
+        # --trigger study_stable: that destination holds every study (a quiet period of a
+        # day), so each object also costs its hold upsert (engine/holds.py).
+        held = ({"trigger": "study_stable", "stable_after_s": 86400} if TRIGGER == "study_stable"
+                else {})
         self.config = write_config(workdir, port=self.port, ae_title=self.ae_title,
-                                   store={"max_object_mb": max_object_mb})
+                                   store={"max_object_mb": max_object_mb},
+                                   destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1",
+                                                  "port": 1, "ae_title": "PACS", **held}])
         self.data_dir = workdir / "var"
 
     def command(self) -> list[str]:
@@ -675,10 +682,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--receivers", default=",".join(RECEIVERS),
                    help=f"comma-separated subset of {','.join(RECEIVERS)}")
     p.add_argument("--no-large", action="store_true", help="skip the large-object runs")
+    p.add_argument("--trigger", choices=("instance", "study_stable"), default="instance",
+                   help="the mfconsole destination's trigger (study_stable: every object held)")
     p.add_argument("--cases", default="",
                    help="comma-separated subset of the cases, by label: SRx1,SRx4,SRx4nagle,CTx1,CTx4")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = p.parse_args(argv)
+    global TRIGGER
+    TRIGGER = args.trigger
 
     n_sr, n_ct = (200, 40) if args.quick else (1000, 200)
     large_sizes = [] if args.no_large else ([10] if args.quick else [10, 200])

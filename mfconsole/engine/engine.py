@@ -464,9 +464,12 @@ class Engine:
             if result.deliveries:
                 for route in request.routes:
                     workers = self.deliveries.get(route.destination)
-                    if workers is not None:
-                        if route.hold_s:     # held for its study (or a late one, alone)
-                            workers.hold_until(time.time() + route.hold_s)
+                    if workers is None:
+                        continue
+                    if route.destination in result.held:
+                        # Nothing to send yet: no wake, only its release clock (holds.py).
+                        workers.hold_until(time.time() + route.hold_s)
+                    else:
                         workers.new_work(urgent=bool(route.priority))
             outcome.set_result(result.outcome)
 

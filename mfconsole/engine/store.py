@@ -101,6 +101,7 @@ class IngestResult:
     object_id: int
     version: int
     deliveries: int
+    held: frozenset[str] = frozenset()   # destinations whose delivery was made held
 
 
 @dataclass
@@ -439,18 +440,20 @@ class Store:
             tx.audit("conflict", object_id=object_id, **who,
                      detail=f"same SOP Instance UID, different bytes: stored as "
                             f"version {version} (previous object {latest['id']})")
+        # Study-stable destinations (engine/holds.py): one upsert of the study's hold
+        # each, and the delivery held (or, for a late instance sent alone, pending).
+        held = frozenset(r.destination for r in req.routes if r.hold_s and tx.hold_study(
+            r.destination, req.study_uid, now, r.hold_s, r.late == "update"))
         tx.add_deliveries(object_id, req.listener,
                           ((r.destination, r.handler, r.rule, r.priority,
-                            HELD if r.hold_s and tx.hold_study(r.destination, req.study_uid, now, r.hold_s,
-                                                               r.late == "update") else PENDING)
-                           for r in req.routes), now)
+                            HELD if r.destination in held else PENDING) for r in req.routes), now)
         tx.audit("stored", object_id=object_id, **who,
                  detail=f"version={version} size={req.size} routes={len(req.routes)}"
                         + (f" ({req.routed_by})" if req.routed_by else ""))
         if req.nowhere is not None:
             event, status, detail = req.nowhere
             tx.audit(event, object_id=object_id, status=status, detail=detail, **who)
-        return IngestResult(outcome, object_id, version, len(req.routes))
+        return IngestResult(outcome, object_id, version, len(req.routes), held)
 
     # -- reads (any thread; one read connection per thread) ----------------------
 
