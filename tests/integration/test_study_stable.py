@@ -247,3 +247,45 @@ def test_a_study_level_handler_makes_one_hl7_message_per_study(engine_factory, t
         assert len(peer.received()) == 2
     finally:
         peer.stop()
+
+
+def test_a_reload_to_trigger_instance_releases_what_was_held(engine_factory, stow_server, tmp_path):
+    from harness import write_config
+
+    web = stow_server()
+    dest = held_stow(web.url, stable_after_s=3600)           # would hold for an hour
+    engine = engine_factory(destinations=[dest])
+    study = generate_uid()
+    series = study_files(tmp_path / "in", study, 2, 2)
+    send_series(engine.listeners[0].address[1], series, pause=0)
+    assert counts(engine, "web") == {"held": 4}
+    assert holds(lambda: web.posts() == [], seconds=0.5)
+    port = engine.config.listeners[0].port
+    switched = {k: v for k, v in dest.items() if k not in ("trigger", "stable_after_s")}
+    write_config(tmp_path / "engine", port=port, destinations=[switched])
+    report = engine.reload(actor="test")
+    assert "destination web: updated" in report
+    poll(lambda: counts(engine, "web") == {"delivered": 4}, timeout=15)
+    post, = web.posts()                          # released together, sent together
+    assert set(post.uids) == uids([f for s in series for f in s])
+    assert engine.store.reader().held_studies() == []
+    released, = engine.store.reader().rows("audit", event="study_released")
+    assert "no longer study-stable" in released["detail"] and study in released["detail"]
+
+
+def test_removing_a_study_stable_destination_queues_what_it_held(engine_factory, stow_server, tmp_path):
+    from harness import write_config
+
+    web = stow_server()
+    other = stow_server()
+    engine = engine_factory(destinations=[held_stow(web.url, stable_after_s=3600),
+                                          held_stow(other.url, "other", stable_after_s=3600)])
+    series = study_files(tmp_path / "in", generate_uid(), 1, 3)
+    send_series(engine.listeners[0].address[1], series, pause=0)
+    write_config(tmp_path / "engine", port=engine.config.listeners[0].port,
+                 destinations=[held_stow(other.url, "other", stable_after_s=3600)])
+    report = engine.reload(actor="test")
+    assert any("destination web: removed (its queue stays in the store); its 3 held deliveries "
+               "were queued" in line for line in report), report
+    assert counts(engine, "web") == {"pending": 3}            # its queue, as before
+    assert counts(engine, "other") == {"held": 3}             # untouched
