@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from pydicom import dcmread
@@ -21,8 +23,8 @@ from pydicom.uid import generate_uid
 
 import dicomgen
 from harness import holds, mfconsole, poll, store_files
+from mfconsole.config import DestinationConfig, DestinationKind
 from mllp_peer import MllpPeer
-from peers import free_port
 from stow_server import StowServer
 from test_forward_dimse import dimse_dest
 from test_forward_mllp import ehr_dest
@@ -289,3 +291,83 @@ def test_removing_a_study_stable_destination_queues_what_it_held(engine_factory,
                "were queued" in line for line in report), report
     assert counts(engine, "web") == {"pending": 3}            # its queue, as before
     assert counts(engine, "other") == {"held": 3}             # untouched
+
+
+# -- a toy kind that produces "fhir": the study-level handler's dict, as the contract says
+
+class FhirToySender:
+    """Records each Outbound it is given (the contract's sender shape)."""
+    max_batch = (1, 0)
+    in_order = False
+    received: list = []
+
+    def __init__(self, dest):
+        self.dest = dest
+
+    def prepare(self, items):
+        return None
+
+    def send_many(self, objs):
+        from mfconsole.contract import DELIVERED, Outcome
+
+        FhirToySender.received += objs
+        return [Outcome(DELIVERED, status="200", reason="stored") for _ in objs]
+
+    def close(self):
+        pass
+
+    def close_if_idle(self, idle_s):
+        pass
+
+
+FHIR_HANDLER = '''
+VERSION = "0.1.0"
+LEVEL = "study"
+
+
+def handle_study(study, ctx):
+    first = study[0].dataset
+    return {"resourceType": "ImagingStudy", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:" + str(first.StudyInstanceUID)}],
+            "numberOfInstances": len(study),
+            "series": sorted({str(o.dataset.SeriesInstanceUID) for o in study})}
+'''
+
+
+@dataclass(frozen=True, kw_only=True)
+class FhirToy(DestinationConfig):
+    kind: ClassVar[str] = "fhirtoy"
+
+
+@pytest.fixture
+def fhir_kind():
+    from mfconsole.kinds import REGISTRY
+
+    kind = DestinationKind(FhirToy, doc="FHIR resources, recorded", produces="fhir",
+                           sender=lambda d, checks: FhirToySender(d), target=lambda d: "memory")
+    REGISTRY.register(kind)
+    FhirToySender.received = []
+    try:
+        yield kind
+    finally:
+        REGISTRY.unregister("fhirtoy")
+
+
+def test_a_study_level_handler_makes_one_fhir_resource_per_study(fhir_kind, engine_factory, tmp_path):
+    (tmp_path / "engine" / "handlers").mkdir(parents=True)
+    (tmp_path / "engine" / "handlers" / "imaging_study.py").write_text(FHIR_HANDLER)
+    engine = engine_factory(
+        destinations=[{"name": "fhir", "kind": "fhirtoy", "trigger": "study_stable",
+                       "stable_after_s": STABLE_S}],
+        routes=[{"from": "modalities", "to": ["fhir"], "handler": "imaging_study"}])
+    study = generate_uid()
+    series = study_files(tmp_path / "in", study, 3, 2)
+    send_series(engine.listeners[0].address[1], series, pause=STABLE_S * 0.3)
+    poll(lambda: counts(engine, "fhir").get("delivered") == 6, timeout=STABLE_S + 15)
+    sent, = FhirToySender.received
+    assert (sent.sop_class_uid, sent.sop_instance_uid, sent.study_uid) == ("", study, study)
+    assert sent.transfer_syntax == "application/fhir+json"
+    resource = json.loads(sent.data.decode("utf-8"))
+    assert b": " not in sent.data and b", " not in sent.data          # compact
+    assert resource["numberOfInstances"] == 6 and len(resource["series"]) == 3
+    assert resource["identifier"][0]["value"] == f"urn:oid:{study}"
