@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("--calling-ae", None), ("--modality", None), ("--sop-class-uid", None),
                        ("--sop-instance-uid", None), ("--study-uid", None),
                        ("--destination", "has a delivery to this destination"),
-                       ("--state", "... (or to any) in this state: pending, in_flight, delivered, "
+                       ("--state", "... (or to any) in this state: held, pending, in_flight, delivered, "
                                    "filtered, dead, replayed, discarded"),
                        ("--accession", "find by accession number (keyed hash; the search is audited)"),
                        ("--patient-id", "find by patient ID (keyed hash; the search is audited)")):
