@@ -40,7 +40,7 @@ def open_request(tx: Tx, destination: str, transaction_uid: str, limit: int, now
     transaction (recorded with its deadline); their references, [] when none wait."""
     rows = [dict(r) for r in tx.conn.execute(
         "SELECT d.id AS delivery_id, d.object_id, o.sop_class_uid, o.sop_instance_uid "
-        "FROM deliveries d INDEXED BY deliveries_commit JOIN objects o ON o.id = d.object_id "
+        "FROM deliveries d JOIN objects o ON o.id = d.object_id "
         "WHERE d.destination = ? AND d.commit_state = ? AND d.state = ? ORDER BY d.id LIMIT ?",
         (destination, COMMIT_AWAITING, DELIVERED, limit))]
     if not rows:
@@ -75,7 +75,7 @@ def under(reads: Reads, transaction_uid: str) -> list[dict[str, Any]]:
     return [dict(r) for r in reads.conn.execute(
         "SELECT d.id AS delivery_id, d.object_id, d.listener, d.attempts, d.commit_requests, "
         "d.commit_resends, o.sop_class_uid, o.sop_instance_uid "
-        "FROM deliveries d INDEXED BY deliveries_commit_txn JOIN objects o ON o.id = d.object_id "
+        "FROM deliveries d JOIN objects o ON o.id = d.object_id "
         "WHERE d.commit_txn = ? AND d.commit_state = ? AND d.state = ? ORDER BY d.id",
         (transaction_uid, COMMIT_REQUESTED, DELIVERED))]
 
@@ -119,9 +119,10 @@ def give_up(tx: Tx, delivery_id: int, state: str, now: float, status: str, label
 def overdue(reads: Reads, destination: str, now: float) -> list[str]:
     """Transactions of ``destination`` still unanswered past their deadline."""
     return [r[0] for r in reads.conn.execute(
-        "SELECT transaction_uid FROM commitments INDEXED BY commitments_open "
-        "WHERE state = ? AND destination = ? AND deadline < ? ORDER BY deadline",
-        (REQUESTED, destination, now))]
+        "SELECT transaction_uid FROM commitments "
+        # the literal state: the partial index commitments_open is for it
+        f"WHERE state = '{REQUESTED}' AND destination = ? AND deadline < ? ORDER BY deadline",
+        (destination, now))]
 
 
 def counts(reads: Reads) -> dict[str, dict[str, int]]:
@@ -129,7 +130,7 @@ def counts(reads: Reads) -> dict[str, dict[str, int]]:
     deliveries whose custody is not yet confirmed."""
     out: dict[str, dict[str, int]] = {}
     for r in reads.conn.execute(
-            "SELECT destination, commit_state, COUNT(*) FROM deliveries INDEXED BY deliveries_commit "
+            "SELECT destination, commit_state, COUNT(*) FROM deliveries "
             "WHERE commit_state IS NOT NULL GROUP BY destination, commit_state"):
         key = "awaiting_commitment" if r[1] == COMMIT_AWAITING else "commitment_requested"
         out.setdefault(r[0], {})[key] = r[2]
