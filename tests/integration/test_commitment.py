@@ -151,3 +151,31 @@ def test_a_report_from_a_peer_that_is_no_commitment_destination_is_refused(engin
          timeout=10)
     assert rows(engine, "SELECT calling_ae FROM audit WHERE event = 'commitment_refused'")[0][
         "calling_ae"] == "STRANGER"
+
+
+def test_orthanc_commits_100_objects(engine_factory, tmp_path):
+    """Orthanc (AllowStorageCommitment for our AE) reports on a new association to
+    our listener: every delivery ends committed, and Orthanc holds every object."""
+    from peers import Orthanc, require_dicomweb_plugin, require_tool
+
+    require_tool("Orthanc")
+    require_dicomweb_plugin()
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", extra_config={"DicomModalities": {"mf": {
+        "AET": "MF_SCP", "Host": "127.0.0.1", "Port": port, "AllowStorageCommitment": True}}})
+    orthanc.start()
+    try:
+        engine = engine_factory(port=port, destinations=[commit_dest(orthanc.dicom_port, "ORTHANC")])
+        uids = send(engine, tmp_path, 100)
+        poll(lambda: states(engine).get("committed") == 100, timeout=120,
+             message="100 deliveries committed")
+        assert orthanc.sop_instance_uids() == sorted(uids)
+        txns = rows(engine, "SELECT state, via, objects FROM commitments")
+        assert txns and all(t["state"] == "reported" for t in txns)
+        assert sum(t["objects"] for t in txns) == 100
+        # Orthanc reports on an association of its own, to our listener.
+        assert all(t["via"].startswith("new association from 127.0.0.1") for t in txns)
+        dest = engine.snapshot()["destinations"][0]
+        assert dest["counts"].get("committed") == 100 and not dest["counts"].get("delivered")
+    finally:
+        orthanc.kill()
