@@ -144,3 +144,21 @@ def objects_of(reads: Reads, delivery_ids: Iterable[int]) -> dict[int, str]:
     return {r[0]: r[1] for r in reads.conn.execute(
         f"SELECT d.id, o.sop_instance_uid FROM deliveries d JOIN objects o ON o.id = d.object_id "
         f"WHERE d.id IN ({_marks(len(ids))})", ids)}
+
+
+def transactions(reads: Reads, destination: str | None = None) -> list[dict[str, Any]]:
+    """Every commitment transaction (of ``destination``), oldest first: the console's
+    and the tests' view of what was asked and how it ended."""
+    where, params = ("WHERE destination = ?", (destination,)) if destination else ("", ())
+    return [dict(r) for r in reads.conn.execute(
+        f"SELECT * FROM commitments {where} ORDER BY requested_at, transaction_uid", params)]
+
+
+def deliveries(reads: Reads, destination: str) -> list[dict[str, Any]]:
+    """A destination's deliveries with their commitment fields and whether their
+    object was purged, by id."""
+    return [dict(r) for r in reads.conn.execute(
+        "SELECT d.id, d.object_id, d.state, d.last_status, d.last_reason, d.commit_state, "
+        "d.commit_txn, d.commit_requests, d.commit_resends, o.sop_instance_uid, o.purged_at "
+        "FROM deliveries d JOIN objects o ON o.id = d.object_id WHERE d.destination = ? "
+        "ORDER BY d.id", (destination,))]

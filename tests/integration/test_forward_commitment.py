@@ -10,6 +10,9 @@ import pytest
 
 import dicomgen
 from commit_scp import CommitSCP
+from mfconsole.repository import AuditFilter
+from mfconsole.repository import commitments as repo
+
 from harness import delivery_states, poll, store_files
 from peers import free_port
 
@@ -41,8 +44,16 @@ def states(engine) -> dict[str, int]:
     return delivery_states(engine.store.reader())
 
 
-def rows(engine, sql: str, params: tuple = ()) -> list[dict]:
-    return [dict(r) for r in engine.store.reader().conn.execute(sql, params)]
+def txns(engine) -> list[dict]:
+    return repo.transactions(engine.store.reader())
+
+
+def dels(engine) -> list[dict]:
+    return repo.deliveries(engine.store.reader(), "pacs")
+
+
+def audit(engine, event: str) -> list[dict]:
+    return engine.store.reader().audit_page(AuditFilter(event=event), None, 1000)
 
 
 def send(engine, tmp_path, n: int) -> list[str]:
@@ -57,9 +68,9 @@ def test_report_on_the_same_association_commits(engine_factory, commit_scp, tmp_
     poll(lambda: states(engine).get("committed") == 12, timeout=30)
     assert sorted(s["sop_instance_uid"] for s in scp.stores()) == sorted(uids)
     # Every transaction the SCP was asked about is ours, reported on that association.
-    txns = {r["transaction_uid"]: r for r in rows(engine, "SELECT * FROM commitments")}
-    assert {a["transaction_uid"] for a in scp.actions()} == set(txns)
-    assert all(t["state"] == "reported" and t["via"] == "same association" for t in txns.values())
+    asked = {r["transaction_uid"]: r for r in txns(engine)}
+    assert {a["transaction_uid"] for a in scp.actions()} == set(asked)
+    assert all(t["state"] == "reported" and t["via"] == "same association" for t in asked.values())
     reports = poll(lambda: len(scp.reports()) == len(scp.actions()) and scp.reports(), timeout=10)
     assert {r["how"] for r in reports} == {"same"}
     assert all(r["rsp_status"] == 0 for r in reports)
@@ -67,8 +78,7 @@ def test_report_on_the_same_association_commits(engine_factory, commit_scp, tmp_
     dest = engine.snapshot()["destinations"][0]
     assert dest["counts"].get("committed") == 12
     assert not dest["counts"].get("awaiting_commitment") and not dest["counts"].get("commitment_requested")
-    committed = rows(engine, "SELECT COUNT(*) AS n FROM audit WHERE event = 'committed'")
-    assert committed[0]["n"] == 12
+    assert len(audit(engine, "committed")) == 12
 
 
 def test_report_on_a_new_association_commits(engine_factory, commit_scp, tmp_path):
@@ -81,7 +91,7 @@ def test_report_on_a_new_association_commits(engine_factory, commit_scp, tmp_pat
     reports = poll(lambda: len(scp.reports()) == len(scp.actions()) and scp.reports(), timeout=10)
     assert reports and {r["how"] for r in reports} == {"new"}
     assert all(r["rsp_status"] == 0 for r in reports)
-    via = {t["via"] for t in rows(engine, "SELECT via FROM commitments WHERE state = 'reported'")}
+    via = {t["via"] for t in txns(engine) if t["state"] == "reported"}
     assert via and all(v.startswith("new association from 127.0.0.1") for v in via)
 
 
@@ -96,10 +106,10 @@ def test_retryable_failure_is_sent_again_and_committed(engine_factory, commit_sc
     assert failed_first and failed_first <= set(uids)
     stores = [s["sop_instance_uid"] for s in scp.stores()]
     assert all(stores.count(uid) == 2 for uid in failed_first)    # sent again
-    audit = rows(engine, "SELECT status, detail FROM audit WHERE event = 'commitment_failed'")
-    assert len(audit) == len(failed_first)
+    failures = audit(engine, "commitment_failed")
+    assert len(failures) == len(failed_first)
     assert all(a["status"] == "commitment 0x0112" and "no such object instance" in a["detail"]
-               for a in audit)
+               for a in failures)
 
 
 def test_permanent_failure_is_a_dead_letter_naming_the_reason(engine_factory, commit_scp, tmp_path):
@@ -107,7 +117,7 @@ def test_permanent_failure_is_a_dead_letter_naming_the_reason(engine_factory, co
     engine = engine_factory(destinations=[commit_dest(scp.port)])
     send(engine, tmp_path, 3)
     poll(lambda: states(engine).get("dead") == 3, timeout=30)
-    dead = rows(engine, "SELECT last_status, last_reason FROM deliveries")
+    dead = dels(engine)
     assert all(d["last_status"] == "commitment 0x0122" for d in dead)
     assert all("0x0122 referenced SOP class not supported" in d["last_reason"] for d in dead)
     assert len(scp.stores()) == 3                                   # never sent again
@@ -123,13 +133,13 @@ def test_silence_times_out_is_asked_again_then_reported_never_committed(engine_f
     poll(lambda: states(engine).get("dead") == 3, timeout=30)
     asked = [ref for a in scp.actions() for ref in a["refs"]]
     assert all(asked.count(uid) == 2 for uid in uids)               # 1 request + 1 retry
-    dead = rows(engine, "SELECT state, last_status, last_reason FROM deliveries")
+    dead = dels(engine)
     assert all(d["last_status"] == "commitment timeout" and "commitment_timeout_s=1" in d["last_reason"]
                for d in dead)
-    timeouts = rows(engine, "SELECT detail FROM audit WHERE event = 'commitment_timeout'")
-    assert len(timeouts) == len(scp.actions())
+    assert len(audit(engine, "commitment_timeout")) == len(scp.actions())
     assert not states(engine).get("committed")
-    assert not rows(engine, "SELECT 1 FROM audit WHERE event = 'committed'")
+    assert not audit(engine, "committed")
+    assert all(d["purged_at"] is None for d in dead)       # a dead letter keeps its object
 
 
 def test_a_report_from_a_peer_that_is_no_commitment_destination_is_refused(engine_factory,
@@ -147,10 +157,8 @@ def test_a_report_from_a_peer_that_is_no_commitment_destination_is_refused(engin
     finally:
         if assoc.is_established:
             assoc.release()
-    poll(lambda: rows(engine, "SELECT calling_ae FROM audit WHERE event = 'commitment_refused'"),
-         timeout=10)
-    assert rows(engine, "SELECT calling_ae FROM audit WHERE event = 'commitment_refused'")[0][
-        "calling_ae"] == "STRANGER"
+    refused = poll(lambda: audit(engine, "commitment_refused"), timeout=10)
+    assert refused[0]["calling_ae"] == "STRANGER"
 
 
 def test_orthanc_commits_100_objects(engine_factory, tmp_path):
@@ -170,11 +178,11 @@ def test_orthanc_commits_100_objects(engine_factory, tmp_path):
         poll(lambda: states(engine).get("committed") == 100, timeout=120,
              message="100 deliveries committed")
         assert orthanc.sop_instance_uids() == sorted(uids)
-        txns = rows(engine, "SELECT state, via, objects FROM commitments")
-        assert txns and all(t["state"] == "reported" for t in txns)
-        assert sum(t["objects"] for t in txns) == 100
+        asked = txns(engine)
+        assert asked and all(t["state"] == "reported" for t in asked)
+        assert sum(t["objects"] for t in asked) == 100
         # Orthanc reports on an association of its own, to our listener.
-        assert all(t["via"].startswith("new association from 127.0.0.1") for t in txns)
+        assert all(t["via"].startswith("new association from 127.0.0.1") for t in asked)
         dest = engine.snapshot()["destinations"][0]
         assert dest["counts"].get("committed") == 100 and not dest["counts"].get("delivered")
     finally:

@@ -14,9 +14,11 @@ from mfconsole.config import ListenerConfig
 from mfconsole.contract import DELIVERED, Outcome
 from mfconsole.dimse import commitment as sc
 from mfconsole.engine import commitment, outbox
-from mfconsole.repository import Tx, connect, migrate
+from mfconsole.repository import AuditFilter, Tx, connect, migrate
 from mfconsole.repository import commitments as repo
 from mfconsole.ul import dimse, negotiation, pdu
+
+from harness import plant
 
 POLICY = outbox.Policy(retry_initial_s=1, retry_max_s=2, down_after=5, bounded_attempts=3)
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -139,7 +141,7 @@ def delivered(tx: Tx, n: int, received_at: float | None = None) -> list[outbox.C
 
 
 def row(tx: Tx, item: outbox.Claimed) -> dict:
-    return dict(tx.conn.execute("SELECT * FROM deliveries WHERE id = ?", (item.delivery_id,)).fetchone())
+    return next(r for r in repo.deliveries(tx, "pacs") if r["id"] == item.delivery_id)
 
 
 def request(tx: Tx, txn: str = "2.25.1", timeout: float = 300) -> list[dict]:
@@ -171,7 +173,7 @@ def test_a_report_commits_resends_and_dead_letters_by_reason(tx):
     assert "0x0122 referenced SOP class not supported" in got[2]["last_reason"]
     assert got[3]["commit_state"] == "awaiting"
     assert repo.transaction(tx, "2.25.1")["state"] == "reported"
-    events = [r[0] for r in tx.conn.execute("SELECT event FROM audit ORDER BY id")]
+    events = [r["event"] for r in tx.audit_page(AuditFilter(), None, 100)]
     assert {"committed", "commitment_failed", "dead_lettered", "commitment_reported"} <= set(events)
     # A second report for the same transaction changes nothing.
     again = commitment.apply_report(tx, report, "same association", lambda _: 2)
@@ -180,7 +182,7 @@ def test_a_report_commits_resends_and_dead_letters_by_reason(tx):
 
 def test_a_retryable_reason_ends_as_a_dead_letter_once_resends_are_spent(tx):
     item, = delivered(tx, 1)
-    tx.conn.execute("UPDATE deliveries SET commit_resends = 2 WHERE id = ?", (item.delivery_id,))
+    plant(tx, "UPDATE deliveries SET commit_resends = 2 WHERE id = ?", (item.delivery_id,))
     request(tx)
     commitment.apply_report(tx, sc.Report("2.25.1", 2, (), ((CT, "1.2.0", 0x0110),)), "x", lambda _: 2)
     assert row(tx, item)["state"] == "dead"
@@ -230,6 +232,6 @@ def test_the_purge_keeps_objects_awaiting_commitment(tx):
     commitment.apply_report(tx, sc.Report("2.25.1", 1, ((CT, "1.2.1"),)), "x", lambda _: 2)
     assert row(tx, done)["state"] == "committed"
     tx.purge_batch(time.time() - 86400, (0, 0), 300, time.time())
-    purged = {r[0]: r[1] for r in tx.conn.execute("SELECT id, purged_at FROM objects")}
+    purged = {r["object_id"]: r["purged_at"] for r in repo.deliveries(tx, "pacs")}
     assert purged[waiting.object_id] is None            # awaiting commitment: kept
     assert purged[done.object_id] is not None           # committed: finished
