@@ -235,3 +235,32 @@ def test_the_purge_keeps_objects_awaiting_commitment(tx):
     purged = {r["object_id"]: r["purged_at"] for r in repo.deliveries(tx, "pacs")}
     assert purged[waiting.object_id] is None            # awaiting commitment: kept
     assert purged[done.object_id] is not None           # committed: finished
+
+
+# -- configuration and console -----------------------------------------------------
+
+def test_check_names_the_commitment_keys(tmp_path):
+    from harness import write_config
+    from mfconsole.config import ConfigError, load
+
+    path = write_config(tmp_path, destinations=[{
+        "name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 104, "ae_title": "PACS",
+        "storage_commitment": "yes", "commitment_timeout_s": 0, "commitment_retries": 11}])
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    keys = {k for k, _ in info.value.problems}
+    assert {"destinations[0].storage_commitment", "destinations[0].commitment_timeout_s",
+            "destinations[0].commitment_retries"} <= keys, info.value.problems
+    ok = write_config(tmp_path / "ok", destinations=[{
+        "name": "pacs", "kind": "dimse", "host": "127.0.0.1", "port": 104, "ae_title": "PACS",
+        "storage_commitment": True}])
+    dest = load(ok).destinations[0]
+    assert (dest.storage_commitment, dest.commitment_timeout_s, dest.commitment_retries) == (True, 300, 2)
+
+
+def test_the_destinations_screen_shows_committed_beside_delivered():
+    from mfconsole.console.destinations import delivered_cell
+
+    assert delivered_cell({"delivered": 3}) == "3"
+    assert delivered_cell({"delivered": 2, "committed": 1204}) == "2 +1 204 committed"
+    assert delivered_cell({"committed": 5}) == "0 +5 committed"
