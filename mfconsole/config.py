@@ -866,6 +866,9 @@ class DestinationKind:
     # Whether the connection is encrypted as configured (allow_cleartext then does not
     # apply): by default, a tls table is given.
     encrypted: Callable[["Found"], bool] = _tls_table_given
+    # The Storage Commitment SCU of a destination that asks for it (None: the kind has
+    # no custody confirmation); same arguments as ``sender``.
+    commitment: Callable[[Any, egress_mod.Checks], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.config.kind or not _HANDLER_NAME.match(self.config.kind):

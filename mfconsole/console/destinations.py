@@ -19,7 +19,9 @@ from mfconsole.console import format as fmt
 from mfconsole.console.dialogs import TextScreen
 from mfconsole.console.widgets import ConsoleScreen, KeyedTable
 
-STATES_SHOWN = ("held", "pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded")
+STATES_SHOWN = ("held", "pending", "in_flight", "delivered", "filtered", "dead", "replayed", "discarded",
+               # Storage Commitment: custody confirmed, and delivered ones still waiting for it
+               "committed", "awaiting_commitment", "commitment_requested")
 
 
 class DestinationsScreen(ConsoleScreen):
@@ -144,9 +146,18 @@ def destination_row(d: dict[str, Any], now: float, check: dict[str, Any] | None)
             fmt.pending(counts, d.get("urgent_pending")) + fmt.held(counts, d.get("held_studies"), now),
             fmt.count(counts.get("in_flight")),
             fmt.duration(now - d["oldest_pending_at"]) if d.get("oldest_pending_at") else "",
-            fmt.until(nxt, now), str(d.get("failures") or 0), fmt.count(counts.get("delivered")),
+            fmt.until(nxt, now), str(d.get("failures") or 0), delivered_cell(counts),
             fmt.count(counts.get("dead")), fmt.echo_result(check, now=time.time()), d.get("kind", ""),
             d.get("target", ""))
+
+
+def delivered_cell(counts: dict[str, int]) -> str:
+    """Delivered, and with Storage Commitment how many the PACS has confirmed custody of
+    (committed deliveries are delivered ones that went on)."""
+    delivered = fmt.count(counts.get("delivered"))
+    if not counts.get("committed"):
+        return delivered
+    return f"{delivered} +{fmt.count(counts['committed'])} committed"
 
 
 def detail(d: dict[str, Any], now: float, check: dict[str, Any] | None) -> Group:

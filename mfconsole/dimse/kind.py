@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from mfconsole.config import (PRIORITIES, DestinationConfig, DestinationKind, Found,
                               ae_title_problem, check_tcp_peer, host_problem, is_loopback,
-                              not_empty, port_problem, positive, secret_file_problem, setting)
+                              in_range, not_empty, port_problem, positive, secret_file_problem, setting)
 from mfconsole.egress import Checks
 
 
@@ -56,6 +56,15 @@ class DimseDestination(DestinationConfig):
         "configured", doc='"calling_ae": present the calling AE title each object arrived with '
         '(objects of different senders go on different associations); "configured": '
         "calling_ae_title.", check=_send_as)
+    storage_commitment: bool = setting(
+        False, doc="Ask the PACS to confirm custody (Storage Commitment Push Model) of what "
+        "it took: deliveries end committed, not just delivered.")
+    commitment_timeout_s: float = setting(
+        300.0, doc="Wait this long for the PACS's N-EVENT-REPORT before asking again.",
+        check=positive)
+    commitment_retries: int = setting(
+        2, doc="Further commitment requests after a timeout, and re-sends of an object the "
+        "PACS reports failed (retryable reason); then a dead letter.", check=in_range(0, 10))
 
 
 def _check(found: Found) -> None:
@@ -102,6 +111,13 @@ def _echo(d: Any, checks: Checks) -> Any:
     return echo(Peer.from_destination(d), checks.tcp)
 
 
+def _commitment(d: Any, checks: Checks) -> Any:
+    from mfconsole.dimse.sender import Peer
+    from mfconsole.ul.commitment import CommitmentSCU
+
+    return CommitmentSCU(Peer.from_destination(d), checks.tcp)
+
+
 KIND = DestinationKind(DimseDestination, doc="C-STORE to a PACS", sender=_sender,
                        target=lambda d: f"{d.ae_title}@{d.host}:{d.port}", check=_check,
-                       echo=_echo)
+                       echo=_echo, commitment=_commitment)

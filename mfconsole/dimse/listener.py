@@ -72,6 +72,13 @@ class IngestSink(Protocol):
         """A blob to seal a large object into as it arrives: write(bytes), discard()."""
     def audit(self, event: str, **fields: Any) -> None: ...
 
+    # Storage Commitment (a sink without them refuses every report context):
+    def commitment_peer(self, calling_ae: str, host: str) -> str | None:
+        """The destination with storage_commitment this requestor is, else None."""
+    def commitment_report(self, report: Any, via: str, expected: str | None) -> int:
+        """Record an N-EVENT-REPORT (dimse/commitment.Report) from ``expected``'s peer;
+        the status of the N-EVENT-REPORT-RSP."""
+
 
 @dataclass
 class AssociationInfo:

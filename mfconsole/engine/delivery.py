@@ -613,4 +613,9 @@ class DestinationWorkers:
         return out
 
     def _record(self, tx: Tx, results: list[tuple[outbox.Claimed, Outcome, Any, Any]]) -> list[Outcome]:
-        return outbox.record_all(tx, self.name, results, self.policy)
+        recorded = outbox.record_all(tx, self.name, results, self.policy)
+        if getattr(self.cfg, "storage_commitment", False):   # custody still to be confirmed
+            from mfconsole.engine.commitment import mark_delivered
+
+            mark_delivered(tx, results, recorded)
+        return recorded

@@ -25,6 +25,7 @@ from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard
 from mfconsole.ul.acceptor import InflightBudget, Listener
 from mfconsole.engine import holds, logs, outbox
+from mfconsole.engine.commitment import CommitmentWorker, apply_report
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
 from mfconsole.engine.handlers import HandlerError, Handlers
@@ -123,6 +124,8 @@ class Engine:
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self.deliveries: dict[str, DestinationWorkers] = {}
+        # Storage Commitment threads of the destinations that ask for it.
+        self.commitments: dict[str, CommitmentWorker] = {}
         self.held = outbox.Held()     # in-flight deliveries live workers are working on
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
@@ -197,6 +200,9 @@ class Engine:
         for workers in self.deliveries.values():
             workers.stop(timeout)
         self.deliveries.clear()
+        for committer in self.commitments.values():
+            committer.stop(timeout)
+        self.commitments.clear()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=5)
             self._housekeeper = None
@@ -241,6 +247,11 @@ class Engine:
                                      self.held, Coercer(dest, lambda: self.rules_by_name))
         workers.start()
         self.deliveries[dest.name] = workers
+        if getattr(dest, "storage_commitment", False) and kind.commitment is not None:
+            committer = CommitmentWorker(dest, self.store, kind.commitment(dest, checks),
+                                         self.commitment_report, workers.wake.set)
+            committer.start()
+            self.commitments[dest.name] = committer
 
     # -- reload (SIGHUP, `mfconsole reload`, the console) ------------------------
 
@@ -316,6 +327,8 @@ class Engine:
         for name, dest in old_dests.items():
             if new_dests.get(name) != dest and name in self.deliveries:
                 self.deliveries.pop(name).stop(new.engine.shutdown_timeout_s)
+                if name in self.commitments:
+                    self.commitments.pop(name).stop(new.engine.shutdown_timeout_s)
                 if name not in new_dests:
                     report.append(f"destination {name}: removed (its queue stays in the store)"
                                   + self._release_all_held(name))
@@ -475,6 +488,34 @@ class Engine:
 
         committed.add_done_callback(done)
         return outcome
+
+    def commitment_peer(self, calling_ae: str, host: str) -> str | None:
+        """The dimse destination with storage_commitment a peer calling as
+        ``calling_ae`` from ``host`` is (its AE title and host, or an address its host
+        name was pinned to at load): the only peers whose N-EVENT-REPORTs we take."""
+        for d in self.config.destinations:
+            if not getattr(d, "storage_commitment", False) or d.ae_title.strip() != calling_ae.strip():
+                continue
+            if d.host == host or host in (self.config.egress_pins.of(d.host) or ()):
+                return d.name
+        return None
+
+    def commitment_report(self, report: Any, via: str, expected: str | None = None) -> int:
+        """Record an N-EVENT-REPORT of Storage Commitment (``via``: "same association",
+        or the listener's words); the status to answer: Success once committed, or
+        0x0110 (processing failure) when it was not for this peer or not recorded."""
+        if self.store is None:
+            return 0x0110
+        retries = {d.name: getattr(d, "commitment_retries", 0) for d in self.config.destinations}
+        applied = self.store.call(apply_report, report, via, lambda name: retries.get(name, 0), expected)
+        if applied.destination is None:
+            return 0x0110 if expected is not None else 0x0000
+        committer = self.commitments.get(applied.destination)
+        if committer is not None:
+            committer.reported(report.transaction_uid)
+        if applied.resent and applied.destination in self.deliveries:
+            self.deliveries[applied.destination].wake.set()
+        return 0x0000
 
     def audit(self, event: str, **fields: Any) -> None:
         if self.store is not None:

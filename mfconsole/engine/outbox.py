@@ -17,7 +17,8 @@ from typing import Any, Iterable
 from mfconsole.contract import (BOUNDED, DESTINATION, FILTERED, MESSAGE, PERMANENT, TRANSIENT,
                                 WARNING, Outcome)
 from mfconsole.repository import DeadLetterFilter, Reads, Tx
-from mfconsole.repository.states import DEAD, DELIVERED, DISCARDED, HELD, IN_FLIGHT, PENDING, REPLAYED
+from mfconsole.repository.states import (COMMITTED, DEAD, DELIVERED, DISCARDED, HELD, IN_FLIGHT,
+                                         PENDING, REPLAYED)
 from mfconsole.repository.states import FILTERED as FILTERED_STATE
 from mfconsole.rules import NORMAL, URGENT
 
@@ -430,7 +431,8 @@ def replay(tx: Tx, delivery_ids: Iterable[int], *, to: str | None = None,
                     f"{row['sop_instance_uid']}, superseded by version {current['version']} "
                     f"(object {current['id']})")
             existing = tx.latest_delivery_of(current["id"], target,
-                                             (HELD, PENDING, IN_FLIGHT, DELIVERED, FILTERED_STATE))
+                                             (HELD, PENDING, IN_FLIGHT, DELIVERED, FILTERED_STATE,
+                                              COMMITTED))
             object_id = current["id"]
             if existing is not None:
                 said += f", whose delivery {existing['id']} to {target} is {existing['state']}: nothing queued"

@@ -12,6 +12,7 @@ from typing import Any
 from mfconsole.config import Config
 from mfconsole.engine.engine_lock import holder_pid
 from mfconsole.repository import db_path, reading
+from mfconsole.repository.commitments import counts as commitment_counts
 from mfconsole.windows import describe
 
 RECENT_ERRORS = 10
@@ -50,6 +51,9 @@ def collect(config: Config, engine: Any = None) -> dict[str, Any]:
         with reading(path) as reads:
             for name, by_state in reads.delivery_counts().items():
                 counts.setdefault(name, {}).update(by_state)
+            # Storage Commitment: delivered, custody not yet confirmed (part of "delivered").
+            for name, waiting in commitment_counts(reads).items():
+                counts.setdefault(name, {}).update(waiting)
             for d in config.destinations:
                 states[d.name] = destination_state(reads.destination_state(d.name),
                                                    pacing(d, reads, out["generated_at"]))

@@ -183,10 +183,33 @@ def _v10_study_hold(conn: sqlite3.Connection) -> None:
                  "(destination, release_at) WHERE release_at IS NOT NULL")
 
 
+def _v11_commitment(conn: sqlite3.Connection) -> None:
+    """Storage Commitment (PS3.4 Annex J) of dimse destinations: a delivered object's
+    custody is confirmed by the PACS. ``commit_state`` marks a delivered delivery
+    whose commitment is outstanding ('awaiting': to be requested; 'requested': under
+    the transaction ``commit_txn``); the retention purge keeps its object. The
+    transactions themselves, matched by Transaction UID when the report comes."""
+    _add_column(conn, "deliveries", "commit_state", "TEXT")
+    _add_column(conn, "deliveries", "commit_txn", "TEXT")
+    _add_column(conn, "deliveries", "commit_requests", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "deliveries", "commit_resends", "INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX IF NOT EXISTS deliveries_commit ON deliveries "
+                 "(destination, commit_state) WHERE commit_state IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS deliveries_commit_txn ON deliveries (commit_txn) "
+                 "WHERE commit_txn IS NOT NULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS commitments ("
+                 "transaction_uid TEXT PRIMARY KEY, destination TEXT NOT NULL, "
+                 "state TEXT NOT NULL, objects INTEGER NOT NULL, requested_at REAL NOT NULL, "
+                 "deadline REAL NOT NULL, reported_at REAL, event_type INTEGER, via TEXT)")
+    conn.execute("CREATE INDEX IF NOT EXISTS commitments_open ON commitments (destination, deadline) "
+                 "WHERE state = 'requested'")
+
+
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
-    _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority, _v10_study_hold)
+    _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority, _v10_study_hold,
+    _v11_commitment)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -77,11 +77,14 @@ class Tx(Reads):
         cursor (received_at, id): those whose deliveries are all finished lose their
         blob (rows stay, marked purged). Returns (blob files to remove, next cursor or
         None at the end; INLINE for objects held in the database). Finished or not, each batch costs the same however many kept
-        objects (dead letters) lie before it."""
+        objects (dead letters) lie before it. A delivery awaiting Storage Commitment
+        is not finished: its object may have to be sent again."""
         rows = self.conn.execute(
             "SELECT o.id, o.blob, o.received_at, NOT EXISTS (SELECT 1 FROM deliveries d "
             "WHERE d.object_id = o.id "
-            f"AND d.state NOT IN ({','.join('?' * len(FINISHED_STATES))})) AS finished "
+            f"AND (d.state NOT IN ({','.join('?' * len(FINISHED_STATES))}) "
+            # delivered, custody not yet confirmed (Storage Commitment): kept
+            "OR d.commit_state IS NOT NULL)) AS finished "
             "FROM objects o INDEXED BY objects_unpurged "
             "WHERE o.purged_at IS NULL AND o.received_at < ? AND (o.received_at, o.id) > (?, ?) "
             "ORDER BY o.received_at, o.id LIMIT ?",

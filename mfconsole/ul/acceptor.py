@@ -551,6 +551,9 @@ class _Connection:
         self._feeding: asyncio.Future[None] | None = None
         self.max_send = 0              # the requestor's max PDU length (0: unlimited)
         self.contexts: dict[int, str] = {}
+        # Storage Commitment contexts (reports only) and the destination that reports.
+        self.reports: set[int] = set()
+        self.reporter: str | None = None
         self.status = "aborted"        # the board status if it ends without one
         self.reason = "connection closed"
         self.info: AssociationInfo = owner.board.open(id(self), self.cfg.name, peer)
@@ -631,8 +634,10 @@ class _Connection:
         owner = self.owner
         cfg = owner.cfg   # the current settings (reconfigure) decide the negotiation
         self.cfg = cfg
+        reporter = self._commitment_peer(rq)
         decision = negotiation.negotiate(rq, cfg, owner.associated, owner.user_identity,
-                                         self.cert_aets, self.cert_names)
+                                         self.cert_aets, self.cert_names,
+                                         commitment=reporter is not None)
         self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
         if decision.reject is not None:
             self.status, self.reason = "rejected", decision.reason
@@ -648,11 +653,48 @@ class _Connection:
         self.associated = True
         owner._count(self, "associated")
         self.contexts = decision.accepted
+        self.reports, self.reporter = decision.commitment, reporter
         self.max_send = rq.max_length
         self.info.status = "active"
         owner.sink.audit("association_accepted", listener=cfg.name, calling_ae=rq.calling_ae,
                          peer=self.peer)
         return True
+
+    def _commitment_peer(self, rq: pdu.AssociateRQ) -> str | None:
+        """The destination a requestor proposing Storage Commitment is (None: not one
+        that asks for it, and the context is refused, audited)."""
+        if not any(cx.abstract_syntax == negotiation.STORAGE_COMMITMENT for cx in rq.contexts):
+            return None
+        lookup = getattr(self.owner.sink, "commitment_peer", None)
+        found = lookup(rq.calling_ae, self.host) if lookup is not None else None
+        if found is None:
+            log.warning("listener %s: Storage Commitment refused to %s (calling %s): not a dimse "
+                        "destination with storage_commitment", self.cfg.name, self.peer, rq.calling_ae)
+            self.owner.sink.audit(
+                "commitment_refused", listener=self.cfg.name, calling_ae=rq.calling_ae,
+                peer=self.peer, status="user rejection",
+                detail="Storage Commitment Push Model context refused: the peer is not a dimse "
+                       "destination with storage_commitment (AE title and host)")
+        return found
+
+    async def _commitment_report(self, message: dimse.Command, cx_id: int,
+                                 data: bytearray | memoryview) -> bytes:
+        """An N-EVENT-REPORT-RQ of Storage Commitment: read, handed to the engine (on the
+        pool: it waits for a commit), answered with the status the engine gives."""
+        from mfconsole.dimse import commitment as sc
+
+        try:
+            report = sc.read_report(data, self.contexts[cx_id], message.event_type)
+        except sc.CommitmentError as exc:
+            log.warning("listener %s: storage commitment report from %s refused: %s",
+                        self.cfg.name, self.peer, exc)
+            self.owner.sink.audit("commitment_unmatched", listener=self.cfg.name, peer=self.peer,
+                                  calling_ae=self.info.calling_ae, status="0x0110", detail=str(exc))
+            return sc.event_report_response(message.message_id, message.event_type, 0x0110)
+        sink, via = self.owner.sink, f"new association from {self.peer} on listener {self.cfg.name}"
+        status = await asyncio.get_running_loop().run_in_executor(
+            self.owner._pool, lambda: sink.commitment_report(report, via, self.reporter))
+        return sc.event_report_response(message.message_id, message.event_type, status)
 
     async def _associated(self) -> None:
         cfg = self.cfg
@@ -813,7 +855,15 @@ class _Connection:
     async def _dispatch(self, message: dimse.Command, cx_id: int,
                         data: bytearray | memoryview | None) -> None:
         field = message.command_field
-        if field == dimse.C_ECHO_RQ:
+        if cx_id in self.reports:   # the Storage Commitment context: reports only
+            if field == dimse.N_EVENT_REPORT_RQ and data is not None:
+                rsp = await self._commitment_report(message, cx_id, data)
+            elif field & 0x8000:
+                raise await self._abort_closed(pdu.UNEXPECTED_PARAMETER, "a DIMSE response sent to us")
+            else:
+                rsp = cstore.response_set(field | 0x8000, message.message_id, message.sop_class_uid,
+                                          STATUS_UNRECOGNIZED_OPERATION)
+        elif field == dimse.C_ECHO_RQ:
             rsp = cstore.response_set(cstore.C_ECHO_RSP, message.message_id,
                                       message.sop_class_uid or negotiation.VERIFICATION, STATUS_SUCCESS)
         elif field == dimse.C_STORE_RQ and data is not None:

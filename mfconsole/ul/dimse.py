@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+N_EVENT_REPORT_RQ, N_ACTION_RQ = 0x0100, 0x0130
 NO_DATA_SET = 0x0101
 # A command set is a few hundred bytes; anything much larger is not one.
 MAX_COMMAND_SET = 64 * 1024
@@ -30,6 +31,12 @@ class Command:
     sop_instance_uid: str = ""
     priority: int = 0
     status: int | None = None      # (0000,0900) of a response; None in a request
+    # DIMSE-N (Storage Commitment, mfconsole/dimse/commitment.py): Event Type ID of an
+    # N-EVENT-REPORT, Action Type ID of an N-ACTION; Requested SOP Class/Instance UID.
+    event_type: int | None = None
+    action_type: int | None = None
+    requested_sop_class_uid: str = ""
+    requested_sop_instance_uid: str = ""
 
 
 def _uid(value: bytes) -> str:
@@ -70,4 +77,8 @@ def decode_command(raw: bytes | bytearray) -> Command:
         sop_class_uid=_uid(found.get(0x0002, b"")),
         sop_instance_uid=_uid(found.get(0x1000, b"")),
         priority=_us(found[0x0700], "Priority") if 0x0700 in found else 0,
-        status=_us(found[0x0900], "Status") if 0x0900 in found else None)
+        status=_us(found[0x0900], "Status") if 0x0900 in found else None,
+        event_type=_us(found[0x1002], "Event Type ID") if 0x1002 in found else None,
+        action_type=_us(found[0x1008], "Action Type ID") if 0x1008 in found else None,
+        requested_sop_class_uid=_uid(found.get(0x0003, b"")),
+        requested_sop_instance_uid=_uid(found.get(0x1001, b"")))

@@ -12,7 +12,11 @@
   refused: storage_like), with the listener's storage syntaxes
   (listener.transfer_syntaxes: Deflate only with accept_deflate). The requestor's
   order of transfer syntaxes decides, as in pynetdicom.
-* SCP/SCU role selection: the requestor may be SCU, never SCP (we send nothing).
+* SCP/SCU role selection: the requestor may be SCU, never SCP (we send nothing) —
+  except for Storage Commitment Push Model, accepted only from a peer that is a
+  dimse destination with storage_commitment (``commitment``): there the requestor
+  (the PACS) sends us its N-EVENT-REPORT, so it may be SCP (answered SCU 0, SCP 1).
+  From any other peer that context is refused (user rejection).
 * Asynchronous operations window: answered 1/1 (one operation at a time).
 * Other extended negotiation items: not answered (declined).
 """
@@ -33,6 +37,7 @@ from mfconsole.dimse.listener import (EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, REJ
 from mfconsole.ul import pdu
 
 VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"   # Push Model SOP Class (PS3.4 Annex J)
 VERIFICATION_TS = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
 STORAGE = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 IMPLEMENTATION_UID = IMPLEMENTATION_CLASS_UID
@@ -75,15 +80,18 @@ class Decision:
     reject: tuple[int, int, int] | None = None
     reason: str = ""
     accepted: dict[int, str] = field(default_factory=dict)   # context id -> transfer syntax
+    commitment: set[int] = field(default_factory=set)   # accepted Storage Commitment contexts
     ac: bytes = b""
 
 
 def negotiate(rq: pdu.AssociateRQ, cfg: ListenerConfig, associated: int,
               user_identity: UserIdentityHook | None = None,
-              cert_aets: frozenset[str] | None = None, cert_names: str = "") -> Decision:
+              cert_aets: frozenset[str] | None = None, cert_names: str = "",
+              commitment: bool = False) -> Decision:
     """``associated``: associations already established on this listener;
     ``cert_aets``: the calling AE titles the client certificate (``cert_names``) is
-    bound to, None when the listener binds none."""
+    bound to, None when the listener binds none; ``commitment``: the requestor may
+    send us Storage Commitment reports."""
     if cert_aets is not None and rq.calling_ae not in cert_aets:
         return Decision(reject=(1, 1, 3), reason=f"calling AE title not bound to the client "
                         f"certificate ({cert_names or 'no name'}) in tls.client_cert_aets")
@@ -110,7 +118,22 @@ def negotiate(rq: pdu.AssociateRQ, cfg: ListenerConfig, associated: int,
     results: list[tuple[int, int, str]] = []
     roles: dict[str, tuple[int, int]] = {}
     accepted: dict[int, str] = {}
+    reports: set[int] = set()
     for cx in rq.contexts:
+        if cx.abstract_syntax == STORAGE_COMMITMENT:
+            role = rq.roles.get(cx.abstract_syntax)
+            ts = next((t for t in cx.transfer_syntaxes if t in VERIFICATION_TS), None)
+            if not commitment or (role is not None and not role[1]):
+                results.append((cx.id, pdu.USER_REJECTION, ""))
+            elif ts is None:
+                results.append((cx.id, pdu.TRANSFER_SYNTAXES_NOT_SUPPORTED, ""))
+            else:
+                if role is not None:
+                    roles[cx.abstract_syntax] = (0, 1)
+                results.append((cx.id, pdu.ACCEPTANCE, ts))
+                accepted[cx.id] = ts
+                reports.add(cx.id)
+            continue
         if cx.abstract_syntax == VERIFICATION:
             ours: tuple[str, ...] | list[str] = VERIFICATION_TS
         elif is_storage(cx.abstract_syntax):
@@ -136,4 +159,4 @@ def negotiate(rq: pdu.AssociateRQ, cfg: ListenerConfig, associated: int,
         implementation_class_uid=IMPLEMENTATION_UID, implementation_version=IMPLEMENTATION_VERSION,
         roles=roles, async_ops=(1, 1) if rq.async_ops is not None else None,
         user_identity_response=ident)
-    return Decision(accepted=accepted, ac=ac)
+    return Decision(accepted=accepted, ac=ac, commitment=reports)

@@ -267,9 +267,11 @@ def encode_associate_rq(called_ae: str, calling_ae: str,
                         contexts: list[tuple[int, str, list[str]]], *, max_length: int,
                         implementation_class_uid: str, implementation_version: str,
                         async_ops: tuple[int, int] | None = None,
-                        user_identity: UserIdentity | None = None) -> bytes:
+                        user_identity: UserIdentity | None = None,
+                        roles: dict[str, tuple[int, int]] | None = None) -> bytes:
     """An A-ASSOCIATE-RQ proposing ``contexts``: (context id, abstract syntax,
-    transfer syntaxes)."""
+    transfer syntaxes); ``roles``: SCP/SCU role selection items, SOP class -> (SCU
+    role, SCP role) of the requestor (PS3.7 D.3.3.4)."""
     fixed = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + b"\0" * 32
     items = [_item(0x10, APPLICATION_CONTEXT.encode())]
     for cx_id, abstract, syntaxes in contexts:
@@ -279,6 +281,9 @@ def encode_associate_rq(called_ae: str, calling_ae: str,
             _item(0x52, implementation_class_uid.encode())]
     if async_ops is not None:
         user.append(_item(0x53, struct.pack(">HH", *async_ops)))
+    for uid, (scu, scp) in (roles or {}).items():
+        raw = uid.encode()
+        user.append(_item(0x54, struct.pack(">H", len(raw)) + raw + bytes((scu, scp))))
     if implementation_version:
         user.append(_item(0x55, implementation_version.encode()[:16]))
     if user_identity is not None:

@@ -81,6 +81,7 @@ class Proposal:
     user_identity: pdu.UserIdentity | None = None
     implementation_class_uid: str = ""
     implementation_version: str = ""
+    roles: dict[str, tuple[int, int]] | None = None   # SCP/SCU role selection items
 
 
 class Association:
@@ -173,6 +174,55 @@ class Association:
             else:
                 raise pdu.PDUError(f"unexpected PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU)
         return self._responses.popleft()
+
+    def read_message(self, timeout: float, max_data: int = MAX_INCOMING_PDU
+                     ) -> tuple[int, dimse.Command, bytes | None]:
+        """The next whole DIMSE message (context id, command, data set or None): a
+        response, or a request the peer sends us on this association (an
+        N-EVENT-REPORT of Storage Commitment). Not to be mixed with read_response on
+        one association."""
+        deadline = time.monotonic() + timeout
+        command = bytearray()
+        message: dimse.Command | None = None
+        data = bytearray()
+        while True:
+            pdu_type, body = self.read_pdu(max(0.0, deadline - time.monotonic()))
+            if pdu_type == pdu.ABORT:
+                self.ended = True
+                raise Aborted()
+            if pdu_type == pdu.RELEASE_RQ:
+                self._answer_release()
+                raise PeerReleased()
+            if pdu_type != pdu.P_DATA_TF:
+                raise pdu.PDUError(f"unexpected PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU)
+            for cx, control, fragment in pdu.decode_pdata(memoryview(body)):
+                if cx not in self._accepted_ids:
+                    raise pdu.PDUError(f"PDV for presentation context {cx}, not accepted")
+                if control & COMMAND:
+                    if message is not None:
+                        raise pdu.PDUError("command fragment out of order")
+                    command += fragment
+                    if len(command) > dimse.MAX_COMMAND_SET:
+                        raise pdu.PDUError("command set too large")
+                    if control & LAST:
+                        message = dimse.decode_command(bytes(command))
+                        if not message.has_data_set:
+                            return cx, message, None
+                    continue
+                if message is None:
+                    raise pdu.PDUError("data set fragment without its command")
+                data += fragment
+                if len(data) > max_data:
+                    raise pdu.PDUError("data set too large")
+                if control & LAST:
+                    return cx, message, bytes(data)
+
+    def context_of(self, abstract_syntax: str) -> tuple[int, str] | None:
+        """(context id, transfer syntax) of an accepted context for ``abstract_syntax``."""
+        for (abstract, ts), cx in self.accepted.items():
+            if abstract == abstract_syntax:
+                return cx, ts
+        return None
 
     # -- writing -------------------------------------------------------------------
 
@@ -294,7 +344,7 @@ def associate(sock: socket.socket, proposal: Proposal, timeout: float) -> Associ
         max_length=OUR_MAX_PDU, implementation_class_uid=proposal.implementation_class_uid,
         implementation_version=proposal.implementation_version,
         async_ops=(proposal.async_invoked, 1) if proposal.async_invoked != 1 else None,
-        user_identity=proposal.user_identity)
+        user_identity=proposal.user_identity, roles=proposal.roles)
     probe = Association(sock, pdu.AssociateAC(), {}, 1)
     try:
         sock.settimeout(timeout)

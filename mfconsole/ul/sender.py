@@ -37,7 +37,8 @@ def _user_identity(peer: Peer, passcode: bytes | None) -> pdu.UserIdentity | Non
 
 
 def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]],
-              async_invoked: int = 1, calling_ae: str | None = None
+              async_invoked: int = 1, calling_ae: str | None = None,
+              roles: dict[str, tuple[int, int]] | None = None
               ) -> requestor.Association | Outcome:
     """An association proposing ``contexts`` (abstract syntax, transfer syntaxes) to the
     address ``ready`` checked, as ``calling_ae`` (default: the peer's configured one),
@@ -57,7 +58,7 @@ def associate(peer: Peer, ready: Preflight, contexts: list[tuple[str, list[str]]
         peer.called_ae, calling_ae or peer.calling_ae, contexts, async_invoked=async_invoked,
         user_identity=_user_identity(peer, ready.passcode),
         implementation_class_uid=negotiation.IMPLEMENTATION_UID,
-        implementation_version=negotiation.IMPLEMENTATION_VERSION)
+        implementation_version=negotiation.IMPLEMENTATION_VERSION, roles=roles)
     try:
         assoc = requestor.associate(sock, proposal, peer.acse_timeout_s)
     except requestor.Rejected as rj:
