@@ -250,3 +250,17 @@ def test_echo_of_a_wrong_path(fhir_server, tmp_path):
     config, _ = destination(tmp_path, server.url.replace("/fhir", "/nofhir"))
     result = ops.echo(config, "ehr")
     assert not result.ok and "no such FHIR endpoint" in result.detail and "HTTP 404" in result.detail
+
+
+def test_cli_echo(fhir_server, tmp_path):
+    import subprocess
+    import sys
+
+    server = fhir_server()
+    destination(tmp_path, server.url)
+    res = subprocess.run([sys.executable, "-m", "mfconsole", "echo", "ehr", "--config",
+                          str(tmp_path / "config.toml")], capture_output=True, text=True, timeout=60,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"ehr (FHIR {server.url}/metadata): OK in ")
+    assert "CapabilityStatement" in res.stdout
