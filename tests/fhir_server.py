@@ -58,6 +58,19 @@ def unavailable(retry_after: str) -> Behaviour:
     return answer(503, b"", "text/plain", retry_after=retry_after)
 
 
+def drop() -> Behaviour:
+    """Close the connection without an answer."""
+    def run(server: "FhirServer", req: Request, h: "_Handler") -> bool:
+        import socket
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
+    return run
+
+
 def outcome(severity: str, code: str, diagnostics: str) -> bytes:
     return json.dumps({"resourceType": "OperationOutcome", "issue": [
         {"severity": severity, "code": code, "diagnostics": diagnostics}]}).encode()

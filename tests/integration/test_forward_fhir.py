@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 import dicomgen
-from fhir_server import FhirServer, answer, outcome, unavailable
+from fhir_server import FhirServer, answer, drop, outcome, unavailable
 from harness import CANARY_ID, CANARY_NAME, REPO, write_config
 from mfconsole import egress, ops
 from mfconsole.config import load
@@ -264,3 +264,57 @@ def test_cli_echo(fhir_server, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"ehr (FHIR {server.url}/metadata): OK in ")
     assert "CapabilityStatement" in res.stdout
+
+
+def test_basic_auth_and_a_missing_secret(fhir_server, tmp_path):
+    import base64
+
+    server = fhir_server()
+    password = tmp_path / "password"
+    password.write_text("PASSWORD-CANARY-1")
+    password.chmod(0o600)
+    config, dest = destination(tmp_path, server.url, username="mf", password_file=str(password))
+    sender = sender_for(config, dest)
+    try:
+        assert sender.send_many([study_outbound()])[0].is_success
+        expected = "Basic " + base64.b64encode(b"mf:PASSWORD-CANARY-1").decode()
+        assert server.puts()[0].headers["Authorization"] == expected
+        password.unlink()                   # read at every request: now it is gone
+        refused = sender.prepare([])
+        (result,) = sender.send_many([study_outbound()])
+    finally:
+        sender.close()
+    assert refused.label == result.label == "permanent/destination"
+    assert result.status == "configuration" and "password_file" in result.reason
+    assert "CANARY" not in result.reason and len(server.puts()) == 1
+
+
+def test_egress_refusal_sends_nothing(fhir_server, tmp_path):
+    """An allowlist narrowed since load (a reload): checked before every request."""
+    server = fhir_server()
+    config, dest = destination(tmp_path, server.url)
+    narrowed = egress.Checks(ops.egress(config),
+                             lambda url, **kw: egress.check_http([], config.egress_pins, url, **kw))
+    sender = kind_of(dest).sender(dest, narrowed)
+    try:
+        refused = sender.prepare([])
+        (result,) = sender.send_many([study_outbound()])
+    finally:
+        sender.close()
+    assert refused.label == result.label == "permanent/destination" and result.status == "egress"
+    assert "allowed_http" in result.reason and server.requests == []
+
+
+def test_a_dropped_answer_is_sent_again(fhir_server, tmp_path):
+    server = fhir_server()
+    server.script(drop())
+    config, dest = destination(tmp_path, server.url)
+    sender = sender_for(config, dest)
+    obj = study_outbound()
+    try:
+        (first,) = sender.send_many([obj])
+        (second,) = sender.send_many([obj])
+    finally:
+        sender.close()
+    assert first.label == "transient/destination" and first.status == "no response" and first.ambiguous
+    assert second.status == "HTTP 201" and len(server.resources) == 1
