@@ -215,9 +215,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
 def cmd_echo(config: Config, args: Any) -> int:
     from mfconsole import ops
 
+    from mfconsole.kinds import kind_of
+
     stow = ops.stow_destination(config, args.target)
+    web = next((d for d in config.destinations if d.name == args.target and d.kind == "fhir"), None)
     if stow is not None:
         where, done = f"{stow.name} (STOW-RS {stow.url.rstrip('/')}/studies)", "OK"
+    elif web is not None:
+        where, done = f"{web.name} (FHIR {kind_of(web).target(web).rstrip('/')}/metadata)", "OK"
+        stow = web     # the detail is printed as for STOW
     else:
         peer = ops.resolve_peer(config, args.target)
         where, done = f"{peer.called_ae}@{peer.address} (calling {peer.calling_ae})", "C-ECHO OK"

@@ -638,10 +638,17 @@ def _secret_file_problem(path: Path) -> str | None:
 
 
 def _hl7_destinations(destinations: list[DestinationConfig]) -> dict[str, str]:
-    """Destinations whose kind takes HL7 messages (which only a handler makes): name → kind."""
+    """Destinations whose kind takes what only a handler makes (HL7 messages, FHIR
+    resources): name → kind."""
     from mfconsole.kinds import REGISTRY
 
-    return {d.name: d.kind for d in destinations if REGISTRY[d.kind].produces == "hl7"}
+    return {d.name: d.kind for d in destinations if REGISTRY[d.kind].produces != "dicom"}
+
+
+def _product_of(kind: str) -> str:
+    from mfconsole.kinds import REGISTRY
+
+    return REGISTRY[kind].produces
 
 
 def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str],
@@ -695,8 +702,10 @@ def _handler_problem(r: _Reader, p: str, handler: str | None, to: tuple[str, ...
     if any(d in hl7_destinations for d in to):
         names = ", ".join(d for d in to if d in hl7_destinations)
         kinds = ", ".join(sorted({hl7_destinations[d] for d in to if d in hl7_destinations}))
-        r.fail(f"{p}.handler", f"is required: {names} ({kinds}) takes HL7 messages, which a "
-               "handler makes (e.g. handler = \"sr_to_oru\")")
+        fhir = {"fhir"} == {_product_of(k) for k in kinds.split(", ")}
+        made, example = ("FHIR resources", "study_to_imagingstudy") if fhir else ("HL7 messages", "sr_to_oru")
+        r.fail(f"{p}.handler", f"is required: {names} ({kinds}) takes {made}, which a "
+               f"handler makes (e.g. handler = \"{example}\")")
         return True
     return False
 
@@ -842,9 +851,9 @@ def _tls_table_given(found: "Found") -> bool:
     return "tls" in found.raw
 
 
-# What a handler makes for a kind: a DICOM data set, an HL7 message, or (study-level
-# handlers) one FHIR R4 resource as a dict.
-PRODUCES = ("dicom", "hl7", "fhir")
+# What a handler makes for a kind: DICOM data sets (also what arrives: no handler
+# needed), HL7 v2 messages, FHIR R4 resources (a dict; the engine serialises it).
+PRODUCTS = ("dicom", "hl7", "fhir")
 
 
 @dataclass(frozen=True)
@@ -860,7 +869,7 @@ class DestinationKind:
     doc: str                                         # one line: what it delivers to
     sender: Callable[[Any, egress_mod.Checks], "Sender"]
     target: Callable[[Any], str]                     # e.g. "AE@host:port", a URL
-    produces: str = "dicom"                # a handler's result: "dicom", "hl7" or "fhir"
+    produces: str = "dicom"                          # a handler's result: "dicom", "hl7" or "fhir"
     check: Callable[["Found"], None] | None = None   # rules across keys (egress, credentials)
     echo: Callable[[Any, egress_mod.Checks], Any] | None = None   # .ok, .rtt_ms, .detail
     # Whether the connection is encrypted as configured (allow_cleartext then does not
@@ -873,8 +882,8 @@ class DestinationKind:
     def __post_init__(self) -> None:
         if not self.config.kind or not _HANDLER_NAME.match(self.config.kind):
             raise TypeError(f"{self.config.__name__}.kind must name the kind (letters, digits, '_')")
-        if self.produces not in PRODUCES:
-            raise TypeError(f"kind {self.config.kind}: produces is 'dicom', 'hl7' or 'fhir'")
+        if self.produces not in PRODUCTS:
+            raise TypeError(f"kind {self.config.kind}: produces is one of {', '.join(PRODUCTS)}")
         for f in self.settings():
             value_type(f)          # fails at declaration, not at the first load
 
@@ -947,6 +956,48 @@ def check_tcp_peer(found: Found) -> bool:
                    f"{found.path}.allow_cleartext = true to accept that risk")
         return False
     return True
+
+
+def https_url(found: Found) -> bool:
+    """Whether the destination's url is https:// (the kind's ``encrypted``)."""
+    url = found.raw.get("url")
+    try:
+        return isinstance(url, str) and urlsplit(url).scheme.lower() == "https"
+    except ValueError:
+        return False
+
+
+def check_http_peer(found: Found) -> None:
+    """The rules of a kind that sends to ``url`` over HTTP(S) with optional credentials
+    (stow, fhir): [egress].allowed_http allows the url; bearer_token_file or username +
+    password_file, not both; http:// only to a loopback address unless
+    allow_cleartext, and never with credentials off loopback; no tls table on http://."""
+    v, url = found.values, found.values["url"]
+    if url is not None:
+        why = found.http_problem(url)
+        if why:
+            found.fail("url", why)
+            return
+    if v["bearer_token_file"] is not None and (v["username"] or v["password_file"]):
+        found.fail("bearer_token_file", "use either bearer_token_file or username + "
+                   "password_file (basic authentication), not both")
+    elif v["password_file"] is not None and v["username"] is None:
+        found.fail("password_file", "needs username (basic authentication is username + password)")
+    elif v["username"] is not None and v["password_file"] is None:
+        found.fail("username", "needs password_file (basic authentication is username + password)")
+    if url is not None and urlsplit(url).scheme.lower() == "http":
+        if "tls" in found.raw:
+            found.fail("tls", "is only used with an https:// url")
+        host = urlsplit(url).hostname or ""
+        if not is_loopback(host):
+            if v["allow_cleartext"] is False:
+                found.fail("url", f"'{host}' is not a loopback address and the url is http://; "
+                           "PHI would cross the network in cleartext. Use https://, or set "
+                           f"{found.path}.allow_cleartext = true to accept that risk")
+            for key in ("bearer_token_file", "password_file"):
+                if v[key] is not None:
+                    found.fail(key, "credentials are never sent in cleartext to a non-loopback "
+                               "host; use an https:// url")
 
 
 def readable_secret_problem(path: Path) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from mfconsole.config import DestinationConfig, DestinationKind, value_type
 
 from mfconsole.dimse import kind as dimse
+from mfconsole.fhir import kind as fhir
 from mfconsole.mllp import kind as mllp
 from mfconsole.stow import kind as stow
 
@@ -58,11 +59,12 @@ class Registry:
         return iter(list(self._kinds.values()))
 
 
-# The kinds, one line each, in the order messages list them ("dimse, stow or mllp").
+# The kinds, one line each, in the order messages list them ("dimse, stow, mllp or fhir").
 REGISTRY = Registry(
     dimse.KIND,
     stow.KIND,
     mllp.KIND,
+    fhir.KIND,
 )
 
 
@@ -121,8 +123,8 @@ def docs_markdown(registry: Registry | None = None) -> str:
         lines += table(own)
         editable = ", ".join(f"`{key}`" for key, _, _ in kind.editable()) or "none"
         made = {"hl7": "an HL7 message (a route to it must name a handler)",
-                "fhir": "a FHIR resource as a dict (a study-level handler)"}.get(
-                    kind.produces, "a DICOM data set")
+                "fhir": "a FHIR resource as a dict (a route to it must name a study-level "
+                        "handler, e.g. study_to_imagingstudy)"}.get(kind.produces, "a DICOM data set")
         lines += [f"Editable from the console: {editable}. A handler on a route to it returns "
                   f"None (filtered) or {made}.", ""]
     return "\n".join(lines)

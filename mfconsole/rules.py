@@ -287,8 +287,8 @@ def _coerce(r: Any, t: dict[str, Any], p: str, to: tuple[str, ...], discard: boo
         r.fail(f"{p}.coerce", "only applies with `to` (a discarding rule sends nothing)")
     elif to and all(d in hl7 for d in to):
         r.fail(f"{p}.coerce", f"applies to DICOM destinations only: {', '.join(to)} take"
-               f"{'s' if len(to) == 1 else ''} HL7 messages, which the handler makes from the "
-               "object as stored")
+               f"{'s' if len(to) == 1 else ''} what a handler makes (HL7 messages, FHIR "
+               "resources) from the object as stored")
     return coerce
 
 
@@ -301,8 +301,9 @@ def _routing(r: Any, raw: Any, destinations: set[str], hl7: set[str], routes: in
         fallback = _names(r, t, "routing", "fallback", destinations, "destination", empty=True)
         for j, name in enumerate(fallback or ()):
             if name in hl7:
-                r.fail(f"routing.fallback[{j}]", f"'{name}' takes HL7 messages, which only a "
-                       "handler makes: send there with a rule that names one (handler = …)")
+                r.fail(f"routing.fallback[{j}]", f"'{name}' takes what only a handler makes "
+                       "(HL7 messages, FHIR resources): send there with a rule that names one "
+                       "(handler = …)")
         if routes:
             r.fail("routing.fallback", f"replaces the {routes} [[routes]] entr"
                    f"{'y' if routes == 1 else 'ies'} (they are the fallback when it is absent): "

@@ -174,7 +174,7 @@ class _PinnedBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
-class _PinnedTransport(httpx.HTTPTransport):
+class PinnedTransport(httpx.HTTPTransport):
     """httpx's transport over an httpcore pool whose connections all go to one checked
     address (httpx has no network-backend option; its transport keeps everything in
     ``_pool``, which is replaced by a pool built the same way plus the backend)."""
@@ -268,7 +268,7 @@ class StowSender:
             limits = httpx.Limits(max_connections=1, max_keepalive_connections=1,
                                   keepalive_expiry=t.idle_timeout_s)
             self._client = httpx.Client(
-                transport=_PinnedTransport(dial, ctx, limits), trust_env=False,
+                transport=PinnedTransport(dial, ctx, limits), trust_env=False,
                 follow_redirects=False,
                 timeout=httpx.Timeout(connect=t.connect_timeout_s, read=t.response_timeout_s,
                                       write=t.network_timeout_s, pool=t.connect_timeout_s),

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
-from mfconsole.config import (DestinationConfig, DestinationKind, Found, http_prefix_problem,
-                              in_range, is_loopback, not_empty, positive, readable_secret_problem,
-                              setting)
+from mfconsole.config import (DestinationConfig, DestinationKind, check_http_peer,
+                              http_prefix_problem, https_url, in_range, not_empty, positive,
+                              readable_secret_problem, setting)
 from mfconsole.egress import Checks
 
 
@@ -44,43 +43,6 @@ class StowDestination(DestinationConfig):
                                     check=positive)
 
 
-def _https(found: Found) -> bool:
-    url = found.raw.get("url")
-    try:
-        return isinstance(url, str) and urlsplit(url).scheme.lower() == "https"
-    except ValueError:
-        return False
-
-
-def _check(found: Found) -> None:
-    v, url = found.values, found.values["url"]
-    if url is not None:
-        why = found.http_problem(url)
-        if why:
-            found.fail("url", why)
-            return
-    if v["bearer_token_file"] is not None and (v["username"] or v["password_file"]):
-        found.fail("bearer_token_file", "use either bearer_token_file or username + "
-                   "password_file (basic authentication), not both")
-    elif v["password_file"] is not None and v["username"] is None:
-        found.fail("password_file", "needs username (basic authentication is username + password)")
-    elif v["username"] is not None and v["password_file"] is None:
-        found.fail("username", "needs password_file (basic authentication is username + password)")
-    if url is not None and urlsplit(url).scheme.lower() == "http":
-        if "tls" in found.raw:
-            found.fail("tls", "is only used with an https:// url")
-        host = urlsplit(url).hostname or ""
-        if not is_loopback(host):
-            if v["allow_cleartext"] is False:
-                found.fail("url", f"'{host}' is not a loopback address and the url is http://; "
-                           "PHI would cross the network in cleartext. Use https://, or set "
-                           f"{found.path}.allow_cleartext = true to accept that risk")
-            for key in ("bearer_token_file", "password_file"):
-                if v[key] is not None:
-                    found.fail(key, "credentials are never sent in cleartext to a non-loopback "
-                               "host; use an https:// url")
-
-
 def _sender(d: Any, checks: Checks) -> Any:
     from mfconsole.stow.client import StowSender, Target
 
@@ -94,4 +56,5 @@ def _echo(d: Any, checks: Checks) -> Any:
 
 
 KIND = DestinationKind(StowDestination, doc="DICOMweb STOW-RS to an archive", sender=_sender,
-                       target=lambda d: str(d.url), check=_check, echo=_echo, encrypted=_https)
+                       target=lambda d: str(d.url), check=check_http_peer, echo=_echo,
+                       encrypted=https_url)

@@ -130,12 +130,12 @@ def test_a_toy_destination_is_validated_by_its_declaration(toy, tmp_path):
 
 def test_the_kind_list_in_messages_comes_from_the_registry(toy, tmp_path):
     found = problems(write_config(tmp_path, destinations=[toy_dest(kind="toys")]))
-    assert found["destinations[0].kind"] == "'toys' is not a destination kind (dimse, stow, mllp or toy)"
+    assert found["destinations[0].kind"] == "'toys' is not a destination kind (dimse, stow, mllp, fhir or toy)"
 
 
 def test_without_its_registration_the_kind_is_unknown(tmp_path):
     found = problems(write_config(tmp_path, destinations=[toy_dest()]))
-    assert found["destinations[0].kind"] == "'toy' is not a destination kind (dimse, stow or mllp)"
+    assert found["destinations[0].kind"] == "'toy' is not a destination kind (dimse, stow, mllp or fhir)"
 
 
 def test_console_fields_and_status_come_from_the_kind(toy, tmp_path):

@@ -27,7 +27,7 @@ def test_every_key_is_declared_with_a_line_of_documentation():
 
 
 def test_the_shipped_kinds_in_order():
-    assert REGISTRY.names() == ["dimse", "stow", "mllp"]
+    assert REGISTRY.names() == ["dimse", "stow", "mllp", "fhir"]
     for kind in REGISTRY.kinds():
         assert issubclass(kind.config, DestinationConfig)
         # the common keys are the base class's, not redeclared with their defaults

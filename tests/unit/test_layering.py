@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTOCOLS = ("mfconsole.dimse", "mfconsole.ul", "mfconsole.stow", "mfconsole.mllp", "mfconsole.hl7")
+PROTOCOLS = ("mfconsole.dimse", "mfconsole.ul", "mfconsole.stow", "mfconsole.mllp", "mfconsole.hl7",
+             "mfconsole.fhir")
 ENGINE = "mfconsole.engine"
 CONTRACT = "mfconsole.contract"
 CONTRACT_MAY_IMPORT = {"mfconsole.hardening", "mfconsole.tls"}

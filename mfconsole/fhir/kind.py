@@ -1,0 +1,55 @@
+"""The fhir destination kind: FHIR R4 resources (made by a study-level handler, e.g.
+handlers/study_to_imagingstudy.py) to a FHIR server, as conditional updates.
+
+The same rules as stow for the url, TLS, credentials and egress (config.check_http_peer).
+Listed in mfconsole/kinds.py. Loading it loads no sender: client.py (httpx) is
+imported when a sender or an echo is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mfconsole.config import (DestinationConfig, DestinationKind, check_http_peer,
+                              http_prefix_problem, https_url, not_empty, positive,
+                              readable_secret_problem, setting)
+from mfconsole.egress import Checks
+
+
+@dataclass(frozen=True, kw_only=True)
+class FhirDestination(DestinationConfig):
+    kind: ClassVar[str] = "fhir"
+    url: str = setting(doc="The FHIR server's base URL (resources go to {url}/ImagingStudy…), "
+                       "under an [egress].allowed_http prefix.", check=http_prefix_problem,
+                       label="url")
+    bearer_token_file: Path | None = setting(
+        None, doc="Bearer token (the whole file), read at every request; chmod 600.",
+        check=readable_secret_problem)
+    username: str | None = setting(None, doc="Basic authentication: the user name (with "
+                                   "password_file).", check=not_empty)
+    password_file: Path | None = setting(None, doc="Basic authentication: the password, in a "
+                                         "file read at every request; chmod 600.",
+                                         check=readable_secret_problem)
+    response_timeout_s: float = setting(60.0, doc="The server's answer after the request is "
+                                        "sent.", check=positive)
+    idle_timeout_s: float = setting(30.0, doc="An idle connection is closed after this.",
+                                    check=positive)
+
+
+def _sender(d: Any, checks: Checks) -> Any:
+    from mfconsole.fhir.client import FhirSender, Target
+
+    return FhirSender(Target.from_destination(d), checks.http)
+
+
+def _echo(d: Any, checks: Checks) -> Any:
+    from mfconsole.fhir.client import Target, echo
+
+    return echo(Target.from_destination(d), checks.http)
+
+
+KIND = DestinationKind(FhirDestination, doc="FHIR R4 resources to a FHIR server", sender=_sender,
+                       target=lambda d: str(d.url), produces="fhir", check=check_http_peer,
+                       echo=_echo, encrypted=https_url)
