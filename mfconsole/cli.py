@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate the configuration (exit 0 or 2)")
     st = sub.add_parser("status", parents=[common], help="listeners, queues, dead letters")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("health", parents=[common],
+                   help="exit 0 ok, 1 degraded, 2 down; one line per problem (watchdogs, load balancers)")
     ec = sub.add_parser("echo", parents=[common],
                         help="C-ECHO a destination or AET@host:port (STOW-RS: an empty request)")
     ec.add_argument("target", help="destination name, or AET@host:port")
@@ -192,6 +194,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if command == "status":
         return cmd_status(config, as_json=args.json)
+    if command == "health":
+        return cmd_health(config)
     if command == "routes":
         return cmd_routes_explain(config, args)
     if command == "serve":
@@ -838,6 +842,18 @@ def _held_lines(d: dict[str, Any]) -> list[str]:
                      + (f"release in {left:.0f} s" if left >= 1 else "releasing now")
                      + (" (late group: update)" if h.get("update") else ""))
     return lines
+
+
+def cmd_health(config: Config) -> int:
+    """One line per problem, most severe first; the exit code is the worst severity."""
+    from mfconsole import health, ops
+
+    problems = ops.health(config)
+    for p in problems:
+        print(f"{p.word}: {p.text}")
+    if not problems:
+        print("ok")
+    return health.severity(problems)
 
 
 def cmd_status(config: Config, *, as_json: bool) -> int:

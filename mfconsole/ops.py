@@ -525,6 +525,19 @@ def routing_plan(config: Config, hours: float, *, actor: str | None = None) -> d
 
 # -- store keys ------------------------------------------------------------------
 
+def health(config: Config, engine: Any = None) -> list[Any]:
+    """mfconsole/health.py's problems, from the store as it is now."""
+    from mfconsole import health as health_mod
+    from mfconsole.engine.status import collect
+
+    status = collect(config, engine)
+    path = db_path(config.engine.data_dir)
+    if not path.exists():
+        return health_mod.problems(config, status)
+    with reading(path) as reads:
+        return health_mod.problems(config, status, reads)
+
+
 def new_key(path: Path) -> str:
     from mfconsole.engine.keys import KeyCustodyError, new_key as make
 

@@ -43,11 +43,13 @@ def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_S
                  engine: dict[str, Any] | None = None,
                  more_listeners: list[dict[str, Any]] | None = None,
                  rules: list[dict[str, Any]] | None = None,
-                 routing: dict[str, Any] | None = None) -> Path:
+                 routing: dict[str, Any] | None = None,
+                 tables: dict[str, dict[str, Any]] | None = None) -> Path:
     """A config file in ``folder`` with one listener (and ``more_listeners``: each a
     ``name`` and the keys it changes, on a free port unless given); data_dir is
     ``folder/var``. ``rules``: [[rules]] tables (``when`` as an inline table),
-    ``routing``: the [routing] table."""
+    ``routing``: the [routing] table; ``tables``: more top-level tables by name
+    ([health], [metrics] ...; a nested dict value is written as an inline table)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     lst = {"name": "modalities", "ae_title": ae_title, "host": "127.0.0.1", "port": port,
@@ -76,6 +78,8 @@ def write_config(folder: Path, *, port: int | None = None, ae_title: str = "MF_S
         lines += ["", "[[rules]]"] + [f"{k} = {toml_value(v)}" for k, v in r.items()]
     if routing is not None:
         lines += ["", "[routing]"] + [f"{k} = {toml_value(v)}" for k, v in routing.items()]
+    for name, table in (tables or {}).items():
+        lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

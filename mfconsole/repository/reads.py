@@ -490,6 +490,20 @@ class Reads:
             "SELECT event, listener, destination, CAST(ts AS INTEGER) AS sec, status, COUNT(*) AS n, "
             "MAX(id) AS last FROM audit WHERE id > ? GROUP BY 1, 2, 3, 4, 5", (after_id,)))
 
+    def events_since(self, events: tuple[str, ...], since: float) -> dict[str, int]:
+        """Audit rows of these events since a time, counted per destination."""
+        marks = ", ".join("?" * len(events))
+        return {row[0]: row[1] for row in self.conn.execute(
+            f"SELECT destination, COUNT(*) FROM audit WHERE ts >= ? AND event IN ({marks}) "
+            "AND destination IS NOT NULL GROUP BY 1", (since, *events))}
+
+    def last_event(self, events: tuple[str, ...]) -> dict[str, Any] | None:
+        """The newest audit row of these events (routing-safe columns)."""
+        marks = ", ".join("?" * len(events))
+        row = self.conn.execute(f"SELECT id, ts, event, status FROM audit WHERE event IN ({marks}) "
+                                "ORDER BY id DESC LIMIT 1", events).fetchone()
+        return dict(row) if row is not None else None
+
     def latest_failure(self, destination: str, after_id: int) -> dict[str, Any] | None:
         """The newest failed delivery outcome of a destination after an audit id."""
         row = self.conn.execute(
