@@ -404,14 +404,16 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     # Routes are checked against every declared name, so a listener with a bad port
     # does not also produce a misleading "names no listener" for its routes.
     hl7 = _hl7_destinations(destinations)
-    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir, hl7)
+    instant = {d.name for d in destinations if d.trigger != "study_stable"}
+    routes = _routes(r, raw.get("routes", []), listener_names, dest_names, handlers_dir, hl7, instant)
     # Rules: checked against every declared name too; [routing].fallback replaces the
     # [[routes]] (as many as are written, valid or not).
     written_routes = len(raw["routes"]) if isinstance(raw.get("routes"), list) else 0
     rules, routing = rules_mod.read(
         r, raw.get("rules", []), raw.get("routing", {}), listeners=listener_names,
         destinations=dest_names, hl7=set(hl7), routes=written_routes,
-        handler_problem=lambda p, handler, to: _handler_problem(r, p, handler, to, handlers_dir, hl7),
+        handler_problem=lambda p, handler, to: _handler_problem(r, p, handler, to, handlers_dir, hl7,
+                                                                instant),
         read_coercion=lambda p, value: coerce_mod.read(r, value, p, lambda v: resolve(v, v)))
     health = health_mod.read(r, raw.get("health", {}))
 
@@ -657,7 +659,8 @@ def _product_of(kind: str) -> str:
 
 
 def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str],
-            handlers_dir: Path, hl7_destinations: dict[str, str]) -> list[RouteConfig]:
+            handlers_dir: Path, hl7_destinations: dict[str, str],
+            instant: set[str] = frozenset()) -> list[RouteConfig]:
     out: list[RouteConfig] = []
     for i, item in enumerate(_array(r, raw, "routes")):
         p = f"routes[{i}]"
@@ -683,7 +686,7 @@ def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str]
         if isinstance(t.get("to"), list) and not t["to"]:
             r.fail(f"{p}.to", "must name at least one destination")
             ok = False
-        if _handler_problem(r, p, handler, to or (), handlers_dir, hl7_destinations):
+        if _handler_problem(r, p, handler, to or (), handlers_dir, hl7_destinations, instant):
             ok = False
         if ok:
             out.append(RouteConfig(from_listener=source, to=to, handler=handler))
@@ -691,17 +694,28 @@ def _routes(r: _Reader, raw: Any, listener_names: set[str], dest_names: set[str]
 
 
 def _handler_problem(r: _Reader, p: str, handler: str | None, to: tuple[str, ...],
-                     handlers_dir: Path, hl7_destinations: dict[str, str]) -> bool:
+                     handlers_dir: Path, hl7_destinations: dict[str, str],
+                     instant: set[str] = frozenset()) -> bool:
     """Record what is wrong with the handler of a route or rule (at ``p``) sending to
-    ``to``: a handler that does not exist, or none for a destination taking HL7.
-    True if anything was."""
+    ``to``: a handler that does not exist, none for a destination taking HL7, or a
+    study-level one for destinations that send each object as it arrives (``instant``:
+    the handler would see studies of one object — a FHIR ImagingStudy rewritten with
+    each instance). True if anything was."""
     if handler is not None:
         if not _HANDLER_NAME.match(handler):
             r.fail(f"{p}.handler", "must be a Python module name (letters, digits, '_')")
             return True
-        if not (handlers_dir / f"{handler}.py").is_file():
-            r.fail(f"{p}.handler", f"names no handler: {handlers_dir / (handler + '.py')} "
-                   "does not exist")
+        path = handlers_dir / f"{handler}.py"
+        if not path.is_file():
+            r.fail(f"{p}.handler", f"names no handler: {path} does not exist")
+            return True
+        per_object = [d for d in to if d in instant]
+        if per_object and _declared_level(path) == "study":
+            which = (f"destination {per_object[0]} sends" if len(per_object) == 1
+                     else f"destinations {', '.join(per_object)} send")
+            r.fail(f"{p}.handler", f"{handler} is study-level (LEVEL = \"study\") but {which} "
+                   "each object as it arrives: set trigger = \"study_stable\" there (else it "
+                   "sees studies of one object)")
             return True
         return False
     if any(d in hl7_destinations for d in to):
@@ -713,6 +727,22 @@ def _handler_problem(r: _Reader, p: str, handler: str | None, to: tuple[str, ...
                f"handler makes (e.g. handler = \"{example}\")")
         return True
     return False
+
+
+def _declared_level(path: Path) -> str | None:
+    """A handler's ``LEVEL = "..."`` read from its source without running it (the
+    engine imports handlers; check does not)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None      # the engine's import reports it
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                and any(isinstance(t, ast.Name) and t.id == "LEVEL" for t in node.targets)):
+            return node.value.value if isinstance(node.value.value, str) else None
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -764,7 +794,7 @@ TRIGGERS = ("instance", "study_stable")
 LATE_INSTANCE = ("alone", "update")
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else "must be " + _choices([f'"{c}"' for c in choices])
 
 
@@ -833,7 +863,7 @@ class DestinationConfig:
     trigger: str = setting(
         "instance", doc='"instance": each object as soon as it is stored; "study_stable": a '
         "study's objects held until none has arrived for stable_after_s, then sent together.",
-        check=_one_of(TRIGGERS))
+        check=one_of(TRIGGERS))
     stable_after_s: float = setting(
         30.0, doc="With trigger = \"study_stable\": the quiet period (seconds, 1-86400) after a "
         "study's last instance before it is released.", check=_range(1, 86400))
@@ -841,7 +871,7 @@ class DestinationConfig:
         "alone", doc='With trigger = "study_stable", an instance of a study already released: '
         '"alone" sends it by itself; "update" holds it again and, when quiet, sends the late '
         "group together (a study-level handler runs again on every object of the study).",
-        check=_one_of(LATE_INSTANCE))
+        check=one_of(LATE_INSTANCE))
 
     @property
     def study_stable(self) -> bool:

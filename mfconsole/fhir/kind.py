@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mfconsole.config import (DestinationConfig, DestinationKind, check_http_peer,
-                              http_prefix_problem, https_url, not_empty, positive,
+from mfconsole.config import (TRIGGERS, DestinationConfig, DestinationKind, check_http_peer,
+                              http_prefix_problem, https_url, not_empty, one_of, positive,
                               readable_secret_problem, setting)
 from mfconsole.egress import Checks
 
@@ -36,6 +36,11 @@ class FhirDestination(DestinationConfig):
                                         "sent.", check=positive)
     idle_timeout_s: float = setting(30.0, doc="An idle connection is closed after this.",
                                     check=positive)
+    # A resource describes a whole study: by default it is built once the study is quiet.
+    trigger: str = setting(
+        "study_stable", doc='"study_stable" (default here): one resource per study once none of '
+        'its objects has arrived for stable_after_s; "instance" only with an instance-level handler.',
+        check=one_of(TRIGGERS))
 
 
 def _sender(d: Any, checks: Checks) -> Any:

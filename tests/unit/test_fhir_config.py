@@ -41,6 +41,25 @@ def test_a_valid_fhir_destination(tmp_path):
     (dest,) = cfg.destinations
     assert (dest.kind, dest.url, dest.response_timeout_s) == ("fhir", PREFIX, 20)
     assert cfg.routes[0].handler == "study_to_imagingstudy"
+    assert dest.trigger == "study_stable"          # a resource describes a whole study
+
+
+def test_a_study_level_handler_needs_a_study_stable_destination(tmp_path):
+    found = problems(config(tmp_path, trigger="instance"))
+    assert found == {"routes[0].handler": (
+        'study_to_imagingstudy is study-level (LEVEL = "study") but destination fhir sends each '
+        'object as it arrives: set trigger = "study_stable" there (else it sees studies of one object)')}
+    # The same through a rule, and for any kind (here an HL7 destination).
+    (tmp_path / "r" / "handlers").mkdir(parents=True)
+    (tmp_path / "r" / "handlers" / "per_study.py").write_text(
+        'VERSION = "1"\nLEVEL = "study"\ndef handle_study(study, ctx):\n    return None\n')
+    path = write_config(tmp_path / "r", destinations=[
+        {"name": "ehr", "kind": "mllp", "host": "127.0.0.1", "port": 2575},
+        {"name": "held", "kind": "mllp", "host": "127.0.0.1", "port": 2576, "trigger": "study_stable"}],
+        routes=[], rules=[{"name": "r", "to": ["ehr", "held"], "handler": "per_study"}],
+        routing={"fallback": []})
+    found = problems(path)
+    assert list(found) == ["rules[0].handler"] and "destination ehr sends each" in found["rules[0].handler"]
 
 
 @pytest.mark.parametrize("keys, key, words", [
