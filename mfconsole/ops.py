@@ -433,6 +433,13 @@ def preview_handler(config: Config, handler: Any, obj: Any, destination: str | N
         return f"# {label}\nfiltered: the handler returned None (nothing would be sent)\n"
     if kind_of(dest).produces == "hl7":
         return f"# {label}\n" + out.data.decode("utf-8").replace("\r", "\n")
+    if kind_of(dest).produces == "fhir":
+        import json
+
+        resource = json.loads(out.data)
+        return (f"# {label}\nFHIR {resource.get('resourceType', 'resource')} of {len(out.data)} bytes "
+                "would be sent (a conditional update on its Study Instance UID)\n"
+                + json.dumps(resource, indent=2, ensure_ascii=False) + "\n")
     changes = dicom_changes(obj, out)
     lines = [f"# {label}", f"a DICOM data set of {len(out.data)} bytes would be sent; "
              f"{len(changes)} attribute(s) changed"]
@@ -457,6 +464,14 @@ def preview_structure(config: Config, handler: Any, obj: Any, destination: str |
         segments = [seg for seg in out.data.decode("utf-8", "replace").split("\r") if seg]
         return {"label": label, "kind": "hl7", "bytes": len(out.data),
                 "segments": [{"segment": seg[:3], "fields": seg.count("|")} for seg in segments]}
+    if kind_of(dest).produces == "fhir":
+        import json
+
+        resource = json.loads(out.data)
+        return {"label": label, "kind": "fhir", "bytes": len(out.data),
+                "resource_type": resource.get("resourceType"), "elements": sorted(resource),
+                "series": len(resource.get("series") or []),
+                "instances": sum(len(s.get("instance") or []) for s in resource.get("series") or [])}
     changes = [{k: v for k, v in c.items() if k not in ("before", "after")} for c in dicom_changes(obj, out)]
     return {"label": label, "kind": "dicom", "bytes": len(out.data), "changes": changes}
 

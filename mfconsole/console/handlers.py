@@ -126,6 +126,10 @@ def structure(result: dict[str, Any]) -> Text:
         text.append(f"an HL7 message of {result.get('bytes', 0)} bytes:\n")
         for seg in result.get("segments") or []:
             text.append(f"  {seg['segment']}  {seg['fields']} field(s)\n")
+    elif kind == "fhir":
+        text.append(f"a FHIR {result.get('resource_type') or 'resource'} of {result.get('bytes', 0)} "
+                    f"bytes: {result.get('series', 0)} series, {result.get('instances', 0)} instance(s)\n"
+                    f"  elements: {', '.join(result.get('elements') or [])}\n")
     else:
         changes = result.get("changes") or []
         text.append(f"a DICOM data set of {result.get('bytes', 0)} bytes; "
