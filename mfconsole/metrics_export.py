@@ -287,6 +287,7 @@ class Exporter:
         self.engine = engine
         self.tally = Tally()
         self.text = ""
+        self.rounds = 0     # collections done (written or not)
         self.writes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -321,6 +322,8 @@ class Exporter:
         except Exception as exc:     # the next round tries again; routing goes on
             self._fail(f"collecting failed ({exc.__class__.__name__})")
             return
+        finally:
+            self.rounds += 1
         self._write(cfg, self.text)
 
     def _write(self, cfg: MetricsConfig, text: str) -> None:

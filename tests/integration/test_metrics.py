@@ -110,3 +110,33 @@ def test_metrics_follow_the_pacs_without_phi(serve_factory, storescp_factory, tm
 
     serve.stop()
     assert samples(read(textfile)) == {"mfconsole_up": 0}
+
+
+def test_counters_survive_a_restart(engine_factory, tmp_path):
+    engine = engine_factory(folder="engine")
+    textfile = engine.config.metrics.textfile
+    files = [dicomgen.save(dicomgen.make_image(pixel_bytes=64), tmp_path / f"in{i}.dcm")
+             for i in range(2)]
+    store_files(engine.listeners[0].address[1], files)
+    engine.stop()
+    again = engine_factory(folder="engine")          # the same data directory
+    assert again.config.metrics.textfile == textfile
+    first = samples(read(textfile))                 # written at start, before any interval
+    assert first["mfconsole_up"] == 1
+    assert first['mfconsole_listener_objects_total{listener="modalities"}'] == 2
+    assert first['mfconsole_listener_associations_total{listener="modalities"}'] == 1
+    assert first["mfconsole_store_objects"] == 2
+
+
+def test_an_unwritable_textfile_is_logged_once_and_routing_goes_on(engine_factory, tmp_path):
+    folder = tmp_path / "engine"
+    folder.mkdir()
+    (folder / "blocked").write_text("a file where the directory should be\n")
+    engine = engine_factory(folder="engine", tables={"metrics": {"textfile": "blocked/mf.prom",
+                                                                 "interval_s": 1}})
+    poll(lambda: engine.metrics.rounds >= 3, timeout=10, message="three collections")
+    assert engine.metrics.writes == 0 and "mfconsole_up 1" in engine.metrics.text
+    log = (engine.data_dir / "logs" / "mfconsole.log").read_text()
+    assert log.count("metrics: cannot write") == 1, log
+    files = [dicomgen.save(dicomgen.make_image(pixel_bytes=64), tmp_path / "in.dcm")]
+    assert store_files(engine.listeners[0].address[1], files)
