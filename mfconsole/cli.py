@@ -643,8 +643,10 @@ def cmd_serve(config: Config, *, accept_empty_store: bool = False) -> int:
     from mfconsole.control import serve_control
     from mfconsole.engine.engine import Engine
     from mfconsole.engine.engine_lock import EngineError
+    from mfconsole.metrics_export import serve_metrics
 
-    engine = Engine(config, accept_empty_store=accept_empty_store, control=serve_control)
+    engine = Engine(config, accept_empty_store=accept_empty_store, control=serve_control,
+                    metrics=serve_metrics)
     stop = threading.Event()
     reload = threading.Event()
 

@@ -213,8 +213,10 @@ def open_client(config: Config, *, read_only: bool = False) -> Client:
     if served is not None:
         pid, sock = served
         return AttachedClient(sock, pid, read_only=read_only)
+    from mfconsole.metrics_export import serve_metrics
+
     engine = Engine(config, log_to_stderr=False,   # stderr is the console's screen
-                    control=serve_control)
+                    control=serve_control, metrics=serve_metrics)
     engine.start()
     return InProcessClient(engine, read_only=read_only)
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from mfconsole import coerce as coerce_mod
 from mfconsole import egress as egress_mod
 from mfconsole import health as health_mod
+from mfconsole import metrics as metrics_mod
 from mfconsole import rules as rules_mod
 from mfconsole import windows as windows_mod
 from mfconsole.names import ae_title_problem, name_problem as _name  # noqa: F401  (kinds import them from here)
@@ -41,7 +42,7 @@ _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes",
-                      "rules", "routing", "health"})
+                      "rules", "routing", "health", "metrics"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
                         "inflight_mb"})
@@ -76,6 +77,7 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "rules.coerce": coerce_mod.ALL_KEYS,
         "routing": rules_mod.ROUTING_KEYS,
         "health": health_mod.HEALTH_KEYS,
+        "metrics": metrics_mod.METRICS_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
     }
@@ -189,6 +191,8 @@ class Config:
     routing: rules_mod.Routing = field(default_factory=rules_mod.Routing)
     # [health] (mfconsole/health.py): when a condition is a problem (health, alerts).
     health: health_mod.HealthConfig = field(default_factory=health_mod.HealthConfig)
+    # [metrics] (mfconsole/metrics.py): the Prometheus text file and endpoint.
+    metrics: metrics_mod.MetricsConfig = field(default_factory=metrics_mod.MetricsConfig)
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -416,13 +420,15 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
                                                                 instant),
         read_coercion=lambda p, value: coerce_mod.read(r, value, p, lambda v: resolve(v, v)))
     health = health_mod.read(r, raw.get("health", {}))
+    metrics = metrics_mod.read(r, raw.get("metrics", {}), lambda v: resolve(v, v),
+                               engine.data_dir, is_loopback)
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
                   listeners=tuple(listeners), destinations=tuple(destinations),
                   routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins,
-                  rules=rules, routing=routing, health=health)
+                  rules=rules, routing=routing, health=health, metrics=metrics)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:

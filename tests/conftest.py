@@ -44,12 +44,14 @@ def engine_factory(tmp_path):
     from mfconsole.config import load
     from mfconsole.control import serve_control
     from mfconsole.engine.engine import Engine
+    from mfconsole.metrics_export import serve_metrics
 
     started = []
 
     def make(folder: str = "engine", **kwargs):
         path = write_config(tmp_path / folder, **kwargs)
-        engine = Engine(load(path), log_to_stderr=False, control=serve_control)
+        engine = Engine(load(path), log_to_stderr=False, control=serve_control,
+                        metrics=serve_metrics)
         engine.start()
         started.append(engine)
         return engine

@@ -57,6 +57,7 @@ DEBIAN_PACKAGES = {
     "dcmdump": "dcmtk",
     "Orthanc": "orthanc",
     "libOrthancDicomWeb.so": "orthanc-dicomweb",
+    "promtool": "prometheus",
 }
 
 # Where Debian's orthanc-dicomweb installs the plugin (the first is a symlink

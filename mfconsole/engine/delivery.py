@@ -43,6 +43,7 @@ from typing import Any, Callable
 from mfconsole import contract
 from mfconsole.contract import DESTINATION, MESSAGE, PERMANENT, Outbound, Outcome, Sender
 from mfconsole.engine import holds, outbox
+from mfconsole.engine.latency import SEND_BUCKETS, Histogram
 from mfconsole.engine.pacing import CLOSED, OPEN, URGENT_ONLY, Pacer
 from mfconsole.engine.store import Store, StoreError
 from mfconsole.engine.transform import Origin
@@ -107,7 +108,8 @@ class DestinationWorkers:
     def __init__(self, destination: Any, store: Store, make_sender: Callable[[], Sender],
                  transform: Callable[..., tuple[Any, Any]] | None = None,
                  held: outbox.Held | None = None,
-                 coerce: Callable[..., tuple[Any, Any]] | None = None, pacer: Pacer | None = None):
+                 coerce: Callable[..., tuple[Any, Any]] | None = None, pacer: Pacer | None = None,
+                 latency: Histogram | None = None):
         self.cfg = destination
         self.name = destination.name
         self.store = store
@@ -129,6 +131,9 @@ class DestinationWorkers:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.sent = 0
+        # Seconds per object delivered (the metrics export); the engine's, so that it
+        # outlives these workers across a reload.
+        self.latency = latency if latency is not None else Histogram(SEND_BUCKETS)
         # Study-stable (engine/holds.py): claims take whole studies; worker 0 releases
         # held studies when the clock says one is due.
         self.whole_studies = bool(getattr(destination, "study_stable", False))
@@ -598,7 +603,13 @@ class DestinationWorkers:
         if not objs:
             return []
         try:
-            return sender.send_many(objs)
+            started = time.monotonic()
+            outcomes = sender.send_many(objs)
+            # A request of several objects: its time shared among them.
+            delivered = sum(1 for o in outcomes if o.is_success)
+            if delivered:
+                self.latency.observe((time.monotonic() - started) / len(outcomes), delivered)
+            return outcomes
         except Exception as exc:
             sender.close()   # the connection is in an unknown state
             if len(objs) == 1:

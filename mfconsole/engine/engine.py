@@ -24,7 +24,7 @@ from mfconsole.config import Config
 from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard
 from mfconsole.ul.acceptor import InflightBudget, Listener
-from mfconsole.engine import holds, logs, outbox
+from mfconsole.engine import holds, latency, logs, outbox
 from mfconsole.engine.commitment import CommitmentWorker, apply_report
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -102,12 +102,16 @@ def tune_malloc() -> bool:
 
 class Engine:
     def __init__(self, config: Config, *, log_to_stderr: bool = True, accept_empty_store: bool = False,
-                 control: Callable[[Engine], Any] | None = None):
+                 control: Callable[[Engine], Any] | None = None,
+                 metrics: Callable[[Engine], Any] | None = None):
         """``control(engine)`` makes the operators' way in (mfconsole.control.serve_control:
         the control sockets), started last and stopped first; the operations layer
-        above the engine provides it, so the engine never imports that layer."""
+        above the engine provides it, so the engine never imports that layer.
+        ``metrics(engine)`` likewise makes the metrics export
+        (mfconsole.metrics_export.serve_metrics: [metrics]), started after it."""
         self.config = config
         self._control_factory = control
+        self._metrics_factory = metrics
         self.accept_empty_store = accept_empty_store
         self.data_dir = config.engine.data_dir
         self.log_to_stderr = log_to_stderr
@@ -130,6 +134,9 @@ class Engine:
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
         self.control: Any = None
+        self.metrics: Any = None
+        # Each destination's seconds per object delivered, kept across reloads.
+        self.send_latency = latency.PerName(latency.SEND_BUCKETS)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -182,6 +189,7 @@ class Engine:
                                                  daemon=True)
             self._housekeeper.start()
             self._start_control()
+            self._start_metrics()
             self.store.audit("engine_started", detail=f"version={__version__} pid={os.getpid()}")
             log.info("engine started (data_dir %s, %d listener(s))", self.data_dir, len(self.listeners))
         except BaseException:
@@ -193,6 +201,9 @@ class Engine:
         if self.control is not None:      # no console action may start while stopping
             self.control.stop()
             self.control = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         timeout = self.config.engine.shutdown_timeout_s
         for listener in self.listeners:
             listener.stop(timeout)
@@ -228,6 +239,19 @@ class Engine:
             return
         self.control = server
 
+    def _start_metrics(self) -> None:
+        """The metrics export ([metrics]): written once now, then every interval_s.
+        Like the control sockets, routing does not need it: a failure is logged."""
+        if self._metrics_factory is None:
+            return
+        try:
+            exporter = self._metrics_factory(self)
+            exporter.start()
+        except OSError as exc:
+            log.error("metrics export unavailable: %s", exc.strerror or exc)
+            return
+        self.metrics = exporter
+
     def _start_deliveries(self) -> None:
         for dest in self.config.destinations:
             self._start_destination(dest)
@@ -244,7 +268,8 @@ class Engine:
                            getattr(dest, "calling_ae_title", ""), getattr(dest, "ae_title", "") or "")
         assert self.handlers is not None
         workers = DestinationWorkers(dest, self.store, make_sender, Transformer(self.handlers, dest),
-                                     self.held, Coercer(dest, lambda: self.rules_by_name))
+                                     self.held, Coercer(dest, lambda: self.rules_by_name),
+                                     latency=self.send_latency.of(dest.name))
         workers.start()
         self.deliveries[dest.name] = workers
         if getattr(dest, "storage_commitment", False) and kind.commitment is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mfconsole.engine.latency import COMMIT_BUCKETS, Histogram
 from mfconsole.engine.vault import SealResult, Vault, fsync_dir
 from mfconsole.repository import Reads, SchemaError, Tx, connect, db_path, migrate
 from mfconsole.repository.writes import transaction
@@ -196,6 +197,9 @@ class Store:
         self._local = threading.local()
         self.commits = 0          # group commits (for benchmarks and the console)
         self.committed_jobs = 0
+        # How long each group commit took (its blob directories' fsync and the
+        # transaction): the metrics export's mfconsole_store_commit_seconds.
+        self.commit_latency = Histogram(COMMIT_BUCKETS)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -371,6 +375,7 @@ class Store:
     def _commit_group(self, batch: list[_Job]) -> None:
         results: list[tuple[_Job, Any]] = []
         redundant: list[str] = []
+        started = time.monotonic()
         try:
             # New blob files are only durable once their directory entries are.
             dirs = {(self.blob_root / j.payload.blob).parent for j in batch
@@ -399,6 +404,7 @@ class Store:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(StoreError(f"commit failed: {exc.__class__.__name__}"))
             return
+        self.commit_latency.observe(time.monotonic() - started)
         self.commits += 1
         self.committed_jobs += len(batch)
         for rel in redundant:

@@ -612,6 +612,30 @@ class Reads:
                     entry["unrouted"] = True
         return out
 
+    # -- metrics (mfconsole/metrics_export.py): tailed by id, so each round reads only
+    # what was added since the previous one --------------------------------------------
+
+    def audit_tally(self, events: tuple[str, ...], after_id: int) -> list[dict[str, Any]]:
+        """Audit rows of these events after an id, counted by event, listener,
+        destination and status, with the last id of each group."""
+        marks = ", ".join("?" * len(events))
+        return _dicts(self.conn.execute(
+            "SELECT event, listener, destination, status, COUNT(*) AS n, MAX(id) AS last FROM audit "
+            f"WHERE id > ? AND event IN ({marks}) GROUP BY 1, 2, 3, 4", (after_id, *events)))
+
+    def object_sizes_since(self, after_id: int) -> list[dict[str, Any]]:
+        """Objects stored after an id (purged ones too: the row stays), their bytes as
+        received summed per listener, with the last id of each."""
+        return _dicts(self.conn.execute(
+            "SELECT listener, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, MAX(id) AS last "
+            "FROM objects WHERE id > ? GROUP BY 1", (after_id,)))
+
+    def stored_totals(self) -> tuple[int, int]:
+        """(objects, bytes as received) the store holds now (not purged)."""
+        row = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM objects "
+                                "WHERE purged_at IS NULL").fetchone()
+        return row[0], row[1]
+
     # -- inspection: whole rows, for tests and diagnostics ---------------------------------
 
     def columns(self, table: str) -> set[str]:
