@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from urllib.parse import urlsplit
 
+from mfconsole import audit_export as audit_export_mod
 from mfconsole import coerce as coerce_mod
 from mfconsole import egress as egress_mod
 from mfconsole import health as health_mod
@@ -41,7 +42,7 @@ _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes",
-                      "rules", "routing", "health"})
+                      "rules", "routing", "health", "audit_export"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
                         "inflight_mb"})
@@ -76,6 +77,8 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "rules.coerce": coerce_mod.ALL_KEYS,
         "routing": rules_mod.ROUTING_KEYS,
         "health": health_mod.HEALTH_KEYS,
+        "audit_export": audit_export_mod.AUDIT_EXPORT_KEYS,
+        "audit_export.tls": DESTINATION_TLS_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
     }
@@ -189,6 +192,9 @@ class Config:
     routing: rules_mod.Routing = field(default_factory=rules_mod.Routing)
     # [health] (mfconsole/health.py): when a condition is a problem (health, alerts).
     health: health_mod.HealthConfig = field(default_factory=health_mod.HealthConfig)
+    # [audit_export] (mfconsole/audit_export.py): the audit trail to an ARR over syslog.
+    audit_export: audit_export_mod.AuditExportConfig = field(
+        default_factory=audit_export_mod.AuditExportConfig)
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -414,13 +420,17 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         handler_problem=lambda p, handler, to: _handler_problem(r, p, handler, to, handlers_dir, hl7),
         read_coercion=lambda p, value: coerce_mod.read(r, value, p, lambda v: resolve(v, v)))
     health = health_mod.read(r, raw.get("health", {}))
+    audit_export = audit_export_mod.read(
+        r, raw.get("audit_export", {}),
+        read_tls=lambda t, p: _tls(r, t, p, "destination", lambda v: resolve(v, v)),
+        egress_problem=lambda host, port: _egress_tcp_problem(egress, pins, host, port))
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
                   listeners=tuple(listeners), destinations=tuple(destinations),
                   routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins,
-                  rules=rules, routing=routing, health=health)
+                  rules=rules, routing=routing, health=health, audit_export=audit_export)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:
