@@ -118,3 +118,19 @@ def test_patient_ids_go_only_as_the_keyed_hash(engine_factory, arr, tmp_path):
         assert patient.get("ParticipantObjectID") == pseudonym
     text = arr.out.read_text(encoding="utf-8")
     assert CANARY_ID not in text and CANARY_NAME.split("^")[0] not in text
+
+
+def test_an_arr_that_fails_verification_gets_nothing_and_the_cursor_stays(engine_factory, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    rogue = dict(pki, **{"server.crt": pki["rogue-server.crt"], "server.key": pki["rogue-server.key"]})
+    impostor = Rsyslog(tmp_path / "rogue", rogue).start()
+    impostor.pki = pki            # mfconsole trusts the real CA only
+    try:
+        engine = exporting(engine_factory, impostor)
+        reads = engine.store.reader()
+        why = poll(lambda: reads.audit_export(EXPORT_NAME)["last_error"], timeout=20)
+        assert "TLS" in why and "certificate" in why, why
+        assert reads.audit_export(EXPORT_NAME)["last_id"] == 0
+        assert impostor.lines() == []
+    finally:
+        impostor.stop()
