@@ -134,3 +134,20 @@ def test_an_arr_that_fails_verification_gets_nothing_and_the_cursor_stays(engine
         assert impostor.lines() == []
     finally:
         impostor.stop()
+
+
+def test_enabled_by_reload_the_export_sends_the_trail_from_the_start(engine_factory, arr, tmp_path):
+    from harness import write_config
+
+    engine = engine_factory(destinations=[], egress={"allowed_tcp": [f"127.0.0.1:{arr.port}"]})
+    port = engine.config.listeners[0].port
+    store_files(port, images(tmp_path / "in", 2))
+    assert engine.audit_exporter is None
+    write_config(engine.config.path.parent, port=port, destinations=[],
+                 egress={"allowed_tcp": [f"127.0.0.1:{arr.port}"]},
+                 tables={"audit_export": {"enabled": True, "host": "127.0.0.1", "port": arr.port,
+                                          "tls": {"ca_file": str(arr.pki["ca.crt"])},
+                                          "interval_s": 0.1}})
+    assert "audit_export: restarted" in engine.reload()
+    poll(lambda: len(stored_messages(arr)) == 2, timeout=20)     # rows from before the reload
+    poll(lambda: any(key(d)[1] == "110113" for d in arr.messages()), timeout=20)   # the reload itself
