@@ -77,10 +77,11 @@ def _us(ctx: Context, *, ae: str | None, requestor: bool, role: m.Code | None) -
 
 
 def _peer_host(peer: str | None) -> str | None:
-    """"host:port" (as the listener writes it) -> host."""
+    """"host:port" (as the listener writes it, an IPv6 address with or without
+    brackets) -> host."""
     if not peer:
         return None
-    host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or peer.startswith("[") else peer
+    host = peer.rsplit(":", 1)[0] if ":" in peer else peer
     return host.strip("[]") or None
 
 

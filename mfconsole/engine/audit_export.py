@@ -171,7 +171,7 @@ class AuditExporter:
             pid = str(ds.get("PatientID", "") or "").strip()
             if pid:
                 value = self.store.vault.audit_pseudonym(pid) if self.cfg.patient_id_hash else pid
-        except (KeyError, OSError, ValueError, Exception) as exc:
+        except Exception as exc:   # purged (KeyError), unreadable, or not parsed: left out
             log.debug("audit export: object %d not readable (%s)", object_id, exc.__class__.__name__)
         if len(self._patients) >= _PATIENT_CACHE:
             self._patients.clear()

@@ -442,6 +442,7 @@ def test_accepted_keys_cover_what_the_parser_reads():
     accepted = set().union(*accepted_keys().values())
     for cls in (config_mod.EngineConfig, config_mod.StoreConfig, config_mod.EgressConfig,
                 config_mod.ListenerConfig, config_mod.DestinationConfig,
+                config_mod.audit_export_mod.AuditExportConfig,
                 *(k.config for k in REGISTRY.kinds())):
         for name in cls.__dataclass_fields__:
             assert name in accepted, f"{cls.__name__}.{name}"
