@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from urllib.parse import urlsplit
 
+from mfconsole import audit_export as audit_export_mod
 from mfconsole import coerce as coerce_mod
 from mfconsole import egress as egress_mod
 from mfconsole import health as health_mod
@@ -42,7 +43,7 @@ _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes",
-                      "rules", "routing", "health", "metrics"})
+                      "rules", "routing", "health", "metrics", "audit_export"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
                         "inflight_mb"})
@@ -78,6 +79,8 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "routing": rules_mod.ROUTING_KEYS,
         "health": health_mod.HEALTH_KEYS,
         "metrics": metrics_mod.METRICS_KEYS,
+        "audit_export": audit_export_mod.AUDIT_EXPORT_KEYS,
+        "audit_export.tls": DESTINATION_TLS_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
     }
@@ -193,6 +196,9 @@ class Config:
     health: health_mod.HealthConfig = field(default_factory=health_mod.HealthConfig)
     # [metrics] (mfconsole/metrics.py): the Prometheus text file and endpoint.
     metrics: metrics_mod.MetricsConfig = field(default_factory=metrics_mod.MetricsConfig)
+    # [audit_export] (mfconsole/audit_export.py): the audit trail to an ARR over syslog.
+    audit_export: audit_export_mod.AuditExportConfig = field(
+        default_factory=audit_export_mod.AuditExportConfig)
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -422,13 +428,18 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     health = health_mod.read(r, raw.get("health", {}))
     metrics = metrics_mod.read(r, raw.get("metrics", {}), lambda v: resolve(v, v),
                                engine.data_dir, is_loopback)
+    audit_export = audit_export_mod.read(
+        r, raw.get("audit_export", {}),
+        read_tls=lambda t, p: _tls(r, t, p, "destination", lambda v: resolve(v, v)),
+        egress_problem=lambda host, port: _egress_tcp_problem(egress, pins, host, port))
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
                   listeners=tuple(listeners), destinations=tuple(destinations),
                   routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins,
-                  rules=rules, routing=routing, health=health, metrics=metrics)
+                  rules=rules, routing=routing, health=health, metrics=metrics,
+                  audit_export=audit_export)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:

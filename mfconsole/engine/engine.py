@@ -25,6 +25,7 @@ from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard
 from mfconsole.ul.acceptor import InflightBudget, Listener
 from mfconsole.engine import holds, latency, logs, outbox
+from mfconsole.engine.audit_export import AuditExporter
 from mfconsole.engine.commitment import CommitmentWorker, apply_report
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -130,6 +131,8 @@ class Engine:
         self.deliveries: dict[str, DestinationWorkers] = {}
         # Storage Commitment threads of the destinations that ask for it.
         self.commitments: dict[str, CommitmentWorker] = {}
+        # [audit_export]: the audit trail to an ARR (None: not enabled).
+        self.audit_exporter: AuditExporter | None = None
         self.held = outbox.Held()     # in-flight deliveries live workers are working on
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
@@ -190,6 +193,7 @@ class Engine:
             self._housekeeper.start()
             self._start_control()
             self._start_metrics()
+            self._start_audit_export()
             self.store.audit("engine_started", detail=f"version={__version__} pid={os.getpid()}")
             log.info("engine started (data_dir %s, %d listener(s))", self.data_dir, len(self.listeners))
         except BaseException:
@@ -217,8 +221,13 @@ class Engine:
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=5)
             self._housekeeper = None
+        exporter, self.audit_exporter = self.audit_exporter, None
+        if exporter is not None:
+            exporter.stop(timeout)
         if self.store is not None:
             self.store.audit("engine_stopped")
+            if exporter is not None:   # the last rows, engine_stopped too: one try, else next start
+                exporter.flush()
             self.store.close()
             self.store = None
             log.info("engine stopped")
@@ -251,6 +260,13 @@ class Engine:
             log.error("metrics export unavailable: %s", exc.strerror or exc)
             return
         self.metrics = exporter
+
+    def _start_audit_export(self) -> None:
+        cfg = self.config.audit_export
+        if not cfg.enabled or self.store is None:
+            return
+        self.audit_exporter = AuditExporter(cfg, self.store, self.config, self.egress_tcp_dial)
+        self.audit_exporter.start()
 
     def _start_deliveries(self) -> None:
         for dest in self.config.destinations:
@@ -347,6 +363,14 @@ class Engine:
                 listener.cfg = lc
                 listener.start()
                 report.append(f"listener {lc.name}: restarted on {lc.host}:{lc.port}")
+        if new.audit_export != old.audit_export or (
+                new.audit_export.enabled and (new.listeners, new.destinations)
+                != (old.listeners, old.destinations)):
+            if self.audit_exporter is not None:   # its cursor is in the store: nothing lost
+                self.audit_exporter.stop(new.engine.shutdown_timeout_s)
+                self.audit_exporter = None
+            self._start_audit_export()
+            report.append("audit_export: " + ("restarted" if new.audit_export.enabled else "off"))
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
         for name, dest in old_dests.items():

@@ -50,6 +50,9 @@ DIGEST_INFO = b"mfconsole digest key v1"
 # that let an operator find objects by them while the values stay only in the sealed
 # blob. A key of their own, so a token reveals nothing about digests or blobs.
 SEARCH_INFO = b"mfconsole search token v1"
+# Patient identifiers in exported audit messages ([audit_export] patient_id_hash): a key
+# of their own, so an ARR's pseudonyms cannot be matched against search tokens.
+AUDIT_INFO = b"mfconsole audit pseudonym v1"
 CHUNK = 1024 * 1024
 TAG = 16
 KEY_BYTES = 32
@@ -181,6 +184,15 @@ class Vault:
         raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
         message = kind.encode() + b"\0" + raw.strip(b"\x00 ").upper()
         return hmac.new(self._search_keys[key_id or self.key_id], message, hashlib.sha256).hexdigest()[:32]
+
+    def audit_pseudonym(self, value: bytes | str) -> str:
+        """HMAC-SHA256 (hex) of a patient identifier under a key derived from the
+        sealing key: the same patient has the same pseudonym in every exported audit
+        message until the store key is rotated. Padding does not matter."""
+        raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                   info=AUDIT_INFO).derive(self._keys[self._active])
+        return hmac.new(key, raw.strip(b"\x00 "), hashlib.sha256).hexdigest()
 
     def search_tokens(self, kind: str, value: bytes | str) -> list[str]:
         """The tokens of an identifier under every loaded key: objects stored before a

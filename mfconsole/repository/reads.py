@@ -480,6 +480,23 @@ class Reads:
                 "status": common}
 
 
+    def audit_to_export(self, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """The next audit rows after ``after_id``, oldest first, with the study and SOP
+        class of the object they concern (what an audit message names)."""
+        return _dicts(self.conn.execute(
+            "SELECT a.id, a.ts, a.event, a.listener, a.destination, a.object_id, a.delivery_id, "
+            "a.sop_instance_uid, a.calling_ae, a.peer, a.status, a.detail, a.actor, "
+            "o.study_uid, o.sop_class_uid, o.transfer_syntax FROM audit a LEFT JOIN objects o ON o.id = a.object_id "
+            "WHERE a.id > ? ORDER BY a.id LIMIT ?", (after_id, limit)))
+
+    def audit_export(self, name: str) -> dict[str, Any]:
+        """An export's cursor and last error (last_id 0: nothing exported yet)."""
+        row = self.conn.execute("SELECT name, last_id, exported, updated_at, last_error, failed_at "
+                                "FROM audit_exports WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row is not None else {"name": name, "last_id": 0, "exported": 0,
+                                                  "updated_at": None, "last_error": None,
+                                                  "failed_at": None}
+
     def last_audit_id(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
 
@@ -656,7 +673,8 @@ class Reads:
             "EXPLAIN QUERY PLAN SELECT id FROM objects INDEXED BY objects_unpurged "
             "WHERE purged_at IS NULL AND received_at < 1 ORDER BY received_at, id LIMIT 5"))
 
-    TABLES = ("objects", "deliveries", "audit", "destination_state", "meta", "blob_data", "study_holds")
+    TABLES = ("objects", "deliveries", "audit", "destination_state", "meta", "blob_data", "study_holds",
+              "audit_exports")
 
     def rows(self, table: str, *, order_by: str | None = None, **equals: Any) -> list[dict[str, Any]]:
         """Every row of a table whose columns equal ``equals`` (None matches NULL), in
@@ -666,7 +684,7 @@ class Reads:
             raise ValueError(f"no table {table!r}")
         columns = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
         order_by = order_by or {"destination_state": "name", "meta": "key", "blob_data": "object_id",
-                                "study_holds": "release_at"}.get(table, "id")
+                                "study_holds": "release_at", "audit_exports": "name"}.get(table, "id")
         for name in [*equals, order_by.removesuffix(" DESC")]:
             if name not in columns:
                 raise ValueError(f"no column {name!r} in {table}")

@@ -205,11 +205,21 @@ def _v11_commitment(conn: sqlite3.Connection) -> None:
                  "WHERE state = 'requested'")
 
 
+def _v13_audit_export(conn: sqlite3.Connection) -> None:
+    """How far each export of the audit trail got (``name``: "arr" for [audit_export]):
+    ``last_id`` the last audit row the receiver has read, advanced only after that;
+    ``last_error`` why the last attempt failed (NULL once one succeeds)."""
+    conn.execute("CREATE TABLE IF NOT EXISTS audit_exports ("
+                 "name TEXT PRIMARY KEY, last_id INTEGER NOT NULL DEFAULT 0, "
+                 "exported INTEGER NOT NULL DEFAULT 0, updated_at REAL, last_error TEXT, "
+                 "failed_at REAL)")
+
+
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
     _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority, _v10_study_hold,
-    _v11_commitment)
+    _v11_commitment, _v13_audit_export)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

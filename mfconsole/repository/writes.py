@@ -50,6 +50,22 @@ class Tx(Reads):
                           f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})",
                           tuple(fields.get(c) for c in AUDIT_COLUMNS))
 
+    def audit_exported(self, name: str, last_id: int, messages: int, now: float) -> None:
+        """An export's receiver has read everything up to audit row ``last_id``: the
+        cursor moves there (never back), and the last error is cleared."""
+        self.conn.execute(
+            "INSERT INTO audit_exports (name, last_id, exported, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET last_id = MAX(last_id, excluded.last_id), "
+            "exported = exported + excluded.exported, updated_at = excluded.updated_at, "
+            "last_error = NULL, failed_at = NULL", (name, last_id, messages, now))
+
+    def audit_export_failed(self, name: str, why: str, now: float) -> None:
+        """An export attempt failed (the cursor stays): why, in routing-safe words."""
+        self.conn.execute(
+            "INSERT INTO audit_exports (name, last_error, failed_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET last_error = excluded.last_error, "
+            "failed_at = excluded.failed_at", (name, why, now))
+
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 

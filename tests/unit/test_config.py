@@ -64,7 +64,32 @@ def stow(url: str, prefix: str = STOW_PREFIX) -> Callable[[Path], Path]:
         egress={"allowed_tcp": [], "allowed_http": [prefix]})
 
 
+def audit_export(table: dict[str, Any], allowed: list[str] | None = None) -> Callable[[Path], Path]:
+    """A config whose [egress] allows the pacs and ``allowed``, with [audit_export] ``table``."""
+    return lambda d: write_config(
+        d, egress={"allowed_tcp": ["127.0.0.1:1", *(allowed or [])]},
+        tables={"audit_export": {"enabled": True, **table}})
+
+
 ERROR_CASES = [
+    # [audit_export]: the ARR must be allowed by [egress], and never cleartext off loopback
+    Case("audit_export_not_in_egress", audit_export({"host": "127.0.0.1"}),
+         "audit_export.host", "egress.allowed_tcp"),
+    Case("audit_export_cleartext_off_loopback",
+         audit_export({"host": "192.0.2.7"}, ["192.0.2.7:6514"]), "audit_export.host", "cleartext"),
+    Case("audit_export_needs_host", audit_export({}), "audit_export.host", "is required"),
+    Case("audit_export_listener_tls_key",
+         audit_export({"host": "127.0.0.1", "tls": {"require_client_cert": True}}, ["127.0.0.1:6514"]),
+         "audit_export.tls.require_client_cert", "does not apply"),
+    Case("audit_export_hash_without_ids",
+         audit_export({"host": "127.0.0.1", "patient_id_hash": False}, ["127.0.0.1:6514"]),
+         "audit_export.patient_id_hash", "include_patient_ids"),
+    Case("audit_export_app_name", audit_export({"host": "127.0.0.1", "app_name": "mf console"},
+                                               ["127.0.0.1:6514"]),
+         "audit_export.app_name", "APP-NAME"),
+    Case("audit_export_unknown_key", audit_export({"host": "127.0.0.1", "hostname": "x"},
+                                                  ["127.0.0.1:6514"]),
+         "audit_export.hostname", "unknown key"),
     # unknown keys: a typo must never fall back to a default
     Case("unknown_listener_key", lambda d: write_config(d, listener={"calling_aet": ["X"]}),
          "listeners[0].calling_aet", "unknown key"),
@@ -417,6 +442,7 @@ def test_accepted_keys_cover_what_the_parser_reads():
     accepted = set().union(*accepted_keys().values())
     for cls in (config_mod.EngineConfig, config_mod.StoreConfig, config_mod.EgressConfig,
                 config_mod.ListenerConfig, config_mod.DestinationConfig,
+                config_mod.audit_export_mod.AuditExportConfig,
                 *(k.config for k in REGISTRY.kinds())):
         for name in cls.__dataclass_fields__:
             assert name in accepted, f"{cls.__name__}.{name}"
@@ -482,3 +508,22 @@ def test_passcode_over_tls_off_loopback_loads(tmp_path):
     pki = make_pki(tmp_path / "pki")
     cfg = load(passcode_config(tmp_path, host="10.1.2.3", tls={"ca_file": str(pki["ca.crt"])}))
     assert cfg.destinations[0].tls is not None and cfg.destinations[0].passcode_file is not None
+
+
+def test_audit_export_read(tmp_path):
+    from tlsgen import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    cfg = load(write_config(tmp_path, egress={"allowed_tcp": ["127.0.0.1:1", "localhost:6514"]},
+                            tables={"audit_export": {
+                                "enabled": True, "host": "localhost",
+                                "tls": {"ca_file": str(pki["ca.crt"]), "cert_file": str(pki["client.crt"]),
+                                        "key_file": str(pki["client.key"])},
+                                "enterprise_site_id": "General Hospital", "include_patient_ids": True,
+                                "patient_id_hash": True, "batch": 50, "interval_s": 0.5}}))
+    ax = cfg.audit_export
+    assert (ax.enabled, ax.host, ax.port, ax.app_name, ax.batch, ax.interval_s) == (
+        True, "localhost", 6514, "mfconsole", 50, 0.5)
+    assert ax.tls.ca_file == pki["ca.crt"] and ax.tls.cert_file == pki["client.crt"]
+    assert ax.include_patient_ids and ax.patient_id_hash and ax.enterprise_site_id == "General Hospital"
+    assert not load(write_config(tmp_path / "off")).audit_export.enabled

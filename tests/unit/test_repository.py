@@ -255,3 +255,25 @@ def test_rows_checks_names_and_matches_null(tx):
         tx.rows("sqlite_master")
     with pytest.raises(ValueError):
         tx.rows("deliveries", **{"state = 'dead' OR 1": 1})
+
+
+# -- audit export cursor -----------------------------------------------------------------
+
+def test_the_audit_export_cursor_only_moves_forward_and_keeps_its_last_error(tx):
+    assert tx.audit_export("arr")["last_id"] == 0                       # nothing exported yet
+    fields = {"sop_instance_uid": "1.2.3", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+              "study_uid": "1.2", "version": 1, "digest": "d", "blob": "b", "received_at": 1.0}
+    object_id = tx.insert_object(fields, None)
+    for event in ("engine_started", "stored", "delivered"):
+        tx.audit(event, object_id=object_id if event != "engine_started" else None)
+    rows = tx.audit_to_export(0, 10)
+    assert [r["event"] for r in rows] == ["engine_started", "stored", "delivered"]
+    assert rows[1]["study_uid"] == "1.2" and rows[0]["study_uid"] is None   # the object joined
+    assert [r["event"] for r in tx.audit_to_export(rows[0]["id"], 1)] == ["stored"]
+    tx.audit_export_failed("arr", "cannot connect to arr:6514", 5.0)
+    assert tx.audit_export("arr")["last_id"] == 0                       # a failure moves nothing
+    tx.audit_exported("arr", rows[2]["id"], 3, 6.0)
+    tx.audit_exported("arr", rows[0]["id"], 1, 7.0)                    # never back
+    state = tx.audit_export("arr")
+    assert (state["last_id"], state["exported"], state["last_error"]) == (rows[2]["id"], 4, None)
+    assert tx.audit_to_export(state["last_id"], 10) == []
