@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from mfconsole.egress import is_loopback
 
+EXPORT_NAME = "arr"          # the row of audit_exports the export keeps its cursor in
 AUDIT_EXPORT_KEYS = frozenset({
     "enabled", "host", "port", "tls", "allow_cleartext", "app_name", "enterprise_site_id",
     "include_patient_ids", "patient_id_hash", "batch", "interval_s", "retry_max_s",

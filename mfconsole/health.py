@@ -100,6 +100,15 @@ def problems(config: Any, status: dict[str, Any], reads: Any = None,
                 out.append(Problem(DEGRADED, f"dead_letters:{name}",
                                    f"destination {name}: {n} dead letter(s) in the last "
                                    f"{_duration(h.dead_letters_window_s)}"))
+        export = getattr(config, "audit_export", None)
+        if export is not None and export.enabled:
+            from mfconsole.audit_export import EXPORT_NAME
+
+            state = reads.audit_export(EXPORT_NAME)
+            if state["last_error"]:      # cleared by the next batch the ARR reads
+                out.append(Problem(DEGRADED, "audit_export",
+                                   f"audit export: the last attempt failed ({state['last_error']}); "
+                                   f"audit rows after {state['last_id']} wait for the ARR"))
         last_reload = reads.last_event(("reloaded", "reload_refused"))
         if last_reload is not None and last_reload["status"] == "errors":
             out.append(Problem(DEGRADED, "reload_refused",

@@ -22,13 +22,12 @@ import time
 from typing import Any, Callable
 
 from mfconsole import egress, tls
-from mfconsole.audit_export import AuditExportConfig
+from mfconsole.audit_export import EXPORT_NAME, AuditExportConfig
 from mfconsole.auditlog import events, message, syslog
 from mfconsole.repository import Tx
 
 log = logging.getLogger("mfconsole.audit_export")
 
-EXPORT_NAME = "arr"          # the row of audit_exports this export keeps its cursor in
 FIRST_RETRY_S = 1.0
 _PATIENT_CACHE = 256         # object id -> patient identifier, for the rows of one object
 

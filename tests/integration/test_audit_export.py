@@ -18,7 +18,8 @@ from lxml import etree
 import dicomgen
 from harness import CANARY_ID, CANARY_NAME, poll, store_files
 from mfconsole.auditlog import events, message
-from mfconsole.engine.audit_export import EXPORT_NAME
+from mfconsole import ops
+from mfconsole.audit_export import EXPORT_NAME
 from mfconsole.repository import db_path, reading
 from syslog_arr import Rsyslog
 from tlsgen import make_pki
@@ -82,12 +83,14 @@ def test_the_audit_trail_reaches_the_arr_and_survives_its_outage(engine_factory,
          message="a failed export attempt recorded")
     cursor = reads.audit_export(EXPORT_NAME)["last_id"]
     assert cursor < reads.last_audit_id()                              # the backlog waits
+    assert "audit_export" in [p.key for p in ops.health(engine.config, engine)]   # health says so
     assert len(arr.lines()) == received_before
 
     arr.start()                                                         # back: the backlog goes
     poll(lambda: len(stored_messages(arr)) >= 6, timeout=30, message="6 stored messages at the ARR")
     poll(lambda: reads.audit_export(EXPORT_NAME)["last_id"] == reads.last_audit_id(), timeout=20)
     assert reads.audit_export(EXPORT_NAME)["last_error"] is None
+    assert "audit_export" not in [p.key for p in ops.health(engine.config, engine)]
 
     engine.stop()                    # engine_stopped is flushed on the way out
     docs = arr.messages()

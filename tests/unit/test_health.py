@@ -57,8 +57,12 @@ def test_oldest_pending_counts_past_the_threshold_unless_paused(tmp_path):
 
 
 class Reads:
-    def __init__(self, dead=None, reload=None):
-        self.dead, self.reload = dead or {}, reload
+    def __init__(self, dead=None, reload=None, export_error=None):
+        self.dead, self.reload, self.export_error = dead or {}, reload, export_error
+
+    def audit_export(self, name):
+        assert name == "arr"
+        return {"last_id": 41, "last_error": self.export_error}
 
     def events_since(self, events, since):
         assert events == ("dead_lettered",) and since == NOW - 600
@@ -109,3 +113,17 @@ def test_health_table_is_read_and_checked(tmp_path):
     keys = [k for k, _ in err.value.problems]
     assert "health.dead_letters" in keys and "health.store_min_free_percent" in keys
     assert any(k.startswith("health.oldest") for k in keys)
+
+
+def test_a_failing_audit_export_is_degraded_when_enabled(tmp_path):
+    from mfconsole.audit_export import AuditExportConfig
+
+    cfg = config(tmp_path, dead_letters_window_s=600)
+    cfg.audit_export = AuditExportConfig(enabled=True, host="127.0.0.1")
+    problem, = health.problems(cfg, status(), Reads(export_error="cannot connect to 127.0.0.1:6514"), now=NOW)
+    assert problem.key == "audit_export" and problem.text == (
+        "audit export: the last attempt failed (cannot connect to 127.0.0.1:6514); "
+        "audit rows after 41 wait for the ARR")
+    assert health.problems(cfg, status(), Reads(), now=NOW) == []
+    cfg.audit_export = AuditExportConfig(enabled=False)
+    assert health.problems(cfg, status(), Reads(export_error="x"), now=NOW) == []
