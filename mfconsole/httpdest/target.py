@@ -13,14 +13,11 @@ import dataclasses
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from mfconsole import tls
 from mfconsole.contract import DESTINATION, PERMANENT, Outcome
-
-if TYPE_CHECKING:
-    from mfconsole.config import TLSConfig
 
 
 @dataclass(frozen=True)
@@ -28,7 +25,9 @@ class Target:
     """Where and how to send. A protocol's subclass adds its own keys (each field is a
     destination key of the same name)."""
     url: str
-    tls: "TLSConfig | None" = None
+    # A config.TLSConfig or None, as tls.client_context takes it (config stands above
+    # this package: it loads the kinds, which load their clients).
+    tls: Any = None
     bearer_token_file: Path | None = None
     username: str | None = None
     password_file: Path | None = None
