@@ -31,7 +31,8 @@ def test_origin_names_scheme_host_and_port_only():
 @pytest.mark.parametrize("module,sender,resent,dropped", [
     (stow, stow.StowSender, "the objects may be stored: they are sent again (STOW is idempotent)",
      "the objects may be stored: they are sent again (STOW is idempotent)"),
-    (fhir, fhir.FhirSender, "the resource may be stored: it is sent again (a conditional update is idempotent)",
+    (fhir, fhir.FhirSender,
+     "the resource may be stored: it is sent again (a conditional update is idempotent)",
      "the resource is sent again (a conditional update is idempotent)")])
 def test_a_lost_answer_says_what_is_sent_again(module, sender, resent, dropped):
     target = module.Target(url="http://127.0.0.1:8080/x", response_timeout_s=5)
