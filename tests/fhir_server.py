@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import ssl
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from fhir_models import validate
+from http_server import Handler, ScriptedServer
 
 FHIR_JSON = "application/fhir+json"
 
@@ -76,24 +75,13 @@ def outcome(severity: str, code: str, diagnostics: str) -> bytes:
         {"severity": severity, "code": code, "diagnostics": diagnostics}]}).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
-
-    def log_message(self, *args: Any) -> None:
-        pass
+class _Handler(Handler):
+    server: Any   # http_server._HTTPServer, owner: FhirServer
 
     def reply(self, status: int, body: bytes = b"", content_type: str = FHIR_JSON,
               headers: dict[str, str] | None = None) -> None:
         self._req.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
+        super().reply(status, body, content_type, headers)
 
     def _record(self) -> Request:
         parts = urlsplit(self.path)
@@ -116,58 +104,27 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         owner = self.server.owner
         req = self._record()
-        with owner.lock:
-            behaviour = owner._script.pop(0) if owner._script else None
+        behaviour = owner.next_behaviour()
         if behaviour is not None and behaviour(owner, req, self):
             return
         owner.conditional_update(req, self)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    owner: "FhirServer"
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
-
-
 @dataclass
-class FhirServer:
+class FhirServer(ScriptedServer):
     tls: ssl.SSLContext | None = None
     duplicates: bool = False
     requests: list[Request] = field(default_factory=list)
     resources: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
+    thread_name = "fhir-server"
+
     def __post_init__(self) -> None:
-        self.lock = threading.Lock()
-        self._script: list[Behaviour] = []
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.owner = self
-        if self.tls is not None:
-            self._httpd.socket = self.tls.wrap_socket(self._httpd.socket, server_side=True,
-                                                      do_handshake_on_connect=False)
-        self._thread: threading.Thread | None = None
+        self._serve(_Handler)
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._httpd.server_address[1]}/fhir"
-
-    def script(self, *behaviours: Behaviour) -> "FhirServer":
-        with self.lock:
-            self._script.extend(behaviours)
-        return self
-
-    def start(self) -> "FhirServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name="fhir-server")
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        return f"{self.base}/fhir"
 
     def puts(self) -> list[Request]:
         with self.lock:

@@ -24,13 +24,13 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import dcmread
 
+from http_server import Handler, ScriptedServer
 from tlsgen import make_pki, server_context  # noqa: F401  (make_pki re-exported for the tests)
 
 FAILED, REFERENCED = "00081198", "00081199"
@@ -173,23 +173,8 @@ def drop(store_first: bool = False) -> Behaviour:
 
 # -- the server ------------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
-
-    def log_message(self, *args: Any) -> None:   # quiet
-        pass
-
-    def reply(self, status: int, body: bytes, content_type: str,
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
+class _Handler(Handler):
+    server: Any   # http_server._HTTPServer, owner: StowServer
 
     def do_POST(self) -> None:
         owner = self.server.owner
@@ -200,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts, types = split_multipart(body, ctype) if ctype.startswith("multipart/related") else ([], [])
         uids = [str(dcmread(BytesIO(p), stop_before_pixels=True).SOPInstanceUID) for p in parts]
         req = Request(time.time(), self.path, dict(self.headers.items()), parts, uids, types)
-        with owner.lock:
+        with owner.lock:   # one step: the requests' order is the behaviours' order
             owner.requests.append(req)
             behaviour = owner._script.pop(0) if owner._script else owner.default
         req.behaviour = behaviour.__name__
@@ -217,64 +202,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.reply(404, b"", "text/plain")
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    owner: "StowServer"
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass   # a client that gave up (timeout) leaves a broken pipe behind: expected here
-
-
 @dataclass
-class StowServer:
+class StowServer(ScriptedServer):
     default: Behaviour = field(default_factory=stored)
     tls: ssl.SSLContext | None = None
     requests: list[Request] = field(default_factory=list)
     stored: dict[str, bytes] = field(default_factory=dict)
     client_certs: list[Any] = field(default_factory=list)
 
+    thread_name = "stow-server"
+
     def __post_init__(self) -> None:
-        self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self._script: list[Behaviour] = []
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.owner = self
-        if self.tls is not None:
-            # The handshake happens in the handler thread (at the first read), so a
-            # client that fails it never stalls the accept loop.
-            self._httpd.socket = self.tls.wrap_socket(self._httpd.socket, server_side=True,
-                                                      do_handshake_on_connect=False)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._httpd.server_address[1]
-
-    @property
-    def base(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        self._serve(_Handler)
 
     @property
     def url(self) -> str:
         return f"{self.base}/dicom-web"
 
-    def script(self, *behaviours: Behaviour) -> "StowServer":
-        with self.lock:
-            self._script.extend(behaviours)
-        return self
-
-    def start(self) -> "StowServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"stow-server-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
-        self.stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        self.stopping.set()   # a slow() behaviour stops waiting
+        super().stop()
 
     def posts(self) -> list[Request]:
         with self.lock:

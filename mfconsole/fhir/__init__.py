@@ -6,5 +6,5 @@ updates the one resource instead of creating another.
 kind.py declares the destination's keys, client.py is the Sender the delivery
 framework drives (mfconsole/contract.py), status.py the table of what a FHIR server's
 answer means. Knows nothing of SQLite or the engine; the HTTP plumbing (egress-pinned
-connection, credentials, TLS) is STOW's (mfconsole/stow/client.py).
+connection, credentials, TLS) is mfconsole/httpdest's, shared with STOW.
 """

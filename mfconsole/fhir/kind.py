@@ -1,7 +1,8 @@
 """The fhir destination kind: FHIR R4 resources (made by a study-level handler, e.g.
 handlers/study_to_imagingstudy.py) to a FHIR server, as conditional updates.
 
-The same rules as stow for the url, TLS, credentials and egress (config.check_http_peer).
+The same url and credential keys as stow (httpdest/keys.py), and the same rules for them,
+TLS and egress (config.check_http_peer).
 Listed in mfconsole/kinds.py. Loading it loads no sender: client.py (httpx) is
 imported when a sender or an echo is made.
 """
@@ -9,29 +10,20 @@ imported when a sender or an echo is made.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
-from mfconsole.config import (TRIGGERS, DestinationConfig, DestinationKind, check_http_peer,
-                              http_prefix_problem, https_url, not_empty, one_of, positive,
-                              readable_secret_problem, setting)
+from mfconsole.config import (TRIGGERS, DestinationKind, check_http_peer, http_prefix_problem,
+                              https_url, one_of, positive, setting)
 from mfconsole.egress import Checks
+from mfconsole.httpdest.keys import HttpDestination
 
 
 @dataclass(frozen=True, kw_only=True)
-class FhirDestination(DestinationConfig):
+class FhirDestination(HttpDestination):
     kind: ClassVar[str] = "fhir"
     url: str = setting(doc="The FHIR server's base URL (resources go to {url}/ImagingStudy…), "
                        "under an [egress].allowed_http prefix.", check=http_prefix_problem,
                        label="url")
-    bearer_token_file: Path | None = setting(
-        None, doc="Bearer token (the whole file), read at every request; chmod 600.",
-        check=readable_secret_problem)
-    username: str | None = setting(None, doc="Basic authentication: the user name (with "
-                                   "password_file).", check=not_empty)
-    password_file: Path | None = setting(None, doc="Basic authentication: the password, in a "
-                                         "file read at every request; chmod 600.",
-                                         check=readable_secret_problem)
     response_timeout_s: float = setting(60.0, doc="The server's answer after the request is "
                                         "sent.", check=positive)
     idle_timeout_s: float = setting(30.0, doc="An idle connection is closed after this.",

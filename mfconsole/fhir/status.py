@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mfconsole.contract import (BOUNDED, DELIVERED, DESTINATION, MESSAGE, PERMANENT, TRANSIENT,
-                                Outcome)
+from mfconsole.contract import BOUNDED, DELIVERED, MESSAGE, PERMANENT, Outcome
+from mfconsole.httpdest.status import destination_answer
 
 MAX_ISSUES = 5   # issues named in a reason; the rest counted
 
@@ -26,8 +26,6 @@ _DESTINATION = {
          "server supports conditional update",
     415: "the FHIR server does not accept application/fhir+json (HTTP 415)",
 }
-_TRANSIENT = {408: "request timeout", 429: "too many requests", 500: "internal error",
-              502: "bad gateway", 503: "service unavailable", 504: "gateway timeout"}
 
 
 def issue_codes(body: bytes, content_type: str = "") -> list[tuple[str, str]] | None:
@@ -74,17 +72,9 @@ def fhir_http(status: int, retry_after_s: float | None = None,
         return Outcome(DELIVERED, status=code, reason="created" if status == 201 else "updated")
     if 200 <= status < 300:
         return Outcome(DELIVERED, status=code, reason=f"accepted (HTTP {status})")
-    if 300 <= status < 400:
-        # Following a redirect would send PHI (and credentials) somewhere the egress
-        # allowlist never approved.
-        return Outcome(PERMANENT, DESTINATION, code, f"the FHIR server redirects (HTTP {status}); "
-                       "redirects are never followed: set url to the final address")
-    if status in _DESTINATION:
-        return Outcome(PERMANENT, DESTINATION, code, _DESTINATION[status])
-    if status in _TRANSIENT or 500 <= status < 600:
-        words = _TRANSIENT.get(status, "server error")
-        return Outcome(TRANSIENT, DESTINATION, code,
-                       f"the FHIR server answered {words} (HTTP {status})", retry_after_s)
+    whole = destination_answer(status, "the FHIR server", _DESTINATION, retry_after_s)
+    if whole is not None:
+        return whole
     if status == 412:
         return Outcome(PERMANENT, MESSAGE, code, "the FHIR server holds several resources with "
                        "this study's identifier (HTTP 412 Precondition Failed): the conditional "

@@ -12,28 +12,19 @@ imported when a sender or an echo is made.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
-from mfconsole.config import (DestinationConfig, DestinationKind, check_http_peer,
-                              http_prefix_problem, https_url, in_range, not_empty, positive,
-                              readable_secret_problem, setting)
+from mfconsole.config import (DestinationKind, check_http_peer, http_prefix_problem, https_url,
+                              in_range, positive, setting)
 from mfconsole.egress import Checks
+from mfconsole.httpdest.keys import HttpDestination
 
 
 @dataclass(frozen=True, kw_only=True)
-class StowDestination(DestinationConfig):
+class StowDestination(HttpDestination):
     kind: ClassVar[str] = "stow"
     url: str = setting(doc="The DICOMweb base URL (without /studies), under an "
                        "[egress].allowed_http prefix.", check=http_prefix_problem, label="url")
-    bearer_token_file: Path | None = setting(
-        None, doc="Bearer token (the whole file), read at every request; chmod 600.",
-        check=readable_secret_problem)
-    username: str | None = setting(None, doc="Basic authentication: the user name (with "
-                                   "password_file).", check=not_empty)
-    password_file: Path | None = setting(None, doc="Basic authentication: the password, in a "
-                                         "file read at every request; chmod 600.",
-                                         check=readable_secret_problem)
     batch_max_objects: int = setting(10, doc="Instances per request.", check=in_range(1, 1000))
     batch_max_mb: int = setting(16, doc="MiB per request (a larger object travels alone).",
                                 check=in_range(1, 4096))

@@ -13,9 +13,7 @@ patient data) is kept, logged or put in a reason.
 
 from __future__ import annotations
 
-import email.utils
 import json
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +27,8 @@ REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
 
-# A peer controls both: bound them.
+# A peer controls it: bound it.
 MAX_BODY_BYTES = 8 * 1024 * 1024
-RETRY_AFTER_MAX_S = 3600.0
 
 
 @dataclass
@@ -158,26 +155,6 @@ def _from_xml(body: bytes) -> Answer | None:
                 reason = _xml_value(item, reason_tag)
                 into[uid] = _code(reason) if reason is not None else None
     return answer
-
-
-# -- Retry-After (RFC 9110 10.2.3) -----------------------------------------------------
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait: delay-seconds or an HTTP-date, capped at RETRY_AFTER_MAX_S."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:     # HTTP-dates are GMT
-            return None
-        seconds = when.timestamp() - (now if now is not None else time.time())
-    return max(0.0, min(seconds, RETRY_AFTER_MAX_S))
 
 
 # -- classification --------------------------------------------------------------------

@@ -5,9 +5,9 @@ WarningReason is read with the C-STORE table (mfconsole/dimse/status.py).
 
 from __future__ import annotations
 
-from mfconsole.contract import (BOUNDED, DELIVERED, DESTINATION, MESSAGE, PERMANENT, TRANSIENT,
-                                WARNING, Outcome)
+from mfconsole.contract import BOUNDED, DELIVERED, MESSAGE, PERMANENT, TRANSIENT, WARNING, Outcome
 from mfconsole.dimse.status import cstore_status
+from mfconsole.httpdest.status import destination_answer
 
 _HTTP_DESTINATION = {
     401: "the archive refused our credentials (HTTP 401); check bearer_token_file or "
@@ -17,8 +17,6 @@ _HTTP_DESTINATION = {
     405: "the url does not accept POST (HTTP 405); check url (it ends before /studies)",
     415: "the archive does not accept multipart/related application/dicom (HTTP 415)",
 }
-_HTTP_TRANSIENT = {408: "request timeout", 429: "too many requests", 500: "internal error",
-                   502: "bad gateway", 503: "service unavailable", 504: "gateway timeout"}
 
 
 def stow_http(status: int, retry_after_s: float | None = None) -> Outcome:
@@ -32,17 +30,9 @@ def stow_http(status: int, retry_after_s: float | None = None) -> Outcome:
                        "failures (HTTP 202) and named no result for this instance")
     if 200 <= status < 300:
         return Outcome(DELIVERED, status=code, reason="stored")
-    if 300 <= status < 400:
-        # Following a redirect would send PHI (and credentials) somewhere the egress
-        # allowlist never approved.
-        return Outcome(PERMANENT, DESTINATION, code, f"the archive redirects (HTTP {status}); "
-                       "redirects are never followed: set url to the final address")
-    if status in _HTTP_DESTINATION:
-        return Outcome(PERMANENT, DESTINATION, code, _HTTP_DESTINATION[status])
-    if status in _HTTP_TRANSIENT or 500 <= status < 600:
-        words = _HTTP_TRANSIENT.get(status, "server error")
-        return Outcome(TRANSIENT, DESTINATION, code, f"the archive answered {words} (HTTP {status})",
-                       retry_after_s)
+    whole = destination_answer(status, "the archive", _HTTP_DESTINATION, retry_after_s)
+    if whole is not None:
+        return whole
     if status == 413:
         return Outcome(PERMANENT, MESSAGE, code, "the archive refuses this object as too large (HTTP 413)")
     if status == 409:

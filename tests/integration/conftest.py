@@ -88,3 +88,37 @@ def orthanc_module(tmp_path_factory):
         yield o.start()
     finally:
         o.kill()
+
+
+# Scripted HTTP servers (tests/stow_server.py, tests/fhir_server.py), for what a real
+# archive or FHIR server will not do on demand. Imported when a test asks for one.
+
+def _started(server_class):
+    servers = []
+
+    def make(**kwargs):
+        servers.append(server_class(**kwargs).start())
+        return servers[-1]
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def stow_server():
+    """Start STOW-RS servers: ``server = stow_server(tls=..., default=...)``; all are
+    stopped at teardown."""
+    from stow_server import StowServer
+
+    yield from _started(StowServer)
+
+
+@pytest.fixture
+def fhir_server():
+    """Start FHIR servers: ``server = fhir_server(tls=...)``; all are stopped at teardown."""
+    from fhir_server import FhirServer
+
+    yield from _started(FhirServer)

@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 import dicomgen
-from fhir_server import FhirServer, answer, drop, outcome, unavailable
+from fhir_server import answer, drop, outcome, unavailable
 from harness import CANARY_ID, CANARY_NAME, REPO, write_config
 from mfconsole import egress, ops
 from mfconsole.config import load
@@ -32,19 +32,6 @@ from tlsgen import make_pki, server_context
 
 TOKEN = "TOKEN-CANARY-77aa"
 FAST = {"connect_timeout_s": 2, "response_timeout_s": 5}
-
-
-@pytest.fixture
-def fhir_server():
-    servers: list[FhirServer] = []
-
-    def make(**kwargs) -> FhirServer:
-        servers.append(FhirServer(**kwargs).start())
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 def destination(folder: Path, url: str, allowed: list[str] | None = None, **keys):

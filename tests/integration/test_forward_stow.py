@@ -22,7 +22,7 @@ from harness import delivery_states, holds, mfconsole, poll, stored_sha256, writ
 from mfconsole.config import EgressConfig
 from mfconsole.engine import outbox
 from peers import require_tool
-from stow_server import StowServer, answer, drop, make_pki, server_tls, slow, stored, too_large
+from stow_server import answer, drop, make_pki, server_tls, slow, stored, too_large
 
 FAST = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "down_after": 5, "connect_timeout_s": 2,
         "response_timeout_s": 5, "bounded_attempts": 2}
@@ -32,19 +32,6 @@ PASSWORD = "PASSWORD-CANARY-8be2"
 
 def stow_dest(url: str, **extra) -> dict:
     return {"name": "web", "kind": "stow", "url": url, **FAST, **extra}
-
-
-@pytest.fixture
-def stow_server():
-    servers: list[StowServer] = []
-
-    def make(**kwargs) -> StowServer:
-        servers.append(StowServer(**kwargs).start())
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 def storescu(engine, files: list[Path], *extra: str) -> None:

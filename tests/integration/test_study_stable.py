@@ -25,7 +25,6 @@ import dicomgen
 from harness import holds, mfconsole, poll, store_files
 from mfconsole.config import DestinationConfig, DestinationKind
 from mllp_peer import MllpPeer
-from stow_server import StowServer
 from test_forward_dimse import dimse_dest
 from test_forward_mllp import ehr_dest
 
@@ -68,19 +67,6 @@ def send_series(port: int, series: list[list[Path]], pause: float) -> float:
             time.sleep(pause)
         store_files(port, files)
     return time.time()
-
-
-@pytest.fixture
-def stow_server():
-    servers: list[StowServer] = []
-
-    def make(**kwargs) -> StowServer:
-        servers.append(StowServer(**kwargs).start())
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 def test_three_series_go_out_as_one_stow_request_after_the_quiet_period(

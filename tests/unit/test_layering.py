@@ -1,8 +1,8 @@
 """The layers of mfconsole, read from the source (``ast``; nothing is imported):
 
-* the protocol packages (dimse, stow, mllp, hl7) never import the engine, at any
-  level and by no way round through another mfconsole module: the engine drives them
-  through mfconsole/contract.py;
+* the protocol packages (dimse, ul, stow, fhir, mllp, hl7, and httpdest below stow
+  and fhir) never import the engine, at any level and by no way round through
+  another mfconsole module: the engine drives them through mfconsole/contract.py;
 * contract.py stands below both sides: of mfconsole it imports only hardening and tls
   (lazily, for the text of raised_at and tls_failure), and what it reaches that way
   reaches neither the engine nor a protocol package;
@@ -30,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOLS = ("mfconsole.dimse", "mfconsole.ul", "mfconsole.stow", "mfconsole.mllp", "mfconsole.hl7",
-             "mfconsole.fhir", "mfconsole.auditlog")
+             "mfconsole.fhir", "mfconsole.auditlog", "mfconsole.httpdest")
 ENGINE = "mfconsole.engine"
 CONTRACT = "mfconsole.contract"
 CONTRACT_MAY_IMPORT = {"mfconsole.hardening", "mfconsole.tls"}

@@ -7,6 +7,7 @@ import email.utils
 import pytest
 
 from mfconsole.contract import BOUNDED, DELIVERED, DESTINATION, MESSAGE, PERMANENT, TRANSIENT, WARNING
+from mfconsole.httpdest import session
 from mfconsole.stow import response
 from mfconsole.stow.status import stow_http, stow_instance
 from stow_server import Request, dicom_json, dicom_xml
@@ -130,11 +131,11 @@ def test_reason_codes_as_archives_send_them(value, code):
 
 def test_retry_after_seconds_and_dates():
     now = 1_800_000_000.0
-    assert response.retry_after("2", now) == 2.0
-    assert response.retry_after(" 120 ", now) == 120.0
-    assert response.retry_after(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
-    assert response.retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
-    assert response.retry_after("999999", now) == response.RETRY_AFTER_MAX_S
-    assert response.retry_after("soon", now) is None
-    assert response.retry_after("-5", now) is None
-    assert response.retry_after(None, now) is None
+    assert session.retry_after("2", now) == 2.0
+    assert session.retry_after(" 120 ", now) == 120.0
+    assert session.retry_after(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
+    assert session.retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
+    assert session.retry_after("999999", now) == session.RETRY_AFTER_MAX_S
+    assert session.retry_after("soon", now) is None
+    assert session.retry_after("-5", now) is None
+    assert session.retry_after(None, now) is None
