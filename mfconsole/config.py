@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from urllib.parse import urlsplit
 
 from mfconsole import coerce as coerce_mod
+from mfconsole.alerting import settings as alerts_mod
 from mfconsole import egress as egress_mod
 from mfconsole import health as health_mod
 from mfconsole import rules as rules_mod
@@ -41,7 +42,7 @@ _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes",
-                      "rules", "routing", "health"})
+                      "rules", "routing", "health", "alerts"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
                         "inflight_mb"})
@@ -76,6 +77,10 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "rules.coerce": coerce_mod.ALL_KEYS,
         "routing": rules_mod.ROUTING_KEYS,
         "health": health_mod.HEALTH_KEYS,
+        # [alerts.email] and [alerts.webhook] are tables of their own, listed below.
+        "alerts": alerts_mod.ALERTS_KEYS - {"email", "webhook"},
+        "alerts.email": alerts_mod.EMAIL_KEYS,
+        "alerts.webhook": alerts_mod.WEBHOOK_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
     }
@@ -189,6 +194,8 @@ class Config:
     routing: rules_mod.Routing = field(default_factory=rules_mod.Routing)
     # [health] (mfconsole/health.py): when a condition is a problem (health, alerts).
     health: health_mod.HealthConfig = field(default_factory=health_mod.HealthConfig)
+    # [alerts] (mfconsole/alerting/settings.py): None when absent (no alerts).
+    alerts: alerts_mod.AlertsConfig | None = None
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -416,13 +423,14 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
                                                                 instant),
         read_coercion=lambda p, value: coerce_mod.read(r, value, p, lambda v: resolve(v, v)))
     health = health_mod.read(r, raw.get("health", {}))
+    alerts = alerts_mod.read(r, raw.get("alerts"), lambda v: resolve(v, v), egress, pins)
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path.resolve(), engine=engine, store=store, egress=egress,
                   listeners=tuple(listeners), destinations=tuple(destinations),
                   routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins,
-                  rules=rules, routing=routing, health=health)
+                  rules=rules, routing=routing, health=health, alerts=alerts)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:

@@ -25,6 +25,7 @@ from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard
 from mfconsole.ul.acceptor import InflightBudget, Listener
 from mfconsole.engine import holds, logs, outbox
+from mfconsole.engine.alerts import AlertWorker, channel_senders
 from mfconsole.engine.commitment import CommitmentWorker, apply_report
 from mfconsole.engine.delivery import DestinationWorkers
 from mfconsole.engine.engine_lock import DataDirLock, EngineError
@@ -130,6 +131,7 @@ class Engine:
         self.handlers: Handlers | None = None
         self._reload_lock = threading.Lock()
         self.control: Any = None
+        self.alerts: AlertWorker | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -181,6 +183,7 @@ class Engine:
             self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                                  daemon=True)
             self._housekeeper.start()
+            self._start_alerts()
             self._start_control()
             self.store.audit("engine_started", detail=f"version={__version__} pid={os.getpid()}")
             log.info("engine started (data_dir %s, %d listener(s))", self.data_dir, len(self.listeners))
@@ -193,6 +196,9 @@ class Engine:
         if self.control is not None:      # no console action may start while stopping
             self.control.stop()
             self.control = None
+        if self.alerts is not None:       # first: listeners stopping are no condition
+            self.alerts.stop(5)
+            self.alerts = None
         timeout = self.config.engine.shutdown_timeout_s
         for listener in self.listeners:
             listener.stop(timeout)
@@ -227,6 +233,22 @@ class Engine:
                         "engine", exc.strerror or exc)
             return
         self.control = server
+
+    def _start_alerts(self) -> None:
+        """The alerts thread (engine/alerts.py): always there, idle without [alerts],
+        so a reload can add them. Problems as `mfconsole health` lists them."""
+        from mfconsole import health
+        from mfconsole.engine.status import collect
+
+        def problems() -> list[Any]:
+            assert self.store is not None
+            return health.problems(self.config, collect(self.config, self), self.store.reader())
+
+        assert self.store is not None
+        checks = egress.Checks(self.egress_tcp_dial, self.egress_http_dial)
+        self.alerts = AlertWorker(self.store, lambda: self.config.alerts, problems,
+                                  channel_senders(checks))
+        self.alerts.start()
 
     def _start_deliveries(self) -> None:
         for dest in self.config.destinations:
