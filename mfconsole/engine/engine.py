@@ -197,7 +197,9 @@ class Engine:
             self.control.stop()
             self.control = None
         if self.alerts is not None:       # first: listeners stopping are no condition
-            self.alerts.stop(5)
+            # A send under way may take its timeout; what it sent is marked by its own
+            # commit, so the store must outlive it.
+            self.alerts.stop(self.config.engine.shutdown_timeout_s)
             self.alerts = None
         timeout = self.config.engine.shutdown_timeout_s
         for listener in self.listeners:

@@ -129,3 +129,12 @@ def test_webhook_off_the_allowlist_fails_check(tmp_path):
     result = mfconsole("--config", str(path), "check")
     assert result.returncode == 2, result
     assert "alerts.webhook.url" in result.stdout + result.stderr
+
+
+def test_check_says_where_alerts_go(tmp_path):
+    path = write_config(tmp_path, egress={"allowed_tcp": ["127.0.0.1:1"],
+                                          "allowed_http": ["http://127.0.0.1:9/hooks"]},
+                        tables={"alerts": {"webhook": {"url": "http://127.0.0.1:9/hooks/mf"}}})
+    result = mfconsole("--config", str(path), "check")
+    assert result.returncode == 0, result
+    assert "alerts by webhook" in result.stdout
