@@ -17,7 +17,7 @@ from mfconsole.alerting.settings import AlertsConfig
 from mfconsole.config import ConfigError, load
 from mfconsole.engine.alerts import AlertWorker, backoff
 from mfconsole.health import DEGRADED, DOWN, Problem
-from mfconsole.repository import Reads, connect, migrate, transaction
+from mfconsole.repository import AuditFilter, Reads, connect, migrate, transaction
 from mfconsole.repository import alerts as repo
 
 DOWN_PACS = Problem(DEGRADED, "destination_down:pacs", "destination pacs: down (refused)")
@@ -87,8 +87,8 @@ class Rig:
             self.worker.tick(self.cfg)
 
     def audited(self) -> list[str]:
-        return [r["detail"] for r in self.store.conn.execute(
-            "SELECT detail FROM audit WHERE event = 'alert_sent' ORDER BY id")]
+        rows = self.store.reader().audit_page(AuditFilter(event="alert_sent"), None, 100)
+        return [r["detail"] for r in reversed(rows)]
 
 
 def test_a_condition_shorter_than_hold_s_sends_nothing(tmp_path):

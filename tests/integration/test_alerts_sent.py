@@ -13,6 +13,7 @@ import pytest
 import dicomgen
 from alert_sinks import SmtpSink, WebhookSink
 from harness import CANARY_ID, CANARY_NAME, holds, mfconsole, poll, store_files, write_config
+from mfconsole.repository import AuditFilter
 from mfconsole.repository import alerts as repo
 from test_forward_dimse import dimse_dest
 from tlsgen import make_pki
@@ -90,8 +91,8 @@ def test_pacs_down_and_recovered_once_each_across_an_engine_kill(serve_factory, 
     assert not any(CANARY_NAME in t or CANARY_ID in t for t in texts)
     with serve.db() as reads:
         outbox = repo.outbox(reads)
-        audited = reads.conn.execute("SELECT status, detail FROM audit WHERE event = 'alert_sent' "
-                                     "ORDER BY id").fetchall()
+        audited = [(r["status"], r["detail"])
+                   for r in reads.audit_page(AuditFilter(event="alert_sent"), None, 100)]
     assert len(outbox) == 4 and all(r["sent_at"] is not None for r in outbox)
     assert sorted((r[0], r[1].split(":")[0]) for r in audited) == [
         ("cleared", "email"), ("cleared", "webhook"), ("started", "email"), ("started", "webhook")]
