@@ -49,7 +49,7 @@ class SmtpSink:
                   and auth_data.password.decode() == self.password)
             self.logins.append((auth_data.login.decode() if isinstance(auth_data, LoginPassword)
                                 else "?", ok))
-            return AuthResult(success=ok)
+            return AuthResult(success=ok, handled=False)   # handled=False: it answers 535
 
         self.port = self.port or free_port()
         self._controller = Controller(
@@ -69,7 +69,7 @@ class SmtpSink:
 
 
 class WebhookSink:
-    def __init__(self, status: int = 204):
+    def __init__(self, status: int = 204, tls_context: Any = None):
         self.posts: list[dict[str, Any]] = []      # {"path", "authorization", "json"}
         self.status = status
         sink = self
@@ -89,8 +89,11 @@ class WebhookSink:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls_context is not None:
+            self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hooks/mfconsole"
+        scheme = "https" if tls_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/hooks/mfconsole"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> "WebhookSink":
