@@ -39,6 +39,7 @@ from mfconsole.engine.store import IngestRequest, Store, StoreRefused
 from mfconsole.engine.vault import VaultError
 from mfconsole.kinds import kind_of
 from mfconsole.repository import Tx
+from mfconsole.repository import alerts as alert_rows
 
 log = logging.getLogger("mfconsole.engine")
 
@@ -449,6 +450,9 @@ class Engine:
                 n = self.store.purge_expired(self.config.store.retention_days, stop=self._stop)
                 # Hold rows of studies released before the retention: forgotten.
                 self.store.call(Tx.forget_released_holds,
+                                time.time() - self.config.store.retention_days * 86400)
+                # Alert messages sent before the retention: forgotten (audited when sent).
+                self.store.call(alert_rows.forget_sent,
                                 time.time() - self.config.store.retention_days * 86400)
                 if n:
                     log.info("retention: purged %d object(s)", n)

@@ -76,6 +76,12 @@ def mark_failed(tx: Tx, message_id: int, next_attempt_at: float, error: str) -> 
         "WHERE id = ? AND sent_at IS NULL", (next_attempt_at, error, message_id))
 
 
+def forget_sent(tx: Tx, before: float) -> int:
+    """Messages sent before ``before`` (the retention): their audit rows remain."""
+    return tx.conn.execute("DELETE FROM alert_outbox WHERE sent_at IS NOT NULL AND sent_at < ?",
+                           (before,)).rowcount
+
+
 def outbox(reads: Reads, limit: int = 1000) -> list[dict[str, Any]]:
     """The newest messages (sent or not), oldest first: for operators and tests."""
     rows = [dict(r) for r in reads.conn.execute(

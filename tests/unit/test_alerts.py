@@ -283,3 +283,14 @@ def test_smtp_without_starttls_off_loopback_is_refused(tmp_path):
         "host": "192.0.2.7", "port": 25, "starttls": False, "from": "mf@example.org",
         "to": ["a@example.org"]}}, egress={"allowed_tcp": ["127.0.0.1:1", "192.0.2.7:25"]}))
     assert [k for k, _ in found] == ["alerts.email.starttls"], found
+
+
+def test_sent_messages_are_forgotten_after_the_retention(tmp_path):
+    rig = Rig(tmp_path, hold_s=0)
+    rig.problems = [DOWN_PACS]
+    rig.run(5)
+    assert len(repo.outbox(rig.store.reader())) == 2
+    sent_at = repo.outbox(rig.store.reader())[0]["sent_at"]
+    assert rig.store.call(repo.forget_sent, sent_at) == 0
+    assert rig.store.call(repo.forget_sent, sent_at + 1) == 2
+    assert repo.outbox(rig.store.reader()) == [] and len(rig.audited()) == 2
