@@ -190,7 +190,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         print(f"{config.path}: OK ({len(config.listeners)} listener(s), "
               f"{len(config.destinations)} destination(s), {len(config.routes)} route(s)"
-              + (f", {len(config.rules)} rule(s)" if config.rules else "") + ")")
+              + (f", {len(config.rules)} rule(s)" if config.rules else "")
+              + (f", alerts by {' and '.join(config.alerts.channels)}"
+                 if config.alerts is not None and config.alerts.enabled else "") + ")")
         return EXIT_OK
     if command == "status":
         return cmd_status(config, as_json=args.json)

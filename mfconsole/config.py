@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from mfconsole import audit_export as audit_export_mod
 from mfconsole import coerce as coerce_mod
+from mfconsole.alerting import settings as alerts_mod
 from mfconsole import egress as egress_mod
 from mfconsole import health as health_mod
 from mfconsole import metrics as metrics_mod
@@ -43,7 +44,7 @@ _HANDLER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Every key each table accepts; anything else is reported as an unknown key. The
 # shipped config.toml documents each of them (tests/unit/test_config.py checks).
 TOP_KEYS = frozenset({"engine", "store", "egress", "listeners", "destinations", "routes",
-                      "rules", "routing", "health", "metrics", "audit_export"})
+                      "rules", "routing", "health", "metrics", "audit_export", "alerts"})
 ENGINE_KEYS = frozenset({"data_dir", "log_level", "shutdown_timeout_s"})
 STORE_KEYS = frozenset({"key_file", "previous_key_files", "max_object_mb", "retention_days",
                         "inflight_mb"})
@@ -81,6 +82,10 @@ def accepted_keys() -> dict[str, frozenset[str]]:
         "metrics": metrics_mod.METRICS_KEYS,
         "audit_export": audit_export_mod.AUDIT_EXPORT_KEYS,
         "audit_export.tls": DESTINATION_TLS_KEYS,
+        # [alerts.email] and [alerts.webhook] are tables of their own, listed below.
+        "alerts": alerts_mod.ALERTS_KEYS - {"email", "webhook"},
+        "alerts.email": alerts_mod.EMAIL_KEYS,
+        "alerts.webhook": alerts_mod.WEBHOOK_KEYS,
         "listeners.tls": LISTENER_TLS_KEYS,
         "destinations.tls": DESTINATION_TLS_KEYS,
     }
@@ -199,6 +204,8 @@ class Config:
     # [audit_export] (mfconsole/audit_export.py): the audit trail to an ARR over syslog.
     audit_export: audit_export_mod.AuditExportConfig = field(
         default_factory=audit_export_mod.AuditExportConfig)
+    # [alerts] (mfconsole/alerting/settings.py): None when absent (no alerts).
+    alerts: alerts_mod.AlertsConfig | None = None
 
     def destination(self, name: str) -> DestinationConfig:
         return next(d for d in self.destinations if d.name == name)
@@ -432,6 +439,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         r, raw.get("audit_export", {}),
         read_tls=lambda t, p: _tls(r, t, p, "destination", lambda v: resolve(v, v)),
         egress_problem=lambda host, port: _egress_tcp_problem(egress, pins, host, port))
+    alerts = alerts_mod.read(r, raw.get("alerts"), lambda v: resolve(v, v), egress, pins)
 
     if r.problems:
         raise ConfigError(str(path), r.problems)
@@ -439,7 +447,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
                   listeners=tuple(listeners), destinations=tuple(destinations),
                   routes=tuple(routes), handlers_dir=handlers_dir, egress_pins=pins,
                   rules=rules, routing=routing, health=health, metrics=metrics,
-                  audit_export=audit_export)
+                  audit_export=audit_export, alerts=alerts)
 
 
 def _array(r: _Reader, raw: Any, key: str) -> list[Any]:

@@ -25,6 +25,7 @@ from mfconsole.dimse.dataset_scan import HeaderSummary
 from mfconsole.dimse.listener import AssociationBoard
 from mfconsole.ul.acceptor import InflightBudget, Listener
 from mfconsole.engine import holds, latency, logs, outbox
+from mfconsole.engine.alerts import AlertWorker, channel_senders
 from mfconsole.engine.audit_export import AuditExporter
 from mfconsole.engine.commitment import CommitmentWorker, apply_report
 from mfconsole.engine.delivery import DestinationWorkers
@@ -39,6 +40,7 @@ from mfconsole.engine.store import IngestRequest, Store, StoreRefused
 from mfconsole.engine.vault import VaultError
 from mfconsole.kinds import kind_of
 from mfconsole.repository import Tx
+from mfconsole.repository import alerts as alert_rows
 
 log = logging.getLogger("mfconsole.engine")
 
@@ -140,6 +142,7 @@ class Engine:
         self.metrics: Any = None
         # Each destination's seconds per object delivered, kept across reloads.
         self.send_latency = latency.PerName(latency.SEND_BUCKETS)
+        self.alerts: AlertWorker | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -191,6 +194,7 @@ class Engine:
             self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                                  daemon=True)
             self._housekeeper.start()
+            self._start_alerts()
             self._start_control()
             self._start_metrics()
             self._start_audit_export()
@@ -208,6 +212,11 @@ class Engine:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self.alerts is not None:       # first: listeners stopping are no condition
+            # A send under way may take its timeout; what it sent is marked by its own
+            # commit, so the store must outlive it.
+            self.alerts.stop(self.config.engine.shutdown_timeout_s)
+            self.alerts = None
         timeout = self.config.engine.shutdown_timeout_s
         for listener in self.listeners:
             listener.stop(timeout)
@@ -267,6 +276,21 @@ class Engine:
             return
         self.audit_exporter = AuditExporter(cfg, self.store, self.config, self.egress_tcp_dial)
         self.audit_exporter.start()
+    def _start_alerts(self) -> None:
+        """The alerts thread (engine/alerts.py): always there, idle without [alerts],
+        so a reload can add them. Problems as `mfconsole health` lists them."""
+        from mfconsole import health
+        from mfconsole.engine.status import collect
+
+        def problems() -> list[Any]:
+            assert self.store is not None
+            return health.problems(self.config, collect(self.config, self), self.store.reader())
+
+        assert self.store is not None
+        checks = egress.Checks(self.egress_tcp_dial, self.egress_http_dial)
+        self.alerts = AlertWorker(self.store, lambda: self.config.alerts, problems,
+                                  channel_senders(checks))
+        self.alerts.start()
 
     def _start_deliveries(self) -> None:
         for dest in self.config.destinations:
@@ -474,6 +498,9 @@ class Engine:
                 n = self.store.purge_expired(self.config.store.retention_days, stop=self._stop)
                 # Hold rows of studies released before the retention: forgotten.
                 self.store.call(Tx.forget_released_holds,
+                                time.time() - self.config.store.retention_days * 86400)
+                # Alert messages sent before the retention: forgotten (audited when sent).
+                self.store.call(alert_rows.forget_sent,
                                 time.time() - self.config.store.retention_days * 86400)
                 if n:
                     log.info("retention: purged %d object(s)", n)

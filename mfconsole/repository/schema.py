@@ -205,7 +205,7 @@ def _v11_commitment(conn: sqlite3.Connection) -> None:
                  "WHERE state = 'requested'")
 
 
-def _v13_audit_export(conn: sqlite3.Connection) -> None:
+def _v12_audit_export(conn: sqlite3.Connection) -> None:
     """How far each export of the audit trail got (``name``: "arr" for [audit_export]):
     ``last_id`` the last audit row the receiver has read, advanced only after that;
     ``last_error`` why the last attempt failed (NULL once one succeeds)."""
@@ -213,13 +213,29 @@ def _v13_audit_export(conn: sqlite3.Connection) -> None:
                  "name TEXT PRIMARY KEY, last_id INTEGER NOT NULL DEFAULT 0, "
                  "exported INTEGER NOT NULL DEFAULT 0, updated_at REAL, last_error TEXT, "
                  "failed_at REAL)")
+def _v13_alerts(conn: sqlite3.Connection) -> None:
+    """Alerts (mfconsole/engine/alerts.py): the conditions seen (a health problem key,
+    since when, last seen, since when it is gone, whether its start was announced)
+    and the outbox of messages, one row per message and channel, kept once sent
+    (``sent_at``) so a restart announces nothing twice."""
+    conn.execute("CREATE TABLE IF NOT EXISTS alert_conditions ("
+                 "key TEXT PRIMARY KEY, severity INTEGER NOT NULL, text TEXT NOT NULL, "
+                 "since REAL NOT NULL, last_seen REAL NOT NULL, absent_since REAL, "
+                 "notified_started INTEGER NOT NULL DEFAULT 0)")
+    conn.execute("CREATE TABLE IF NOT EXISTS alert_outbox ("
+                 "id INTEGER PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL, "
+                 "channel TEXT NOT NULL, subject TEXT NOT NULL, text TEXT NOT NULL, "
+                 "created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
+                 "next_attempt_at REAL NOT NULL, sent_at REAL, last_error TEXT)")
+    conn.execute("CREATE INDEX IF NOT EXISTS alert_outbox_unsent ON alert_outbox (channel, id) "
+                 "WHERE sent_at IS NULL")
 
 
 # In order; a migration is never edited once released: a change is a new one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables, _v2_handler_digest, _v3_suspect, _v4_actor, _v5_destination_suspect,
     _v6_unpurged_index, _v7_object_browser, _v8_coercion, _v9_priority, _v10_study_hold,
-    _v11_commitment, _v13_audit_export)
+    _v11_commitment, _v12_audit_export, _v13_alerts)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

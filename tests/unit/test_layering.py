@@ -30,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOLS = ("mfconsole.dimse", "mfconsole.ul", "mfconsole.stow", "mfconsole.mllp", "mfconsole.hl7",
-             "mfconsole.fhir", "mfconsole.auditlog", "mfconsole.httpdest")
+             "mfconsole.fhir", "mfconsole.auditlog", "mfconsole.httpdest", "mfconsole.alerting")
 ENGINE = "mfconsole.engine"
 CONTRACT = "mfconsole.contract"
 CONTRACT_MAY_IMPORT = {"mfconsole.hardening", "mfconsole.tls"}
