@@ -97,27 +97,19 @@ class Transformer:
 
     def __call__(self, handler_name: str, route: str, delivery_id: int, obj: Outbound,
                  origin: Origin | None = None) -> tuple[Outbound | Outcome, Stamp | None]:
-        """The object to send, or the Outcome that settles the delivery here."""
-        try:
-            handler = self.handlers.get(handler_name)
-        except HandlerError as exc:
-            return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), None
-        stamp = Stamp(handler.name, handler.version, handler.digest)
-        try:
-            from mfconsole.handlers.api import DicomObject
+        """The object to send, or the Outcome that settles the delivery here. A
+        study-level handler sees a study of this one object."""
+        from mfconsole.handlers.api import DicomObject
 
+        def make(handler: LoadedHandler, ctx: Any) -> Outbound | Outcome:
             source = DicomObject.from_bytes(obj.data, obj.transfer_syntax,
                                             sop_class_uid=obj.sop_class_uid,
                                             sop_instance_uid=obj.sop_instance_uid)
-            ctx = self.context(handler, route, delivery_id, origin)
             if handler.level == "study":
-                return self._study_outbound(handler, obj.study_uid, handler.run([source], ctx)), stamp
-            return self._outbound(handler, obj, result=handler.run(source, ctx)), stamp
-        except HandlerError as exc:
-            return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
-        except ValueError as exc:    # DicomParseError: the stored bytes do not parse
-            return Outcome(PERMANENT, MESSAGE, "handler input",
-                           f"handler {handler.name} {handler.version} not run: {exc}"), stamp
+                return self._study_outbound(handler, obj.study_uid, handler.run([source], ctx))
+            return self._outbound(handler, obj, result=handler.run(source, ctx))
+
+        return self._run(handler_name, route, delivery_id, origin, make)
 
     def is_study(self, handler_name: str | None) -> bool:
         """Whether the handler (as active now) is a study-level one."""
@@ -133,18 +125,27 @@ class Transformer:
         """Run a study-level handler once over ``objs`` (one study, arrival order): the
         one Outbound for all of them, or the Outcome that settles them all here.
         ``delivery_id`` (the study's first delivery) names the message control id."""
+        from mfconsole.handlers.api import DicomObject
+
+        def make(handler: LoadedHandler, ctx: Any) -> Outbound | Outcome:
+            study = [DicomObject.from_bytes(o.data, o.transfer_syntax, sop_class_uid=o.sop_class_uid,
+                                            sop_instance_uid=o.sop_instance_uid) for o in objs]
+            return self._study_outbound(handler, objs[0].study_uid, handler.run(study, ctx))
+
+        return self._run(handler_name, route, delivery_id, origin, make)
+
+    def _run(self, handler_name: str, route: str, delivery_id: int, origin: Origin | None,
+             make: Callable[[LoadedHandler, Any], Outbound | Outcome]
+             ) -> tuple[Outbound | Outcome, Stamp | None]:
+        """``make(handler, ctx)`` with the active version of the handler; its errors
+        (and input that does not parse) as the Outcome that settles the delivery."""
         try:
             handler = self.handlers.get(handler_name)
         except HandlerError as exc:
             return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), None
         stamp = Stamp(handler.name, handler.version, handler.digest)
         try:
-            from mfconsole.handlers.api import DicomObject
-
-            study = [DicomObject.from_bytes(o.data, o.transfer_syntax, sop_class_uid=o.sop_class_uid,
-                                            sop_instance_uid=o.sop_instance_uid) for o in objs]
-            result = handler.run(study, self.context(handler, route, delivery_id, origin))
-            return self._study_outbound(handler, objs[0].study_uid, result), stamp
+            return make(handler, self.context(handler, route, delivery_id, origin)), stamp
         except HandlerError as exc:
             return Outcome(PERMANENT, MESSAGE, "handler error", str(exc)), stamp
         except ValueError as exc:    # DicomParseError: the stored bytes do not parse
