@@ -439,7 +439,10 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         r, raw.get("audit_export", {}),
         read_tls=lambda t, p: _tls(r, t, p, "destination", lambda v: resolve(v, v)),
         egress_problem=lambda host, port: _egress_tcp_problem(egress, pins, host, port))
-    alerts = alerts_mod.read(r, raw.get("alerts"), lambda v: resolve(v, v), egress, pins)
+    alerts = alerts_mod.read(r, raw.get("alerts"), lambda v: resolve(v, v), alerts_mod.Checks(
+        secret=readable_secret_problem, http_url=_http_prefix,
+        tcp=lambda host, port: _egress_tcp_problem(egress, pins, host, port),
+        http=lambda url: _egress_http_problem(egress, pins, url)))
 
     if r.problems:
         raise ConfigError(str(path), r.problems)

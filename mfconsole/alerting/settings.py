@@ -108,10 +108,19 @@ def _address(value: str) -> str | None:
     return None
 
 
-def read(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: Any
-         ) -> AlertsConfig | None:
+@dataclass(frozen=True)
+class Checks:
+    """What config.py judges for these settings, handed in (config.py imports this
+    module, so it cannot import config.py): each returns None when fine, else why."""
+    secret: Callable[[Path], str | None]          # a credential file
+    tcp: Callable[[str, int], str | None]         # host:port against [egress].allowed_tcp
+    http: Callable[[str], str | None]             # a url against [egress].allowed_http
+    http_url: Callable[[str], str | None]         # the shape of an http(s) url
+
+
+def read(r: Any, raw: Any, resolve: Callable[[str], Path], checks: Checks) -> AlertsConfig | None:
     """[alerts] with config.py's reader ``r``; None when the table is absent (or
-    wrong: the problem is recorded). ``egress`` and ``pins``: the [egress] just read."""
+    wrong: the problem is recorded)."""
     if raw is None:
         return None
     t = r.table(raw, "alerts", ALERTS_KEYS)
@@ -121,8 +130,8 @@ def read(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: An
     enabled = r.get(t, "alerts", "enabled", bool, True)
     hold_s = r.get(t, "alerts", "hold_s", float, 60.0, _not_negative)
     interval_s = r.get(t, "alerts", "interval_s", float, 10.0, _positive)
-    email = _email(r, t["email"], resolve, egress, pins) if "email" in t else None
-    webhook = _webhook(r, t["webhook"], resolve, egress, pins) if "webhook" in t else None
+    email = _email(r, t["email"], resolve, checks) if "email" in t else None
+    webhook = _webhook(r, t["webhook"], resolve, checks) if "webhook" in t else None
     if enabled and "email" not in t and "webhook" not in t:
         r.fail("alerts", "names no channel: add [alerts.email] or [alerts.webhook] "
                "(or set enabled = false)")
@@ -132,15 +141,13 @@ def read(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: An
                         webhook=webhook)
 
 
-def _secret(r: Any, t: dict[str, Any], p: str, key: str, resolve: Callable[[str], Path]
-            ) -> Path | None:
-    from mfconsole.config import readable_secret_problem   # config.py imports this module
-
+def _secret(r: Any, t: dict[str, Any], p: str, key: str, resolve: Callable[[str], Path],
+            checks: Checks) -> Path | None:
     value = r.get(t, p, key, str, None, _text)
     if value is None:
         return None
     path = resolve(value)
-    why = readable_secret_problem(path)
+    why = checks.secret(path)
     if why:
         r.fail(f"{p}.{key}", why)
     return path
@@ -160,10 +167,7 @@ def _ca(r: Any, t: dict[str, Any], p: str, resolve: Callable[[str], Path]) -> Cl
     return tls
 
 
-def _email(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: Any
-           ) -> EmailConfig | None:
-    from mfconsole.config import _egress_tcp_problem
-
+def _email(r: Any, raw: Any, resolve: Callable[[str], Path], checks: Checks) -> EmailConfig | None:
     p = "alerts.email"
     t = r.table(raw, p, EMAIL_KEYS)
     if not isinstance(raw, dict):
@@ -174,7 +178,7 @@ def _email(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: 
     starttls = r.get(t, p, "starttls", bool, True)
     cleartext = r.get(t, p, "allow_cleartext", bool, False)
     username = r.get(t, p, "username", str, None, _text)
-    password_file = _secret(r, t, p, "password_file", resolve)
+    password_file = _secret(r, t, p, "password_file", resolve, checks)
     sender = r.get(t, p, "from", str, ..., _address)
     to = r.string_list(t, p, "to", ..., _address)
     if to == () and "to" in t:
@@ -186,7 +190,7 @@ def _email(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: 
     elif "username" in t and "password_file" not in t:
         r.fail(f"{p}.username", "needs password_file (SMTP AUTH is username + password)")
     if host is not None and port is not None:
-        why = _egress_tcp_problem(egress, pins, host, port)
+        why = checks.tcp(host, port)
         if why:
             r.fail(f"{p}.host", why.replace("this destination", "this mail server"))
         elif starttls is False and not is_loopback(host):
@@ -206,22 +210,20 @@ def _email(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: 
                        tls=tls, timeout_s=timeout_s)
 
 
-def _webhook(r: Any, raw: Any, resolve: Callable[[str], Path], egress: Any, pins: Any
+def _webhook(r: Any, raw: Any, resolve: Callable[[str], Path], checks: Checks
              ) -> WebhookConfig | None:
-    from mfconsole.config import _egress_http_problem, _http_prefix
-
     p = "alerts.webhook"
     t = r.table(raw, p, WEBHOOK_KEYS)
     if not isinstance(raw, dict):
         return None
     start = len(r.problems)
-    url = r.get(t, p, "url", str, ..., _http_prefix)
-    token = _secret(r, t, p, "bearer_token_file", resolve)
+    url = r.get(t, p, "url", str, ..., checks.http_url)
+    token = _secret(r, t, p, "bearer_token_file", resolve, checks)
     tls = _ca(r, t, p, resolve)
     cleartext = r.get(t, p, "allow_cleartext", bool, False)
     timeout_s = r.get(t, p, "timeout_s", float, 30.0, _positive)
     if url is not None:
-        why = _egress_http_problem(egress, pins, url)
+        why = checks.http(url)
         if why:
             r.fail(f"{p}.url", why.replace("this destination", "this webhook"))
         elif urlsplit(url).scheme.lower() == "http":
