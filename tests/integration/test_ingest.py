@@ -296,9 +296,12 @@ def test_echo_and_association_rejections(engine_factory):
         (r["calling_ae"], r["detail"].split(" (")[0]) for r in rows]
     assert ("INTRUDER", "calling AE title not recognized") in [
         (r["calling_ae"], r["detail"].split(" (")[0]) for r in rows]
-    recent = engine.board.snapshot()["recent"]
-    assert {r["reason"] for r in recent if r["status"] == "rejected"} >= {
-        "called AE title not recognized", "calling AE title not recognized"}
+    # The board is updated after the audit row is written: wait for it as well.
+    def board_rejections():
+        return {r["reason"] for r in engine.board.snapshot()["recent"] if r["status"] == "rejected"}
+    assert poll(lambda: board_rejections() >= {"called AE title not recognized",
+                                               "calling AE title not recognized"},
+                message="both rejections on the associations board")
 
 
 def test_over_max_associations_is_a_transient_reject(engine_factory):
