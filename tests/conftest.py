@@ -81,3 +81,16 @@ def serve_factory(tmp_path):
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_fault_scps_a_test_left_running():
+    """A FaultSCP a test started and did not stop is stopped by PID when the test ends
+    (else it runs, and takes its share of two cores, until the session ends). Those of
+    module-scoped fixtures were running before the test: they are left alone."""
+    import fault_scp
+
+    before = set(fault_scp._LIVE)
+    yield
+    for scp in set(fault_scp._LIVE) - before:
+        scp.stop()
