@@ -29,6 +29,7 @@ Loopback binding:
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import shutil
@@ -77,12 +78,40 @@ _SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 # --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """Return a TCP port that was free on 127.0.0.1 a moment ago.
+# Ports handed out below the kernel's ephemeral range, a block per pytest-xdist worker:
+# a port free a moment ago can then be taken neither by another worker's free_port()
+# nor by any outgoing connection's local port (those come from the ephemeral range).
+_PORT_BLOCK = 3000
+_PORT_BASE = 20000
+_next_port = itertools.count()
 
-    (Inherently racy -- another process may grab it before the peer binds
-    it; peers' ``start()`` fails loudly in that case.)
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def free_port() -> int:
+    """Return a TCP port that was free on 127.0.0.1 a moment ago: from this worker's
+    block below the ephemeral range when the machine leaves room for it, else any.
+
+    (A process outside the tests may still grab it before the peer binds it; peers'
+    ``start()`` fails loudly in that case.)
     """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    base = _PORT_BASE + (index % 4) * _PORT_BLOCK
+    if base + _PORT_BLOCK <= _ephemeral_low():
+        for _ in range(_PORT_BLOCK):
+            port = base + next(_next_port) % _PORT_BLOCK
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]

@@ -29,7 +29,8 @@ class Tmux:
                               timeout=20).stdout
 
     def start(self, command: str, width: int = 100, height: int = 30) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TMUX")}
+        # COLUMNS/LINES (pytest-xdist workers have them) would size the app, not the pane.
+        env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TMUX", "COLUMNS", "LINES")}
         subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-s", "console",
                         "-x", str(width), "-y", str(height), command], check=True, env=env,
                        cwd=self.folder, timeout=20)
@@ -40,9 +41,13 @@ class Tmux:
     def keys(self, *keys: str) -> None:
         self("send-keys", "-t", "console", *keys)
 
-    def wait(self, text: str, timeout: float = 20) -> str:
-        return poll(lambda: self.screen() if text in self.screen() else "", timeout=timeout,
-                    interval=0.1, message=f"{text!r} on the terminal")
+    def wait(self, *texts: str, timeout: float = 20) -> str:
+        """The screen once every one of ``texts`` is on it (a screen fills in parts)."""
+        def shown() -> str:
+            screen = self.screen()
+            return screen if all(t in screen for t in texts) else ""
+        return poll(shown, timeout=timeout, interval=0.1,
+                    message=f"{', '.join(map(repr, texts))} on the terminal")
 
     def kill(self) -> None:
         self("kill-server")

@@ -18,8 +18,10 @@ import shlex
 import signal
 import socket
 import stat
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -210,8 +212,9 @@ def test_console_config_edit_works_in_the_units_file_system_layout(spawn, tmp_pa
     read_only = [Path(p.lstrip("-")) for v in s.get("ReadOnlyPaths", []) for p in v.split()]
     umask = int(s["UMask"][0], 8)
     popen = unprivileged()
-    root = tmp_path / "root"
-    root.mkdir()
+    # A short root: the unit's paths nest deep under it, and a control socket's path
+    # must fit sun_path (108 bytes) wherever pytest puts tmp_path (xdist adds a level).
+    root = Path(tempfile.mkdtemp(prefix="mfunit-"))
     try:
         at = lambda p: root / p.relative_to("/")    # noqa: E731
         for path in [install, *writable, *read_only, config_path.parent]:
@@ -260,7 +263,8 @@ def test_console_config_edit_works_in_the_units_file_system_layout(spawn, tmp_pa
         assert f"(uid {os.geteuid()}" in details[-1] and "via control socket" in details[-1], details
     finally:
         for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-            d.chmod(0o755)                      # so that tmp_path can be cleaned up
+            d.chmod(0o755)                      # so that it can be removed
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- certificate-to-AE binding over a real TLS association ----------------------------------------

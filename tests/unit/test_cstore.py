@@ -14,7 +14,7 @@ COMMAND = 0x01
 
 
 @pytest.mark.parametrize("priority", [0, 1, 2])
-@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", generate_uid()])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", generate_uid(entropy_srcs=["mfconsole"])])
 def test_command_set_identical_to_pynetdicom(priority, sop_instance):
     req = C_STORE()
     req.MessageID, req.Priority = 65535, priority
