@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mfconsole.repository.schema import connect
-from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, HELD, IN_FLIGHT, PENDING
+from mfconsole.repository.states import ACTIVE_STATES, DEAD, DELIVERED, IN_FLIGHT, PENDING
 
 # The errors `status` lists.
 ERROR_EVENTS = ("refused", "association_rejected", "dead_lettered", "store_failed")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from pydicom.dataset import Dataset
 
 from mfconsole.config import ListenerConfig
 from mfconsole.contract import DELIVERED, Outcome
