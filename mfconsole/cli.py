@@ -863,7 +863,7 @@ def cmd_health(config: Config) -> int:
 def cmd_status(config: Config, *, as_json: bool) -> int:
     from mfconsole.engine.status import collect, routing
 
-    from mfconsole import ops
+    from mfconsole import health, ops
 
     status = collect(config)
     if status["engine"]["running"]:
@@ -873,12 +873,20 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
     # Which key sealed how many objects (the console's snapshot leaves this out: it
     # counts the whole objects table).
     status["keys"] = ops.key_report(config)
+    # What `mfconsole health` says, first: at 3 a.m. the answer to "is anything wrong?".
+    problems = ops.health(config)
+    status["health"] = {"severity": health.severity(problems),
+                        "problems": [{"severity": p.word, "key": p.key, "text": p.text}
+                                     for p in problems]}
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
         return EXIT_OK
     eng = status["engine"]
     print(f"engine: {'running (pid %s)' % eng['pid'] if eng['running'] else 'not running'}"
           f" — data_dir {status['data_dir']}")
+    print("health: ok" if not problems else f"health: {problems[0].word} ({len(problems)} problem(s))")
+    for p in problems:
+        print(f"  {p.word}: {p.text}")
     print("listeners:")
     for item in status["listeners"]:
         print(f"  {item['name']:<16} {item['ae_title']:<16} {item['host']}:{item['port']:<6} "

@@ -5,6 +5,8 @@ back → 0 again; the engine stopped → 2. Lines carry names and numbers only."
 
 from __future__ import annotations
 
+import json
+
 import dicomgen
 from harness import CANARY_ID, CANARY_NAME, mfconsole, poll, store_files
 from test_forward_dimse import dimse_dest
@@ -33,6 +35,11 @@ def test_health_follows_the_pacs_and_the_engine(serve_factory, storescp_factory,
     lines = out.splitlines()
     assert all(line.startswith("degraded: destination pacs: ") for line in lines), out
     assert CANARY_NAME not in out and CANARY_ID not in out
+    # status says the same, first thing.
+    text = mfconsole("--config", str(serve.config), "status").stdout
+    assert text.splitlines()[1].startswith("health: degraded (") and "  degraded: destination pacs: down" in text
+    got = json.loads(mfconsole("--config", str(serve.config), "status", "--json").stdout)["health"]
+    assert got["severity"] == 1 and "destination_down:pacs" in [p["key"] for p in got["problems"]]
 
     scp.start()
     scp.wait_for_files(3, timeout=30)
