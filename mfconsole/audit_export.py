@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mfconsole.egress import is_loopback
+from mfconsole.value_checks import port as port_problem, positive
 
 EXPORT_NAME = "arr"          # the row of audit_exports the export keeps its cursor in
 AUDIT_EXPORT_KEYS = frozenset({
@@ -50,14 +51,10 @@ def read(r: Any, raw: Any, *, read_tls: Callable[[dict[str, Any], str], Any],
     d = AuditExportConfig()
     before = len(r.problems)
 
-    def positive(value: float) -> str | None:
-        return None if value > 0 else "must be greater than 0"
-
     enabled = r.get(t, p, "enabled", bool, False)
     host = r.get(t, p, "host", str, "", lambda v: None if v.strip() and not any(c.isspace() for c in v)
                  else "must be a host name or IP address")
-    port = r.get(t, p, "port", int, d.port,
-                 lambda v: None if 1 <= v <= 65535 else "must be a TCP port (1-65535)")
+    port = r.get(t, p, "port", int, d.port, port_problem)
     tls = read_tls(t, p)
     cleartext = r.get(t, p, "allow_cleartext", bool, False)
     app_name = r.get(t, p, "app_name", str, d.app_name,

@@ -29,6 +29,7 @@ from mfconsole import egress as egress_mod
 from mfconsole import health as health_mod
 from mfconsole import metrics as metrics_mod
 from mfconsole import rules as rules_mod
+from mfconsole import value_checks
 from mfconsole import windows as windows_mod
 from mfconsole.names import ae_title_problem, name_problem as _name  # noqa: F401  (kinds import them from here)
 from mfconsole.egress import http_prefix_allows, is_loopback, tcp_allows  # noqa: F401 (re-exported)
@@ -313,12 +314,7 @@ def _closest(key: str, allowed: set[str]) -> str | None:
     return match[0] if match else None
 
 
-def _port(value: int) -> str | None:
-    return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
+_port, _positive = value_checks.port, value_checks.positive
 
 
 PRIORITIES = {"low": 2, "medium": 0, "high": 1}   # DIMSE priority codes (PS3.7 9.1.1.1)

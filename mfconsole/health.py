@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mfconsole.value_checks import positive
+
 OK, DEGRADED, DOWN = 0, 1, 2
 HEALTH_KEYS = frozenset({"oldest_pending_s", "dead_letters", "dead_letters_window_s",
                          "cert_expiry_days", "store_min_free_percent"})
@@ -46,9 +48,6 @@ def read(r: Any, raw: Any) -> HealthConfig:
     """[health] with config.py's reader ``r`` (problems with key paths)."""
     t = r.table(raw, "health", HEALTH_KEYS)
     d = HealthConfig()
-
-    def positive(value: float) -> str | None:
-        return None if value > 0 else "must be greater than 0"
 
     def percent(value: float) -> str | None:
         return None if 0 <= value < 100 else "must be a percentage from 0 to 99"

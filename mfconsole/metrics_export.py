@@ -139,14 +139,10 @@ def _listeners(config: Any, status: dict[str, Any], tally: Tally) -> list[Family
     up = Family("mfconsole_listener_up", GAUGE, "1 while the listener accepts associations.")
     for entry in status["listeners"]:
         up.add(1 if entry.get("state") == "listening" else 0, listener=entry["name"])
-    out = [up]
-    for what, help_text in (("associations", "Associations accepted."),
-                            ("objects", "Objects stored (new versions included, duplicates not)."),
-                            ("duplicates", "Objects received again with the same bytes.")):
-        f = Family(f"mfconsole_listener_{what}_total", COUNTER, help_text)
-        for name in names:
-            f.add(counted.get((name, what), 0), listener=name)
-        out.append(f)
+    out = [up, *_counters("listener", names, counted, (
+        ("associations", "Associations accepted."),
+        ("objects", "Objects stored (new versions included, duplicates not)."),
+        ("duplicates", "Objects received again with the same bytes.")))]
     f = Family("mfconsole_listener_received_bytes_total", COUNTER,
                "Bytes of the objects stored, as received (duplicates not counted).")
     for name in names:
@@ -194,14 +190,11 @@ def _destinations(config: Any, status: dict[str, Any], tally: Tally, engine: Any
     out = [queue, commitment, oldest, state, failures, held]
     counted = tally.by(2, DESTINATION_EVENTS)
     names = sorted({d.name for d in config.destinations} | {k[0] for k in counted})
-    for what, help_text in (("delivered", "Deliveries the peer accepted (warnings included)."),
-                            ("filtered", "Deliveries a handler chose not to send."),
-                            ("retries", "Failed attempts scheduled for a retry."),
-                            ("dead_letters", "Deliveries dead-lettered.")):
-        f = Family(f"mfconsole_destination_{what}_total", COUNTER, help_text)
-        for name in names:
-            f.add(counted.get((name, what), 0), destination=name)
-        out.append(f)
+    out += _counters("destination", names, counted, (
+        ("delivered", "Deliveries the peer accepted (warnings included)."),
+        ("filtered", "Deliveries a handler chose not to send."),
+        ("retries", "Failed attempts scheduled for a retry."),
+        ("dead_letters", "Deliveries dead-lettered.")))
     if engine is not None:
         f = Family("mfconsole_destination_send_seconds", HISTOGRAM,
                    "Seconds to send one object delivered (a request of several: its time "
@@ -213,6 +206,19 @@ def _destinations(config: Any, status: dict[str, Any], tally: Tally, engine: Any
 
 
 _COMMITMENT = frozenset({"awaiting_commitment", "commitment_requested"})
+
+
+def _counters(label: str, names: list[str], counted: dict[tuple[str, str], int],
+              specs: tuple[tuple[str, str], ...]) -> list[Family]:
+    """``mfconsole_{label}_{what}_total`` for each (what, help) of ``specs``: every
+    name in ``names``, 0 when nothing was counted for it yet."""
+    out = []
+    for what, help_text in specs:
+        f = Family(f"mfconsole_{label}_{what}_total", COUNTER, help_text)
+        for name in names:
+            f.add(counted.get((name, what), 0), **{label: name})
+        out.append(f)
+    return out
 
 
 def _store(config: Any, engine: Any, stored: tuple[int, int]) -> list[Family]:

@@ -20,18 +20,15 @@ from mfconsole import egress, tls
 from mfconsole.alerting import SendError
 from mfconsole.alerting.message import Message
 from mfconsole.alerting.settings import EmailConfig
+from mfconsole.secret_file import SecretFileError, read_secret
 
 
 def _password(cfg: EmailConfig) -> str:
     assert cfg.password_file is not None
     try:
-        value = cfg.password_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SendError(f"cannot read alerts.email.password_file "
-                        f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
-    if not value or any(ord(ch) < 0x20 for ch in value):
-        raise SendError("alerts.email.password_file is empty or not one line")
-    return value
+        return read_secret(cfg.password_file, "alerts.email.password_file")
+    except SecretFileError as exc:
+        raise SendError(str(exc)) from None
 
 
 class _PinnedSMTP(smtplib.SMTP):

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from mfconsole.egress import is_loopback
+from mfconsole.value_checks import not_negative as _not_negative, port as _port, positive as _positive
 
 ALERTS_KEYS = frozenset({"enabled", "hold_s", "interval_s", "email", "webhook"})
 EMAIL_KEYS = frozenset({"host", "port", "starttls", "allow_cleartext", "username",
@@ -81,18 +82,6 @@ class AlertsConfig:
     def channels(self) -> tuple[str, ...]:
         return tuple(name for name, c in (("email", self.email), ("webhook", self.webhook))
                      if c is not None)
-
-
-def _not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
-
-
-def _port(value: int) -> str | None:
-    return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
 
 
 def _text(value: str) -> str | None:

@@ -18,6 +18,7 @@ from mfconsole import __version__, egress, tls
 from mfconsole.alerting import SendError
 from mfconsole.alerting.message import Message
 from mfconsole.alerting.settings import WebhookConfig
+from mfconsole.secret_file import SecretFileError, read_secret
 
 
 def payload(message: Message) -> dict[str, Any]:
@@ -31,13 +32,9 @@ def _token(cfg: WebhookConfig) -> str | None:
     if cfg.bearer_token_file is None:
         return None
     try:
-        value = cfg.bearer_token_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SendError(f"cannot read alerts.webhook.bearer_token_file "
-                        f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
-    if not value or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise SendError("alerts.webhook.bearer_token_file is empty or not one line")
-    return value
+        return read_secret(cfg.bearer_token_file, "alerts.webhook.bearer_token_file")
+    except SecretFileError as exc:
+        raise SendError(str(exc)) from None
 
 
 def send(cfg: WebhookConfig, message: Message, check_http: egress.HttpCheck) -> str:

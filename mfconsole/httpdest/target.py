@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mfconsole import tls
+from mfconsole.secret_file import SecretFileError, read_secret
 from mfconsole.contract import DESTINATION, PERMANENT, Outcome
 
 
@@ -87,14 +88,9 @@ def configuration_failure(problem: ConfigurationProblem) -> Outcome:
 
 def _secret(path: Path, key: str) -> str:
     try:
-        value = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationProblem(f"cannot read {key}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
-    if not value:
-        raise ConfigurationProblem(f"{key} is empty")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise ConfigurationProblem(f"{key} holds control characters (one line expected)")
-    return value
+        return read_secret(path, key)
+    except SecretFileError as exc:
+        raise ConfigurationProblem(str(exc)) from None
 
 
 def authorization(target: Target) -> str | None:
