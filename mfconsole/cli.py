@@ -874,7 +874,7 @@ def cmd_status(config: Config, *, as_json: bool) -> int:
     # counts the whole objects table).
     status["keys"] = ops.key_report(config)
     # What `mfconsole health` says, first: at 3 a.m. the answer to "is anything wrong?".
-    problems = ops.health(config)
+    problems = ops.health(config, status=status)
     status["health"] = {"severity": health.severity(problems),
                         "problems": [{"severity": p.word, "key": p.key, "text": p.text}
                                      for p in problems]}

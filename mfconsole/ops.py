@@ -540,12 +540,13 @@ def routing_plan(config: Config, hours: float, *, actor: str | None = None) -> d
 
 # -- store keys ------------------------------------------------------------------
 
-def health(config: Config, engine: Any = None) -> list[Any]:
-    """mfconsole/health.py's problems, from the store as it is now."""
+def health(config: Config, engine: Any = None, status: dict[str, Any] | None = None) -> list[Any]:
+    """mfconsole/health.py's problems, from the store as it is now (``status``: what
+    engine/status.collect returned, when the caller has it already)."""
     from mfconsole import health as health_mod
     from mfconsole.engine.status import collect
 
-    status = collect(config, engine)
+    status = collect(config, engine) if status is None else status
     path = db_path(config.engine.data_dir)
     if not path.exists():
         return health_mod.problems(config, status)

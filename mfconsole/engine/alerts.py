@@ -91,10 +91,6 @@ def record_sent(tx: Tx, message: Message, channel: str, what: str, now: float) -
                  detail=f"{channel}: {message.subject} ({what})")
 
 
-def record_failed(tx: Tx, message_id: int, next_attempt_at: float, why: str) -> None:
-    repo.mark_failed(tx, message_id, next_attempt_at, why)
-
-
 def backoff(attempts: int) -> float:
     """The wait after the ``attempts``-th failure (1: the first)."""
     return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** max(0, attempts - 1))
@@ -172,7 +168,7 @@ class AlertWorker:
             except Exception as exc:    # SendError: routing-safe words; else a bug
                 why = str(exc) if isinstance(exc, SendError) else f"failed: {exc.__class__.__name__}"
                 wait = backoff(row["attempts"] + 1)
-                self.store.call(record_failed, message.id, self.clock() + wait, why)
+                self.store.call(repo.mark_failed, message.id, self.clock() + wait, why)
                 log.warning("alert %r by %s not sent (attempt %d): %s; next try in %.0f s",
                             message.subject, channel, row["attempts"] + 1, why, wait)
                 return

@@ -163,6 +163,8 @@ class Vault:
         self._search_keys = {kid.hex(): HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                                              info=SEARCH_INFO).derive(k)
                              for kid, k in self._keys.items()}
+        self._audit_key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                               info=AUDIT_INFO).derive(self._keys[self._active])
 
     @property
     def key_id(self) -> str:
@@ -190,9 +192,7 @@ class Vault:
         sealing key: the same patient has the same pseudonym in every exported audit
         message until the store key is rotated. Padding does not matter."""
         raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
-                   info=AUDIT_INFO).derive(self._keys[self._active])
-        return hmac.new(key, raw.strip(b"\x00 "), hashlib.sha256).hexdigest()
+        return hmac.new(self._audit_key, raw.strip(b"\x00 "), hashlib.sha256).hexdigest()
 
     def search_tokens(self, kind: str, value: bytes | str) -> list[str]:
         """The tokens of an identifier under every loaded key: objects stored before a
