@@ -17,14 +17,14 @@ Senders:
 
 * ``mfconsole xK``: ``mfconsole serve`` with one DIMSE destination (max_associations=K)
   pointing at storescp, sent with mfconsole's own upper layer (mfconsole/ul/sender.py).
-  The destination is paused (mfconsole.ops.pause, what
-  ``mfconsole pause`` runs), N-1 objects are ingested (storescu), then the clock starts,
-  the destination is resumed (mfconsole.ops.resume) and the last object is sent in over
-  an association opened beforehand: that ingest wakes the delivery workers, which would
-  otherwise notice a resume only at their next 1 s poll (engine/delivery.py). The clock
-  stops when all N deliveries are 'delivered' in the store (read-only SQLite poll every
-  10 ms, every 1 ms for the last 5%). So this is forwarding only: claim, read + decrypt, C-STORE, record outcome
-  (fsynced commits, several outcomes each), plus one small ingest.
+  The destination is paused through the engine's control socket (what ``mfconsole
+  pause`` does while an engine runs), N-1 objects are ingested (storescu), then the
+  clock starts, the destination is resumed the same way (``mfconsole resume``: the
+  engine wakes its workers at once) and the last object is sent in over an
+  association opened beforehand. The clock stops when all N deliveries are
+  'delivered' in the store (read-only SQLite poll every 10 ms, every 1 ms for the
+  last 5%). So this is forwarding only: claim, read + decrypt, C-STORE, record
+  outcome (fsynced commits, several outcomes each), plus one small ingest.
 * ``dcmsend``, ``storescu``: one process, one association, all N files (storescu -R
   proposes only the contexts the files need). Wall time is the process's lifetime.
 * ``... per object``: a new association for every object. mfconsole has no setting for
@@ -376,8 +376,9 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from mfconsole import ops
+    from mfconsole.client import engine_socket
     from mfconsole.config import load
+    from mfconsole.control import request
 
     k = int(case.rpartition("x")[2])
     n = len(ctx.files)
@@ -391,7 +392,11 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
         live.append(engine)
         engine.start()
         config = load(engine.config)
-        ops.pause(config, DEST)
+        served = engine_socket(config)
+        if served is None:
+            raise RuntimeError("mfconsole serve offers no control socket")
+        control = served[1]
+        request(control, "pause", {"destination": DEST})
         # Pre-load N-1 objects (one storescu, TCP_NODELAY=1) while the destination is paused.
         _, _, pre = run_dcmtk([[require_tool("storescu"), "-aet", "BENCH", "-aec", MF_AET, "-R",
                                 "+sd", LOOPBACK, str(engine.port), str(ctx.preload)]])
@@ -413,7 +418,7 @@ def run_mfconsole_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
         with Window(scp, (engine.pid,)) as w:
             wall0 = time.time()
             t0 = time.perf_counter()
-            ops.resume(config, DEST)
+            request(control, "resume", {"destination": DEST})
             status = assoc.send_c_store(ctx.kick)
             assoc.release()
             assoc = None

@@ -9,8 +9,11 @@ batch is claimed while this one is sent, and outcomes are written while the next
 ones go (at most RECORDS_IN_FLIGHT writes outstanding; all of them committed before
 the worker idles, pauses or stops, and when a round stops early). Senders that take
 several objects per request (STOW-RS) say so with ``max_batch``; the batch is cut
-into groups of one study each, bounded by count and bytes, and each group is read
-from the store only when its turn comes. A destination-scope failure (peer down,
+into groups of one study each, bounded by count and bytes. Each group's objects are
+read and decrypted on the worker's reader thread while the group before it is sent
+(the first group of the next round too, once its claim is in): a peer that answers
+one C-STORE at a time does not wait for our reads. A group over READ_AHEAD_BYTES is
+read only when its turn comes, so a worker holds about two groups at most. A destination-scope failure (peer down,
 rejected association) stops the batch: the rest goes back untouched, so one outage
 costs one attempt, not one per queued object. A message-scope failure dead-letters (or
 retries) that delivery only and the batch goes on: a poison object never blocks
@@ -37,7 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from mfconsole import contract
@@ -64,6 +67,17 @@ RECORDS_IN_FLIGHT = 1
 # A round projected to take less than this claims the next batch while it sends.
 AHEAD_ROUND_S = 0.2
 IDLE_POLL_S = 0.25
+# The next group of a round, up to this many bytes, is read and decrypted (on the
+# lane's reader thread) while the group before it is sent: with a peer that answers
+# each C-STORE before taking the next, the read is otherwise time the peer waits.
+READ_AHEAD_BYTES = 16 * 1024 * 1024
+
+
+def _unreadable(object_id: int, exc: Exception) -> Outcome:
+    if isinstance(exc, (KeyError, VaultError, OSError)):
+        return Outcome(PERMANENT, MESSAGE, "unreadable",
+                       f"stored object {object_id} cannot be read ({exc.__class__.__name__})")
+    return contract.internal_error(exc, "reading the stored object")
 
 
 def groups(items: list[outbox.Claimed], max_count: int, max_bytes: int,
@@ -100,6 +114,28 @@ class _Lane:
         # Each outcome with the handler version it ran and what coercion changed.
         self.records: deque[tuple[Future, list[tuple[outbox.Claimed, Outcome, Any, Any]]]] = deque()
         self.unrecorded: list[int] = []    # deliveries whose outcome write failed
+        self._reader: ThreadPoolExecutor | None = None    # reads ahead (started on first use)
+        self._next_read: tuple[list[int], Future] | None = None
+
+    def read_ahead(self, read: Callable[[list[int]], list[Any]], ids: list[int]) -> None:
+        """Read the objects ``ids`` (the group to be sent next) on the reader thread."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"read-{self.owner}")
+        self._next_read = (ids, self._reader.submit(read, ids))
+
+    def take_read(self, ids: list[int]) -> list[Any] | None:
+        """What was read ahead for exactly these objects, or None (nothing was, or
+        another group was: the round changed course)."""
+        pending, self._next_read = self._next_read, None
+        return pending[1].result() if pending is not None and pending[0] == ids else None
+
+    def forget_read(self) -> None:
+        self._next_read = None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None
 
 
 class DestinationWorkers:
@@ -213,6 +249,7 @@ class DestinationWorkers:
         finally:
             self._settle(lane)
             lane.sender.close()
+            lane.close()
 
     def _round(self, lane: _Lane) -> bool:
         """One claim-send-record round; False when there was nothing to do."""
@@ -342,7 +379,7 @@ class DestinationWorkers:
                 batches = self._groups(sender, items)
                 completed = True
             started, attempted = time.monotonic(), 0
-            for group in batches:
+            for n, group in enumerate(batches):
                 if self._stop.is_set() or not self._may_send(sender, group, attempted):
                     completed = False
                     break
@@ -352,7 +389,10 @@ class DestinationWorkers:
                                                    sender.in_order, self.held, lane.owner, False,
                                                    self.whole_studies)
                 attempted += len(group)
-                group_outcomes = self._attempt(sender, group)
+                read = lane.take_read([item.object_id for item in group])
+                self._read_ahead(lane, batches[n + 1] if n + 1 < len(batches)
+                                 else self._next_round_first(lane, sender))
+                group_outcomes = self._attempt(sender, group, read)
                 results += [(item, *done) for item, done in zip(group, group_outcomes)]
                 final = [o for o, _, _ in group_outcomes]
                 if any(o.ambiguous for o in final):
@@ -396,6 +436,21 @@ class DestinationWorkers:
                 rest.append(item)
         return [*study.values(), *groups(rest, *self.pacer.group_limits(*sender.max_batch),
                                          by_calling_ae=getattr(sender, "by_calling_ae", False))]
+
+    def _read_ahead(self, lane: _Lane, group: list[outbox.Claimed]) -> None:
+        """Read the group's objects on the lane's reader thread, unless it is too large
+        (``READ_AHEAD_BYTES``) or a study-level handler reads it for itself."""
+        if (group and sum(item.size for item in group) <= READ_AHEAD_BYTES
+                and not (self.transform is not None and self.transform.is_study(group[0].handler))):
+            lane.read_ahead(self._read, [item.object_id for item in group])
+
+    def _next_round_first(self, lane: _Lane, sender: Sender) -> list[outbox.Claimed]:
+        """The first group of the next round, when its batch is claimed already (the
+        claim ahead committed); else none."""
+        if lane.ahead is None or not lane.ahead.done() or lane.ahead.exception() is not None:
+            return []
+        items = lane.ahead.result()
+        return self._groups(sender, items)[0] if items else []
 
     def _may_send(self, sender: Sender, group: list[outbox.Claimed], attempted: int) -> bool:
         """Whether the next group of a round goes now (after its rate-cap slot): not
@@ -474,30 +529,27 @@ class DestinationWorkers:
                       "are requeued by the next sweep", self.name, exc.__class__.__name__)
         finally:
             lane.ahead = None
+            lane.forget_read()
             self.held.drop(lane.owner)
 
-    def _attempt(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any, Any]]:
+    def _attempt(self, sender: Sender, group: list[outbox.Claimed],
+                 read: list[bytes | Outcome] | None = None) -> list[tuple[Outcome, Any, Any]]:
         """Send one group: (outcome, handler stamp, what coercion changed) per object,
-        shorter when the sender stopped early. An object that cannot be read, or that
-        its handler filters or fails on, or whose coercion cannot be made, or that
-        raises anywhere on its way out, is settled on its own and the rest of the group
-        still goes."""
+        shorter when the sender stopped early. ``read``: its objects' bytes, read ahead
+        (``_read``). An object that cannot be read, or that its handler filters
+        or fails on, or whose coercion cannot be made, or that raises anywhere on its
+        way out, is settled on its own and the rest of the group still goes."""
         if self.transform is not None and self.transform.is_study(group[0].handler):
             return self._attempt_study(sender, group)
         objs: list[Outbound] = []
         settled: dict[int, tuple[Outcome, Any, Any]] = {}
         stamps: dict[int, Any] = {}
         coerced: dict[int, str | None] = {}
-        for i, item in enumerate(group):
-            try:
-                data = self.store.read_object(item.object_id)
-            except (KeyError, VaultError, OSError) as exc:
-                settled[i] = (Outcome(PERMANENT, MESSAGE, "unreadable",
-                                      f"stored object {item.object_id} cannot be read "
-                                      f"({exc.__class__.__name__})"), None, None)
-                continue
-            except Exception as exc:
-                settled[i] = (contract.internal_error(exc, "reading the stored object"), None, None)
+        if read is None:
+            read = self._read([item.object_id for item in group])
+        for i, (item, data) in enumerate(zip(group, read)):
+            if isinstance(data, Outcome):
+                settled[i] = (data, None, None)
                 continue
             obj: Any = Outbound(item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax,
                                 data, item.study_uid, item.calling_ae)
@@ -535,14 +587,15 @@ class DestinationWorkers:
             out.append((outcome, stamps.get(i), coerced.get(i)))
         return out
 
-    def _read(self, object_id: int) -> bytes | Outcome:
+    def _read(self, ids: list[int]) -> list[bytes | Outcome]:
+        """Each object's bytes (one query for them all), or the outcome of one that
+        cannot be read."""
         try:
-            return self.store.read_object(object_id)
-        except (KeyError, VaultError, OSError) as exc:
-            return Outcome(PERMANENT, MESSAGE, "unreadable", f"stored object {object_id} cannot be "
-                           f"read ({exc.__class__.__name__})")
-        except Exception as exc:
-            return contract.internal_error(exc, "reading the stored object")
+            read = self.store.read_objects(ids)
+        except Exception as exc:     # the query itself: every object's outcome
+            read = [exc] * len(ids)
+        return [_unreadable(object_id, data) if isinstance(data, Exception) else data
+                for object_id, data in zip(ids, read)]
 
     def _attempt_study(self, sender: Sender, group: list[outbox.Claimed]) -> list[tuple[Outcome, Any, Any]]:
         """One study through a study-level handler: the handler runs once over the
@@ -553,8 +606,7 @@ class DestinationWorkers:
         assert self.transform is not None
         settled: dict[int, tuple[Outcome, Any, Any]] = {}
         sources: list[tuple[int, Outbound]] = []
-        for i, item in enumerate(group):
-            data = self._read(item.object_id)
+        for i, (item, data) in enumerate(zip(group, self._read([item.object_id for item in group]))):
             if isinstance(data, Outcome):
                 settled[i] = (data, None, None)
                 continue
@@ -563,10 +615,9 @@ class DestinationWorkers:
                                                      item.calling_ae)))
         if getattr(self.cfg, "late_instance", "alone") == "update" and sources:
             mine = {item.object_id for item in group}
-            for row in self.store.reader().study_objects_sent(self.name, group[0].study_uid):
-                if row["object_id"] in mine:
-                    continue
-                data = self._read(row["object_id"])
+            earlier = [dict(row) for row in self.store.reader().study_objects_sent(
+                self.name, group[0].study_uid) if row["object_id"] not in mine]
+            for row, data in zip(earlier, self._read([row["object_id"] for row in earlier])):
                 if not isinstance(data, Outcome):    # purged since: the study as still stored
                     sources.append((row["object_id"], Outbound(
                         row["sop_class_uid"], row["sop_instance_uid"], row["transfer_syntax"],

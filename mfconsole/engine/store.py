@@ -479,13 +479,30 @@ class Store:
             return self._read_object(object_id)
 
     def _read_object(self, object_id: int) -> bytes:
-        where = self.reader().object_blob(object_id)
+        return self._open(object_id, self.reader().object_blob(object_id))
+
+    def _open(self, object_id: int, where: tuple[str, bytes | None] | None) -> bytes:
         if where is None:
             raise KeyError(object_id)
         blob, sealed = where
         if blob == INLINE:
             return self.vault.open_sealed(sealed, f"of object {object_id}")
         return self.vault.open_bytes(self.blob_root / blob)
+
+    def read_objects(self, object_ids: list[int]) -> list[bytes | Exception]:
+        """``read_object`` of each (one query for them all): its bytes, or the exception
+        reading it raised, so that one unreadable object does not sink the others."""
+        where = self.reader().object_blobs(object_ids)
+        out: list[bytes | Exception] = []
+        for object_id in object_ids:
+            try:
+                try:
+                    out.append(self._open(object_id, where.get(object_id)))
+                except FileNotFoundError:    # moved by `mfconsole rekey` since: read again
+                    out.append(self._read_object(object_id))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     # -- retention ---------------------------------------------------------------
 

@@ -1,0 +1,99 @@
+"""Objects read ahead: while one group of a round goes to the peer, the next group's
+objects are read and decrypted on the worker's reader thread (engine/delivery.py),
+and the first group of the next round too once its claim is committed. What a peer
+receives must not change: every object intact, in its own group's place, and one
+that cannot be read is settled on its own wherever it sits (first group, a group
+read ahead, a group of the round after)."""
+
+from __future__ import annotations
+
+import threading
+
+import dicomgen
+from fault_scp import FaultSCP
+from harness import poll
+from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
+
+from mfconsole.engine import delivery, outbox
+
+
+def _queue(engine, files) -> None:
+    engine.store.call(outbox.pause, "pacs", "test: queue first")
+    assert storescu(engine.listeners[0].address[1], files).returncode == 0
+
+
+def _resume(engine) -> None:
+    engine.store.call(outbox.resume, "pacs")
+    engine.deliveries["pacs"].wake.set()
+
+
+def _damage(engine, object_ids: list[int]) -> None:
+    """Flip a byte in each object's sealed (inline) blob: it fails authentication."""
+    def flip(tx, ids):
+        for object_id in ids:
+            sealed = bytearray(tx.conn.execute("SELECT sealed FROM blob_data WHERE object_id = ?",
+                                               (object_id,)).fetchone()[0])
+            sealed[-5] ^= 0xFF
+            tx.conn.execute("UPDATE blob_data SET sealed = ? WHERE object_id = ?",
+                            (bytes(sealed), object_id))
+    engine.store.call(flip, object_ids)
+
+
+def _accepted(scp: FaultSCP) -> dict[str, str]:
+    return {r["sop_instance_uid"]: r["sha256"] for r in scp.received() if r["status"] == 0}
+
+
+def test_unreadable_objects_anywhere_in_a_burst_are_settled_alone(engine_factory, tmp_path):
+    scp = FaultSCP(None, record_dir=tmp_path / "scp", ae_title="PACS").start()
+    engine = engine_factory(destinations=[dimse_dest(scp.port)])
+    files = dicomgen.write_corpus(tmp_path / "sr", 3 * delivery.BATCH)
+    _queue(engine, files)
+    rows = sorted(engine.store.reader().rows("objects"), key=lambda r: r["id"])
+    assert len(rows) == len(files)
+    # The first group (read in the round), the second (read ahead during the first)
+    # and the first group of the second round (read ahead across rounds).
+    damaged = [rows[2], rows[delivery.BATCH // 4 + 3], rows[delivery.BATCH + 1]]
+    digests = stored_digests(engine)
+    _damage(engine, [r["id"] for r in damaged])
+    _resume(engine)
+    poll(lambda: not {"pending", "in_flight"} & set(deliveries(engine)), timeout=60,
+         message="every delivery settled")
+
+    assert deliveries(engine) == {"delivered": len(files) - 3, "dead": 3}
+    dead = engine.store.reader().rows("deliveries", state="dead")
+    assert {r["object_id"] for r in dead} == {r["id"] for r in damaged}
+    assert {r["last_status"] for r in dead} == {"unreadable"}
+    got = _accepted(scp)
+    assert not {r["sop_instance_uid"] for r in damaged} & set(got)
+    assert got == {uid: digest for uid, digest in digests.items()
+                   if uid not in {r["sop_instance_uid"] for r in damaged}}
+    # At most one reader thread per worker, whatever the number of rounds.
+    readers = [t.name for t in threading.enumerate() if t.name.startswith("read-deliver-pacs-")]
+    workers = engine.config.destinations[0].max_associations
+    assert 1 <= len(readers) <= workers and all(name.endswith("_0") for name in readers), readers
+
+
+def test_large_objects_are_read_in_turn_not_ahead(engine_factory, tmp_path, monkeypatch):
+    """A group over READ_AHEAD_BYTES is read when its turn comes (memory stays about
+    one group per worker); the objects still arrive intact."""
+    monkeypatch.setattr(delivery, "READ_AHEAD_BYTES", 64 * 1024)
+    scp = FaultSCP(None, record_dir=tmp_path / "scp", ae_title="PACS").start()
+    engine = engine_factory(destinations=[dimse_dest(scp.port)])
+    files = dicomgen.write_corpus(tmp_path / "sr", 12)
+    files += dicomgen.write_corpus(tmp_path / "ct", 6, kind="ct", pixel_bytes=96 * 1024)
+    submitted: list[list[int]] = []
+    real = delivery._Lane.read_ahead
+
+    def spy(lane, read, ids):
+        submitted.append(list(ids))
+        return real(lane, read, ids)
+
+    monkeypatch.setattr(delivery._Lane, "read_ahead", spy)
+    _queue(engine, files)
+    sizes = {r["id"]: r["size"] for r in engine.store.reader().rows("objects")}
+    _resume(engine)
+    poll(lambda: deliveries(engine) == {"delivered": len(files)}, timeout=60,
+         message="all delivered")
+    assert _accepted(scp) == stored_digests(engine)
+    assert submitted, "small groups are read ahead"
+    assert all(sum(sizes[i] for i in ids) <= 64 * 1024 for ids in submitted)
