@@ -470,10 +470,6 @@ def run_case(case: str, ctx: Ctx, live: list[Any]) -> Result:
     return run_sender_case(case, ctx)
 
 
-def run_repeated(repeat: int, case: str, ctx: Ctx, live: list[Any]) -> Result:
-    return ingest.median_run([run_case(case, ctx, live) for _ in range(repeat)])
-
-
 # ---------------------------------------------------------------------------
 # the Python senders (child process: `forward.py _send MODE PORT --files LIST`)
 
@@ -683,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sr", type=int, help="number of SR objects (default 1000; --quick 200)")
     p.add_argument("--ct", type=int, help="number of CT objects (default 200; --quick 40)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="runs per case, fresh receiver each; the median is reported (default 1)")
+                   help="runs per case, fresh receiver each, the cases taken in turn; the median is "
+                        "reported (default 1)")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated subset of: {','.join(CASES)}")
     p.add_argument("--no-fork", action="store_true",
@@ -722,13 +719,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corpus {corpus}: {count} objects, {size:.1f} KiB each", flush=True)
         print(f"built in {time.perf_counter() - t:.1f} s; receiver: {ForwardSCP.flags(fork)}", flush=True)
         for ctx in ctxs:
-            for case in names:
-                try:
-                    r = run_repeated(args.repeat, case, ctx, live)
-                except Exception as exc:   # one broken case must not void the others
-                    failures.append(f"{case} {ctx.corpus}: {exc.__class__.__name__}: {exc}")
-                    print(f"  {case:<28} {ctx.corpus}  FAILED: {failures[-1][:300]}", flush=True)
-                    continue
+            # Repeats taken in turn (A B C A B C ...), not case after case: a machine
+            # whose speed drifts during the run shifts every case alike.
+            runs: dict[str, list[Result]] = {case: [] for case in names}
+            for _ in range(args.repeat):
+                for case in list(runs):
+                    try:
+                        runs[case].append(run_case(case, ctx, live))
+                    except Exception as exc:   # one broken case must not void the others
+                        failures.append(f"{case} {ctx.corpus}: {exc.__class__.__name__}: {exc}")
+                        print(f"  {case:<28} {ctx.corpus}  FAILED: {failures[-1][:300]}", flush=True)
+                        del runs[case]
+            for case, done in runs.items():
+                r = ingest.median_run(done)
                 results.append(r)
                 snd = (f"{r.sender_cpu_ms_per_object:6.2f}" if r.sender_cpu_ms_per_object is not None
                        else "     -")
