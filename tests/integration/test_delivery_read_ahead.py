@@ -11,7 +11,7 @@ import threading
 
 import dicomgen
 from fault_scp import FaultSCP
-from harness import poll
+from harness import plant, poll
 from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
 
 from mfconsole.engine import delivery, outbox
@@ -31,11 +31,9 @@ def _damage(engine, object_ids: list[int]) -> None:
     """Flip a byte in each object's sealed (inline) blob: it fails authentication."""
     def flip(tx, ids):
         for object_id in ids:
-            sealed = bytearray(tx.conn.execute("SELECT sealed FROM blob_data WHERE object_id = ?",
-                                               (object_id,)).fetchone()[0])
+            sealed = bytearray(tx.rows("blob_data", object_id=object_id)[0]["sealed"])
             sealed[-5] ^= 0xFF
-            tx.conn.execute("UPDATE blob_data SET sealed = ? WHERE object_id = ?",
-                            (bytes(sealed), object_id))
+            plant(tx, "UPDATE blob_data SET sealed = ? WHERE object_id = ?", (bytes(sealed), object_id))
     engine.store.call(flip, object_ids)
 
 
