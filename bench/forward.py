@@ -307,12 +307,11 @@ def run_dcmtk(cmds: list[list[str]]) -> tuple[float, float, list[str]]:
         for cmd in cmds:
             out.seek(0)
             out.truncate()
-            try:
-                rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                    timeout=max(1, deadline - time.monotonic())).returncode
-            except subprocess.TimeoutExpired:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+            if ingest.wait_or_kill(proc, max(1, deadline - time.monotonic())):
                 problems.append(f"{Path(cmd[0]).name} killed after {SENDER_TIMEOUT_S} s")
                 break
+            rc = proc.returncode
             out.seek(0)
             bad = [ln for ln in out.read().decode(errors="replace").splitlines()
                    if ln.startswith(("E:", "F:"))]

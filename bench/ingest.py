@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -362,6 +363,25 @@ def storescu_cmd(receiver: Receiver, folder: Path) -> list[str]:
             "+sd", "+r", LOOPBACK, str(receiver.port), str(folder)]
 
 
+def wait_or_kill(proc: subprocess.Popen, seconds: float) -> bool:
+    """Wait for ``proc`` with a blocking wait, killing it after ``seconds``; True when
+    it was killed. (subprocess's own timeout polls the child with sleeps of up to
+    50 ms: 0 to 50 ms added to a run that takes a few tenths of a second.)"""
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    killer = threading.Timer(max(0.0, seconds), kill)
+    killer.start()
+    try:
+        proc.wait()
+    finally:
+        killer.cancel()
+    return killed.is_set()
+
+
 def send(receiver: Receiver, folders: list[Path], *, nodelay: bool) -> tuple[float, list[str]]:
     """Run one storescu per folder concurrently; return wall seconds and problems."""
     env = dcmtk_env(nodelay)
@@ -375,9 +395,10 @@ def send(receiver: Receiver, folders: list[Path], *, nodelay: bool) -> tuple[flo
                                            stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                            env=env), err))
         deadline = time.monotonic() + SENDER_TIMEOUT_S
-        for proc, _ in procs:
-            proc.wait(timeout=max(1, deadline - time.monotonic()))
+        killed = [proc.pid for proc, _ in procs
+                  if wait_or_kill(proc, max(1, deadline - time.monotonic()))]
         elapsed = time.perf_counter() - t0
+        problems += [f"storescu {pid} killed after {SENDER_TIMEOUT_S} s" for pid in killed]
     finally:
         for proc, err in procs:
             if proc.poll() is None:
