@@ -472,14 +472,26 @@ class Store:
         return reads
 
     def read_object(self, object_id: int) -> bytes:
-        try:
-            return self._read_object(object_id)
-        except FileNotFoundError:
-            # `mfconsole rekey` may have moved it to a new blob since we read its row.
-            return self._read_object(object_id)
+        data = self.read_objects([object_id])[0]
+        if isinstance(data, Exception):
+            raise data
+        return data
 
-    def _read_object(self, object_id: int) -> bytes:
-        return self._open(object_id, self.reader().object_blob(object_id))
+    def read_objects(self, object_ids: list[int]) -> list[bytes | Exception]:
+        """Each object's plaintext (one query for them all), or the exception reading
+        it raised, so that one unreadable object does not sink the others."""
+        where = self.reader().object_blobs(object_ids)
+        out: list[bytes | Exception] = []
+        for object_id in object_ids:
+            try:
+                try:
+                    out.append(self._open(object_id, where.get(object_id)))
+                except FileNotFoundError:
+                    # `mfconsole rekey` may have moved it to a new blob since we read its row.
+                    out.append(self._open(object_id, self.reader().object_blob(object_id)))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def _open(self, object_id: int, where: tuple[str, bytes | None] | None) -> bytes:
         if where is None:
@@ -488,21 +500,6 @@ class Store:
         if blob == INLINE:
             return self.vault.open_sealed(sealed, f"of object {object_id}")
         return self.vault.open_bytes(self.blob_root / blob)
-
-    def read_objects(self, object_ids: list[int]) -> list[bytes | Exception]:
-        """``read_object`` of each (one query for them all): its bytes, or the exception
-        reading it raised, so that one unreadable object does not sink the others."""
-        where = self.reader().object_blobs(object_ids)
-        out: list[bytes | Exception] = []
-        for object_id in object_ids:
-            try:
-                try:
-                    out.append(self._open(object_id, where.get(object_id)))
-                except FileNotFoundError:    # moved by `mfconsole rekey` since: read again
-                    out.append(self._read_object(object_id))
-            except Exception as exc:
-                out.append(exc)
-        return out
 
     # -- retention ---------------------------------------------------------------
 

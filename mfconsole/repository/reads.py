@@ -180,10 +180,7 @@ class Reads:
     def object_blob(self, object_id: int) -> tuple[str, bytes | None] | None:
         """Where an unpurged object's sealed bytes are: (file, None), or (INLINE,
         sealed) for one held in the database; None when purged or unknown."""
-        row = self.conn.execute(
-            "SELECT o.blob, b.sealed FROM objects o LEFT JOIN blob_data b ON b.object_id = o.id "
-            "WHERE o.id = ? AND o.purged_at IS NULL", (object_id,)).fetchone()
-        return (row["blob"], row["sealed"]) if row is not None else None
+        return self.object_blobs([object_id]).get(object_id)
 
     def object_blobs(self, object_ids: list[int]) -> dict[int, tuple[str, bytes | None]]:
         """``object_blob`` of several objects in one query (a delivery group's); the

@@ -407,12 +407,7 @@ def associate_rq(called: str = SCP_AE, calling: str = "RAW", *, contexts=((1, CT
 def read_exactly(sock: socket.socket, n: int, timeout: float) -> bytes:
     """The next ``n`` bytes the listener sends (fails if it closes first or is slower)."""
     sock.settimeout(timeout)
-    got = b""
-    while len(got) < n:
-        chunk = sock.recv(n - len(got))
-        assert chunk, f"closed after {got!r}"
-        got += chunk
-    return got
+    return recv_exact(sock, n)
 
 
 def abort_reason(data: bytes) -> tuple[int, int]:
