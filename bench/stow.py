@@ -62,7 +62,6 @@ from pynetdicom import AE  # noqa: E402
 
 from mfconsole import ops  # noqa: E402
 from mfconsole.config import load  # noqa: E402
-from mfconsole.engine.delivery import BATCH  # noqa: E402
 from mfconsole.repository import db_path, reading  # noqa: E402
 
 DEST = "archive"
@@ -260,10 +259,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPU(s), loopback, {tool_version(['Orthanc', '--version'])}; "
           "objects/s = objects / time from resume to the last 'delivered' ==\n")
     print_table(results)
-    big = [b for b in args.batches.split(",") if b.strip() and int(b) > BATCH]
-    if big:
-        print(f"\nnote: workers claim {BATCH} deliveries per round (engine/delivery.py BATCH), so a "
-              f"batch of {', '.join(big)} is sent as at most {BATCH} instances per request.")
     for failure in failures:
         print(f"FAILED: {failure}")
     out = BENCH / "results" / f"stow-{time.strftime('%Y%m%d-%H%M%S')}.json"

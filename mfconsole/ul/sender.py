@@ -85,10 +85,13 @@ class UlSender:
     objects arrived with: objects of another one are sent on another association (the
     current one is released first); the delivery workers group them so (``groups``)."""
 
-    # Objects of one study handed over together, so that they can be pipelined when the
-    # peer grants a window (each is still its own C-STORE with its own outcome); the
-    # bytes bound what a worker holds read and decrypted at once.
-    max_batch = (ASYNC_INVOKED, 32 * 1024 * 1024)
+    # Objects of one study handed over together (each still its own C-STORE with its
+    # own outcome), pipelined within the window the peer grants. Between two groups the
+    # worker does its bookkeeping while the peer waits, so a group spans several
+    # windows: most peers answer one C-STORE at a time, and groups of 8 small objects
+    # spent a tenth of the forwarding time there. The bytes bound what a worker holds
+    # read and decrypted at once (this group and the next, read ahead).
+    max_batch = (32, 8 * 1024 * 1024)
     in_order = False
 
     def __init__(self, peer: Peer, egress_dial: egress.TcpCheck, async_invoked: int = ASYNC_INVOKED):

@@ -15,6 +15,7 @@ from harness import plant, poll
 from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
 
 from mfconsole.engine import delivery, outbox
+from mfconsole.ul.sender import UlSender
 
 
 def _queue(engine, files) -> None:
@@ -41,7 +42,11 @@ def _accepted(scp: FaultSCP) -> dict[str, str]:
     return {r["sop_instance_uid"]: r["sha256"] for r in scp.received() if r["status"] == 0}
 
 
-def test_unreadable_objects_anywhere_in_a_burst_are_settled_alone(engine_factory, tmp_path):
+def test_unreadable_objects_anywhere_in_a_burst_are_settled_alone(engine_factory, tmp_path,
+                                                                   monkeypatch):
+    # Groups of 8: a round of BATCH holds several, so each place below is its own group.
+    group = 8
+    monkeypatch.setattr(UlSender, "max_batch", (group, UlSender.max_batch[1]))
     scp = FaultSCP(None, record_dir=tmp_path / "scp", ae_title="PACS").start()
     engine = engine_factory(destinations=[dimse_dest(scp.port)])
     files = dicomgen.write_corpus(tmp_path / "sr", 3 * delivery.BATCH)
@@ -50,7 +55,7 @@ def test_unreadable_objects_anywhere_in_a_burst_are_settled_alone(engine_factory
     assert len(rows) == len(files)
     # The first group (read in the round), the second (read ahead during the first)
     # and the first group of the second round (read ahead across rounds).
-    damaged = [rows[2], rows[delivery.BATCH // 4 + 3], rows[delivery.BATCH + 1]]
+    damaged = [rows[2], rows[group + 3], rows[delivery.BATCH + 1]]
     digests = stored_digests(engine)
     _damage(engine, [r["id"] for r in damaged])
     _resume(engine)
@@ -75,6 +80,8 @@ def test_large_objects_are_read_in_turn_not_ahead(engine_factory, tmp_path, monk
     """A group over READ_AHEAD_BYTES is read when its turn comes (memory stays about
     one group per worker); the objects still arrive intact."""
     monkeypatch.setattr(delivery, "READ_AHEAD_BYTES", 64 * 1024)
+    # Groups of 4: the small objects make several groups, some of them read ahead.
+    monkeypatch.setattr(UlSender, "max_batch", (4, UlSender.max_batch[1]))
     scp = FaultSCP(None, record_dir=tmp_path / "scp", ae_title="PACS").start()
     engine = engine_factory(destinations=[dimse_dest(scp.port)])
     files = dicomgen.write_corpus(tmp_path / "sr", 12)

@@ -17,6 +17,7 @@ from harness import holds, mfconsole, poll, stored_sha256
 from test_forward_dimse import deliveries, dimse_dest, stored_digests, storescu
 
 from mfconsole.engine import delivery, outbox
+from mfconsole.ul.sender import UlSender
 
 
 def _uid(path: Path) -> str:
@@ -119,7 +120,8 @@ def _all_delivered_intact(serve, scp: FaultSCP, files: list[Path]) -> None:
 def test_kill9_mid_burst_resends_at_most_the_outcomes_not_yet_committed(serve_factory, tmp_path):
     """Outcomes are committed in groups while the next objects go out: a kill -9 loses
     none of the objects, and what the peer gets twice is bounded by what was sent and
-    not yet committed (the group being written and the round being sent)."""
+    not yet committed: the writes in flight, the outcomes not yet handed over and the
+    group being sent (each write holds at most FLUSH_OBJECTS plus one group)."""
     serve, scp, files = _burst_under_way(serve_factory, tmp_path, 600)
     serve.kill9()
     taken = sum(_receipts(scp).values())
@@ -127,7 +129,8 @@ def test_kill9_mid_burst_resends_at_most_the_outcomes_not_yet_committed(serve_fa
     serve.start()
     _all_delivered_intact(serve, scp, files)
     again = sum(n - 1 for n in _receipts(scp).values())
-    assert again <= (delivery.RECORDS_IN_FLIGHT + 1) * delivery.BATCH, again
+    group = UlSender.max_batch[0]
+    assert again <= (delivery.RECORDS_IN_FLIGHT + 1) * (delivery.FLUSH_OBJECTS + group), again
 
 
 def test_stop_mid_burst_commits_every_outcome_first(serve_factory, tmp_path):
