@@ -78,7 +78,9 @@ class Queued(Protocol):
 
 
 class Sender(Protocol):
-    # (objects, bytes) per request; (1, 0) sends one object at a time.
+    # (objects, bytes) per request; (1, 0) sends one object at a time. A sender whose
+    # requests are one object each may also say ``min_group``: the worker then cuts its
+    # groups to the peer's pace, down to that many (engine/delivery.py GROUP_S).
     max_batch: tuple[int, int]
     # In arrival order (HL7): nothing overtakes a message that failed or waits to retry.
     in_order: bool

@@ -63,6 +63,12 @@ BATCH = 32    # deliveries claimed per round at least (more when one request tak
 # second paid them every 10 ms.
 ROUND_S = 0.05
 BATCH_MAX = 256
+# A sender that lets its groups be cut (``min_group``: DIMSE, whose requests are one
+# object each) gets groups of about GROUP_S of sending at the last round's rate,
+# between its min_group and max_batch: few groups (the bookkeeping between two of them
+# is time a one-at-a-time peer waits) for a fast peer, small ones for a slow peer,
+# because an urgent delivery waits for the group in flight.
+GROUP_S = 0.02
 # Outcomes are handed to the store once FLUSH_OBJECTS of them have gathered (checked
 # after each group), at the end of the round, and at least every FLUSH_S: after a
 # crash, what the peer had already taken and we had not recorded is sent again (at
@@ -81,6 +87,19 @@ IDLE_POLL_S = 0.25
 # lane's reader thread) while the group before it is sent: with a peer that answers
 # each C-STORE before taking the next, the read is otherwise time the peer waits.
 READ_AHEAD_BYTES = 16 * 1024 * 1024
+
+
+def round_size(rate: float, request: int) -> int:
+    """Deliveries a worker claims, its last round having gone at ``rate`` objects/s
+    (0: not known): about ROUND_S of sending, within BATCH..BATCH_MAX, and at least
+    one full request of a batching sender."""
+    return max(min(BATCH_MAX, int(rate * ROUND_S)), BATCH, request)
+
+
+def group_size(rate: float, least: int, most: int) -> int:
+    """Objects per group for a sender that lets its groups be cut to ``least``: about
+    GROUP_S of sending at ``rate``, ``least`` while the rate is not known."""
+    return most if least >= most else max(least, min(most, int(rate * GROUP_S)))
 
 
 def _unreadable(object_id: int, exc: Exception) -> Outcome:
@@ -120,7 +139,7 @@ class _Lane:
 
     def __init__(self, sender: Sender, index: int, owner: str):
         self.sender, self.index, self.owner = sender, index, owner
-        self.batch = BATCH     # deliveries per claim (see ROUND_S)
+        self.rate = 0.0        # objects/s of its last completed round (0: not known yet)
         self.ahead: Future | None = None
         # Each outcome with the handler version it ran and what coercion changed.
         self.records: deque[tuple[Future, list[tuple[outbox.Claimed, Outcome, Any, Any]]]] = deque()
@@ -289,7 +308,7 @@ class DestinationWorkers:
             return True
         # A destination marked down is probed with one object at a time.
         # A round is at least one full request of a batching sender (STOW).
-        batch = max(lane.batch, sender.max_batch[0])
+        batch = round_size(lane.rate, sender.max_batch[0])
         size = 1 if st.down else batch
         if lane.ahead is not None and not st.down and window == OPEN and not self.urgent.is_set():
             # Claimed while the previous round was sending (its lease is committed by now).
@@ -387,7 +406,7 @@ class DestinationWorkers:
                 results.append((items[0], refused, None, None))
                 batches = []
             else:
-                batches = self._groups(sender, items)
+                batches = self._groups(lane, sender, items)
                 completed = True
             started, attempted = time.monotonic(), 0
             for n, group in enumerate(batches):
@@ -419,8 +438,7 @@ class DestinationWorkers:
                     break
             flush()
             if completed and attempted:
-                rate = attempted / max(time.monotonic() - started, 1e-6)
-                lane.batch = min(BATCH_MAX, max(BATCH, int(rate * ROUND_S)))
+                lane.rate = attempted / max(time.monotonic() - started, 1e-6)
             if not completed:
                 # What the next round decides from (a pause, a backoff, a peer marked
                 # down) must be committed before it reads the destination's state.
@@ -437,10 +455,12 @@ class DestinationWorkers:
                               "(%s); they are requeued by the next sweep", self.name,
                               len(untouched), exc.__class__.__name__)
 
-    def _groups(self, sender: Sender, items: list[outbox.Claimed]) -> list[list[outbox.Claimed]]:
-        """The round's groups (``groups``); the deliveries through a study-level handler
-        make one group per study and handler, whatever the batch limits: the handler
-        runs once over the study and its one result is sent."""
+    def _groups(self, lane: _Lane, sender: Sender,
+                items: list[outbox.Claimed]) -> list[list[outbox.Claimed]]:
+        """The round's groups (``groups``, sized by GROUP_S and the rate cap); the
+        deliveries through a study-level handler make one group per study and handler,
+        whatever the batch limits: the handler runs once over the study and its one
+        result is sent."""
         study: dict[tuple[str, str], list[outbox.Claimed]] = {}
         rest: list[outbox.Claimed] = []
         for item in items:
@@ -448,7 +468,9 @@ class DestinationWorkers:
                 study.setdefault((item.study_uid, item.handler or ""), []).append(item)
             else:
                 rest.append(item)
-        return [*study.values(), *groups(rest, *self.pacer.group_limits(*sender.max_batch),
+        count, nbytes = sender.max_batch
+        count = group_size(lane.rate, getattr(sender, "min_group", count), count)
+        return [*study.values(), *groups(rest, *self.pacer.group_limits(count, nbytes),
                                          by_calling_ae=getattr(sender, "by_calling_ae", False))]
 
     def _read_ahead(self, lane: _Lane, group: list[outbox.Claimed]) -> None:
@@ -464,7 +486,7 @@ class DestinationWorkers:
         if lane.ahead is None or not lane.ahead.done() or lane.ahead.exception() is not None:
             return []
         items = lane.ahead.result()
-        return self._groups(sender, items)[0] if items else []
+        return self._groups(lane, sender, items)[0] if items else []
 
     def _may_send(self, sender: Sender, group: list[outbox.Claimed], attempted: int) -> bool:
         """Whether the next group of a round goes now (after its rate-cap slot): not

@@ -23,6 +23,7 @@ class Watched:
         self.destination, self.target = destination, target
         self.calling_ae, self.called_ae = calling_ae, called_ae
         self.max_batch = inner.max_batch
+        self.min_group = getattr(inner, "min_group", inner.max_batch[0])
         self.in_order = inner.in_order
         # The inner sender presents each object's calling AE (send_as = "calling_ae").
         self.by_calling_ae = getattr(inner, "by_calling_ae", False)

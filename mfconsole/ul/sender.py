@@ -87,11 +87,14 @@ class UlSender:
 
     # Objects of one study handed over together (each still its own C-STORE with its
     # own outcome), pipelined within the window the peer grants. Between two groups the
-    # worker does its bookkeeping while the peer waits, so a group spans several
-    # windows: most peers answer one C-STORE at a time, and groups of 8 small objects
-    # spent a tenth of the forwarding time there. The bytes bound what a worker holds
-    # read and decrypted at once (this group and the next, read ahead).
+    # worker does its bookkeeping while the peer waits, so for a fast peer a group spans
+    # several windows (most peers answer one C-STORE at a time, and groups of 8 small
+    # objects spent a tenth of the forwarding time there); for a slow one the worker
+    # cuts groups down to min_group (an urgent delivery waits for the group in flight).
+    # The bytes bound what a worker holds read and decrypted at once (this group and
+    # the next, read ahead).
     max_batch = (32, 8 * 1024 * 1024)
+    min_group = ASYNC_INVOKED
     in_order = False
 
     def __init__(self, peer: Peer, egress_dial: egress.TcpCheck, async_invoked: int = ASYNC_INVOKED):
