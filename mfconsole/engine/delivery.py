@@ -141,6 +141,9 @@ class _Lane:
         self.sender, self.index, self.owner = sender, index, owner
         self.rate = 0.0        # objects/s of its last completed round (0: not known yet)
         self.ahead: Future | None = None
+        # The batch claimed ahead and its groups, made when its first group was read
+        # ahead: the round that sends it keeps them (its pace may have changed since).
+        self.planned: tuple[list[outbox.Claimed], list[list[outbox.Claimed]]] | None = None
         # Each outcome with the handler version it ran and what coercion changed.
         self.records: deque[tuple[Future, list[tuple[outbox.Claimed, Outcome, Any, Any]]]] = deque()
         self.unrecorded: list[int] = []    # deliveries whose outcome write failed
@@ -406,7 +409,7 @@ class DestinationWorkers:
                 results.append((items[0], refused, None, None))
                 batches = []
             else:
-                batches = self._groups(lane, sender, items)
+                batches = self._plan(lane, sender, items)
                 completed = True
             started, attempted = time.monotonic(), 0
             for n, group in enumerate(batches):
@@ -486,7 +489,17 @@ class DestinationWorkers:
         if lane.ahead is None or not lane.ahead.done() or lane.ahead.exception() is not None:
             return []
         items = lane.ahead.result()
-        return self._groups(lane, sender, items)[0] if items else []
+        return self._plan(lane, sender, items)[0] if items else []
+
+    def _plan(self, lane: _Lane, sender: Sender,
+              items: list[outbox.Claimed]) -> list[list[outbox.Claimed]]:
+        """The groups of a batch, made once: the next round sends the batch claimed
+        ahead in the groups its first group was read ahead in."""
+        if lane.planned is not None and lane.planned[0] is items:
+            return lane.planned[1]
+        planned = self._groups(lane, sender, items)
+        lane.planned = (items, planned)
+        return planned
 
     def _may_send(self, sender: Sender, group: list[outbox.Claimed], attempted: int) -> bool:
         """Whether the next group of a round goes now (after its rate-cap slot): not

@@ -102,3 +102,34 @@ def test_large_objects_are_read_in_turn_not_ahead(engine_factory, tmp_path, monk
     assert _accepted(scp) == stored_digests(engine)
     assert submitted, "small groups are read ahead"
     assert all(sum(sizes[i] for i in ids) <= 64 * 1024 for ids in submitted)
+
+
+
+def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monkeypatch):
+    """In a plain burst (nothing urgent, no failure) each group's objects were read
+    ahead for exactly that group, the first group of each round included, although
+    group sizes follow the pace of the round before (GROUP_S): the first round, its
+    pace unknown, sends groups of min_group, the next ones (GROUP_S raised here so
+    that any pace gives full groups) groups of max_batch."""
+    monkeypatch.setattr(delivery, "GROUP_S", 1.0)
+    missed: list[tuple[int, int]] = []
+    sizes: list[int] = []
+    real = delivery._Lane.take_read
+
+    def spy(lane, ids):
+        pending = lane._next_read
+        sizes.append(len(ids))
+        if pending is not None and pending[0] != ids:
+            missed.append((len(pending[0]), len(ids)))
+        return real(lane, ids)
+
+    monkeypatch.setattr(delivery._Lane, "take_read", spy)
+    engine = engine_factory(destinations=[dimse_dest(storescp.port)])
+    files = dicomgen.write_corpus(tmp_path / "sr", 4 * delivery.BATCH)
+    _queue(engine, files)
+    _resume(engine)
+    poll(lambda: deliveries(engine) == {"delivered": len(files)}, timeout=60,
+         message="all delivered")
+    assert len(list(storescp.output_dir.iterdir())) == len(files)
+    assert {UlSender.min_group, UlSender.max_batch[0]} <= set(sizes), sizes
+    assert missed == []
