@@ -591,6 +591,21 @@ def send_main(argv: list[str]) -> int:
 # report
 
 
+def paired_ratios(runs: dict[str, list[Result]]) -> dict[str, dict[str, Any]]:
+    """Each case's objects/s over the dcmsend run of the same turn (the repeats are
+    taken in turn), per turn, with their median: on a machine whose speed swings from
+    one second to the next, the ratio of two medians drifts with it; this pairs runs
+    made a few seconds apart."""
+    base = runs.get(BASELINE, [])
+    out: dict[str, dict[str, Any]] = {}
+    for case, done in runs.items():
+        if case == BASELINE or not base or len(done) != len(base):
+            continue
+        each = [round(r.objects_per_s / b.objects_per_s, 3) for r, b in zip(done, base)]
+        out[case] = {"median": statistics.median(each), "each": each}
+    return out
+
+
 def print_table(results: list[Result]) -> None:
     base = {r.corpus: r.objects_per_s for r in results if r.case == BASELINE}
     head = (f"{'case':<28} {'corpus':<6} {'assocs':<13} {'objects':>7} {'seconds':>8} "
@@ -605,6 +620,13 @@ def print_table(results: list[Result]) -> None:
         print(f"{r.case:<28} {r.corpus:<6} {r.associations:<13} {r.objects:>7} {r.seconds:>8.2f} "
               f"{r.objects_per_s:>9.1f} {ratio:>10} {snd:>14} {r.receiver_cpu_ms_per_object:>14.2f} "
               f"{r.other_cpu_pct:>8.0f}%  {check}")
+    paired = [r for r in results if "paired_vs_dcmsend" in r.extra]
+    if paired and any(len(r.extra["paired_vs_dcmsend"]["each"]) > 1 for r in paired):
+        print("\nvs dcmsend, paired: each repeat over the dcmsend run of the same turn, median (min-max):")
+        for r in paired:
+            each = r.extra["paired_vs_dcmsend"]["each"]
+            print(f"  {r.case:<28} {r.corpus:<3} {statistics.median(each):6.2f}  ({min(each):.2f}-{max(each):.2f}, "
+                  f"{sum(x >= 1 for x in each)} of {len(each)} at 1.00 or more)")
     stalled = [r for r in results if r.stalled_s]
     if stalled:
         print(f"\nstalls (gaps > {STALL_GAP_S:g} s between two completed objects), and the rate without them:")
@@ -729,8 +751,11 @@ def main(argv: list[str] | None = None) -> int:
                         failures.append(f"{case} {ctx.corpus}: {exc.__class__.__name__}: {exc}")
                         print(f"  {case:<28} {ctx.corpus}  FAILED: {failures[-1][:300]}", flush=True)
                         del runs[case]
+            paired = paired_ratios(runs)
             for case, done in runs.items():
                 r = ingest.median_run(done)
+                if case in paired:
+                    r.extra["paired_vs_dcmsend"] = paired[case]
                 results.append(r)
                 snd = (f"{r.sender_cpu_ms_per_object:6.2f}" if r.sender_cpu_ms_per_object is not None
                        else "     -")
