@@ -124,7 +124,8 @@ def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monke
         return real(lane, ids)
 
     monkeypatch.setattr(delivery._Lane, "take_read", spy)
-    engine = engine_factory(destinations=[dimse_dest(storescp.port)])
+    # One worker: a second one would start at an unknown pace, with groups of 8.
+    engine = engine_factory(destinations=[dimse_dest(storescp.port, max_associations=1)])
     files = dicomgen.write_corpus(tmp_path / "sr", 4 * delivery.BATCH)
     _queue(engine, files)
     _resume(engine)
