@@ -3,8 +3,8 @@ deliveries, send them, and record each outcome (outbox.record applies the
 classification: delivered, retry with backoff, dead letter, or pause).
 
 A worker claims a batch (32 deliveries, more for a fast peer: about ROUND_S of
-sending), sends it over one reused connection, and hands the outcomes to the store
-about once a round (see FLUSH_OBJECTS). Neither the claim nor the outcome write (each a
+sending), sends it over one reused connection, and hands the outcomes to the store a
+few dozen at a time (see FLUSH_OBJECTS). Neither the claim nor the outcome write (each a
 commit, an fsync) is waited for between two objects when rounds are short: the next
 batch is claimed while this one is sent, and outcomes are written while the next
 ones go (at most RECORDS_IN_FLIGHT writes outstanding; all of them committed before
@@ -72,11 +72,10 @@ GROUP_S = 0.02
 # Outcomes are handed to the store once FLUSH_OBJECTS of them have gathered (checked
 # after each group), at the end of the round, and at least every FLUSH_S: after a
 # crash, what the peer had already taken and we had not recorded is sent again (at
-# least once), so keep that window short without a commit per object. Each write is
-# a commit (an fsync, the WAL pages, the writer's turn): one every 32 objects cost a
-# sixth of the forwarding rate at ~3 000 objects/s (bench/forward.py, paired with
-# dcmsend over 14 turns: 0.98x with 32, 1.14x with 128).
-FLUSH_OBJECTS = 128
+# least once), so keep that window short without a commit per object. (128 was
+# measured no faster: bench/forward.py SR, paired with dcmsend over 27 turns each,
+# 1.03x with 32 and 1.05x with 128; rounds of 0.1 s, 1.05x.)
+FLUSH_OBJECTS = 32
 FLUSH_S = 0.5
 # Outcome writes a worker has handed to the store without waiting for their commit
 # (it sends on meanwhile); it waits for the oldest before handing over more. A crash
