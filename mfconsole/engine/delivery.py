@@ -15,8 +15,8 @@ read and decrypted on the worker's reader thread while the group before it is se
 (the first group of the next round too, once its claim is in): a peer that answers
 one C-STORE at a time does not wait for our reads. A group over READ_AHEAD_BYTES is
 read only when its turn comes, so a worker holds about two groups at most. A
-destination-scope failure (peer down, rejected association) stops the batch: the rest goes back untouched, so one outage
-costs one attempt, not one per queued object. A message-scope failure dead-letters (or
+destination-scope failure (peer down, rejected association) stops the batch: the rest
+goes back untouched, so one outage costs one attempt, not one per queued object. A message-scope failure dead-letters (or
 retries) that delivery only and the batch goes on: a poison object never blocks
 the objects behind it.
 
@@ -69,6 +69,11 @@ BATCH_MAX = 256
 # is time a one-at-a-time peer waits) for a fast peer, small ones for a slow peer,
 # because an urgent delivery waits for the group in flight.
 GROUP_S = 0.02
+# The pace is taken from rounds of at least this many objects (a probe of one says
+# little about the peer; objects settled without being sent, unreadable or filtered,
+# can still make it look fast, within BATCH_MAX and max_batch), and forgotten when the
+# worker idles, waits or pauses: the next burst starts small.
+PACE_MIN_OBJECTS = 8
 # Outcomes are handed to the store once FLUSH_OBJECTS of them have gathered (checked
 # after each group), at the end of the round, and at least every FLUSH_S: after a
 # crash, what the peer had already taken and we had not recorded is sent again (at
@@ -331,8 +336,11 @@ class DestinationWorkers:
         else:
             # An urgent delivery stored since the batch ahead was claimed overtakes it.
             self._drop_ahead(lane)
-            mine = outbox.due(self.store.reader(), self.name, index * batch + size,
-                              ordered=sender.in_order, urgent_only=urgent_only)[index * batch:]
+            # Worker k joins only while more than k batches of the smallest size are due
+            # (its own batch size depends on its own pace: not a shared measure).
+            skip = index * max(BATCH, sender.max_batch[0])
+            mine = outbox.due(self.store.reader(), self.name, skip + size,
+                              ordered=sender.in_order, urgent_only=urgent_only)[skip:]
             if not mine or (index > 0 and st.down):
                 if index > 0:
                     sender.close()   # extras are for bursts: give the association back
@@ -382,7 +390,8 @@ class DestinationWorkers:
         only while the backlog beyond the workers before them is deep).
 
         Outcomes are written without the worker waiting for them between two objects,
-        at least every FLUSH_S and at the end of the round, at most RECORDS_IN_FLIGHT
+        once FLUSH_OBJECTS have gathered after a group, at least every FLUSH_S and at
+        the end of the round, at most RECORDS_IN_FLIGHT
         writes outstanding; a round that stops early (a failure, a stop) waits for all
         of them, so the next round reads the state they set. Items not attempted go
         back untouched; if recording fails, they stay in flight and ``_settle`` (or
@@ -442,7 +451,7 @@ class DestinationWorkers:
                     completed = False
                     break
             flush()
-            if completed and attempted:
+            if completed and attempted >= PACE_MIN_OBJECTS:
                 lane.rate = attempted / max(time.monotonic() - started, 1e-6)
             if not completed:
                 # What the next round decides from (a pause, a backoff, a peer marked
@@ -580,6 +589,8 @@ class DestinationWorkers:
                       "are requeued by the next sweep", self.name, exc.__class__.__name__)
         finally:
             lane.ahead = None
+            lane.planned = None
+            lane.rate = 0.0
             lane.forget_read()
             self.held.drop(lane.owner)
 

@@ -104,7 +104,6 @@ def test_large_objects_are_read_in_turn_not_ahead(engine_factory, tmp_path, monk
     assert all(sum(sizes[i] for i in ids) <= 64 * 1024 for ids in submitted)
 
 
-
 def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monkeypatch):
     """In a plain burst (nothing urgent, no failure) each group's objects were read
     ahead for exactly that group, the first group of each round included, although
@@ -134,3 +133,27 @@ def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monke
     assert len(list(storescp.output_dir.iterdir())) == len(files)
     assert {UlSender.min_group, UlSender.max_batch[0]} <= set(sizes), sizes
     assert missed == []
+
+
+def test_the_pace_is_forgotten_between_bursts(engine_factory, storescp, tmp_path, monkeypatch):
+    """A burst starts from groups of min_group whatever the pace of the one before:
+    the worker forgets it when it idles or pauses (the next peer may be slower, and an
+    urgent delivery waits for the group in flight)."""
+    monkeypatch.setattr(delivery, "GROUP_S", 1.0)    # any known pace: full groups
+    sizes: list[int] = []
+    real = delivery._Lane.take_read
+
+    def spy(lane, ids):
+        sizes.append(len(ids))
+        return real(lane, ids)
+
+    monkeypatch.setattr(delivery._Lane, "take_read", spy)
+    engine = engine_factory(destinations=[dimse_dest(storescp.port, max_associations=1)])
+    for burst in range(2):
+        sizes.clear()
+        files = dicomgen.write_corpus(tmp_path / f"sr{burst}", 3 * delivery.BATCH)
+        _queue(engine, files)
+        _resume(engine)
+        poll(lambda: deliveries(engine).get("delivered") == (burst + 1) * len(files), timeout=60,
+             message="the burst delivered")
+        assert sizes[0] == UlSender.min_group and UlSender.max_batch[0] in sizes, sizes

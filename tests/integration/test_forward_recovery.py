@@ -96,9 +96,10 @@ def _receipts(peer: FaultSCP) -> Counter:
 
 def _burst_under_way(serve_factory, tmp_path: Path, n: int) -> tuple[object, FaultSCP, list[Path]]:
     """``n`` SRs queued for a fast peer while the destination is paused, then resumed:
-    forwarding at full speed (claims made ahead, outcomes written while the next go)."""
+    forwarding at full speed (claims made ahead, outcomes written while the next go),
+    by one worker: the re-send bound is per worker."""
     scp = FaultSCP(None, record_dir=tmp_path / "scp", ae_title="PACS").start()
-    serve = serve_factory(destinations=[dimse_dest(scp.port)])
+    serve = serve_factory(destinations=[dimse_dest(scp.port, max_associations=1)])
     assert _run_cli(serve.config, "pause", "pacs").returncode == 0
     files = dicomgen.write_corpus(tmp_path / "sr", n)
     assert storescu(serve.port, files).returncode == 0
