@@ -624,8 +624,9 @@ def print_table(results: list[Result]) -> None:
     if paired and any(len(r.extra["paired_vs_dcmsend"]["each"]) > 1 for r in paired):
         print("\nvs dcmsend, paired: each repeat over the dcmsend run of the same turn, median (min-max):")
         for r in paired:
-            each = r.extra["paired_vs_dcmsend"]["each"]
-            print(f"  {r.case:<28} {r.corpus:<3} {statistics.median(each):6.2f}  ({min(each):.2f}-{max(each):.2f}, "
+            paired_ratio = r.extra["paired_vs_dcmsend"]
+            each = paired_ratio["each"]
+            print(f"  {r.case:<28} {r.corpus:<3} {paired_ratio['median']:6.2f}  ({min(each):.2f}-{max(each):.2f}, "
                   f"{sum(x >= 1 for x in each)} of {len(each)} at 1.00 or more)")
     stalled = [r for r in results if r.stalled_s]
     if stalled:

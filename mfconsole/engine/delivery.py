@@ -16,9 +16,9 @@ read and decrypted on the worker's reader thread while the group before it is se
 one C-STORE at a time does not wait for our reads. A group over READ_AHEAD_BYTES is
 read only when its turn comes, so a worker holds about two groups at most. A
 destination-scope failure (peer down, rejected association) stops the batch: the rest
-goes back untouched, so one outage costs one attempt, not one per queued object. A message-scope failure dead-letters (or
-retries) that delivery only and the batch goes on: a poison object never blocks
-the objects behind it.
+goes back untouched, so one outage costs one attempt, not one per queued object. A
+message-scope failure dead-letters (or retries) that delivery only and the batch goes
+on: a poison object never blocks the objects behind it.
 
 Worker 0 always works the queue. The others only join when the backlog is deeper than
 what the workers before them hold; they connect before claiming, and a connection
@@ -336,9 +336,9 @@ class DestinationWorkers:
         else:
             # An urgent delivery stored since the batch ahead was claimed overtakes it.
             self._drop_ahead(lane)
-            # Worker k joins only while more than k batches of the smallest size are due
-            # (its own batch size depends on its own pace: not a shared measure).
-            skip = index * max(BATCH, sender.max_batch[0])
+            # Worker k joins only while more than k batches of the size for an unknown
+            # pace are due (its own batch size follows its own pace: not a shared measure).
+            skip = index * round_size(0.0, sender.max_batch[0])
             mine = outbox.due(self.store.reader(), self.name, skip + size,
                               ordered=sender.in_order, urgent_only=urgent_only)[skip:]
             if not mine or (index > 0 and st.down):
@@ -391,11 +391,10 @@ class DestinationWorkers:
 
         Outcomes are written without the worker waiting for them between two objects,
         once FLUSH_OBJECTS have gathered after a group, at least every FLUSH_S and at
-        the end of the round, at most RECORDS_IN_FLIGHT
-        writes outstanding; a round that stops early (a failure, a stop) waits for all
-        of them, so the next round reads the state they set. Items not attempted go
-        back untouched; if recording fails, they stay in flight and ``_settle`` (or
-        else ``sweep``) requeues them."""
+        the end of the round, at most RECORDS_IN_FLIGHT writes outstanding; a round
+        that stops early (a failure, a stop) waits for all of them, so the next round
+        reads the state they set. Items not attempted go back untouched; if recording
+        fails, they stay in flight and ``_settle`` (or else ``sweep``) requeues them."""
         sender = lane.sender
         results: list[tuple[outbox.Claimed, Outcome, Any, Any]] = []
         handed: set[int] = set()

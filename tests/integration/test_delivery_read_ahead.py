@@ -104,15 +104,11 @@ def test_large_objects_are_read_in_turn_not_ahead(engine_factory, tmp_path, monk
     assert all(sum(sizes[i] for i in ids) <= 64 * 1024 for ids in submitted)
 
 
-def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monkeypatch):
-    """In a plain burst (nothing urgent, no failure) each group's objects were read
-    ahead for exactly that group, the first group of each round included, although
-    group sizes follow the pace of the round before (GROUP_S): the first round, its
-    pace unknown, sends groups of min_group, the next ones (GROUP_S raised here so
-    that any pace gives full groups) groups of max_batch."""
-    monkeypatch.setattr(delivery, "GROUP_S", 1.0)
-    missed: list[tuple[int, int]] = []
+def _watch_groups(monkeypatch) -> tuple[list[int], list[tuple[int, int]]]:
+    """The size of each group a worker sends, and (read ahead, sent) for each group
+    whose read-ahead was made for other objects."""
     sizes: list[int] = []
+    missed: list[tuple[int, int]] = []
     real = delivery._Lane.take_read
 
     def spy(lane, ids):
@@ -123,6 +119,17 @@ def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monke
         return real(lane, ids)
 
     monkeypatch.setattr(delivery._Lane, "take_read", spy)
+    return sizes, missed
+
+
+def test_a_burst_uses_every_read_ahead(engine_factory, storescp, tmp_path, monkeypatch):
+    """In a plain burst (nothing urgent, no failure) each group's objects were read
+    ahead for exactly that group, the first group of each round included, although
+    group sizes follow the pace of the round before (GROUP_S): the first round, its
+    pace unknown, sends groups of min_group, the next ones (GROUP_S raised here so
+    that any pace gives full groups) groups of max_batch."""
+    monkeypatch.setattr(delivery, "GROUP_S", 1.0)
+    sizes, missed = _watch_groups(monkeypatch)
     # One worker: a second one would start at an unknown pace, with groups of 8.
     engine = engine_factory(destinations=[dimse_dest(storescp.port, max_associations=1)])
     files = dicomgen.write_corpus(tmp_path / "sr", 4 * delivery.BATCH)
@@ -140,14 +147,7 @@ def test_the_pace_is_forgotten_between_bursts(engine_factory, storescp, tmp_path
     the worker forgets it when it idles or pauses (the next peer may be slower, and an
     urgent delivery waits for the group in flight)."""
     monkeypatch.setattr(delivery, "GROUP_S", 1.0)    # any known pace: full groups
-    sizes: list[int] = []
-    real = delivery._Lane.take_read
-
-    def spy(lane, ids):
-        sizes.append(len(ids))
-        return real(lane, ids)
-
-    monkeypatch.setattr(delivery._Lane, "take_read", spy)
+    sizes, _ = _watch_groups(monkeypatch)
     engine = engine_factory(destinations=[dimse_dest(storescp.port, max_associations=1)])
     for burst in range(2):
         sizes.clear()
