@@ -591,21 +591,6 @@ def send_main(argv: list[str]) -> int:
 # report
 
 
-def paired_ratios(runs: dict[str, list[Result]]) -> dict[str, dict[str, Any]]:
-    """Each case's objects/s over the dcmsend run of the same turn (the repeats are
-    taken in turn), per turn, with their median: on a machine whose speed swings from
-    one second to the next, the ratio of two medians drifts with it; this pairs runs
-    made a few seconds apart."""
-    base = runs.get(BASELINE, [])
-    out: dict[str, dict[str, Any]] = {}
-    for case, done in runs.items():
-        if case == BASELINE or not base or len(done) != len(base):
-            continue
-        each = [round(r.objects_per_s / b.objects_per_s, 3) for r, b in zip(done, base)]
-        out[case] = {"median": statistics.median(each), "each": each}
-    return out
-
-
 def print_table(results: list[Result]) -> None:
     base = {r.corpus: r.objects_per_s for r in results if r.case == BASELINE}
     head = (f"{'case':<28} {'corpus':<6} {'assocs':<13} {'objects':>7} {'seconds':>8} "
@@ -752,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                         failures.append(f"{case} {ctx.corpus}: {exc.__class__.__name__}: {exc}")
                         print(f"  {case:<28} {ctx.corpus}  FAILED: {failures[-1][:300]}", flush=True)
                         del runs[case]
-            paired = paired_ratios(runs)
+            paired = ingest.paired_ratios(runs, BASELINE)
             for case, done in runs.items():
                 r = ingest.median_run(done)
                 if case in paired:

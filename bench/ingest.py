@@ -435,6 +435,7 @@ class Result:
     kernel_threads_cpu_pct: float   # kernel threads (journal, softirq) meanwhile, % of all cores
     problems: list[str] = field(default_factory=list)
     repeats: list[float] = field(default_factory=list)   # objects/s of every repetition
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)   # peer -> paired_ratios()
 
     @property
     def label(self) -> str:
@@ -498,6 +499,21 @@ def median_run(runs: list[Any]) -> Any:
         if r is not median:
             median.problems += r.problems
     return median
+
+
+def paired_ratios(runs: dict[str, list[Any]], baseline: str) -> dict[str, dict[str, Any]]:
+    """Each receiver's (or case's) objects/s over the baseline's run of the same turn
+    (the repeats are taken in turn), per turn, with their median: on a machine whose
+    speed swings from one second to the next, the ratio of two medians drifts with it;
+    this pairs runs made a few seconds apart."""
+    base = runs.get(baseline, [])
+    out: dict[str, dict[str, Any]] = {}
+    for name, done in runs.items():
+        if name == baseline or not base or len(done) != len(base):
+            continue
+        each = [round(r.objects_per_s / b.objects_per_s, 3) for r, b in zip(done, base)]
+        out[name] = {"median": statistics.median(each), "each": each}
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -611,6 +627,12 @@ def print_table(results: list[Result]) -> None:
                   f"or with --repeat 3.")
 
 
+# Issue 16's targets: mfconsole's objects/s over Orthanc's, same corpus and senders
+# (Orthanc with TCP_NODELAY=1 in the nagle-off cases, stock in the nagle-on one).
+TARGETS = {("SR", 4, False): 1.5, ("CT", 4, False): 1.0, ("SR", 1, False): 1.0,
+           ("SR", 4, True): 10.0}
+
+
 def ratios(results: list[Result]) -> list[dict[str, Any]]:
     by = {(r.receiver, r.corpus, r.senders, r.nagle): r for r in results}
     out = []
@@ -625,6 +647,8 @@ def ratios(results: list[Result]) -> list[dict[str, Any]]:
             other = by.get((peer, corpus, senders, nagle))
             if other is not None:
                 row[f"vs_{peer}"] = mf.objects_per_s / other.objects_per_s
+            if peer in mf.paired:
+                row[f"paired_vs_{peer}"] = mf.paired[peer]
         out.append(row)
     return out
 
@@ -636,19 +660,25 @@ def print_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         label = f"{row['corpus']} x{row['senders']} nagle {'on ' if row['nagle'] else 'off'}"
         parts = [f"vs {p}: {row[f'vs_{p}']:.2f}x" for p in PEERS if f"vs_{p}" in row]
         print(f"  {label}  " + "   ".join(parts))
-    print("\ntargets (4 senders, TCP_NODELAY=1 for DCMTK; informational):")
+    paired = [(row, p) for row in rows for p in PEERS if len(row.get(f"paired_vs_{p}", {}).get("each", ())) > 1]
+    if paired:
+        print("\npaired: each repeat over the peer's run of the same turn, median (min-max):")
+        for row, peer in paired:
+            ratio = row[f"paired_vs_{peer}"]
+            label = f"{row['corpus']} x{row['senders']} nagle {'on ' if row['nagle'] else 'off'}"
+            print(f"  {label}  vs {peer}: {ratio['median']:.2f}x  "
+                  f"({min(ratio['each']):.2f}-{max(ratio['each']):.2f})")
+    print("\ntargets (mfconsole / orthanc; the paired median when repeated; informational):")
     for row in rows:
-        if row["senders"] != 4 or row["nagle"]:
+        target = TARGETS.get((row["corpus"], row["senders"], row["nagle"]))
+        if target is None or "vs_orthanc" not in row:
             continue
-        for peer, target in (("orthanc", 1.2), ("orthanc-stock", 1.2), ("bare-pynetdicom", 0.7)):
-            key = f"vs_{peer}"
-            if key not in row:
-                continue
-            ok = row[key] >= target
-            verdicts.append({"corpus": row["corpus"], "peer": peer, "target": target,
-                             "ratio": row[key], "pass": ok})
-            print(f"  {'PASS' if ok else 'MISS'}  {row['corpus']}: mfconsole / {peer} = "
-                  f"{row[key]:.2f} (target >= {target})")
+        value = row.get("paired_vs_orthanc", {}).get("median", row["vs_orthanc"])
+        ok = value >= target
+        verdicts.append({"corpus": row["corpus"], "senders": row["senders"], "nagle": row["nagle"],
+                         "peer": "orthanc", "target": target, "ratio": value, "pass": ok})
+        print(f"  {'PASS' if ok else 'MISS'}  {row['corpus']} x{row['senders']} "
+              f"nagle {'on ' if row['nagle'] else 'off'}: {value:.2f} (target >= {target})")
     return verdicts
 
 
@@ -699,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="200 SRs, 40 CTs, no 200 MiB object")
     p.add_argument("--repeat", type=int, default=1,
-                   help="runs per case, fresh receiver each; the median is reported (default 1)")
+                   help="runs per case, fresh receiver each, receivers in turn; the median and "
+                        "mfconsole's paired ratios are reported (default 1)")
     p.add_argument("--receivers", default=",".join(RECEIVERS),
                    help=f"comma-separated subset of {','.join(RECEIVERS)}")
     p.add_argument("--no-large", action="store_true", help="skip the large-object runs")
@@ -747,14 +778,23 @@ def main(argv: list[str] | None = None) -> int:
         for corpus, folders, count, senders, nagle in cases:
             # one sender: the whole corpus (storescu +sd +r on the parent folder)
             use = [folders[0].parent] if senders == 1 else folders
-            for name in names:
-                try:
-                    r = run_repeated(args.repeat, name, corpus, use, count, nagle=nagle,
-                                     scratch=scratch, live=live)
-                except Exception as exc:   # one broken receiver must not void the others
-                    failures.append(f"{name} {corpus} x{senders}: {exc.__class__.__name__}: {exc}")
-                    print(f"  {name:<16} FAILED: {failures[-1][:300]}", flush=True)
-                    continue
+            # Repeats taken in turn (A B A B ...), not receiver after receiver: a
+            # machine whose speed drifts during the run shifts every receiver alike.
+            runs: dict[str, list[Result]] = {name: [] for name in names}
+            for _ in range(args.repeat):
+                for name in list(runs):
+                    try:
+                        runs[name].append(run_case(name, corpus, use, count, nagle=nagle,
+                                                   scratch=scratch, live=live))
+                    except Exception as exc:   # one broken receiver must not void the others
+                        failures.append(f"{name} {corpus} x{senders}: {exc.__class__.__name__}: {exc}")
+                        print(f"  {name:<16} FAILED: {failures[-1][:300]}", flush=True)
+                        del runs[name]
+            paired = {peer: paired_ratios(runs, peer).get("mfconsole") for peer in runs}
+            for name, done in runs.items():
+                r = median_run(done)
+                if name == "mfconsole":
+                    r.paired = {peer: ratio for peer, ratio in paired.items() if ratio}
                 results.append(r)
                 print(f"  {name:<16} {r.label:<12} {r.objects_per_s:8.1f} objects/s  "
                       f"{r.cpu_ms_per_object:6.2f} CPU ms/object  {r.peak_rss_mib:7.1f} MiB  "
