@@ -730,17 +730,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corpus {corpus}: {count} objects, {size:.1f} KiB each", flush=True)
         print(f"built in {time.perf_counter() - t:.1f} s; receiver: {ForwardSCP.flags(fork)}", flush=True)
         for ctx in ctxs:
-            # Repeats taken in turn (A B C A B C ...), not case after case: a machine
-            # whose speed drifts during the run shifts every case alike.
-            runs: dict[str, list[Result]] = {case: [] for case in names}
-            for _ in range(args.repeat):
-                for case in list(runs):
-                    try:
-                        runs[case].append(run_case(case, ctx, live))
-                    except Exception as exc:   # one broken case must not void the others
-                        failures.append(f"{case} {ctx.corpus}: {exc.__class__.__name__}: {exc}")
-                        print(f"  {case:<28} {ctx.corpus}  FAILED: {failures[-1][:300]}", flush=True)
-                        del runs[case]
+            runs = ingest.take_turns(names, args.repeat, lambda case: run_case(case, ctx, live),
+                                     failures, ctx.corpus)
             paired = ingest.paired_ratios(runs, BASELINE)
             for case, done in runs.items():
                 r = ingest.median_run(done)

@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -501,6 +501,24 @@ def median_run(runs: list[Any]) -> Any:
     return median
 
 
+def take_turns(names: list[str], repeat: int, run: Callable[[str], Any], failures: list[str],
+               what: str) -> dict[str, list[Any]]:
+    """``run(name)`` ``repeat`` times for each name, in turn (A B A B ...), not one name
+    after the other: a machine whose speed drifts during the run shifts every one
+    alike. A name whose run raises is dropped (added to ``failures``, with ``what``
+    the corpus); one broken receiver or case must not void the others."""
+    runs: dict[str, list[Any]] = {name: [] for name in names}
+    for _ in range(repeat):
+        for name in list(runs):
+            try:
+                runs[name].append(run(name))
+            except Exception as exc:
+                failures.append(f"{name} {what}: {exc.__class__.__name__}: {exc}")
+                print(f"  {name:<28} FAILED: {failures[-1][:300]}", flush=True)
+                del runs[name]
+    return runs
+
+
 def paired_ratios(runs: dict[str, list[Any]], baseline: str) -> dict[str, dict[str, Any]]:
     """Each receiver's (or case's) objects/s over the baseline's run of the same turn
     (the repeats are taken in turn), per turn, with their median: on a machine whose
@@ -778,18 +796,9 @@ def main(argv: list[str] | None = None) -> int:
         for corpus, folders, count, senders, nagle in cases:
             # one sender: the whole corpus (storescu +sd +r on the parent folder)
             use = [folders[0].parent] if senders == 1 else folders
-            # Repeats taken in turn (A B A B ...), not receiver after receiver: a
-            # machine whose speed drifts during the run shifts every receiver alike.
-            runs: dict[str, list[Result]] = {name: [] for name in names}
-            for _ in range(args.repeat):
-                for name in list(runs):
-                    try:
-                        runs[name].append(run_case(name, corpus, use, count, nagle=nagle,
-                                                   scratch=scratch, live=live))
-                    except Exception as exc:   # one broken receiver must not void the others
-                        failures.append(f"{name} {corpus} x{senders}: {exc.__class__.__name__}: {exc}")
-                        print(f"  {name:<16} FAILED: {failures[-1][:300]}", flush=True)
-                        del runs[name]
+            runs = take_turns(names, args.repeat, lambda name: run_case(
+                name, corpus, use, count, nagle=nagle, scratch=scratch, live=live),
+                failures, f"{corpus} x{senders}")
             paired = {peer: paired_ratios(runs, peer).get("mfconsole") for peer in runs}
             for name, done in runs.items():
                 r = median_run(done)
