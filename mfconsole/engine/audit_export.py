@@ -24,11 +24,15 @@ from typing import Any, Callable
 from mfconsole import egress, tls
 from mfconsole.audit_export import EXPORT_NAME, AuditExportConfig
 from mfconsole.auditlog import events, message, syslog
+from mfconsole.engine.plan import Objects
 from mfconsole.repository import Tx
+from mfconsole.rules import SPECIFIC_CHARACTER_SET, decode
 
 log = logging.getLogger("mfconsole.audit_export")
 
 FIRST_RETRY_S = 1.0
+PATIENT_ID = 0x00100020
+_PATIENT_ID_WANTED = frozenset({PATIENT_ID})
 _PATIENT_CACHE = 256         # object id -> patient identifier, for the rows of one object
 
 
@@ -163,11 +167,13 @@ class AuditExporter:
             return self._patients[object_id]
         value = None
         try:
-            from mfconsole.handlers.api import DicomObject
-
-            data = self.store.read_object(object_id)
-            ds = DicomObject.from_bytes(data, row.get("transfer_syntax") or "1.2.840.10008.1.2.1").dataset
-            pid = str(ds.get("PatientID", "") or "").strip()
+            # The header only, scanned as the blob is decrypted chunk by chunk: a large
+            # object is never whole in memory for one identifier.
+            objects = Objects(self.store.reader(), self.store.vault, self.store.blob_root)
+            values, _ = objects.header({"id": object_id, "transfer_syntax": row.get("transfer_syntax")
+                                        or "1.2.840.10008.1.2.1"}, _PATIENT_ID_WANTED)
+            raw = values.get(PATIENT_ID)
+            pid = decode(raw, values.get(SPECIFIC_CHARACTER_SET)).strip(" \x00") if raw else ""
             if pid:
                 value = self.store.vault.audit_pseudonym(pid) if self.cfg.patient_id_hash else pid
         except Exception as exc:   # purged (KeyError), unreadable, or not parsed: left out

@@ -113,7 +113,11 @@ def test_patient_ids_go_only_as_the_keyed_hash(engine_factory, arr, tmp_path):
     from mfconsole.engine.vault import Vault, load_key
 
     engine = exporting(engine_factory, arr, include_patient_ids=True)
-    store_files(engine.config.listeners[0].port, images(tmp_path / "in", 2))
+    # The identifier is read from the header of the stored object: a small one held in
+    # the database, and a 3 MiB implicit-VR one sealed into a blob file as it arrived.
+    large = dicomgen.save(dicomgen.make_image(pixel_bytes=3 * 1024 * 1024),
+                          tmp_path / "in" / "large.dcm", implicit=True)
+    store_files(engine.config.listeners[0].port, images(tmp_path / "in", 1) + [large])
     poll(lambda: len(stored_messages(arr)) == 2, timeout=20)
     pseudonym = Vault([load_key(engine.config.store.key_file)]).audit_pseudonym(CANARY_ID)
     for doc in stored_messages(arr):
