@@ -671,20 +671,22 @@ def ratios(results: list[Result]) -> list[dict[str, Any]]:
     return out
 
 
+def row_label(row: dict[str, Any]) -> str:
+    return f"{row['corpus']} x{row['senders']} nagle {'on ' if row['nagle'] else 'off'}"
+
+
 def print_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     verdicts = []
     print("\nmfconsole objects/s divided by the peer's, same corpus and senders:")
     for row in rows:
-        label = f"{row['corpus']} x{row['senders']} nagle {'on ' if row['nagle'] else 'off'}"
         parts = [f"vs {p}: {row[f'vs_{p}']:.2f}x" for p in PEERS if f"vs_{p}" in row]
-        print(f"  {label}  " + "   ".join(parts))
+        print(f"  {row_label(row)}  " + "   ".join(parts))
     paired = [(row, p) for row in rows for p in PEERS if len(row.get(f"paired_vs_{p}", {}).get("each", ())) > 1]
     if paired:
         print("\npaired: each repeat over the peer's run of the same turn, median (min-max):")
         for row, peer in paired:
             ratio = row[f"paired_vs_{peer}"]
-            label = f"{row['corpus']} x{row['senders']} nagle {'on ' if row['nagle'] else 'off'}"
-            print(f"  {label}  vs {peer}: {ratio['median']:.2f}x  "
+            print(f"  {row_label(row)}  vs {peer}: {ratio['median']:.2f}x  "
                   f"({min(ratio['each']):.2f}-{max(ratio['each']):.2f})")
     print("\ntargets (mfconsole / orthanc; the paired median when repeated; informational):")
     for row in rows:
@@ -695,8 +697,7 @@ def print_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = value >= target
         verdicts.append({"corpus": row["corpus"], "senders": row["senders"], "nagle": row["nagle"],
                          "peer": "orthanc", "target": target, "ratio": value, "pass": ok})
-        print(f"  {'PASS' if ok else 'MISS'}  {row['corpus']} x{row['senders']} "
-              f"nagle {'on ' if row['nagle'] else 'off'}: {value:.2f} (target >= {target})")
+        print(f"  {'PASS' if ok else 'MISS'}  {row_label(row)}: {value:.2f} (target >= {target})")
     return verdicts
 
 
@@ -799,11 +800,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = take_turns(names, args.repeat, lambda name: run_case(
                 name, corpus, use, count, nagle=nagle, scratch=scratch, live=live),
                 failures, f"{corpus} x{senders}")
-            paired = {peer: paired_ratios(runs, peer).get("mfconsole") for peer in runs}
             for name, done in runs.items():
                 r = median_run(done)
-                if name == "mfconsole":
-                    r.paired = {peer: ratio for peer, ratio in paired.items() if ratio}
+                if name == "mfconsole":   # over each peer's run of the same turn
+                    r.paired = {peer: paired_ratios({name: done, peer: runs[peer]}, peer)[name]
+                                for peer in runs if peer != name and len(runs[peer]) == len(done)}
                 results.append(r)
                 print(f"  {name:<16} {r.label:<12} {r.objects_per_s:8.1f} objects/s  "
                       f"{r.cpu_ms_per_object:6.2f} CPU ms/object  {r.peak_rss_mib:7.1f} MiB  "
